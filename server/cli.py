@@ -1,0 +1,56 @@
+"""`wanps server`: run the parameter server."""
+from __future__ import annotations
+
+import warnings
+
+from wanps.deploy.runtime import EnvDefaultsParser, run_async, serve_until_signalled, setup_logging, split_host_port
+from wanps.server.service import ServerConfig, start_server
+
+
+def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
+    defaults = ServerConfig()
+    parser = EnvDefaultsParser(prog="wanps server", description="Run the wanps parameter server.")
+    parser.add_argument("--listen", env="WANPS_SERVER_LISTEN", default=f"{defaults.host}:{defaults.port}",
+                        help="HOST:PORT for gRPC (port 0 = any free port).")
+    parser.add_argument("--metrics-listen", env="WANPS_SERVER_METRICS_LISTEN",
+                        default=f"{defaults.metrics_host}:{defaults.metrics_port}",
+                        help="HOST:PORT for Prometheus metrics (port 0 = any free port, 'off' = none).")
+    parser.add_argument("--tau-max", env="WANPS_TAU_MAX", type=int, default=defaults.tau_max,
+                        help="Widest stale window accepted (open rounds = tau_max + 1).")
+    parser.add_argument("--min-workers", env="WANPS_MIN_WORKERS", type=int, default=defaults.min_workers,
+                        help="Round 0 starts once this many workers have joined.")
+    parser.add_argument("--checksum-every", env="WANPS_CHECKSUM_EVERY", type=int, default=defaults.checksum_every,
+                        help="Send the model CRC-32 every N rounds (0 = never).")
+    parser.add_argument("--history-rounds", env="WANPS_HISTORY_ROUNDS", type=int, default=defaults.history_rounds,
+                        help="Closed rounds kept for followers that reconnect or lag.")
+    parser.add_argument("--max-message-mb", env="WANPS_MAX_MESSAGE_MB", type=int,
+                        default=defaults.max_message_bytes // 2**20, help="gRPC message size limit (MiB).")
+    parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP", help="Use the default asyncio loop.")
+    parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
+    args = parser.parse_args(argv)
+    host, port = split_host_port(args.listen)
+    if args.metrics_listen == "off":
+        metrics_host, metrics_port = "127.0.0.1", -1
+    else:
+        metrics_host, metrics_port = split_host_port(args.metrics_listen)
+    config = ServerConfig(
+        host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port, tau_max=args.tau_max,
+        min_workers=args.min_workers, checksum_every=args.checksum_every, history_rounds=args.history_rounds,
+        max_message_bytes=args.max_message_mb * 2**20, use_uvloop=not args.no_uvloop,
+    )
+    return config, args.log_level
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, log_level = parse_config(argv)
+    setup_logging(log_level)
+    # Received tensors are zero-copy, read-only views of the message bytes; torch warns once about that.
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    run_async(
+        serve_until_signalled(
+            lambda: start_server(config),
+            lambda running: f"LISTENING {config.host}:{running.port} METRICS {running.metrics_port}",
+        ),
+        use_uvloop=config.use_uvloop,
+    )
+    return 0

@@ -1,0 +1,366 @@
+"""The parameter server's state and rules, with no network code.
+
+One `ServerCore` holds the flat float32 model, its version (rounds applied), the
+membership, and the open rounds. It is not thread-safe on purpose: the gRPC servicer
+runs every call into it on one dedicated thread, so the rules below read sequentially.
+
+Rounds and versions (docs/architecture.md has the full story):
+- version v = number of rounds applied. Round r, once closed, moves the model from v = r to r + 1.
+- A worker may push round r when v <= r <= v + tau_max (its stale-gradient queue holds up
+  to tau_max + 1 rounds); the update must have been computed at a version >= r - tau_max.
+- Round r closes, in order, when every worker expected in r has pushed or skipped it.
+  A skip reuses that worker's last applied sparse update (SASG); with none yet, it adds zero.
+  The model moves by x -= sum(updates) / (number of workers expected in r).
+- Membership changes only at round boundaries: a worker is expected in the rounds
+  [first_round, last_round]; a join after the start gets the first round nobody has
+  pushed yet, a leave ends after the last round the worker pushed.
+
+Memory: the model (d floats), one scratch accumulator (d floats), at most tau_max + 1
+open rounds each holding one sparse update per worker, and one stored update per worker.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from wanps.proto.codec import MAX_PARAMS, SparseUpdate, apply_delta, model_crc32
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+class CoreError(Exception):
+    """A refused request. Subclasses name the gRPC status the servicer maps them to."""
+
+
+class InvalidArgument(CoreError):
+    pass
+
+
+class FailedPrecondition(CoreError):
+    pass
+
+
+class NotFound(CoreError):
+    pass
+
+
+# ------------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    # Widest stale window accepted; bounds the open rounds (and memory) to tau_max + 1.
+    tau_max: int = 8
+    # Round 0 starts once this many workers have joined (and the model is seeded).
+    min_workers: int = 1
+    # Compute the model CRC-32 every this many rounds (0: never); replicas compare against it.
+    checksum_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tau_max < 0:
+            raise ValueError("tau_max must be >= 0")
+        if self.min_workers < 1:
+            raise ValueError("min_workers must be >= 1")
+        if self.checksum_every < 0:
+            raise ValueError("checksum_every must be >= 0")
+
+
+@dataclass
+class Member:
+    worker_id: int
+    name: str
+    first_round: int
+    last_round: int | None = None  # set by a leave
+    # The last update of this worker that was applied: what a skip reuses.
+    last_update: SparseUpdate | None = None
+    highest_round_sent: int = -1
+
+    def expected_in(self, round_: int) -> bool:
+        return self.first_round <= round_ and (self.last_round is None or round_ <= self.last_round)
+
+
+@dataclass
+class OpenRound:
+    updates: dict[int, SparseUpdate] = field(default_factory=dict)
+    computed_at: dict[int, int] = field(default_factory=dict)
+    skips: set[int] = field(default_factory=set)
+
+    def has(self, worker_id: int) -> bool:
+        return worker_id in self.updates or worker_id in self.skips
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    worker_id: int
+    rank: int
+    world_size: int
+    version: int
+    must_seed: bool
+    first_round: int
+
+
+@dataclass(frozen=True)
+class ClosedRound:
+    round: int
+    version: int  # after applying
+    delta: SparseUpdate  # the mean that was subtracted
+    pushed: int
+    skipped: int
+    members: int
+    staleness: tuple[int, ...]  # round - computed_at_version of each applied push
+    model_crc32: int | None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    duplicate: bool
+    version: int
+    closed: tuple[ClosedRound, ...]
+
+
+def fingerprint_of(named_shapes: list[tuple[str, tuple[int, ...], str]]) -> bytes:
+    """Digest of a model's structure; every member's must match the seeder's."""
+    digest = hashlib.sha256()
+    for name, shape, dtype in named_shapes:
+        digest.update(f"{name}:{tuple(shape)}:{dtype};".encode())
+    return digest.digest()
+
+
+class ServerCore:
+    def __init__(self, config: CoreConfig) -> None:
+        self.config = config
+        self.model: torch.Tensor | None = None
+        self.version = 0
+        self.num_params: int | None = None
+        self.fingerprint: bytes | None = None
+        self.started = False
+        self.members: dict[int, Member] = {}
+        self.observers: set[int] = set()
+        self.open_rounds: dict[int, OpenRound] = {}
+        self._seeder: int | None = None
+        self._ids = itertools.count(1)
+        self._scratch: torch.Tensor | None = None  # dense accumulator, zero between rounds
+
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def seeded(self) -> bool:
+        return self.model is not None
+
+    def active_workers(self) -> list[int]:
+        """Workers still expected in some round from the current one on, by id."""
+        return sorted(w for w, m in self.members.items() if m.last_round is None or m.last_round >= self.version)
+
+    def rank_of(self, worker_id: int) -> int:
+        active = self.active_workers()
+        return active.index(worker_id) if worker_id in active else -1
+
+    def join(self, num_params: int, fingerprint: bytes, name: str = "", observer: bool = False) -> JoinResult:
+        if not 0 < num_params <= MAX_PARAMS:
+            raise InvalidArgument(f"num_params must be in [1, {MAX_PARAMS}], got {num_params}")
+        if not fingerprint:
+            raise InvalidArgument("model_fingerprint is empty")
+        if self.num_params is not None and num_params != self.num_params:
+            raise FailedPrecondition(f"model has {num_params} parameters; this cluster trains {self.num_params}")
+        if self.fingerprint is not None and fingerprint != self.fingerprint:
+            raise FailedPrecondition("model structure (fingerprint) differs from the cluster's model")
+        worker_id = next(self._ids)
+        if self.num_params is None:
+            self.num_params, self.fingerprint = num_params, fingerprint
+        must_seed = False
+        if observer:
+            self.observers.add(worker_id)
+            first_round = self.version
+        else:
+            first_round = self._next_unpushed_round() if self.started else 0
+            self.members[worker_id] = Member(worker_id=worker_id, name=name, first_round=first_round)
+            if self._seeder is None and not self.seeded:
+                self._seeder, must_seed = worker_id, True
+            self._maybe_start()
+        return JoinResult(
+            worker_id=worker_id,
+            rank=self.rank_of(worker_id) if not observer else -1,
+            world_size=len(self.active_workers()),
+            version=self.version,
+            must_seed=must_seed,
+            first_round=first_round,
+        )
+
+    def seed(self, worker_id: int, model: torch.Tensor) -> int:
+        """Install the initial parameters uploaded by the worker told to seed."""
+        if worker_id != self._seeder:
+            raise FailedPrecondition(f"worker {worker_id} was not asked to seed the model")
+        if self.seeded:
+            raise FailedPrecondition("the model is already seeded")
+        if model.dtype != torch.float32 or model.dim() != 1 or model.numel() != self.num_params:
+            raise InvalidArgument(f"seed must be {self.num_params} float32 values, got {model.numel()}")
+        if not bool(torch.isfinite(model).all()):
+            raise InvalidArgument("seed contains NaN or infinite values")
+        self.model = model.clone()
+        self._scratch = torch.zeros_like(self.model)
+        self._maybe_start()
+        return model_crc32(self.model)
+
+    def _maybe_start(self) -> None:
+        if not self.started and self.seeded and len(self.members) >= self.config.min_workers:
+            self.started = True
+
+    def _next_unpushed_round(self) -> int:
+        pushed = [r for r, open_round in self.open_rounds.items() if open_round.updates or open_round.skips]
+        return max([self.version, *(r + 1 for r in pushed)])
+
+    def leave(self, worker_id: int) -> tuple[int, tuple[ClosedRound, ...]]:
+        """Stop expecting a worker after the last round it sent. Returns (last_round, closed rounds)."""
+        if worker_id in self.observers:
+            self.observers.discard(worker_id)
+            return self.version - 1, ()
+        member = self._member(worker_id)
+        if member.last_round is None:
+            member.last_round = max(self.version - 1, member.highest_round_sent, member.first_round - 1)
+        if member.last_round < self.version:
+            del self.members[worker_id]
+        if self._seeder == worker_id and not self.seeded:
+            self._seeder = None  # the next joiner seeds instead
+        return member.last_round, self._close_ready_rounds()
+
+    def _member(self, worker_id: int) -> Member:
+        member = self.members.get(worker_id)
+        if member is None:
+            raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
+        return member
+
+    def is_known(self, worker_id: int) -> bool:
+        return worker_id in self.members or worker_id in self.observers
+
+    # ------------------------------------------------------------------ pushes
+
+    def check_push(self, worker_id: int, round_: int, computed_at_version: int) -> bool:
+        """Everything about a push but its payload. True = duplicate (acknowledge, change nothing)."""
+        member = self._member(worker_id)
+        if not self.started:
+            raise FailedPrecondition("the cluster has not started (waiting for the model seed or --min-workers)")
+        if round_ < member.first_round:
+            raise FailedPrecondition(f"round {round_} is before this worker's first round {member.first_round}")
+        if member.last_round is not None and round_ > member.last_round:
+            raise FailedPrecondition(f"worker {worker_id} left after round {member.last_round}")
+        if round_ < self.version:
+            return True  # already applied with this worker counted: a replay
+        window_end = self.version + self.config.tau_max
+        if round_ > window_end:
+            raise FailedPrecondition(
+                f"round {round_} is outside the open window [{self.version}, {window_end}] (tau_max {self.config.tau_max})"
+            )
+        open_round = self.open_rounds.get(round_)
+        if open_round is not None and open_round.has(worker_id):
+            return True
+        if computed_at_version > self.version:
+            raise InvalidArgument(
+                f"computed_at_version {computed_at_version} is ahead of the server's version {self.version}"
+            )
+        if computed_at_version + self.config.tau_max < round_:
+            raise FailedPrecondition(
+                f"update for round {round_} computed at version {computed_at_version} is staler than tau_max {self.config.tau_max}"
+            )
+        return False
+
+    def push(self, worker_id: int, round_: int, computed_at_version: int, update: SparseUpdate | None) -> PushResult:
+        """Store one worker's update (None = skip) for a round and close what is complete."""
+        if self.check_push(worker_id, round_, computed_at_version):
+            return PushResult(duplicate=True, version=self.version, closed=())
+        if update is not None:
+            expected = self.num_params
+            if update.indices is None and update.count != expected:
+                raise InvalidArgument(f"dense update has {update.count} values, model has {expected}")
+        open_round = self.open_rounds.setdefault(round_, OpenRound())
+        if update is None:
+            open_round.skips.add(worker_id)
+        else:
+            open_round.updates[worker_id] = update
+            open_round.computed_at[worker_id] = computed_at_version
+        member = self.members[worker_id]
+        member.highest_round_sent = max(member.highest_round_sent, round_)
+        closed = self._close_ready_rounds()
+        return PushResult(duplicate=False, version=self.version, closed=closed)
+
+    # ------------------------------------------------------------------ closing rounds
+
+    def expected_workers(self, round_: int) -> list[int]:
+        return sorted(w for w, m in self.members.items() if m.expected_in(round_))
+
+    def _close_ready_rounds(self) -> tuple[ClosedRound, ...]:
+        closed = []
+        while self.started:
+            round_ = self.version
+            expected = self.expected_workers(round_)
+            open_round = self.open_rounds.get(round_, OpenRound())
+            if not expected or not all(open_round.has(w) for w in expected):
+                break
+            closed.append(self._close(round_, expected, open_round))
+        return tuple(closed)
+
+    def _close(self, round_: int, expected: list[int], open_round: OpenRound) -> ClosedRound:
+        assert self.model is not None and self._scratch is not None
+        contributions: list[SparseUpdate] = []
+        for worker_id in expected:  # sorted by id: a deterministic summation order
+            member = self.members[worker_id]
+            if worker_id in open_round.updates:
+                member.last_update = open_round.updates[worker_id]
+            if member.last_update is not None:
+                contributions.append(member.last_update)
+        delta = self._mean(contributions, len(expected))
+        apply_delta(self.model, delta)
+        self.version = round_ + 1
+        self.open_rounds.pop(round_, None)
+        # Members that left after this round are no longer needed.
+        for worker_id in [w for w, m in self.members.items() if m.last_round is not None and m.last_round < self.version]:
+            del self.members[worker_id]
+        every = self.config.checksum_every
+        crc = model_crc32(self.model) if every and self.version % every == 0 else None
+        return ClosedRound(
+            round=round_,
+            version=self.version,
+            delta=delta,
+            pushed=len(open_round.updates),
+            skipped=len(open_round.skips),
+            members=len(expected),
+            staleness=tuple(round_ - open_round.computed_at[w] for w in sorted(open_round.updates)),
+            model_crc32=crc,
+        )
+
+    def _mean(self, contributions: list[SparseUpdate], n: int) -> SparseUpdate:
+        """sum(contributions) / n as a sparse delta (dense if any contribution is dense)."""
+        scratch = self._scratch
+        assert scratch is not None
+        if any(c.indices is None for c in contributions):
+            total = torch.zeros_like(scratch)
+            for c in contributions:
+                if c.indices is None:
+                    total.add_(c.values)
+                else:
+                    total.index_add_(0, c.indices, c.values)
+            return SparseUpdate(values=total.div_(n), indices=None)
+        if not contributions:
+            return SparseUpdate(values=torch.empty(0, dtype=torch.float32), indices=torch.empty(0, dtype=torch.int32))
+        if len(contributions) == 1:
+            only = contributions[0]
+            return SparseUpdate(values=only.values.to(torch.float32) / n, indices=only.indices)
+        # Scatter-add into the reusable dense scratch, read the union back, re-zero it sparsely.
+        for c in contributions:
+            scratch.index_add_(0, c.indices, c.values)
+        union = torch.unique(torch.cat([c.indices for c in contributions]))  # sorted
+        values = scratch.index_select(0, union).div_(n)
+        scratch.index_fill_(0, union.long(), 0.0)  # index_fill_ takes int64 only
+        return SparseUpdate(values=values, indices=union.to(torch.int32))
+
+    # ------------------------------------------------------------------ reads
+
+    def snapshot(self) -> tuple[int, bytes, int]:
+        """(version, model bytes, CRC-32) at one instant, for PullModel."""
+        if self.model is None:
+            raise FailedPrecondition("the model has not been seeded yet")
+        raw = self.model.numpy().tobytes()
+        return self.version, raw, model_crc32(self.model)

@@ -1,0 +1,48 @@
+"""Prometheus metrics of the parameter server, registered on an injected registry."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Round times span LAN (ms) to badly congested WAN (tens of seconds).
+_ROUND_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rounds_closed = Counter(
+            "wanps_server_rounds_closed", "Rounds aggregated and applied to the model.", registry=registry
+        )
+        self.pushes = Counter(
+            "wanps_server_pushes",
+            "Pushes accepted, by kind: update (a sparse or dense update), skip (reuse the stored update), "
+            "duplicate (a replay, acknowledged and ignored).",
+            ["kind"],
+            registry=registry,
+        )
+        self.push_rejected = Counter(
+            "wanps_server_push_rejected", "Pushes refused, by gRPC status code.", ["code"], registry=registry
+        )
+        self.received_bytes = Counter(
+            "wanps_server_received_bytes", "Tensor payload bytes received in pushes and seeds.", registry=registry
+        )
+        self.sent_bytes = Counter(
+            "wanps_server_sent_bytes", "Tensor payload bytes sent in deltas and model pulls.", registry=registry
+        )
+        self.round_duration = Histogram(
+            "wanps_server_round_duration_seconds",
+            "Wall time between successive round closures.",
+            buckets=_ROUND_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.staleness = Histogram(
+            "wanps_server_update_staleness_rounds",
+            "Staleness of applied updates: round minus the model version it was computed at.",
+            buckets=_STALENESS_BUCKETS,
+            registry=registry,
+        )
+        self.members = Gauge("wanps_server_members", "Workers expected in the current round.", registry=registry)
+        self.model_version = Gauge("wanps_server_model_version", "Rounds applied to the model.", registry=registry)
+        self.delta_elements = Gauge(
+            "wanps_server_delta_elements", "Elements in the last broadcast delta.", registry=registry
+        )

@@ -1,0 +1,409 @@
+"""The gRPC edge of the parameter server: decode, validate, call the core, encode.
+
+Every call into `ServerCore` runs on one dedicated thread (`_core_thread`), which keeps
+heavy tensor work off the event loop and makes the core's rules sequential without locks.
+Errors are mapped to gRPC status codes in one place (`_STATUS_FOR`).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry
+
+from wanps.deploy.runtime import add_health_and_reflection, grpc_channel_options, start_metrics_endpoint
+
+from wanps.proto import codec
+from wanps.proto import wanps_pb2 as pb
+from wanps.proto import wanps_pb2_grpc as pb_grpc
+from wanps.server.core import (
+    ClosedRound,
+    CoreConfig,
+    CoreError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PushResult,
+    ServerCore,
+)
+from wanps.server.metrics import ServerMetrics
+
+log = logging.getLogger("wanps.server")
+T = TypeVar("T")
+
+_STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    codec.WireError: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+}
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    for kind, code in _STATUS_FOR.items():
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    # 0 = any free port; -1 = no metrics endpoint.
+    metrics_port: int = 9100
+    tau_max: int = 8
+    min_workers: int = 1
+    checksum_every: int = 1
+    # Closed rounds kept for Updates replays (a reconnecting or slow follower catches up from them).
+    history_rounds: int = 64
+    max_message_bytes: int = 8 * 1024 * 1024
+    use_uvloop: bool = True
+
+    def core_config(self) -> CoreConfig:
+        return CoreConfig(tau_max=self.tau_max, min_workers=self.min_workers, checksum_every=self.checksum_every)
+
+
+class RoundHistory:
+    """Encoded deltas of the last closed rounds, and a wake-up for followers of new ones.
+
+    It knows only what has been published to it (on the event loop), never the core's
+    version, which runs ahead on the core thread until the publication lands.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._keep = max(1, keep)
+        self._rounds: OrderedDict[int, tuple[pb.DeltaChunk, ...]] = OrderedDict()
+        self._changed = asyncio.Event()
+        self.published_through = -1  # the newest round published
+        self.closed = False
+
+    def publish(self, round_: int, chunks: tuple[pb.DeltaChunk, ...]) -> None:
+        self._rounds[round_] = chunks
+        self.published_through = round_
+        while len(self._rounds) > self._keep:
+            self._rounds.popitem(last=False)
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def follow(self, from_round: int) -> AsyncIterator[pb.DeltaChunk]:
+        next_round = from_round
+        while not self.closed:
+            chunks = self._rounds.get(next_round)
+            if chunks is not None:
+                for chunk in chunks:
+                    yield chunk
+                next_round += 1
+                continue
+            if next_round <= self.published_through:
+                raise FailedPrecondition(
+                    f"round {next_round} is no longer in the server's history; pull the model again"
+                )
+            await self._changed.wait()
+
+
+class ParameterServerService(pb_grpc.ParameterServerServicer):
+    def __init__(self, core: ServerCore, metrics: ServerMetrics, history_rounds: int) -> None:
+        self.core = core
+        self.metrics = metrics
+        self.history = RoundHistory(history_rounds)
+        self._core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-core")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seeded = asyncio.Event()
+        self._started = asyncio.Event()
+        self._last_close_time: float | None = None
+
+    async def _on_core(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        return await loop.run_in_executor(self._core_thread, functools.partial(fn, *args))
+
+    def _refresh_events(self) -> None:
+        if self.core.seeded:
+            self._seeded.set()
+        if self.core.started:
+            self._started.set()
+
+    def close(self) -> None:
+        self.history.close()
+        self._core_thread.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        async with _mapped_errors(context):
+            if request.role not in (pb.ROLE_WORKER, pb.ROLE_OBSERVER):
+                raise InvalidArgument("role must be ROLE_WORKER or ROLE_OBSERVER")
+            result = await self._on_core(
+                self.core.join,
+                request.num_params,
+                bytes(request.model_fingerprint),
+                request.name,
+                request.role == pb.ROLE_OBSERVER,
+            )
+            self._refresh_events()
+            self.metrics.members.set(len(self.core.expected_workers(self.core.version)))
+            log.info("join: id %d (%s) role %s first round %d", result.worker_id, request.name,
+                     pb.Role.Name(request.role), result.first_round)
+            return pb.JoinReply(
+                worker_id=result.worker_id,
+                rank=max(result.rank, 0),
+                world_size=result.world_size,
+                version=result.version,
+                must_seed=result.must_seed,
+                tau_max=self.core.config.tau_max,
+                first_round=result.first_round,
+            )
+
+    async def SeedModel(self, request_iterator: AsyncIterator[pb.ModelChunk], context) -> pb.SeedModelReply:
+        async with _mapped_errors(context):
+            num_params = self.core.num_params
+            if num_params is None:
+                raise FailedPrecondition("join before seeding")
+            buffer = bytearray(num_params * 4)
+            filled = 0
+            worker_id = None
+            async for chunk in request_iterator:
+                worker_id = chunk.worker_id if worker_id is None else worker_id
+                if chunk.offset != filled // 4:
+                    raise InvalidArgument(f"seed chunk at offset {chunk.offset}, expected {filled // 4}")
+                end = filled + len(chunk.values)
+                if len(chunk.values) % 4 or end > len(buffer):
+                    raise InvalidArgument("seed chunks exceed the model size or split a float")
+                buffer[filled:end] = chunk.values
+                filled = end
+            if worker_id is None or filled != len(buffer):
+                raise InvalidArgument(f"seed carried {filled // 4} of {num_params} parameters")
+            model = torch.frombuffer(buffer, dtype=torch.float32)
+            crc = await self._on_core(self.core.seed, worker_id, model)
+            self._refresh_events()
+            self.metrics.received_bytes.inc(len(buffer))
+            log.info("model seeded by worker %d: %d parameters, crc32 %08x", worker_id, num_params, crc)
+            return pb.SeedModelReply(version=self.core.version, model_crc32=crc)
+
+    async def PullModel(self, request: pb.PullModelRequest, context) -> AsyncIterator[pb.ModelChunk]:
+        async with _mapped_errors(context):
+            worker_id = request.worker_id
+            if not self.core.is_known(worker_id):
+                raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
+            await self._seeded.wait()
+            if worker_id in self.core.members:
+                await self._started.wait()
+            version, raw, crc = await self._on_core(self.core.snapshot)
+            member = self.core.members.get(worker_id)
+            first = True
+            for offset, values in codec.iter_model_chunks(raw):
+                chunk = pb.ModelChunk(version=version, num_params=len(raw) // 4, offset=offset, values=values)
+                if first:
+                    chunk.model_crc32 = crc
+                    chunk.rank = max(self.core.rank_of(worker_id), 0)
+                    chunk.world_size = len(self.core.active_workers())
+                    chunk.first_round = member.first_round if member else version
+                    first = False
+                self.metrics.sent_bytes.inc(len(values))
+                yield chunk
+
+    async def Push(self, request_iterator: AsyncIterator[pb.PushMessage], context) -> pb.PushReply:
+        try:
+            header, index_parts, value_parts = await self._receive_push(request_iterator)
+            result = await self._on_core(self._push_on_core_thread, header, index_parts, value_parts)
+        except (CoreError, codec.WireError) as exc:
+            code = status_for(exc)
+            self.metrics.push_rejected.labels(code=code.name).inc()
+            await context.abort(code, str(exc))
+        self.metrics.pushes.labels(
+            kind="duplicate" if result.duplicate else ("skip" if header.skip else "update")
+        ).inc()
+        return pb.PushReply(duplicate=result.duplicate, version=result.version)
+
+    async def _receive_push(self, request_iterator) -> tuple[pb.PushHeader, list[bytes], list[bytes]]:
+        header: pb.PushHeader | None = None
+        index_parts: list[bytes] = []
+        value_parts: list[bytes] = []
+        received = 0
+        # A push can never legitimately exceed 8 bytes per parameter (+ one empty chunk).
+        limit = 8 * (self.core.num_params or 0)
+        async for message in request_iterator:
+            part = message.WhichOneof("part")
+            if part == "header":
+                if header is not None:
+                    raise InvalidArgument("a push carries exactly one header, first")
+                header = message.header
+            elif part == "chunk":
+                if header is None:
+                    raise InvalidArgument("a push starts with its header")
+                if header.skip:
+                    raise InvalidArgument("a skip record carries no chunks")
+                received += len(message.chunk.indices) + len(message.chunk.values)
+                if received > limit:
+                    raise InvalidArgument(f"push payload exceeds {limit} bytes for this model")
+                index_parts.append(message.chunk.indices)
+                value_parts.append(message.chunk.values)
+            else:
+                raise InvalidArgument("empty push message")
+        if header is None:
+            raise InvalidArgument("a push needs a header")
+        self.metrics.received_bytes.inc(received)
+        return header, index_parts, value_parts
+
+    def _push_on_core_thread(self, header: pb.PushHeader, index_parts: list[bytes], value_parts: list[bytes]) -> PushResult:
+        """Runs on the core thread: validate, decode, push, encode and publish closed rounds."""
+        core = self.core
+        if core.check_push(header.worker_id, header.round, header.computed_at_version):
+            return PushResult(duplicate=True, version=core.version, closed=())
+        update = None
+        if not header.skip:
+            if not index_parts and not value_parts:
+                index_parts, value_parts = [b""], [b""]
+            update = codec.decode_update(
+                header.codec,
+                header.value_dtype,
+                header.count,
+                codec.join_chunks(index_parts),
+                codec.join_chunks(value_parts),
+                core.num_params or 0,
+            )
+        result = core.push(header.worker_id, header.round, header.computed_at_version, update)
+        self._publish(result.closed)
+        return result
+
+    def _publish(self, closed: tuple[ClosedRound, ...]) -> None:
+        """Encode closed rounds here (off the loop) and hand them to the loop in order."""
+        if not closed:
+            return
+        encoded = [(c, encode_round(c)) for c in closed]
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._after_close, encoded)
+
+    def _after_close(self, encoded: list[tuple[ClosedRound, tuple[pb.DeltaChunk, ...]]]) -> None:
+        now = time.monotonic()
+        for closed, chunks in encoded:
+            self.history.publish(closed.round, chunks)
+            self.metrics.rounds_closed.inc()
+            for staleness in closed.staleness:
+                self.metrics.staleness.observe(staleness)
+            self.metrics.delta_elements.set(closed.delta.count)
+            if self._last_close_time is not None:
+                self.metrics.round_duration.observe(now - self._last_close_time)
+            self._last_close_time = now
+        self.metrics.model_version.set(self.core.version)
+        self.metrics.members.set(len(self.core.expected_workers(self.core.version)))
+
+    async def Updates(self, request: pb.UpdatesRequest, context) -> AsyncIterator[pb.DeltaChunk]:
+        async with _mapped_errors(context):
+            if not self.core.is_known(request.worker_id):
+                raise NotFound(f"worker {request.worker_id} is not a member of this cluster (join first)")
+            if request.from_version > self.core.version:
+                raise FailedPrecondition(
+                    f"from_version {request.from_version} is ahead of the server's version {self.core.version}"
+                )
+            async for chunk in self.history.follow(request.from_version):
+                self.metrics.sent_bytes.inc(len(chunk.indices) + len(chunk.values))
+                yield chunk
+
+    async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
+        return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.core.version)
+
+    async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
+        async with _mapped_errors(context):
+            last_round, closed = await self._on_core(self._leave_on_core_thread, request.worker_id)
+            log.info("leave: worker %d after round %d", request.worker_id, last_round)
+            return pb.LeaveReply(last_round=max(last_round, 0))
+
+    def _leave_on_core_thread(self, worker_id: int) -> tuple[int, tuple[ClosedRound, ...]]:
+        last_round, closed = self.core.leave(worker_id)
+        self._publish(closed)
+        return last_round, closed
+
+
+def encode_round(closed: ClosedRound) -> tuple[pb.DeltaChunk, ...]:
+    delta = closed.delta
+    dense = delta.indices is None
+    chunks = []
+    for index_raw, value_raw in codec.iter_chunks(delta.values, delta.indices):
+        chunks.append(
+            pb.DeltaChunk(
+                round=closed.round,
+                version=closed.version,
+                total_count=delta.count,
+                indices=index_raw,
+                values=value_raw,
+                pushed=closed.pushed,
+                skipped=closed.skipped,
+                dense=dense,
+            )
+        )
+    last = chunks[-1]
+    last.last = True
+    if closed.model_crc32 is not None:
+        last.has_model_crc32 = True
+        last.model_crc32 = closed.model_crc32
+    return tuple(chunks)
+
+
+class _mapped_errors:
+    """`async with _mapped_errors(context)`: a refused request becomes its gRPC status."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, (CoreError, codec.WireError)):
+            await self._context.abort(status_for(exc), str(exc))
+        return False
+
+
+# ---------------------------------------------------------------------------- process
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    service: ParameterServerService
+    port: int
+    metrics_port: int | None
+    _metrics_httpd: Any = None
+
+    async def stop(self, grace: float = 2.0) -> None:
+        self.service.history.close()
+        await self.server.stop(grace)
+        self.service.close()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+
+
+async def start_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> RunningServer:
+    registry = registry if registry is not None else CollectorRegistry()
+    service = ParameterServerService(ServerCore(config.core_config()), ServerMetrics(registry), config.history_rounds)
+    server = grpc.aio.server(options=grpc_channel_options(config.max_message_bytes))
+    pb_grpc.add_ParameterServerServicer_to_server(service, server)
+    await add_health_and_reflection(server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {config.host}:{config.port}")
+    await server.start()
+    httpd, metrics_port = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
+    log.info("parameter server on %s:%d (metrics %s), tau_max %d, min workers %d",
+             config.host, port, metrics_port, config.tau_max, config.min_workers)
+    return RunningServer(server=server, service=service, port=port, metrics_port=metrics_port, _metrics_httpd=httpd)

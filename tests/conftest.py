@@ -1,0 +1,100 @@
+"""Shared fixtures: real services on 127.0.0.1, port 0, in a background event loop."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from wanps.controller.service import ControllerConfig, start_controller
+from wanps.deploy.runtime import event_loop_factory
+from wanps.server.service import ServerConfig, start_server
+
+
+@pytest.fixture(autouse=True)
+def _quiet_readonly_buffer_warning() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        yield
+
+
+class LoopThread:
+    """An event loop on its own thread, to host gRPC services next to blocking test code."""
+
+    def __init__(self) -> None:
+        self.loop = event_loop_factory(True)()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 30.0) -> Any:
+        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class Cluster:
+    """A parameter server and a controller, started for real, with their registries."""
+
+    def __init__(self, loop: LoopThread, server_config: ServerConfig, controller_config: ControllerConfig | None):
+        self.loop = loop
+        self.server_registry = CollectorRegistry()
+        self.server = loop.run(start_server(server_config, self.server_registry))
+        self.controller = None
+        self.controller_registry = CollectorRegistry()
+        if controller_config is not None:
+            self.controller = loop.run(start_controller(controller_config, self.controller_registry))
+
+    @property
+    def server_address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def controller_address(self) -> str | None:
+        return f"127.0.0.1:{self.controller.port}" if self.controller else None
+
+    @property
+    def core(self):
+        return self.server.service.core
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.loop.run(self.controller.stop(0.5))
+        self.loop.run(self.server.stop(0.5))
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def make_cluster(loop_thread: LoopThread):
+    started: list[Cluster] = []
+
+    def make(*, tau_max: int = 4, min_workers: int = 1, policy: str | None = "static", tau: int = 1,
+             delta: float = 0.1, history_rounds: int = 64) -> Cluster:
+        server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, tau_max=tau_max,
+                                     min_workers=min_workers, history_rounds=history_rounds)
+        controller_config = None
+        if policy is not None:
+            controller_config = ControllerConfig(host="127.0.0.1", port=0, metrics_port=0, policy=policy, tau=tau,
+                                                 delta=delta)
+        cluster = Cluster(loop_thread, server_config, controller_config)
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        cluster.stop()

@@ -1,0 +1,5 @@
+"""The wanps worker library: `Optimizer` for your own training loop, `Observer` to follow a model."""
+from wanps.worker.observer import Observer
+from wanps.worker.optimizer import Optimizer
+
+__all__ = ["Observer", "Optimizer"]

@@ -1,0 +1,59 @@
+"""An observer replica: follows the model through the update stream, never pushes.
+
+Used for evaluation off the critical path (the demo's accuracy curve) and monitoring.
+It binds a model's parameters to its own flat replica, exactly like a worker.
+"""
+from __future__ import annotations
+
+import socket
+import time
+
+import torch
+
+from wanps.worker.optimizer import bind_to_flat, model_fingerprint
+from wanps.worker.replica import Replica
+from wanps.worker.session import WorkerSession
+
+
+class Observer:
+    def __init__(self, model: torch.nn.Module, server: str, *, controller: str | None = None, name: str | None = None,
+                 keep_deltas: bool = False, join_timeout_s: float = 600.0, use_uvloop: bool = True) -> None:
+        self.model = model
+        params = list(model.parameters())
+        flat = bind_to_flat(params)
+        # With a controller, the observer also follows decisions (to show tau and delta), reporting nothing.
+        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
+        try:
+            reply = self.session.join(flat.numel(), model_fingerprint(params),
+                                      name or f"observer@{socket.gethostname()}", observer=True)
+            self.worker_id = reply.worker_id
+            pulled = self.session.pull(join_timeout_s)
+            flat.copy_(pulled.values)
+            self.replica = Replica(flat, pulled.version)
+            if keep_deltas:
+                self.replica.applied = []
+            self.initial_version = pulled.version
+            self.initial_values = pulled.values.clone()
+            self.session.follow_updates(pulled.version)
+            self.session.follow_decisions(report_samples=False)
+        except BaseException:
+            self.session.close()
+            raise
+
+    @property
+    def version(self) -> int:
+        return self.replica.version
+
+    def poll(self) -> int:
+        """Apply every delta received so far. Returns the version."""
+        return self.replica.catch_up(self.session.deltas, 0)
+
+    def wait_for_version(self, version: int, timeout_s: float) -> int:
+        return self.replica.catch_up(self.session.deltas, version, deadline=time.monotonic() + timeout_s)
+
+    def close(self) -> None:
+        try:
+            self.session.leave()
+        except Exception:  # the server may already be gone at teardown
+            pass
+        self.session.close()

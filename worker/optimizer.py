@@ -1,0 +1,197 @@
+"""`wanps.worker.Optimizer`: train through a wanps cluster as with a torch optimizer.
+
+    opt = wanps.worker.Optimizer(model.parameters(), server="host:50051", controller="host:50052", lr=0.1)
+    for x, y in loader:
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+    opt.close()
+
+On construction the optimizer joins the cluster, seeds the model if it is the first
+worker (otherwise its own initial values are replaced), pulls the model, and binds every
+parameter to a slice of one flat float32 replica. `step()` pushes C(lr*g + e) for the
+current round and blocks only until the replica is recent enough for the next round
+(version >= round - tau), applying the deltas of closed rounds at that moment and never
+in between, so forward and backward always see a fixed replica.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+
+import torch
+
+from wanps.controller.decisions import Decision, decision_for_round
+from wanps.proto import wanps_pb2 as pb
+from wanps.server.core import fingerprint_of
+from wanps.worker.compress import ErrorFeedback
+from wanps.worker.replica import Replica
+from wanps.worker.session import WorkerSession
+
+log = logging.getLogger("wanps.worker")
+
+
+def model_fingerprint(params: list[torch.Tensor]) -> bytes:
+    return fingerprint_of([(f"p{i}", tuple(p.shape), str(p.dtype)) for i, p in enumerate(params)])
+
+
+def bind_to_flat(params: list[torch.Tensor]) -> torch.Tensor:
+    """One flat float32 vector holding every parameter; each parameter becomes a view of it."""
+    for p in params:
+        if p.dtype != torch.float32:
+            raise TypeError(f"wanps trains float32 parameters; got {p.dtype}")
+    flat = torch.cat([p.detach().reshape(-1) for p in params]) if params else torch.zeros(0)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat[offset : offset + n].view_as(p)
+        offset += n
+    return flat
+
+
+class Optimizer(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        server: str,
+        controller: str | None = None,
+        lr: float = 0.1,
+        *,
+        tau: int = 0,
+        delta: float = 1.0,
+        name: str | None = None,
+        decision_timeout_s: float = 30.0,
+        join_timeout_s: float = 600.0,
+        use_uvloop: bool = True,
+    ) -> None:
+        """`tau`, `delta`: used only without a controller (or until its first decision)."""
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        super().__init__(params, dict(lr=lr))
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        self.replica = bind_to_flat(self._params)
+        self.num_params = self.replica.numel()
+        self._grad = torch.zeros_like(self.replica)
+        self._ef = ErrorFeedback(self.num_params)
+        self._fallback = Decision(0, 0, tau, delta, "local", "no controller decision yet")
+        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
+        try:
+            self._join(name or socket.gethostname(), join_timeout_s)
+            if controller:
+                self.session.follow_decisions()
+                if not self.session.wait_for_decision(decision_timeout_s):
+                    log.warning("no decision from the controller within %.0f s; using tau %d delta %g",
+                                decision_timeout_s, tau, delta)
+            else:
+                self.session.follow_decisions()  # pings only
+        except BaseException:
+            self.session.close()
+            raise
+        self._in_flight: deque[Future[pb.PushReply]] = deque()
+        self._compute_started = time.monotonic()
+        self.last_decision: Decision = self.decision_at(self.round)
+        self.closed = False
+
+    def _join(self, name: str, timeout: float) -> None:
+        reply = self.session.join(self.num_params, model_fingerprint(self._params), name)
+        self.worker_id = reply.worker_id
+        self.tau_max = reply.tau_max
+        if reply.must_seed:
+            self.session.seed(self.replica)
+        pulled = self.session.pull(timeout)
+        self.replica.copy_(pulled.values)
+        self._replica = Replica(self.replica, pulled.version)
+        self.round = pulled.first_round
+        self.rank, self.world_size = pulled.rank, pulled.world_size
+        self.session.follow_updates(self.version)
+        log.info("worker %d: rank %d of %d, version %d, first round %d", self.worker_id, self.rank,
+                 self.world_size, self.version, self.round)
+
+    # ------------------------------------------------------------------ decisions
+
+    def decision_at(self, round_: int) -> Decision:
+        decision = decision_for_round(self.session.decisions(), round_) or self._fallback
+        return decision
+
+    def tau_at(self, round_: int) -> int:
+        return min(self.decision_at(round_).tau, self.tau_max)
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        if self.closed:
+            raise RuntimeError("step() after close()")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._raise_failed_pushes()
+        decision = self.decision_at(self.round)
+        self.last_decision = decision
+        self._gather_scaled_grad()
+        update = self._ef.compress(self._grad, decision.delta)
+        self.session.record_compute(time.monotonic() - self._compute_started, self.round)
+        self._in_flight.append(self.session.push(self.round, self.version, update))
+        self.round += 1
+        self._wait_until_fresh(self.round - self.tau_at(self.round))
+        self._compute_started = time.monotonic()
+        return loss
+
+    def _gather_scaled_grad(self) -> None:
+        """grad buffer = lr * g, per parameter (one loop over tensors, not elements)."""
+        offset = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                n = p.numel()
+                view = self._grad[offset : offset + n]
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(p.grad.reshape(-1)).mul_(group["lr"])
+                offset += n
+
+    def _raise_failed_pushes(self) -> None:
+        while self._in_flight and self._in_flight[0].done():
+            self._in_flight.popleft().result()  # raises the server's refusal, if any
+
+    def _wait_until_fresh(self, min_version: int) -> None:
+        """Apply every delta received so far; block until the replica reaches min_version."""
+        self._replica.catch_up(self.session.deltas, min_version, on_idle=self._raise_failed_pushes)
+
+    @property
+    def version(self) -> int:
+        return self._replica.version
+
+    # ------------------------------------------------------------------ end
+
+    @property
+    def bytes_up(self) -> int:
+        return self.session.bytes_up
+
+    @property
+    def bytes_down(self) -> int:
+        return self.session.bytes_down
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Wait for pushes in flight, leave at a round boundary, and close the connections."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            deadline = time.monotonic() + timeout
+            for future in self._in_flight:
+                future.result(max(0.0, deadline - time.monotonic()))
+            self._in_flight.clear()
+            self.session.leave()
+        finally:
+            self.session.close()
+
+    def __enter__(self) -> Optimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,57 @@
+"""A local replica of the server's model and the rule for moving it forward."""
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+
+import torch
+
+from wanps.proto import codec
+from wanps.worker.session import ReceivedDelta, ReplicaDiverged
+
+
+class Replica:
+    """The flat float32 model at `version`, advanced only by the server's deltas, in order."""
+
+    def __init__(self, values: torch.Tensor, version: int) -> None:
+        self.values = values
+        self.version = version
+        # Observers may keep every delta they applied (tests use it to check conservation).
+        self.applied: list[ReceivedDelta] | None = None
+
+    def apply(self, item: ReceivedDelta | BaseException) -> None:
+        if isinstance(item, BaseException):
+            raise RuntimeError("the update stream from the server failed") from item
+        if item.version != self.version + 1:
+            raise ReplicaDiverged(f"received version {item.version} while at {self.version}")
+        codec.apply_delta(self.values, item.delta)
+        self.version = item.version
+        if item.model_crc32 is not None and codec.model_crc32(self.values) != item.model_crc32:
+            raise ReplicaDiverged(f"replica checksum differs from the server's at version {self.version}")
+        if self.applied is not None:
+            self.applied.append(item)
+
+    def catch_up(
+        self,
+        deltas: queue.Queue,
+        min_version: int,
+        deadline: float | None = None,
+        on_idle: Callable[[], None] | None = None,
+    ) -> int:
+        """Apply every delta already received; block (until `deadline`) while below min_version."""
+        while True:
+            block = self.version < min_version and (deadline is None or time.monotonic() < deadline)
+            try:
+                if block:
+                    wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+                    item = deltas.get(timeout=wait)
+                else:
+                    item = deltas.get_nowait()
+            except queue.Empty:
+                if not block:
+                    return self.version
+                if on_idle is not None:
+                    on_idle()
+                continue
+            self.apply(item)
