@@ -40,6 +40,8 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        if self.tau < 0 or not 0.0 < self.delta <= 1.0:
+            raise ValueError(f"need tau >= 0 and delta in (0, 1]; got tau {self.tau}, delta {self.delta}")
 
 
 class ControllerMetrics:

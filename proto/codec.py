@@ -108,6 +108,9 @@ def decode_indices(raw: bytes, count: int, num_params: int) -> torch.Tensor:
     # Viewed as int32: a uint32 >= 2**31 shows up negative and fails the range check.
     indices = torch.frombuffer(raw, dtype=torch.int32)
     if count > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        negative = indices[indices < 0]  # only on this error path: name the real problem
+        if negative.numel():
+            raise WireError(f"indices: {int(negative[0]) + 2**32} is out of range for a model of {num_params} parameters")
         raise WireError("indices: must be strictly increasing (sorted, no duplicates)")
     first, last = int(indices[0]), int(indices[-1])
     if first < 0 or last >= num_params:

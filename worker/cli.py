@@ -36,6 +36,8 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--name", env="WANPS_WORKER_NAME", default="", help="Name shown in server logs.")
     parser.add_argument("--threads", env="WANPS_THREADS", type=int, default=1, help="torch intra-op threads.")
     parser.add_argument("--progress", env="WANPS_PROGRESS", action="store_true", help="Show a progress bar.")
+    parser.add_argument("--save-replica", env="WANPS_SAVE_REPLICA", default="",
+                        help="At the end, save {'version', 'values'} of the replica here (torch.save).")
     parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP")
     parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     return parser
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if progress is not None:
             progress.close()
+        if args.save_replica:
+            torch.save({"version": opt.version, "values": opt.replica.clone()}, args.save_replica)
         opt.close()
     log.info("worker %d done: %d rounds, %.1f MiB up, %.1f MiB down", opt.worker_id, rounds,
              opt.bytes_up / 2**20, opt.bytes_down / 2**20)

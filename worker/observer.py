@@ -21,10 +21,11 @@ class Observer:
         self.model = model
         params = list(model.parameters())
         flat = bind_to_flat(params)
+        self.fingerprint = model_fingerprint(params)
         # With a controller, the observer also follows decisions (to show tau and delta), reporting nothing.
         self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
         try:
-            reply = self.session.join(flat.numel(), model_fingerprint(params),
+            reply = self.session.join(flat.numel(), self.fingerprint,
                                       name or f"observer@{socket.gethostname()}", observer=True)
             self.worker_id = reply.worker_id
             pulled = self.session.pull(join_timeout_s)

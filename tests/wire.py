@@ -1,0 +1,55 @@
+"""A raw gRPC client for tests: builds pushes by hand, including malformed ones."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import torch
+
+from wanps.proto import codec
+from wanps.proto import wanps_pb2 as pb
+from wanps.proto import wanps_pb2_grpc as pb_grpc
+from wanps.server.core import fingerprint_of
+
+FINGERPRINT = fingerprint_of([("w", (16,), "torch.float32")])
+
+
+class RawClient:
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.ParameterServerStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def join(self, num_params: int = 16, fingerprint: bytes = FINGERPRINT, observer: bool = False) -> pb.JoinReply:
+        role = pb.ROLE_OBSERVER if observer else pb.ROLE_WORKER
+        return self.stub.Join(pb.JoinRequest(role=role, num_params=num_params, model_fingerprint=fingerprint),
+                              timeout=10)
+
+    def seed(self, worker_id: int, values: torch.Tensor) -> pb.SeedModelReply:
+        raw = values.numpy().tobytes()
+        chunks = [pb.ModelChunk(worker_id=worker_id, num_params=values.numel(), offset=o, values=v)
+                  for o, v in codec.iter_model_chunks(raw)]
+        return self.stub.SeedModel(iter(chunks), timeout=10)
+
+    def pull(self, worker_id: int) -> tuple[int, torch.Tensor]:
+        chunks = list(self.stub.PullModel(pb.PullModelRequest(worker_id=worker_id), timeout=10))
+        raw = b"".join(c.values for c in chunks)
+        return chunks[0].version, torch.from_numpy(np.frombuffer(raw, dtype="<f4").copy())
+
+    def push_raw(self, header: pb.PushHeader, chunks: list[pb.SparseChunk]) -> pb.PushReply:
+        messages = [pb.PushMessage(header=header), *(pb.PushMessage(chunk=c) for c in chunks)]
+        return self.stub.Push(iter(messages), timeout=10)
+
+    def push(self, worker_id: int, round_: int, indices: list[int], values: list[float],
+             computed_at: int | None = None) -> pb.PushReply:
+        header = pb.PushHeader(worker_id=worker_id, round=round_,
+                               computed_at_version=round_ if computed_at is None else computed_at,
+                               codec=pb.CODEC_SPARSE, value_dtype=pb.VALUE_DTYPE_FLOAT32, count=len(indices))
+        chunk = pb.SparseChunk(indices=np.asarray(indices, dtype="<u4").tobytes(),
+                               values=np.asarray(values, dtype="<f4").tobytes())
+        return self.push_raw(header, [chunk])
+
+    def skip(self, worker_id: int, round_: int) -> pb.PushReply:
+        return self.push_raw(pb.PushHeader(worker_id=worker_id, round=round_, computed_at_version=round_, skip=True),
+                             [])
