@@ -72,6 +72,8 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        # Other processes compete for the same cores; the load says how much they did.
+        "loadavg_1m": os.getloadavg()[0],
     }
 
 
@@ -120,11 +122,15 @@ class PushBenchConfig:
     clients: int = 8
     pairs: int = 100_000
     rounds: int = 30
+    # The echo is ~10x faster: more rounds keep its timed phases from being a few hundred ms.
+    echo_rounds: int = 150
     warmup_rounds: int = 2
-    repeat: int = 2
+    repeat: int = 3
     client_procs: int = 1
     inflight: int = 1
     checksum_every: int = 1
+    # torch intra-op threads in the server process; 0 = torch's default (one per core).
+    torch_threads: int = 0
     seed: int = 0
 
 
@@ -328,6 +334,17 @@ class _ClientPool:
 
 
 async def run_push_bench(config: PushBenchConfig) -> dict[str, Any]:
+    threads_before = torch.get_num_threads()
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
+    try:
+        return await _run_push_bench(config)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+async def _run_push_bench(config: PushBenchConfig) -> dict[str, Any]:
+    machine = machine_info()
     total_rounds = 2 * config.warmup_rounds + config.repeat * config.rounds
     server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, min_workers=config.clients,
                                  tau_max=total_rounds, checksum_every=config.checksum_every,
@@ -345,7 +362,8 @@ async def run_push_bench(config: PushBenchConfig) -> dict[str, Any]:
         if not core.started:
             raise RuntimeError("the server did not start after every client joined and the model was seeded")
         plan = [("echo", 0, config.warmup_rounds), ("full", 0, config.warmup_rounds)]
-        plan += [(phase, rep, config.rounds) for rep in range(1, config.repeat + 1) for phase in ("echo", "full")]
+        for rep in range(1, config.repeat + 1):
+            plan += [("echo", rep, config.echo_rounds), ("full", rep, config.rounds)]
         next_round = 0
         for phase, rep, rounds in plan:
             if rounds <= 0:
@@ -364,7 +382,7 @@ async def run_push_bench(config: PushBenchConfig) -> dict[str, Any]:
         pool.close()
         await echo_server.stop(0.5)
         await server.stop(0.5)
-    return _push_summary(config, phases)
+    return _push_summary(config, phases, machine)
 
 
 def _phase_result(phase: str, rep: int, rounds: int, config: PushBenchConfig,
@@ -388,7 +406,7 @@ def _phase_result(phase: str, rep: int, rounds: int, config: PushBenchConfig,
     )
 
 
-def _push_summary(config: PushBenchConfig, phases: list[PhaseResult]) -> dict[str, Any]:
+def _push_summary(config: PushBenchConfig, phases: list[PhaseResult], machine: dict[str, Any]) -> dict[str, Any]:
     timed = [p for p in phases if p.repeat > 0]
 
     def median(phase: str, key: str) -> float:
@@ -399,7 +417,7 @@ def _push_summary(config: PushBenchConfig, phases: list[PhaseResult]) -> dict[st
     return {
         "benchmark": "push",
         "config": asdict(config),
-        "machine": machine_info(),
+        "machine": machine,
         "phases": [asdict(p) for p in phases],
         "summary": {
             "full_pairs_per_s": full,
@@ -415,12 +433,12 @@ def _push_summary(config: PushBenchConfig, phases: list[PhaseResult]) -> dict[st
 
 def print_push(result: dict[str, Any]) -> None:
     c, m, s = result["config"], result["machine"], result["summary"]
-    print(f"wanps bench push: {c['clients']} clients x {c['pairs']:,} pairs x {c['rounds']} rounds "
-          f"(x{c['repeat']}, +{c['warmup_rounds']} warm-up), model {c['params']:,} float32, "
-          f"{c['client_procs']} client process(es), {c['inflight']} push(es) in flight per client, "
+    print(f"wanps bench push: {c['clients']} clients x {c['pairs']:,} pairs, {c['rounds']} full / "
+          f"{c['echo_rounds']} echo rounds (x{c['repeat']}, +{c['warmup_rounds']} warm-up), model {c['params']:,} "
+          f"float32, {c['client_procs']} client process(es), {c['inflight']} push(es) in flight per client, "
           f"checksum every {c['checksum_every']} round(s)")
-    print(f"machine: {m['cpus']} CPUs ({m['cpus_usable']} usable), server and clients share them; "
-          f"python {m['python']}, grpcio {m['grpcio']}, torch {m['torch']} ({m['torch_threads']} threads)")
+    print(f"machine: {m['cpus']} CPUs ({m['cpus_usable']} usable), server and clients share them, "
+          f"load {m['loadavg_1m']:.2f} before the run; python {m['python']}, grpcio {m['grpcio']}, torch {m['torch']} ({m['torch_threads']} threads)")
     rows = [
         (p["phase"], p["repeat"] or "warm-up", p["rounds"], f"{p['seconds']:.2f}", f"{p['rounds_per_s']:.2f}",
          f"{p['pairs_per_s'] / 1e6:.2f}", f"{p['payload_mb_per_s']:.0f}", f"{p['per_push_ms']:.1f}",
@@ -565,6 +583,7 @@ async def measure_socket_bytes(config: WireBenchConfig) -> list[dict[str, Any]]:
 
 
 async def run_wire_bench(config: WireBenchConfig) -> dict[str, Any]:
+    machine = machine_info()
     if max(config.sizes) > config.params:
         raise ValueError(f"--params {config.params} must be >= the largest size {max(config.sizes)}")
     rows = [serialized_push(count, config.params, config.seed) for count in config.sizes]
@@ -576,7 +595,7 @@ async def run_wire_bench(config: WireBenchConfig) -> dict[str, Any]:
     return {
         "benchmark": "wire",
         "config": asdict(config),
-        "machine": machine_info(),
+        "machine": machine,
         "assumptions": {
             "grpc_prefix_bytes_per_message": GRPC_PREFIX_BYTES,
             "http2_frame_header_bytes": HTTP2_FRAME_HEADER_BYTES,
@@ -628,6 +647,7 @@ def _push_parser() -> EnvDefaultsParser:
     parser.add_argument("--clients", type=int, default=d.clients, help="simulated workers (= min_workers)")
     parser.add_argument("--pairs", type=int, default=d.pairs, help="(index, value) pairs per push")
     parser.add_argument("--rounds", type=int, default=d.rounds, help="timed rounds per phase")
+    parser.add_argument("--echo-rounds", type=int, default=d.echo_rounds, help="timed rounds per echo phase")
     parser.add_argument("--warmup-rounds", type=int, default=d.warmup_rounds, help="untimed rounds of each phase first")
     parser.add_argument("--repeat", type=int, default=d.repeat, help="timed (echo, full) phase pairs, alternating")
     parser.add_argument("--client-procs", type=int, default=d.client_procs, env="WANPS_BENCH_CLIENT_PROCS",
@@ -635,6 +655,8 @@ def _push_parser() -> EnvDefaultsParser:
     parser.add_argument("--inflight", type=int, default=d.inflight, help="unacknowledged pushes per client")
     parser.add_argument("--checksum-every", type=int, default=d.checksum_every,
                         help="server model CRC-32 every N rounds (0: never); the server default is 1")
+    parser.add_argument("--torch-threads", type=int, default=d.torch_threads,
+                        help="torch intra-op threads in the server process (0: torch's default)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser
@@ -671,9 +693,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "push":
         args = _push_parser().parse_args(rest)
         config = PushBenchConfig(params=args.params, clients=args.clients, pairs=args.pairs, rounds=args.rounds,
-                                 warmup_rounds=args.warmup_rounds, repeat=args.repeat, client_procs=args.client_procs,
-                                 inflight=args.inflight, checksum_every=args.checksum_every, seed=args.seed)
-        if min(config.params, config.clients, config.pairs, config.rounds, config.repeat, config.inflight) < 1:
+                                 echo_rounds=args.echo_rounds, warmup_rounds=args.warmup_rounds, repeat=args.repeat, client_procs=args.client_procs,
+                                 inflight=args.inflight, checksum_every=args.checksum_every,
+                                 torch_threads=args.torch_threads, seed=args.seed)
+        if min(config.params, config.clients, config.pairs, config.rounds, config.echo_rounds, config.repeat,
+               config.inflight) < 1:
             print("wanps bench push: sizes, counts and --inflight must be >= 1", file=sys.stderr)
             return 2
         result = run_async(run_push_bench(config))

@@ -1,0 +1,54 @@
+"""Built-in tasks load their data from packages; the demo runs a real cluster and reports."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from wanps.deploy.processes import wanps_command
+from wanps.worker.tasks import get_task
+
+
+def test_mnist_ships_in_a_package_and_the_mlp_has_the_papers_shape():
+    task = get_task("mnist")
+    data = task.data
+    assert data.train_x.shape == (60000, 784) and data.test_x.shape == (10000, 784)
+    assert set(data.train_y.unique().tolist()) == set(range(10))
+    model = task.build_model(0)
+    assert sum(p.numel() for p in model.parameters()) == 784 * 512 + 512 + 512 * 10 + 10
+    assert 0.0 <= task.accuracy(model, limit=500) < 0.5  # untrained
+
+
+def test_shards_are_disjoint_and_cover_the_data():
+    task = get_task("synthetic")
+    seen = []
+    for rank in range(3):
+        x, _ = next(task.batches(rank, 3, batch_size=len(task.data.train_x) // 3))
+        seen.append({tuple(row[:4].tolist()) for row in x})
+    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2])
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("imagenet")
+
+
+@pytest.mark.timeout(200)
+def test_demo_reaches_its_target_and_writes_results(tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        wanps_command("demo", "--task", "synthetic", "--workers", "2", "--target-accuracy", "0.9", "--lr", "0.2",
+                      "--delta", "0.1", "--time-limit", "90", "--eval-every", "0.5", "--out", str(out),
+                      "--no-progress"),
+        capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((out / "demo.json").read_text())
+    assert result["reached_target"] is True and result["final_accuracy"] >= 0.9
+    for key in ("target_accuracy", "time_to_target_s", "rounds", "bytes_up", "bytes_down", "policy", "per_round"):
+        assert key in result
+    assert result["bytes_up"] > 0 and result["bytes_down"] > result["bytes_up"] / 2
+    rounds = [r[0] for r in result["per_round"]]
+    assert rounds == list(range(len(rounds))) and len(rounds) == result["rounds"]
+    assert {(r[2], r[3]) for r in result["per_round"]} == {(2, 0.1)}
+    assert any(r[4] is not None for r in result["per_round"])
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "time to target" in done.stdout
