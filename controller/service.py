@@ -81,7 +81,13 @@ class ControllerService(pb_grpc.ControllerServicer):
             tau, delta, reason = dsgd_decision()
         else:
             tau, delta, reason = static_decision(self.config.tau, self.config.delta)
-        self._publish(self.book.add(0, tau, delta, self.config.policy, reason))
+        self.decide(0, tau, delta, self.config.policy, reason)
+
+    def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
+        """Record a decision and stream it to every subscriber. Call on the event loop."""
+        decision = self.book.add(from_round, tau, delta, policy, reason)
+        self._publish(decision)
+        return decision
 
     def _publish(self, decision: Decision) -> None:
         self.metrics.decisions.labels(policy=decision.policy).inc()
