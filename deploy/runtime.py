@@ -66,27 +66,35 @@ class EnvDefaultsParser(argparse.ArgumentParser):
         return action
 
     def parse_args(self, args: Any = None, namespace: Any = None):  # type: ignore[override]
+        # Environment values go into the namespace (not the parser's defaults), so they are
+        # checked like flags (type, choices), never stick to the parser, and flags still win:
+        # argparse fills only the attributes a namespace lacks, then flags overwrite them.
+        namespace = argparse.Namespace() if namespace is None else namespace
         for dest, env_name in self._env_names.items():
             raw = os.environ.get(env_name)
-            if raw is None:
+            if raw is None or hasattr(namespace, dest):
                 continue
             action = next(a for a in self._actions if a.dest == dest)
-            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                value: Any = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif action.type is not None:
-                value = action.type(raw)
+            if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+                truthy = raw.strip().lower() in ("1", "true", "yes", "on")
+                value: Any = action.const if truthy else action.default
             else:
-                value = raw
-            self.set_defaults(**{dest: value})
+                try:
+                    value = self._get_value(action, raw)
+                    self._check_value(action, value)
+                except argparse.ArgumentError as exc:
+                    self.error(f"environment variable {env_name}: {exc}")
+            setattr(namespace, dest, value)
         return super().parse_args(args, namespace)
 
 
 def split_host_port(address: str) -> tuple[str, int]:
-    """'127.0.0.1:50051' or '[::1]:50051' -> (host, port)."""
+    """'127.0.0.1:50051' or '[::1]:50051' -> (host, port). An IPv6 host needs its brackets."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not host or not port.isdigit() or int(port) > 65535 or (":" in host and not bracketed):
+        raise ValueError(f"expected HOST:PORT (IPv6 as [HOST]:PORT, port 0-65535), got {address!r}")
+    return (host[1:-1] if bracketed else host), int(port)
 
 
 async def serve_until_signalled(start: Callable[[], Any], ready_line: Callable[[Any], str]) -> None:

@@ -46,11 +46,6 @@ def test_elements_for_rejects_delta_outside_0_1(delta: float) -> None:
         elements_for(delta, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: elements_for takes ceil of a float product: 0.07 * 100 == 7.000000000000001, so it "
-    "sends 8 elements where ceil(delta * d) is 7",
-)
 @pytest.mark.parametrize(("delta", "d", "k"), [(0.07, 100, 7), (0.14, 100, 14), (0.28, 100, 28), (0.56, 100, 56)])
 def test_elements_for_is_not_fooled_by_float_rounding(delta: float, d: int, k: int) -> None:
     assert elements_for(delta, d) == k

@@ -93,22 +93,12 @@ def test_store_true_flag_beats_falsy_env(monkeypatch: pytest.MonkeyPatch) -> Non
 # ------------------------------------------------------------------------------ env values get the flag's checks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EnvDefaultsParser installs env values with set_defaults, and argparse never checks "
-    "defaults against `choices`: WANPS_POLICY=bogus is accepted where --policy bogus is refused",
-)
 def test_env_value_outside_choices_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(MODE, "bogus")
     with pytest.raises(SystemExit):
         make_parser().parse_args([])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EnvDefaultsParser calls action.type(raw) itself, so WANPS_PORT=abc raises a bare "
-    "ValueError traceback instead of the usage error (exit 2) that --port abc gives",
-)
 def test_env_value_of_the_wrong_type_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PORT, "abc")
     with pytest.raises(SystemExit):
@@ -122,11 +112,6 @@ def test_flag_of_the_wrong_type_is_a_usage_error() -> None:
         make_parser().parse_args(["--mode", "bogus"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EnvDefaultsParser.parse_args writes env values into the parser's defaults for good: "
-    "parsing again after the variable is unset still returns the old env value",
-)
 def test_env_does_not_stick_to_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     parser = make_parser()
     monkeypatch.setenv(PORT, "1234")

@@ -714,6 +714,9 @@ def test_random_rounds_conserve_the_model(seed: int) -> None:
         pushed.setdefault(r, {})[w] = update
         next_round[w] = r + 1
         check(result.closed)
+        # Bounded memory: only rounds of the open window are held.
+        assert len(core.open_rounds) <= tau_max + 1
+        assert all(core.version <= k <= core.version + tau_max for k in core.open_rounds)
 
     assert len(closed_all) > 50 and left and joined
     assert core.version == len(closed_all)

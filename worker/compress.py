@@ -7,6 +7,7 @@ steps is sum(pushed) + e == sum(lr * g), up to float rounding.
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 
 import torch
 
@@ -17,7 +18,8 @@ def elements_for(delta: float, num_params: int) -> int:
     """How many elements a compression ratio delta sends: ceil(delta * d), at least 1."""
     if not 0.0 < delta <= 1.0:
         raise ValueError(f"delta must be in (0, 1], got {delta}")
-    return min(num_params, max(1, math.ceil(delta * num_params)))
+    # Decimal: 0.07 * 100 is 7.000000000000001 in binary floating point; ceil must see 7.
+    return min(num_params, max(1, math.ceil(Decimal(repr(float(delta))) * num_params)))
 
 
 def topk_exact(update: torch.Tensor, k: int) -> torch.Tensor:
