@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.wanps-installed
 
-.PHONY: install run demo test test-all proto check-proto bench-push clean
+.PHONY: install run demo test test-all proto check-proto bench-push bench-wire clean
 
 install: $(STAMP)
 
@@ -40,6 +40,9 @@ check-proto: install
 
 bench-push: install
 	$(VENV)/bin/wanps bench push
+
+bench-wire: install
+	$(VENV)/bin/wanps bench wire
 
 clean:
 	rm -rf $(VENV) build *.egg-info results

@@ -5,11 +5,11 @@
     service run in this process, on one event loop. Client processes (spawned, each with
     one grpc.aio channel per simulated worker on a uvloop loop) join 8 workers, seed the
     model, then push sparse updates of 100K pairs for a number of rounds, concurrently,
-    with the payload bytes encoded once up front. The same bytes, in the same chunking and
-    with the same concurrency, are then sent to the echo service, which only reads them and
-    acknowledges. Echo and full phases alternate (after one untimed warm-up of each), so
-    both see the same machine state. Reported: pairs/s accepted end to end, rounds/s, the
-    CPU each side used, and full/echo.
+    with the payload bytes encoded once up front. In the echo phases the same bytes, in the
+    same chunking and with the same concurrency, go to the echo service, which only reads
+    them and acknowledges. Echo and full phases alternate (after one untimed warm-up of
+    each), so both see the same machine state. Reported: pairs/s accepted end to end,
+    rounds/s, the CPU each side used, and full/echo.
 
 `wanps bench wire`
     Bytes per pushed element: the PushMessage stream built exactly as
@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import multiprocessing
@@ -46,6 +47,7 @@ from wanps.deploy.runtime import EnvDefaultsParser, grpc_channel_options, run_as
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
+from wanps.server.cli import checksum_every
 from wanps.server.core import fingerprint_of
 from wanps.server.service import ServerConfig, start_server
 
@@ -57,7 +59,8 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 PAYLOAD_BYTES_PER_ELEMENT = 8
 # gRPC length-prefixed message: 1 byte compressed flag + 4 bytes length.
 GRPC_PREFIX_BYTES = 5
-# HTTP/2 frame header, and the default SETTINGS_MAX_FRAME_SIZE (RFC 9113 section 4.2).
+# HTTP/2 frame header, and the default SETTINGS_MAX_FRAME_SIZE (RFC 9113 section 4.2). gRPC
+# peers advertise larger frames, so an estimate with 16 KiB frames is an upper bound.
 HTTP2_FRAME_HEADER_BYTES = 9
 HTTP2_MAX_FRAME_BYTES = 16 * 1024
 PHASE_TIMEOUT_S = 300.0
@@ -128,9 +131,10 @@ class PushBenchConfig:
     repeat: int = 3
     client_procs: int = 1
     inflight: int = 1
-    checksum_every: int = 1
-    # torch intra-op threads in the server process; 0 = torch's default (one per core).
-    torch_threads: int = 0
+    # None: the server's automatic default (every ceil(params / 1M) rounds).
+    checksum_every: int | None = None
+    # torch intra-op threads in the server process, as `wanps server --torch-threads` (default 1).
+    torch_threads: int = ServerConfig.torch_threads
     seed: int = 0
 
 
@@ -166,8 +170,7 @@ class PhaseResult:
     server_cpu_cores: float  # CPU seconds of this (server) process / wall seconds
     client_cpu_cores: float  # CPU seconds of all client processes / wall seconds
     duplicates: int = 0
-    per_push_ms: float = 0.0  # mean wall time per push seen by one client
-    extra: dict[str, Any] = field(default_factory=dict)
+    per_push_ms: float = 0.0  # wall time / pushes, per client (its cadence), averaged
 
 
 async def _start_echo_server(max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
@@ -345,9 +348,11 @@ async def run_push_bench(config: PushBenchConfig) -> dict[str, Any]:
 
 async def _run_push_bench(config: PushBenchConfig) -> dict[str, Any]:
     machine = machine_info()
-    total_rounds = 2 * config.warmup_rounds + config.repeat * config.rounds
+    # tau_max covers every round pushed, so a client running ahead is never refused; the
+    # history is short because nothing follows the update stream here.
+    full_rounds = config.warmup_rounds + config.repeat * config.rounds
     server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, min_workers=config.clients,
-                                 tau_max=total_rounds, checksum_every=config.checksum_every,
+                                 tau_max=full_rounds, checksum_every=config.checksum_every,
                                  history_rounds=4, max_message_bytes=MAX_MESSAGE_BYTES)
     server = await start_server(server_config)
     echo_server, echo_port = await _start_echo_server(MAX_MESSAGE_BYTES)
@@ -436,9 +441,10 @@ def print_push(result: dict[str, Any]) -> None:
     print(f"wanps bench push: {c['clients']} clients x {c['pairs']:,} pairs, {c['rounds']} full / "
           f"{c['echo_rounds']} echo rounds (x{c['repeat']}, +{c['warmup_rounds']} warm-up), model {c['params']:,} "
           f"float32, {c['client_procs']} client process(es), {c['inflight']} push(es) in flight per client, "
-          f"checksum every {c['checksum_every']} round(s)")
+          f"checksum every {'auto' if c['checksum_every'] is None else c['checksum_every']} round(s)")
     print(f"machine: {m['cpus']} CPUs ({m['cpus_usable']} usable), server and clients share them, "
-          f"load {m['loadavg_1m']:.2f} before the run; python {m['python']}, grpcio {m['grpcio']}, torch {m['torch']} ({m['torch_threads']} threads)")
+          f"load {m['loadavg_1m']:.2f} before the run; python {m['python']}, grpcio {m['grpcio']}, "
+          f"torch {m['torch']} ({m['torch_threads']} threads in the server)")
     rows = [
         (p["phase"], p["repeat"] or "warm-up", p["rounds"], f"{p['seconds']:.2f}", f"{p['rounds_per_s']:.2f}",
          f"{p['pairs_per_s'] / 1e6:.2f}", f"{p['payload_mb_per_s']:.0f}", f"{p['per_push_ms']:.1f}",
@@ -470,8 +476,7 @@ def serialized_push(count: int, params: int, seed: int) -> dict[str, Any]:
     # Realistic varint widths for the header's ids and rounds.
     header = pb.PushHeader(worker_id=3, round=1_000, computed_at_version=999)
     messages = push_messages(header, random_update(params, count, seed))
-    sizes = [m.ByteSize() for m in messages]
-    assert sizes == [len(m.SerializeToString()) for m in messages]
+    sizes = [len(m.SerializeToString()) for m in messages]
     payload = count * PAYLOAD_BYTES_PER_ELEMENT
     grpc_prefix = GRPC_PREFIX_BYTES * len(messages)
     # Each length-prefixed message split into DATA frames of at most 16 KiB (an upper bound:
@@ -492,13 +497,66 @@ def serialized_push(count: int, params: int, seed: int) -> dict[str, Any]:
     }
 
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_FRAME_TYPES = {0: "DATA", 1: "HEADERS", 3: "RST_STREAM", 4: "SETTINGS", 6: "PING", 7: "GOAWAY",
+                     8: "WINDOW_UPDATE"}
+
+
+@dataclass
+class Http2Tally:
+    """What crossed one direction of the proxied connections: bytes, and HTTP/2 frames by type."""
+
+    bytes: int = 0
+    frames: collections.Counter = field(default_factory=collections.Counter)  # type name -> frames
+    frame_bytes: collections.Counter = field(default_factory=collections.Counter)  # type -> bytes incl. header
+    max_data_frame: int = 0  # largest DATA frame payload seen
+
+    def snapshot(self) -> Http2Tally:
+        return Http2Tally(self.bytes, collections.Counter(self.frames), collections.Counter(self.frame_bytes),
+                          self.max_data_frame)
+
+
+class _Http2FrameParser:
+    """Splits one direction's byte stream into HTTP/2 frames (per frame, never per byte)."""
+
+    def __init__(self, tally: Http2Tally, client_side: bool) -> None:
+        self.tally = tally
+        self._skip = len(HTTP2_PREFACE) if client_side else 0  # the client starts with the preface
+        self._header = b""
+        self._remaining = 0
+
+    def feed(self, data: bytes) -> None:
+        self.tally.bytes += len(data)
+        view, i = memoryview(data), 0
+        while i < len(view):
+            if self._skip or self._remaining:
+                step = min(self._skip or self._remaining, len(view) - i)
+                if self._skip:
+                    self._skip -= step
+                else:
+                    self._remaining -= step
+                i += step
+                continue
+            take = bytes(view[i : i + HTTP2_FRAME_HEADER_BYTES - len(self._header)])
+            self._header += take
+            i += len(take)
+            if len(self._header) == HTTP2_FRAME_HEADER_BYTES:
+                length, kind = int.from_bytes(self._header[:3], "big"), self._header[3]
+                name = HTTP2_FRAME_TYPES.get(kind, f"type{kind}")
+                self.tally.frames[name] += 1
+                self.tally.frame_bytes[name] += HTTP2_FRAME_HEADER_BYTES + length
+                if kind == 0:
+                    self.tally.max_data_frame = max(self.tally.max_data_frame, length)
+                self._remaining, self._header = length, b""
+
+
 class CountingProxy:
-    """A TCP proxy that counts the bytes it forwards in each direction (all connections summed)."""
+    """A TCP proxy that counts what it forwards in each direction, by HTTP/2 frame type."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.up = 0  # client -> server
-        self.down = 0  # server -> client
+        self.up = Http2Tally()  # client -> server
+        self.down = Http2Tally()  # server -> client
         self.connections = 0
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -510,19 +568,19 @@ class CountingProxy:
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        pumps = [asyncio.ensure_future(self._pump(client_reader, server_writer, "up")),
-                 asyncio.ensure_future(self._pump(server_reader, client_writer, "down"))]
+        pumps = [
+            asyncio.ensure_future(self._pump(client_reader, server_writer, _Http2FrameParser(self.up, True))),
+            asyncio.ensure_future(self._pump(server_reader, client_writer, _Http2FrameParser(self.down, False))),
+        ]
         self._tasks.update(pumps)
         await asyncio.gather(*pumps, return_exceptions=True)
         self._tasks.difference_update(pumps)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    parser: _Http2FrameParser) -> None:
         try:
             while data := await reader.read(256 * 1024):
-                if direction == "up":
-                    self.up += len(data)
-                else:
-                    self.down += len(data)
+                parser.feed(data)
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -538,8 +596,12 @@ class CountingProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def measure_socket_bytes(config: WireBenchConfig) -> list[dict[str, Any]]:
-    """Push each size `pushes` times through a real WorkerSession -> counting proxy -> real server."""
+async def measure_socket_bytes(config: WireBenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Push each size `pushes` times through a real WorkerSession -> counting proxy -> real server.
+
+    Returns one row per size (bytes per push, by direction and HTTP/2 frame type) and facts
+    about the connection (how many were opened, the largest DATA frame seen).
+    """
     from wanps.worker.session import WorkerSession  # its own I/O thread; only needed here
 
     server = await start_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, min_workers=1,
@@ -557,7 +619,7 @@ async def measure_socket_bytes(config: WireBenchConfig) -> list[dict[str, Any]]:
         version = server.service.core.version
         for count in config.sizes:
             update = random_update(config.params, count, config.seed)
-            up, down = proxy.up, proxy.down
+            up, down = proxy.up.snapshot(), proxy.down.snapshot()
             for _ in range(config.pushes):
                 reply = await asyncio.to_thread(lambda: session.push(version, version, update).result(60))
                 if reply.duplicate:
@@ -565,21 +627,31 @@ async def measure_socket_bytes(config: WireBenchConfig) -> list[dict[str, Any]]:
                 version = server.service.core.version  # one worker: each push closes its round
             await asyncio.sleep(0.2)  # let trailing acks / window updates of the last push arrive
             payload = count * PAYLOAD_BYTES_PER_ELEMENT
-            up_per_push = (proxy.up - up) / config.pushes
+            up_per_push = (proxy.up.bytes - up.bytes) / config.pushes
             rows.append({
                 "elements": count,
                 "socket_up_bytes_per_push": up_per_push,
                 "socket_up_bytes_per_element": up_per_push / count,
                 "socket_up_overhead_pct": 100 * (up_per_push - payload) / payload,
-                "socket_down_bytes_per_push": (proxy.down - down) / config.pushes,
+                "socket_down_bytes_per_push": (proxy.down.bytes - down.bytes) / config.pushes,
+                "socket_up_frames_per_push": _per_push(proxy.up.frames - up.frames, config.pushes),
+                "socket_up_frame_bytes_per_push": _per_push(proxy.up.frame_bytes - up.frame_bytes, config.pushes),
+                "socket_down_frames_per_push": _per_push(proxy.down.frames - down.frames, config.pushes),
             })
     finally:
         await asyncio.to_thread(session.close)
         await proxy.stop()
         await server.stop(0.5)
-    if proxy.connections != 1:
-        rows.append({"note": f"{proxy.connections} connections were opened (expected 1)"})
-    return rows
+    connection = {
+        "connections": proxy.connections,
+        "max_data_frame_up": proxy.up.max_data_frame,
+        "max_data_frame_down": proxy.down.max_data_frame,
+    }
+    return rows, connection
+
+
+def _per_push(counts: collections.Counter, pushes: int) -> dict[str, float]:
+    return {name: n / pushes for name, n in sorted(counts.items())}
 
 
 async def run_wire_bench(config: WireBenchConfig) -> dict[str, Any]:
@@ -587,9 +659,11 @@ async def run_wire_bench(config: WireBenchConfig) -> dict[str, Any]:
     if max(config.sizes) > config.params:
         raise ValueError(f"--params {config.params} must be >= the largest size {max(config.sizes)}")
     rows = [serialized_push(count, config.params, config.seed) for count in config.sizes]
+    connection: dict[str, Any] = {}
     if config.socket:
-        for row, measured in zip(rows, await measure_socket_bytes(config)):
-            row.update(measured)
+        measured, connection = await measure_socket_bytes(config)
+        for row, extra in zip(rows, measured):
+            row.update(extra)
     worst = max(r.get("socket_up_overhead_pct", r["estimated_overhead_pct"]) for r in rows)
     worst_payload = max(r["protobuf_bytes_per_element"] for r in rows)
     return {
@@ -599,16 +673,18 @@ async def run_wire_bench(config: WireBenchConfig) -> dict[str, Any]:
         "assumptions": {
             "grpc_prefix_bytes_per_message": GRPC_PREFIX_BYTES,
             "http2_frame_header_bytes": HTTP2_FRAME_HEADER_BYTES,
-            "http2_max_frame_bytes": HTTP2_MAX_FRAME_BYTES,
+            "http2_max_frame_bytes_assumed": HTTP2_MAX_FRAME_BYTES,
             "estimate_excludes": "HEADERS/trailers, WINDOW_UPDATE, PING, TCP/IP headers",
-            "socket_counts": "all bytes on the TCP stream client<->server (HTTP/2 frames incl. HEADERS, "
+            "socket_counts": "all bytes on the TCP stream client->server (HTTP/2 frames incl. HEADERS, "
                              "flow control, pings); excludes TCP/IP headers",
             "chunk_elements": codec.CHUNK_ELEMENTS,
         },
+        "connection": connection,
         "sizes": rows,
         "summary": {
             "max_protobuf_bytes_per_element": worst_payload,
             "max_overhead_pct": worst,
+            "overhead_measured_on": "socket" if config.socket else "estimate",
             "target_bytes_per_element": PAYLOAD_BYTES_PER_ELEMENT,
             "target_overhead_pct": 3.0,
             "target_met": worst <= 3.0,
@@ -622,19 +698,28 @@ def print_wire(result: dict[str, Any]) -> None:
           f"({codec.CHUNK_ELEMENTS:,} elements per chunk); socket bytes averaged over {c['pushes']} pushes per size")
     rows = []
     for r in result["sizes"]:
-        if "elements" not in r:
-            continue
-        socket = (f"{r['socket_up_bytes_per_element']:.4f}", f"{r['socket_up_overhead_pct']:.2f}",
-                  f"{r['socket_down_bytes_per_push']:.0f}") if "socket_up_bytes_per_push" in r else ("-", "-", "-")
+        socket: tuple[str, ...] = ("-", "-", "-", "-")
+        if "socket_up_bytes_per_push" in r:
+            frames = " ".join(f"{name}:{n:g}" for name, n in r["socket_up_frames_per_push"].items())
+            socket = (f"{r['socket_up_bytes_per_element']:.4f}", f"{r['socket_up_overhead_pct']:.2f}", frames,
+                      f"{r['socket_down_bytes_per_push']:.0f}")
         rows.append((f"{r['elements']:,}", r["messages"], f"{r['protobuf_bytes']:,}",
                      f"{r['protobuf_bytes_per_element']:.4f}", f"{r['protobuf_overhead_pct']:.3f}",
                      f"{r['estimated_bytes_per_element']:.4f}", f"{r['estimated_overhead_pct']:.2f}", *socket))
     print(_table(("elements", "msgs", "protobuf B", "pb B/elem", "pb ovh %", "est B/elem", "est ovh %",
-                  "socket B/elem", "socket ovh %", "down B/push"), rows))
+                  "socket B/elem", "socket ovh %", "up frames/push", "down B/push"), rows))
+    print(f"est = protobuf + {GRPC_PREFIX_BYTES} B gRPC prefix per message + {HTTP2_FRAME_HEADER_BYTES} B per HTTP/2 "
+          f"DATA frame of <= {HTTP2_MAX_FRAME_BYTES // 1024} KiB; socket = every byte client->server on the TCP "
+          f"stream (HEADERS, DATA, flow control), no TCP/IP headers")
+    conn = result["connection"]
+    if conn:
+        print(f"socket: {conn['connections']} TCP connection(s); largest DATA frame seen: "
+              f"{conn['max_data_frame_up']:,} B up, {conn['max_data_frame_down']:,} B down")
     s = result["summary"]
     verdict = "MET" if s["target_met"] else "NOT MET"
     print(f"payload {s['target_bytes_per_element']} B/element (uint32 index + float32 value); worst overhead "
-          f"{s['max_overhead_pct']:.2f}% (target <= {s['target_overhead_pct']:.0f}%: {verdict})")
+          f"({s['overhead_measured_on']}) {s['max_overhead_pct']:.2f}% (target <= {s['target_overhead_pct']:.0f}%: "
+          f"{verdict}); worst protobuf size {s['max_protobuf_bytes_per_element']:.4f} B/element")
 
 
 # =============================================================================== CLI
@@ -646,17 +731,17 @@ def _push_parser() -> EnvDefaultsParser:
     parser.add_argument("--params", type=int, default=d.params, help="model size (float32 parameters)")
     parser.add_argument("--clients", type=int, default=d.clients, help="simulated workers (= min_workers)")
     parser.add_argument("--pairs", type=int, default=d.pairs, help="(index, value) pairs per push")
-    parser.add_argument("--rounds", type=int, default=d.rounds, help="timed rounds per phase")
+    parser.add_argument("--rounds", type=int, default=d.rounds, help="timed rounds per full phase")
     parser.add_argument("--echo-rounds", type=int, default=d.echo_rounds, help="timed rounds per echo phase")
     parser.add_argument("--warmup-rounds", type=int, default=d.warmup_rounds, help="untimed rounds of each phase first")
     parser.add_argument("--repeat", type=int, default=d.repeat, help="timed (echo, full) phase pairs, alternating")
     parser.add_argument("--client-procs", type=int, default=d.client_procs, env="WANPS_BENCH_CLIENT_PROCS",
                         help="client processes the clients are spread over")
     parser.add_argument("--inflight", type=int, default=d.inflight, help="unacknowledged pushes per client")
-    parser.add_argument("--checksum-every", type=int, default=d.checksum_every,
-                        help="server model CRC-32 every N rounds (0: never); the server default is 1")
+    parser.add_argument("--checksum-every", type=checksum_every, default="auto",
+                        help="server model CRC-32 every N rounds (0: never; auto: the server default)")
     parser.add_argument("--torch-threads", type=int, default=d.torch_threads,
-                        help="torch intra-op threads in the server process (0: torch's default)")
+                        help="torch intra-op threads in the server process (0: torch's default, one per core)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser
@@ -682,41 +767,49 @@ USAGE = """usage: wanps bench {push,wire} [options]
 `wanps bench push --help` shows a benchmark's options."""
 
 
+def _main_push(argv: list[str]) -> int:
+    args = _push_parser().parse_args(argv)
+    config = PushBenchConfig(params=args.params, clients=args.clients, pairs=args.pairs, rounds=args.rounds,
+                             echo_rounds=args.echo_rounds, warmup_rounds=args.warmup_rounds, repeat=args.repeat,
+                             client_procs=args.client_procs, inflight=args.inflight,
+                             checksum_every=args.checksum_every, torch_threads=args.torch_threads, seed=args.seed)
+    counts = (config.params, config.clients, config.pairs, config.rounds, config.echo_rounds, config.repeat,
+              config.inflight)
+    if min(counts) < 1 or config.pairs > config.params:
+        print("wanps bench push: sizes and counts must be >= 1, and --pairs <= --params", file=sys.stderr)
+        return 2
+    result = run_async(run_push_bench(config))
+    print_push(result)
+    _write_json(args.json, result)
+    return 0
+
+
+def _main_wire(argv: list[str]) -> int:
+    args = _wire_parser().parse_args(argv)
+    sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
+    if not sizes or min(sizes) < 1 or max(sizes) > args.params or args.pushes < 1:
+        print("wanps bench wire: --sizes must list pair counts in [1, --params], --pushes >= 1", file=sys.stderr)
+        return 2
+    config = WireBenchConfig(sizes=sizes, params=args.params, pushes=args.pushes, socket=not args.no_socket,
+                             seed=args.seed)
+    result = run_async(run_wire_bench(config))
+    print_wire(result)
+    _write_json(args.json, result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
     # Zero-copy decoding views read-only bytes; torch warns about that once per process.
     warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable")
-    if command == "push":
-        args = _push_parser().parse_args(rest)
-        config = PushBenchConfig(params=args.params, clients=args.clients, pairs=args.pairs, rounds=args.rounds,
-                                 echo_rounds=args.echo_rounds, warmup_rounds=args.warmup_rounds, repeat=args.repeat, client_procs=args.client_procs,
-                                 inflight=args.inflight, checksum_every=args.checksum_every,
-                                 torch_threads=args.torch_threads, seed=args.seed)
-        if min(config.params, config.clients, config.pairs, config.rounds, config.echo_rounds, config.repeat,
-               config.inflight) < 1:
-            print("wanps bench push: sizes, counts and --inflight must be >= 1", file=sys.stderr)
-            return 2
-        result = run_async(run_push_bench(config))
-        print_push(result)
-    elif command == "wire":
-        args = _wire_parser().parse_args(rest)
-        sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
-        if not sizes or min(sizes) < 1:
-            print("wanps bench wire: --sizes must list positive pair counts", file=sys.stderr)
-            return 2
-        config = WireBenchConfig(sizes=sizes, params=args.params, pushes=args.pushes, socket=not args.no_socket,
-                                 seed=args.seed)
-        result = run_async(run_wire_bench(config))
-        print_wire(result)
-    else:
-        print(f"wanps bench: unknown benchmark {command!r}\n\n{USAGE}", file=sys.stderr)
+    commands = {"push": _main_push, "wire": _main_wire}
+    if argv[0] not in commands:
+        print(f"wanps bench: unknown benchmark {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    _write_json(args.json, result)
-    return 0
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

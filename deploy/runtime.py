@@ -99,12 +99,13 @@ def split_host_port(address: str) -> tuple[str, int]:
 
 async def serve_until_signalled(start: Callable[[], Any], ready_line: Callable[[Any], str]) -> None:
     """Start a service, print its readiness line, stop gracefully on SIGINT/SIGTERM."""
-    running = await start()
-    print(ready_line(running), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Handlers first: a supervisor may send SIGTERM as soon as it reads the readiness line.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    running = await start()
+    print(ready_line(running), flush=True)
     await stop.wait()
     await running.stop()
 

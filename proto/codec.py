@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from wanps.proto import wanps_pb2 as pb
@@ -106,13 +107,15 @@ def decode_indices(raw: bytes, count: int, num_params: int) -> torch.Tensor:
     if count == 0:
         return torch.empty(0, dtype=torch.int32)
     # Viewed as int32: a uint32 >= 2**31 shows up negative and fails the range check.
-    indices = torch.frombuffer(raw, dtype=torch.int32)
-    if count > 1 and not bool((indices[1:] > indices[:-1]).all()):
-        negative = indices[indices < 0]  # only on this error path: name the real problem
-        if negative.numel():
+    # Checked with numpy (same memory): ~10x less per-call overhead than torch for this.
+    view = np.frombuffer(raw, dtype="<i4")
+    if count > 1 and not (view[1:] > view[:-1]).all():
+        negative = view[view < 0]  # only on this error path: name the real problem
+        if negative.size:
             raise WireError(f"indices: {int(negative[0]) + 2**32} is out of range for a model of {num_params} parameters")
         raise WireError("indices: must be strictly increasing (sorted, no duplicates)")
-    first, last = int(indices[0]), int(indices[-1])
+    indices = torch.frombuffer(raw, dtype=torch.int32)
+    first, last = int(view[0]), int(view[-1])
     if first < 0 or last >= num_params:
         bad = first if first < 0 else last
         shown = bad if bad >= 0 else bad + 2**32
@@ -131,7 +134,8 @@ def decode_values(raw: bytes, count: int, value_dtype: int) -> torch.Tensor:
     if count == 0:
         return torch.empty(0, dtype=torch.float32)
     values = torch.frombuffer(raw, dtype=dtype)
-    if not bool(torch.isfinite(values).all()):
+    finite = np.isfinite(np.frombuffer(raw, dtype="<f4")).all() if dtype == torch.float32 else torch.isfinite(values).all()
+    if not finite:
         raise WireError("values: NaN or infinite values are not accepted")
     return values
 

@@ -3,8 +3,19 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from wanps.deploy.runtime import EnvDefaultsParser, run_async, serve_until_signalled, setup_logging, split_host_port
 from wanps.server.service import ServerConfig, start_server
+
+
+def checksum_every(text: str | int | None) -> int | None:
+    if text is None or text == "auto":
+        return None
+    value = int(text)
+    if value < 0:
+        raise ValueError("--checksum-every must be >= 0 or 'auto'")
+    return value
 
 
 def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
@@ -19,8 +30,10 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
                         help="Widest stale window accepted (open rounds = tau_max + 1).")
     parser.add_argument("--min-workers", env="WANPS_MIN_WORKERS", type=int, default=defaults.min_workers,
                         help="Round 0 starts once this many workers have joined.")
-    parser.add_argument("--checksum-every", env="WANPS_CHECKSUM_EVERY", type=int, default=defaults.checksum_every,
-                        help="Send the model CRC-32 every N rounds (0 = never).")
+    parser.add_argument("--checksum-every", env="WANPS_CHECKSUM_EVERY", type=checksum_every, default="auto",
+                        help="Send the model CRC-32 every N rounds (0 = never; auto = every ceil(params / 1M) rounds).")
+    parser.add_argument("--torch-threads", env="WANPS_TORCH_THREADS", type=int, default=defaults.torch_threads,
+                        help="torch intra-op threads for aggregation.")
     parser.add_argument("--history-rounds", env="WANPS_HISTORY_ROUNDS", type=int, default=defaults.history_rounds,
                         help="Closed rounds kept for followers that reconnect or lag.")
     parser.add_argument("--max-message-mb", env="WANPS_MAX_MESSAGE_MB", type=int,
@@ -35,7 +48,7 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
         metrics_host, metrics_port = split_host_port(args.metrics_listen)
     config = ServerConfig(
         host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port, tau_max=args.tau_max,
-        min_workers=args.min_workers, checksum_every=args.checksum_every, history_rounds=args.history_rounds,
+        min_workers=args.min_workers, checksum_every=checksum_every(args.checksum_every), torch_threads=args.torch_threads, history_rounds=args.history_rounds,
         max_message_bytes=args.max_message_mb * 2**20, use_uvloop=not args.no_uvloop,
     )
     return config, args.log_level
@@ -44,6 +57,7 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
 def main(argv: list[str] | None = None) -> int:
     config, log_level = parse_config(argv)
     setup_logging(log_level)
+    torch.set_num_threads(max(1, config.torch_threads))
     # Received tensors are zero-copy, read-only views of the message bytes; torch warns once about that.
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     run_async(

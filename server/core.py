@@ -15,13 +15,14 @@ Rounds and versions (docs/architecture.md has the full story):
   [first_round, last_round]; a join after the start gets the first round nobody has
   pushed yet, a leave ends after the last round the worker pushed.
 
-Memory: the model (d floats), one scratch accumulator (d floats), at most tau_max + 1
-open rounds each holding one sparse update per worker, and one stored update per worker.
+Memory: the model (d floats), at most tau_max + 1 open rounds each holding one sparse
+update per worker, one stored update per worker, and while a round closes, its union.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,8 @@ class NotFound(CoreError):
 
 # ------------------------------------------------------------------------------- state
 
+CHECKSUM_AUTO_PARAMS = 1_000_000
+
 
 @dataclass(frozen=True)
 class CoreConfig:
@@ -57,16 +60,24 @@ class CoreConfig:
     tau_max: int = 8
     # Round 0 starts once this many workers have joined (and the model is seeded).
     min_workers: int = 1
-    # Compute the model CRC-32 every this many rounds (0: never); replicas compare against it.
-    checksum_every: int = 1
+    # Send the model CRC-32 every this many rounds (0: never); replicas compare against it.
+    # None: every ceil(d / 1M) rounds, which keeps the CRC's cost near 1 ms per round
+    # (zlib.crc32 runs at ~3 GB/s here: 12.6 ms for a 10M-parameter model).
+    checksum_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.tau_max < 0:
             raise ValueError("tau_max must be >= 0")
         if self.min_workers < 1:
             raise ValueError("min_workers must be >= 1")
-        if self.checksum_every < 0:
-            raise ValueError("checksum_every must be >= 0")
+        if self.checksum_every is not None and self.checksum_every < 0:
+            raise ValueError("checksum_every must be >= 0 (or None for automatic)")
+
+    def checksum_period(self, num_params: int) -> int:
+        """Rounds between model checksums (0: never)."""
+        if self.checksum_every is not None:
+            return self.checksum_every
+        return max(1, math.ceil(num_params / CHECKSUM_AUTO_PARAMS))
 
 
 @dataclass
@@ -143,7 +154,6 @@ class ServerCore:
         self.open_rounds: dict[int, OpenRound] = {}
         self._seeder: int | None = None
         self._ids = itertools.count(1)
-        self._scratch: torch.Tensor | None = None  # dense accumulator, zero between rounds
 
     # ------------------------------------------------------------------ membership
 
@@ -201,7 +211,6 @@ class ServerCore:
         if not bool(torch.isfinite(model).all()):
             raise InvalidArgument("seed contains NaN or infinite values")
         self.model = model.clone()
-        self._scratch = torch.zeros_like(self.model)
         self._maybe_start()
         return model_crc32(self.model)
 
@@ -303,7 +312,7 @@ class ServerCore:
         return tuple(closed)
 
     def _close(self, round_: int, expected: list[int], open_round: OpenRound) -> ClosedRound:
-        assert self.model is not None and self._scratch is not None
+        assert self.model is not None
         contributions: list[SparseUpdate] = []
         for worker_id in expected:  # sorted by id: a deterministic summation order
             member = self.members[worker_id]
@@ -318,7 +327,7 @@ class ServerCore:
         # Members that left after this round are no longer needed.
         for worker_id in [w for w, m in self.members.items() if m.last_round is not None and m.last_round < self.version]:
             del self.members[worker_id]
-        every = self.config.checksum_every
+        every = self.config.checksum_period(self.model.numel())
         crc = model_crc32(self.model) if every and self.version % every == 0 else None
         return ClosedRound(
             round=round_,
@@ -333,10 +342,9 @@ class ServerCore:
 
     def _mean(self, contributions: list[SparseUpdate], n: int) -> SparseUpdate:
         """sum(contributions) / n as a sparse delta (dense if any contribution is dense)."""
-        scratch = self._scratch
-        assert scratch is not None
         if any(c.indices is None for c in contributions):
-            total = torch.zeros_like(scratch)
+            assert self.num_params is not None
+            total = torch.zeros(self.num_params, dtype=torch.float32)
             for c in contributions:
                 if c.indices is None:
                     total.add_(c.values)
@@ -348,13 +356,13 @@ class ServerCore:
         if len(contributions) == 1:
             only = contributions[0]
             return SparseUpdate(values=only.values.to(torch.float32) / n, indices=only.indices)
-        # Scatter-add into the reusable dense scratch, read the union back, re-zero it sparsely.
-        for c in contributions:
-            scratch.index_add_(0, c.indices, c.values)
-        union = torch.unique(torch.cat([c.indices for c in contributions]))  # sorted
-        values = scratch.index_select(0, union).div_(n)
-        scratch.index_fill_(0, union.long(), 0.0)  # index_fill_ takes int64 only
-        return SparseUpdate(values=values, indices=union.to(torch.int32))
+        # Sort-based: the union of indices and each pair's slot in it, then a scatter-add into
+        # a buffer the size of the union. 2x faster than scatter-adding into a dense d-sized
+        # scratch (random access over 4d bytes) at d = 10M, 8 x 100K pairs, and needs no scratch.
+        union, slot = torch.unique(torch.cat([c.indices for c in contributions]), sorted=True, return_inverse=True)
+        values = torch.zeros(union.numel(), dtype=torch.float32)
+        values.index_add_(0, slot, torch.cat([c.values for c in contributions]))  # in worker order
+        return SparseUpdate(values=values.div_(n), indices=union.to(torch.int32))
 
     # ------------------------------------------------------------------ reads
 

@@ -64,7 +64,10 @@ class ServerConfig:
     metrics_port: int = 9100
     tau_max: int = 8
     min_workers: int = 1
-    checksum_every: int = 1
+    checksum_every: int | None = None  # None: automatic, see CoreConfig
+    # torch intra-op threads for the core's tensor work. One: the gRPC and event-loop threads
+    # need the other core(s); two torch threads there made rounds 1.8x slower under load.
+    torch_threads: int = 1
     # Closed rounds kept for Updates replays (a reconnecting or slow follower catches up from them).
     history_rounds: int = 64
     max_message_bytes: int = 8 * 1024 * 1024
@@ -125,6 +128,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.metrics = metrics
         self.history = RoundHistory(history_rounds)
         self._core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-core")
+        self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="wanps-decode")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seeded = asyncio.Event()
         self._started = asyncio.Event()
@@ -144,6 +148,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def close(self) -> None:
         self.history.close()
         self._core_thread.shutdown(wait=True, cancel_futures=True)
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -223,7 +228,14 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     async def Push(self, request_iterator: AsyncIterator[pb.PushMessage], context) -> pb.PushReply:
         try:
             header, index_parts, value_parts = await self._receive_push(request_iterator)
-            result = await self._on_core(self._push_on_core_thread, header, index_parts, value_parts)
+            # Decode and validate on a pool thread, in parallel with the core thread's work;
+            # the core thread then only checks the round rules again and stores the update.
+            loop = asyncio.get_running_loop()
+            update = None
+            if not header.skip and not self.core.check_push(header.worker_id, header.round, header.computed_at_version):
+                update = await loop.run_in_executor(self._decode_pool, decode_push, header, index_parts, value_parts,
+                                                    self.core.num_params or 0)
+            result = await self._on_core(self._push_on_core_thread, header, update)
         except (CoreError, codec.WireError) as exc:
             code = status_for(exc)
             self.metrics.push_rejected.labels(code=code.name).inc()
@@ -263,23 +275,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.metrics.received_bytes.inc(received)
         return header, index_parts, value_parts
 
-    def _push_on_core_thread(self, header: pb.PushHeader, index_parts: list[bytes], value_parts: list[bytes]) -> PushResult:
-        """Runs on the core thread: validate, decode, push, encode and publish closed rounds."""
+    def _push_on_core_thread(self, header: pb.PushHeader, update: codec.SparseUpdate | None) -> PushResult:
+        """Runs on the core thread: the round rules (again: state may have moved), store, publish."""
         core = self.core
         if core.check_push(header.worker_id, header.round, header.computed_at_version):
             return PushResult(duplicate=True, version=core.version, closed=())
-        update = None
-        if not header.skip:
-            if not index_parts and not value_parts:
-                index_parts, value_parts = [b""], [b""]
-            update = codec.decode_update(
-                header.codec,
-                header.value_dtype,
-                header.count,
-                codec.join_chunks(index_parts),
-                codec.join_chunks(value_parts),
-                core.num_params or 0,
-            )
         result = core.push(header.worker_id, header.round, header.computed_at_version, update)
         self._publish(result.closed)
         return result
@@ -331,6 +331,14 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         last_round, closed = self.core.leave(worker_id)
         self._publish(closed)
         return last_round, closed
+
+
+def decode_push(header: pb.PushHeader, index_parts: list[bytes], value_parts: list[bytes], num_params: int
+                ) -> codec.SparseUpdate:
+    if not index_parts and not value_parts:
+        index_parts, value_parts = [b""], [b""]
+    return codec.decode_update(header.codec, header.value_dtype, header.count, codec.join_chunks(index_parts),
+                               codec.join_chunks(value_parts), num_params)
 
 
 def encode_round(closed: ClosedRound) -> tuple[pb.DeltaChunk, ...]:

@@ -1,0 +1,65 @@
+"""Smoke tests of `wanps bench push` and `wanps bench wire` at tiny sizes.
+
+They check that both benchmarks run end to end against real servers and report a sane
+structure; they assert nothing about speed (timings on a shared machine are not stable).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from wanps.deploy.bench import PAYLOAD_BYTES_PER_ELEMENT, main, serialized_push
+from wanps.proto.codec import CHUNK_ELEMENTS
+
+
+def test_bench_push_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "push.json"
+    argv = ["push", "--params", "50000", "--clients", "2", "--pairs", "500", "--rounds", "3", "--echo-rounds", "4",
+            "--warmup-rounds", "1", "--repeat", "1", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "full/echo" in printed and "target >= 0.50" in printed
+
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "push"
+    assert result["config"]["clients"] == 2
+    phases = result["phases"]
+    assert [(p["phase"], p["repeat"], p["rounds"]) for p in phases] == [
+        ("echo", 0, 1), ("full", 0, 1), ("echo", 1, 4), ("full", 1, 3)]
+    for phase in phases:
+        assert phase["seconds"] > 0 and phase["pairs_per_s"] > 0 and phase["rounds_per_s"] > 0
+        assert phase["duplicates"] == 0
+    summary = result["summary"]
+    assert summary["full_pairs_per_s"] > 0 and summary["echo_pairs_per_s"] > 0
+    assert summary["ratio_full_over_echo"] == pytest.approx(summary["full_pairs_per_s"] / summary["echo_pairs_per_s"])
+    assert summary["target_met"] == (summary["ratio_full_over_echo"] >= 0.5)
+    assert result["machine"]["cpus"] >= 1
+
+
+def test_bench_wire_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "wire.json"
+    assert main(["wire", "--sizes", "100,1000", "--params", "5000", "--pushes", "2", "--json", str(out)]) == 0
+    assert "worst overhead" in capsys.readouterr().out
+
+    result = json.loads(out.read_text())
+    assert result["connection"]["connections"] == 1
+    rows = result["sizes"]
+    assert [r["elements"] for r in rows] == [100, 1000]
+    for row in rows:
+        payload = row["elements"] * PAYLOAD_BYTES_PER_ELEMENT
+        assert row["messages"] == 2  # header + one chunk
+        assert payload < row["protobuf_bytes"] < row["estimated_stream_bytes"]
+        # The socket carries at least the framed messages (HEADERS, DATA headers on top).
+        assert row["socket_up_bytes_per_push"] >= row["protobuf_bytes"] + 2 * 5
+        assert row["socket_up_frames_per_push"]["HEADERS"] >= 1
+    # The fixed per-push overhead weighs less on a bigger push.
+    assert rows[1]["protobuf_overhead_pct"] < rows[0]["protobuf_overhead_pct"]
+
+
+def test_serialized_push_splits_into_chunks() -> None:
+    row = serialized_push(CHUNK_ELEMENTS + 1, params=2 * CHUNK_ELEMENTS, seed=0)
+    assert row["messages"] == 3  # header + a full chunk + a one-element chunk
+    assert row["payload_bytes"] == (CHUNK_ELEMENTS + 1) * PAYLOAD_BYTES_PER_ELEMENT
+    assert row["protobuf_bytes_per_element"] < 8.001
