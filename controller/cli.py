@@ -1,24 +1,54 @@
-"""`wanps controller`: run the controller."""
+"""`wanps controller`: run the controller, plan with DeCo, or steer a running controller.
+
+    wanps controller [--policy deco ...]          run the service
+    wanps controller decide --params D ...        print DeCo's (tau, delta) as JSON
+    wanps controller set-policy --controller ADDR --policy P [--tau T --delta D]
+    wanps controller status --controller ADDR     print policy, decisions, link estimates as JSON
+"""
 from __future__ import annotations
 
-from wanps.controller.decisions import POLICIES
+import json
+import sys
+
+import grpc
+
+from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, deco
+from wanps.controller.estimator import EstimatorConfig
+from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
 from wanps.deploy.runtime import EnvDefaultsParser, run_async, serve_until_signalled, setup_logging, split_host_port
+from wanps.proto import wanps_pb2 as pb
+from wanps.proto import wanps_pb2_grpc as pb_grpc
 
 
 def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
     defaults = ControllerConfig()
+    policy, estimator = defaults.policy, defaults.estimator
     parser = EnvDefaultsParser(prog="wanps controller", description="Run the wanps controller.")
     parser.add_argument("--listen", env="WANPS_CONTROLLER_LISTEN", default=f"{defaults.host}:{defaults.port}",
                         help="HOST:PORT for gRPC (port 0 = any free port).")
     parser.add_argument("--metrics-listen", env="WANPS_CONTROLLER_METRICS_LISTEN",
                         default=f"{defaults.metrics_host}:{defaults.metrics_port}",
                         help="HOST:PORT for Prometheus metrics (port 0 = any free port, 'off' = none).")
-    parser.add_argument("--policy", env="WANPS_POLICY", choices=POLICIES, default=defaults.policy,
-                        help="dsgd: tau 0, delta 1. static: the given --tau and --delta.")
-    parser.add_argument("--tau", env="WANPS_TAU", type=int, default=defaults.tau, help="Staleness for 'static'.")
-    parser.add_argument("--delta", env="WANPS_DELTA", type=float, default=defaults.delta,
-                        help="Fraction of elements sent per round for 'static', in (0, 1].")
+    parser.add_argument("--policy", env="WANPS_POLICY", choices=POLICIES, default=policy.name,
+                        help="dsgd: tau 0, delta 1. static: --tau and --delta. deco: DeCo on the slowest link. "
+                             "deco-hetero: DeCo's tau, each worker its own delta.")
+    parser.add_argument("--tau", env="WANPS_TAU", type=int, default=policy.tau,
+                        help="Staleness for 'static' (and the adaptive policies' start).")
+    parser.add_argument("--delta", env="WANPS_DELTA", type=float, default=policy.delta,
+                        help="Fraction of elements sent per round for 'static' (and the adaptive start), in (0, 1].")
+    parser.add_argument("--tau-max", env="WANPS_CONTROLLER_TAU_MAX", type=int, default=policy.tau_max,
+                        help="Largest tau an adaptive policy picks (workers also clamp to the server's).")
+    parser.add_argument("--bits-per-element", env="WANPS_BITS_PER_ELEMENT", type=float,
+                        default=policy.bits_per_element,
+                        help="Wire bits per sent element in DeCo's model (64 = uint32 index + float32; 32 = paper).")
+    parser.add_argument("--every-rounds", env="WANPS_DECIDE_EVERY", type=int, default=policy.every_rounds,
+                        help="Recompute adaptive decisions every E rounds.")
+    parser.add_argument("--change-threshold", env="WANPS_CHANGE_THRESHOLD", type=float,
+                        default=policy.change_threshold,
+                        help="Also recompute when an estimate moves by more than this fraction.")
+    parser.add_argument("--window-s", env="WANPS_ESTIMATOR_WINDOW_S", type=float, default=estimator.window_s,
+                        help="Sliding window of link samples (seconds).")
     parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP")
     parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     args = parser.parse_args(argv)
@@ -27,12 +57,84 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
         metrics_host, metrics_port = "127.0.0.1", -1
     else:
         metrics_host, metrics_port = split_host_port(args.metrics_listen)
+    policy = PolicyConfig(name=args.policy, tau=args.tau, delta=args.delta, tau_max=args.tau_max,
+                          bits_per_element=args.bits_per_element, every_rounds=args.every_rounds,
+                          change_threshold=args.change_threshold)
+    estimator = EstimatorConfig(window_s=args.window_s)
     config = ControllerConfig(host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
-                              policy=args.policy, tau=args.tau, delta=args.delta, use_uvloop=not args.no_uvloop)
+                              policy=policy, estimator=estimator, use_uvloop=not args.no_uvloop)
     return config, args.log_level
 
 
+def decide_main(argv: list[str]) -> int:
+    parser = EnvDefaultsParser(prog="wanps controller decide",
+                               description="DeCo's (tau, delta) for a link, as JSON (Algorithm 1, Theorem 3).")
+    parser.add_argument("--params", type=int, required=True, help="Model parameters d.")
+    parser.add_argument("--bandwidth-mbit", type=float, required=True, help="Bandwidth a, Mbit/s.")
+    parser.add_argument("--latency-ms", type=float, required=True, help="End-to-end latency b, ms.")
+    parser.add_argument("--t-comp-ms", type=float, required=True, help="Compute time per step, ms.")
+    parser.add_argument("--bits-per-element", type=float, default=DEFAULT_BITS_PER_ELEMENT,
+                        help="Wire bits per sent element (64: uint32 index + float32 value; 32: the paper's model).")
+    parser.add_argument("--tau-max", type=int, default=PolicyConfig().tau_max, help="Largest tau considered.")
+    args = parser.parse_args(argv)
+    try:
+        decision = deco(DecoInput(num_params=args.params, bandwidth_bps=args.bandwidth_mbit * 1e6,
+                                  latency_s=args.latency_ms / 1e3, t_comp_s=args.t_comp_ms / 1e3,
+                                  bits_per_element=args.bits_per_element, tau_max=args.tau_max))
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps(decision.as_dict(), indent=2))
+    return 0
+
+
+def _admin_stub(address: str) -> tuple[grpc.Channel, pb_grpc.ControllerStub]:
+    channel = grpc.insecure_channel(address)
+    return channel, pb_grpc.ControllerStub(channel)
+
+
+def set_policy_main(argv: list[str]) -> int:
+    parser = EnvDefaultsParser(prog="wanps controller set-policy", description="Switch a running controller's policy.")
+    parser.add_argument("--controller", env="WANPS_CONTROLLER", default="127.0.0.1:50052")
+    parser.add_argument("--policy", choices=POLICIES, required=True)
+    parser.add_argument("--tau", type=int, default=PolicyConfig().tau)
+    parser.add_argument("--delta", type=float, default=PolicyConfig().delta)
+    args = parser.parse_args(argv)
+    channel, stub = _admin_stub(args.controller)
+    with channel:
+        reply = stub.SetPolicy(pb.SetPolicyRequest(policy=args.policy, tau=args.tau, delta=args.delta), timeout=10)
+    decision = reply.decision if reply.HasField("decision") else None
+    print(json.dumps({"policy": args.policy, "decision": None if decision is None else {
+        "from_round": decision.from_round, "tau": decision.tau, "delta": decision.delta, "reason": decision.reason}}))
+    return 0
+
+
+def status_main(argv: list[str]) -> int:
+    parser = EnvDefaultsParser(prog="wanps controller status", description="A running controller's state as JSON.")
+    parser.add_argument("--controller", env="WANPS_CONTROLLER", default="127.0.0.1:50052")
+    args = parser.parse_args(argv)
+    channel, stub = _admin_stub(args.controller)
+    with channel:
+        state = stub.GetState(pb.GetStateRequest(), timeout=10)
+    print(json.dumps({
+        "policy": state.policy,
+        "reported_round": state.reported_round,
+        "traffic_factor": state.traffic_factor,
+        "decisions": [{"id": d.decision_id, "from_round": d.from_round, "tau": d.tau, "delta": d.delta,
+                       "reason": d.reason, "worker_delta": dict(d.worker_delta)} for d in state.decisions],
+        "links": [{"worker": w.worker_id, "bandwidth_mbit": w.bandwidth_bps / 1e6, "latency_ms": w.latency_s * 1e3,
+                   "t_comp_ms": w.t_comp_s * 1e3, "pushes": w.push_samples, "pings": w.ping_samples,
+                   "method": w.method} for w in state.links],
+    }, indent=2))
+    return 0
+
+
+ADMIN_COMMANDS = {"decide": decide_main, "set-policy": set_policy_main, "status": status_main}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ADMIN_COMMANDS:
+        return ADMIN_COMMANDS[argv[0]](argv[1:])
     config, log_level = parse_config(argv)
     setup_logging(log_level)
     run_async(

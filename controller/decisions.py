@@ -6,7 +6,7 @@ worker switches at the same round whatever the moment it hears of the decision.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,12 @@ class Decision:
     delta: float
     policy: str
     reason: str
+    # deco-hetero: per-worker deltas; a worker not listed uses `delta`.
+    worker_delta: dict[int, float] = field(default_factory=dict, compare=False)
+    predicted_iter_s: float = 0.0
+
+    def delta_for(self, worker_id: int | None) -> float:
+        return self.worker_delta.get(worker_id, self.delta) if worker_id is not None else self.delta
 
     def __post_init__(self) -> None:
         if self.tau < 0:
@@ -25,6 +31,9 @@ class Decision:
             raise ValueError(f"delta must be in (0, 1], got {self.delta}")
         if self.from_round < 0:
             raise ValueError(f"from_round must be >= 0, got {self.from_round}")
+        for worker_id, delta in self.worker_delta.items():
+            if not 0.0 < delta <= 1.0:
+                raise ValueError(f"delta of worker {worker_id} must be in (0, 1], got {delta}")
 
 
 def decision_for_round(decisions: Iterable[Decision], round_: int) -> Decision | None:
@@ -45,8 +54,10 @@ class DecisionBook:
         self._decisions: list[Decision] = []
         self._next_id = 1
 
-    def add(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
-        decision = Decision(self._next_id, from_round, tau, delta, policy, reason)
+    def add(self, from_round: int, tau: int, delta: float, policy: str, reason: str,
+            worker_delta: dict[int, float] | None = None, predicted_iter_s: float = 0.0) -> Decision:
+        decision = Decision(self._next_id, from_round, tau, delta, policy, reason, dict(worker_delta or {}),
+                            predicted_iter_s)
         self._next_id += 1
         self._decisions.append(decision)
         return decision
@@ -63,15 +74,3 @@ class DecisionBook:
     def latest(self) -> Decision | None:
         return self._decisions[-1] if self._decisions else None
 
-
-def dsgd_decision() -> tuple[int, float, str]:
-    """D-SGD: synchronous (tau 0), dense (delta 1)."""
-    return 0, 1.0, "D-SGD: synchronous and uncompressed"
-
-
-def static_decision(tau: int, delta: float) -> tuple[int, float, str]:
-    """A fixed (tau, delta), the CocktailSGD-style baseline."""
-    return tau, delta, f"static: tau {tau}, delta {delta:g} fixed at start"
-
-
-POLICIES = ("dsgd", "static")

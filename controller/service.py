@@ -1,13 +1,14 @@
-"""The controller's gRPC edge: streams decisions, takes link samples from workers.
+"""The controller's gRPC edge: streams decisions, takes link samples, admin calls.
 
-The walking skeleton's policies (`dsgd`, `static`) decide once, at round 0. Samples are
-kept per worker in a bounded window for the estimators that adaptive policies use.
+The state and the decision loop live in `ControllerCore` (controller/engine.py); this
+module decodes reports, streams the decision book, and exports metrics.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,10 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from wanps.controller.decisions import POLICIES, Decision, DecisionBook, dsgd_decision, static_decision
+from wanps.controller.decisions import Decision
+from wanps.controller.engine import ControllerCore, Report, with_policy
+from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH, EstimatorConfig, Sample
+from wanps.controller.policy import PolicyConfig
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.deploy.runtime import add_health_and_reflection, grpc_channel_options, start_metrics_endpoint
@@ -29,29 +33,36 @@ class ControllerConfig:
     port: int = 50052
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9101
-    policy: str = "static"
-    tau: int = 2
-    delta: float = 0.01
-    # Link samples kept per worker.
-    sample_window: int = 512
+    policy: PolicyConfig = PolicyConfig()
+    estimator: EstimatorConfig = EstimatorConfig()
+    max_samples_per_report: int = 512
     max_message_bytes: int = 4 * 1024 * 1024
     use_uvloop: bool = True
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        if self.tau < 0 or not 0.0 < self.delta <= 1.0:
-            raise ValueError(f"need tau >= 0 and delta in (0, 1]; got tau {self.tau}, delta {self.delta}")
 
 
 class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.samples = Counter("wanps_controller_samples", "Link samples received, by kind.", ["kind"], registry=registry)
-        self.decisions = Counter("wanps_controller_decisions", "Decisions made, by policy.", ["policy"], registry=registry)
+        self.decisions = Counter("wanps_controller_decisions", "Decisions made, by policy.", ["policy"],
+                                 registry=registry)
         self.tau = Gauge("wanps_controller_tau", "Staleness tau of the newest decision.", registry=registry)
-        self.delta = Gauge("wanps_controller_delta", "Compression ratio delta of the newest decision.", registry=registry)
-        self.max_round = Gauge("wanps_controller_reported_round", "Newest round any worker reported.", registry=registry)
+        self.delta = Gauge("wanps_controller_delta", "Compression ratio delta of the newest decision.",
+                           registry=registry)
+        self.max_round = Gauge("wanps_controller_reported_round", "Newest round any worker reported.",
+                               registry=registry)
         self.subscribers = Gauge("wanps_controller_subscribers", "Open decision streams.", registry=registry)
+        # Worker ids as labels: membership is small and bounded (docs/metrics.md).
+        self.bandwidth = Gauge("wanps_controller_link_bandwidth_bits_per_second",
+                               "Estimated bandwidth of each worker's link.", ["worker"], registry=registry)
+        self.latency = Gauge("wanps_controller_link_latency_seconds", "Estimated latency (RTT) of each worker's link.",
+                             ["worker"], registry=registry)
+        self.t_comp = Gauge("wanps_controller_compute_seconds", "Median compute time per step of each worker.",
+                            ["worker"], registry=registry)
+        self.predicted_iteration = Gauge("wanps_controller_predicted_iteration_seconds",
+                                         "Theorem 3's average iteration time for the newest decision.",
+                                         registry=registry)
+        self.measured_iteration = Gauge("wanps_controller_measured_iteration_seconds",
+                                        "Seconds per round over the recent reports.", registry=registry)
 
 
 def decision_message(decision: Decision) -> pb.Decision:
@@ -62,37 +73,45 @@ def decision_message(decision: Decision) -> pb.Decision:
         delta=decision.delta,
         policy=decision.policy,
         reason=decision.reason,
+        worker_delta=decision.worker_delta,
+        predicted_iter_s=decision.predicted_iter_s,
     )
+
+
+_SAMPLE_KINDS = {
+    pb.LinkSample.KIND_PUSH: KIND_PUSH,
+    pb.LinkSample.KIND_PING: KIND_PING,
+    pb.LinkSample.KIND_COMPUTE: KIND_COMPUTE,
+    pb.LinkSample.KIND_DOWNLOAD: KIND_DOWNLOAD,
+}
 
 
 class ControllerService(pb_grpc.ControllerServicer):
     def __init__(self, config: ControllerConfig, metrics: ControllerMetrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.book = DecisionBook()
-        self.samples: dict[int, deque[pb.LinkSample]] = {}
-        self.reported_round = 0
+        self.core = ControllerCore(config.policy, config.estimator)
         self._changed = asyncio.Event()
         self._closing = False
-        self._decide_initial()
+        self._publish(self.core.maybe_decide(time.monotonic()))
 
-    def _decide_initial(self) -> None:
-        if self.config.policy == "dsgd":
-            tau, delta, reason = dsgd_decision()
-        else:
-            tau, delta, reason = static_decision(self.config.tau, self.config.delta)
-        self.decide(0, tau, delta, self.config.policy, reason)
+    @property
+    def book(self):
+        return self.core.book
 
     def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
-        """Record a decision and stream it to every subscriber. Call on the event loop."""
-        decision = self.book.add(from_round, tau, delta, policy, reason)
+        """Record a decision by hand and stream it to every subscriber. Call on the event loop."""
+        decision = self.core.book.add(from_round, tau, delta, policy, reason)
         self._publish(decision)
         return decision
 
-    def _publish(self, decision: Decision) -> None:
+    def _publish(self, decision: Decision | None) -> None:
+        if decision is None:
+            return
         self.metrics.decisions.labels(policy=decision.policy).inc()
         self.metrics.tau.set(decision.tau)
         self.metrics.delta.set(decision.delta)
+        self.metrics.predicted_iteration.set(decision.predicted_iter_s)
         log.info("decision %d from round %d: tau %d delta %g (%s)", decision.decision_id, decision.from_round,
                  decision.tau, decision.delta, decision.reason)
         changed, self._changed = self._changed, asyncio.Event()
@@ -108,7 +127,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         try:
             while not self._closing:
                 changed = self._changed
-                for decision in self.book.relevant(self.reported_round):
+                for decision in self.core.book.relevant(self.core.reported_round):
                     if decision.decision_id not in sent:
                         sent.add(decision.decision_id)
                         yield decision_message(decision)
@@ -117,20 +136,54 @@ class ControllerService(pb_grpc.ControllerServicer):
             self.metrics.subscribers.dec()
 
     async def Report(self, request: pb.ReportRequest, context) -> pb.ReportReply:
-        if len(request.samples) > self.config.sample_window:
+        if len(request.samples) > self.config.max_samples_per_report:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"at most {self.config.sample_window} samples per report")
-        window = self.samples.setdefault(request.worker_id, deque(maxlen=self.config.sample_window))
+                                f"at most {self.config.max_samples_per_report} samples per report")
+        now = time.monotonic()
+        samples = []
         for sample in request.samples:
-            if sample.seconds < 0 or sample.kind == pb.LinkSample.KIND_UNSPECIFIED:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sample with no kind or negative seconds")
-        for sample in request.samples:
-            window.append(sample)
-            self.metrics.samples.labels(kind=pb.LinkSample.Kind.Name(sample.kind)).inc()
-        if request.round > self.reported_round:
-            self.reported_round = request.round
-            self.metrics.max_round.set(request.round)
+            kind = _SAMPLE_KINDS.get(sample.kind)
+            if kind is None or not sample.seconds >= 0 or not math.isfinite(sample.seconds):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a sample needs a kind and seconds >= 0")
+            samples.append(Sample(kind=kind, nbytes=sample.bytes, seconds=sample.seconds, at_s=now))
+        for sample in samples:
+            self.metrics.samples.labels(kind=sample.kind).inc()
+        decision = self.core.report(Report(request.worker_id, request.round, request.num_params, tuple(samples)), now)
+        self._publish(decision)
+        self._refresh_gauges()
         return pb.ReportReply()
+
+    def _refresh_gauges(self) -> None:
+        self.metrics.max_round.set(self.core.reported_round)
+        for worker_id, estimate in self.core.estimates.items():
+            self.metrics.bandwidth.labels(worker=str(worker_id)).set(estimate.bandwidth_bps)
+            self.metrics.latency.labels(worker=str(worker_id)).set(estimate.latency_s)
+            if estimate.t_comp_s is not None:
+                self.metrics.t_comp.labels(worker=str(worker_id)).set(estimate.t_comp_s)
+        measured = self.core.measured_iteration_s()
+        if measured is not None:
+            self.metrics.measured_iteration.set(measured)
+
+    async def SetPolicy(self, request: pb.SetPolicyRequest, context) -> pb.SetPolicyReply:
+        try:
+            policy = with_policy(self.core.policy, request.policy,
+                                 request.tau if request.policy == "static" else None,
+                                 request.delta if request.policy == "static" else None)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        decision = self.core.set_policy(policy, time.monotonic())
+        self._publish(decision)
+        log.info("policy switched to %s", policy.name)
+        return pb.SetPolicyReply(decision=decision_message(decision)) if decision else pb.SetPolicyReply()
+
+    async def GetState(self, request: pb.GetStateRequest, context) -> pb.ControllerState:
+        core = self.core
+        links = [pb.WorkerLink(worker_id=w, bandwidth_bps=e.bandwidth_bps, latency_s=e.latency_s,
+                               t_comp_s=e.t_comp_s or 0.0, push_samples=e.push_samples, ping_samples=e.ping_samples,
+                               method=e.method) for w, e in sorted(core.estimates.items())]
+        return pb.ControllerState(policy=core.policy.name, reported_round=core.reported_round,
+                                  decisions=[decision_message(d) for d in core.book.relevant(core.reported_round)],
+                                  links=links, traffic_factor=core.traffic_factor())
 
 
 @dataclass
@@ -160,5 +213,5 @@ async def start_controller(config: ControllerConfig, registry: CollectorRegistry
         raise RuntimeError(f"could not bind {config.host}:{config.port}")
     await server.start()
     httpd, metrics_port = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
-    log.info("controller on %s:%d (metrics %s), policy %s", config.host, port, metrics_port, config.policy)
+    log.info("controller on %s:%d (metrics %s), policy %s", config.host, port, metrics_port, config.policy.name)
     return RunningController(server=server, service=service, port=port, metrics_port=metrics_port, _metrics_httpd=httpd)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from wanps.controller.decisions import decision_for_round
+from wanps.controller.policy import POLICIES
 from wanps.deploy.processes import ManagedProcess, start_process, stop_all, wanps_command
 from wanps.deploy.runtime import EnvDefaultsParser, setup_logging
 
@@ -229,7 +230,7 @@ def parse_config(argv: list[str] | None) -> DemoConfig:
     p = EnvDefaultsParser(prog="wanps demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=d.workers, env="WANPS_DEMO_WORKERS")
     p.add_argument("--task", default=d.task, env="WANPS_DEMO_TASK")
-    p.add_argument("--policy", default=d.policy, choices=("dsgd", "static"), env="WANPS_DEMO_POLICY")
+    p.add_argument("--policy", default=d.policy, choices=POLICIES, env="WANPS_DEMO_POLICY")
     p.add_argument("--tau", type=int, default=d.tau, env="WANPS_DEMO_TAU")
     p.add_argument("--delta", type=float, default=d.delta, env="WANPS_DEMO_DELTA")
     p.add_argument("--tau-max", type=int, default=d.tau_max)

@@ -219,20 +219,31 @@ class DecisionsRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("decision_id", "from_round", "tau", "delta", "policy", "reason")
+    __slots__ = ("decision_id", "from_round", "tau", "delta", "policy", "reason", "worker_delta", "predicted_iter_s")
+    class WorkerDeltaEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_ROUND_FIELD_NUMBER: _ClassVar[int]
     TAU_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    WORKER_DELTA_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ITER_S_FIELD_NUMBER: _ClassVar[int]
     decision_id: int
     from_round: int
     tau: int
     delta: float
     policy: str
     reason: str
-    def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    worker_delta: _containers.ScalarMap[int, float]
+    predicted_iter_s: float
+    def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., worker_delta: _Optional[_Mapping[int, float]] = ..., predicted_iter_s: _Optional[float] = ...) -> None: ...
 
 class LinkSample(_message.Message):
     __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns")
@@ -261,15 +272,69 @@ class LinkSample(_message.Message):
     def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("worker_id", "round", "samples")
+    __slots__ = ("worker_id", "round", "samples", "num_params")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     round: int
     samples: _containers.RepeatedCompositeFieldContainer[LinkSample]
-    def __init__(self, worker_id: _Optional[int] = ..., round: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[LinkSample, _Mapping]]] = ...) -> None: ...
+    num_params: int
+    def __init__(self, worker_id: _Optional[int] = ..., round: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[LinkSample, _Mapping]]] = ..., num_params: _Optional[int] = ...) -> None: ...
 
 class ReportReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SetPolicyRequest(_message.Message):
+    __slots__ = ("policy", "tau", "delta")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    tau: int
+    delta: float
+    def __init__(self, policy: _Optional[str] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ...) -> None: ...
+
+class SetPolicyReply(_message.Message):
+    __slots__ = ("decision",)
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    def __init__(self, decision: _Optional[_Union[Decision, _Mapping]] = ...) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerLink(_message.Message):
+    __slots__ = ("worker_id", "bandwidth_bps", "latency_s", "t_comp_s", "push_samples", "ping_samples", "method")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    T_COMP_S_FIELD_NUMBER: _ClassVar[int]
+    PUSH_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PING_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    bandwidth_bps: float
+    latency_s: float
+    t_comp_s: float
+    push_samples: int
+    ping_samples: int
+    method: str
+    def __init__(self, worker_id: _Optional[int] = ..., bandwidth_bps: _Optional[float] = ..., latency_s: _Optional[float] = ..., t_comp_s: _Optional[float] = ..., push_samples: _Optional[int] = ..., ping_samples: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+
+class ControllerState(_message.Message):
+    __slots__ = ("policy", "reported_round", "decisions", "links", "traffic_factor")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    reported_round: int
+    decisions: _containers.RepeatedCompositeFieldContainer[Decision]
+    links: _containers.RepeatedCompositeFieldContainer[WorkerLink]
+    traffic_factor: float
+    def __init__(self, policy: _Optional[str] = ..., reported_round: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[WorkerLink, _Mapping]]] = ..., traffic_factor: _Optional[float] = ...) -> None: ...

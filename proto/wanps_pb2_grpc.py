@@ -390,6 +390,16 @@ class ControllerStub:
                 request_serializer=wanps_dot_proto_dot_wanps__pb2.ReportRequest.SerializeToString,
                 response_deserializer=wanps_dot_proto_dot_wanps__pb2.ReportReply.FromString,
                 _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/wanps.v1.Controller/SetPolicy',
+                request_serializer=wanps_dot_proto_dot_wanps__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=wanps_dot_proto_dot_wanps__pb2.SetPolicyReply.FromString,
+                _registered_method=True)
+        self.GetState = channel.unary_unary(
+                '/wanps.v1.Controller/GetState',
+                request_serializer=wanps_dot_proto_dot_wanps__pb2.GetStateRequest.SerializeToString,
+                response_deserializer=wanps_dot_proto_dot_wanps__pb2.ControllerState.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -411,6 +421,20 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPolicy(self, request, context):
+        """Admin: switch the policy at run time. The new decision holds from a round ahead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetState(self, request, context):
+        """Admin: the policy, the decision in force and the per-worker estimates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -423,6 +447,16 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=wanps_dot_proto_dot_wanps__pb2.ReportRequest.FromString,
                     response_serializer=wanps_dot_proto_dot_wanps__pb2.ReportReply.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=wanps_dot_proto_dot_wanps__pb2.SetPolicyRequest.FromString,
+                    response_serializer=wanps_dot_proto_dot_wanps__pb2.SetPolicyReply.SerializeToString,
+            ),
+            'GetState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=wanps_dot_proto_dot_wanps__pb2.GetStateRequest.FromString,
+                    response_serializer=wanps_dot_proto_dot_wanps__pb2.ControllerState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +515,60 @@ class Controller:
             '/wanps.v1.Controller/Report',
             wanps_dot_proto_dot_wanps__pb2.ReportRequest.SerializeToString,
             wanps_dot_proto_dot_wanps__pb2.ReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wanps.v1.Controller/SetPolicy',
+            wanps_dot_proto_dot_wanps__pb2.SetPolicyRequest.SerializeToString,
+            wanps_dot_proto_dot_wanps__pb2.SetPolicyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wanps.v1.Controller/GetState',
+            wanps_dot_proto_dot_wanps__pb2.GetStateRequest.SerializeToString,
+            wanps_dot_proto_dot_wanps__pb2.ControllerState.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
 from wanps.deploy.runtime import event_loop_factory
 from wanps.server.service import ServerConfig, start_server
@@ -84,13 +85,14 @@ def make_cluster(loop_thread: LoopThread):
     started: list[Cluster] = []
 
     def make(*, tau_max: int = 4, min_workers: int = 1, policy: str | None = "static", tau: int = 1,
-             delta: float = 0.1, history_rounds: int = 64) -> Cluster:
+             delta: float = 0.1, history_rounds: int = 64, **policy_options) -> Cluster:
         server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, tau_max=tau_max,
                                      min_workers=min_workers, history_rounds=history_rounds)
         controller_config = None
         if policy is not None:
-            controller_config = ControllerConfig(host="127.0.0.1", port=0, metrics_port=0, policy=policy, tau=tau,
-                                                 delta=delta)
+            controller_config = ControllerConfig(host="127.0.0.1", port=0, metrics_port=0,
+                                                 policy=PolicyConfig(name=policy, tau=tau, delta=delta,
+                                                                     **policy_options))
         cluster = Cluster(loop_thread, server_config, controller_config)
         started.append(cluster)
         return cluster

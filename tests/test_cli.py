@@ -37,7 +37,7 @@ def test_flags_override_environment(monkeypatch):
     assert (config.min_workers, config.tau_max, config.host, config.port, config.metrics_port) == (3, 6, "0.0.0.0",
                                                                                                   7000, -1)
     monkeypatch.setenv("WANPS_POLICY", "dsgd")
-    assert controller_config([])[0].policy == "dsgd"
+    assert controller_config([])[0].policy.name == "dsgd"
     with pytest.raises(ValueError, match="delta in"):
         controller_config(["--policy", "static", "--delta", "0"])
 

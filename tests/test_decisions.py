@@ -4,12 +4,9 @@ from __future__ import annotations
 import pytest
 
 from wanps.controller.decisions import (
-    POLICIES,
     Decision,
     DecisionBook,
     decision_for_round,
-    dsgd_decision,
-    static_decision,
 )
 
 
@@ -141,14 +138,3 @@ def test_book_prune_drops_superseded_decisions() -> None:
     d4 = book.add(12, 3, 0.1, "static", "d")
     assert d4.decision_id == 4  # ids keep counting after a prune
     assert book.relevant(9) == [d3, d4]
-
-
-# ------------------------------------------------------------------------------ policies
-
-
-def test_policy_helpers() -> None:
-    tau, delta, reason = dsgd_decision()
-    assert (tau, delta) == (0, 1.0) and "D-SGD" in reason
-    tau, delta, reason = static_decision(3, 0.05)
-    assert (tau, delta) == (3, 0.05) and "tau 3" in reason and "delta 0.05" in reason
-    assert {"dsgd", "static"} <= set(POLICIES)

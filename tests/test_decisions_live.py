@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
 from wanps.worker import Optimizer
 from wanps.worker.tasks import get_task
@@ -87,7 +88,7 @@ def test_losing_the_controller_keeps_the_decision_and_reconnects(make_cluster, l
         steps(10)  # training goes on with the last decision
         assert (opt.last_decision.tau, opt.last_decision.delta) == (2, 0.3)
         # A new controller on the same port with another policy: the worker reconnects and follows it.
-        config = ControllerConfig(host="127.0.0.1", port=port, metrics_port=-1, policy="dsgd")
+        config = ControllerConfig(host="127.0.0.1", port=port, metrics_port=-1, policy=PolicyConfig(name="dsgd"))
         cluster.controller = loop_thread.run(start_controller(config))
         reconnected = threading.Event()
         for _ in range(400):  # bounded: backoff tops out at 8 s
@@ -100,3 +101,59 @@ def test_losing_the_controller_keeps_the_decision_and_reconnects(make_cluster, l
         assert opt.last_decision.tau == 0
     finally:
         opt.close()
+
+
+def run_workers(cluster, rounds: int, seeds=(0, 1)):
+    per_round: dict = {}
+    errors: list = []
+    threads = [threading.Thread(target=train, args=(cluster, rounds, per_round, errors, seed,
+                                                    cluster.controller_address)) for seed in seeds]
+    for thread in threads:
+        thread.start()
+    return threads, per_round, errors
+
+
+def assert_common_switches(per_round: dict, rounds: int) -> list[tuple[int, tuple]]:
+    """Every worker used the same (tau, delta) at every round; returns the switch points."""
+    assert len(per_round) == 2
+    first, second = per_round.values()
+    assert all(first[r] == second[r] for r in range(rounds))
+    return [(r, first[r]) for r in range(rounds) if r == 0 or first[r] != first[r - 1]]
+
+
+def test_deco_switches_every_worker_at_the_same_round(make_cluster):
+    cluster = make_cluster(min_workers=2, tau_max=4, policy="deco", tau=1, delta=0.1, switch_margin_s=1.0,
+                           switch_margin_rounds_cold=50)
+    threads, per_round, errors = run_workers(cluster, 400)
+    for thread in threads:
+        thread.join(100)
+    assert not errors, errors
+    switches = assert_common_switches(per_round, 400)
+    assert switches[0] == (0, (1, 0.1))  # the bootstrap decision
+    assert len(switches) >= 2, "DeCo never took over from the bootstrap decision"
+    assert switches[1][0] > 0
+
+
+def test_set_policy_and_status_through_the_cli(make_cluster):
+    cluster = make_cluster(min_workers=2, tau_max=4, policy="static", tau=2, delta=0.2, switch_margin_s=1.0,
+                           switch_margin_rounds_cold=50)
+    threads, per_round, errors = run_workers(cluster, 400)
+    import json
+    import subprocess
+
+    from wanps.deploy.processes import wanps_command
+
+    done = subprocess.run(wanps_command("controller", "set-policy", "--controller", cluster.controller_address,
+                                        "--policy", "dsgd"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["decision"]["tau"] == 0
+    for thread in threads:
+        thread.join(100)
+    assert not errors, errors
+    switches = assert_common_switches(per_round, 400)
+    assert switches[0] == (0, (2, 0.2))
+    assert switches[-1][1] == (0, 1.0)
+    status = subprocess.run(wanps_command("controller", "status", "--controller", cluster.controller_address),
+                            capture_output=True, text=True, timeout=60)
+    state = json.loads(status.stdout)
+    assert state["policy"] == "dsgd" and state["reported_round"] > 0

@@ -132,7 +132,7 @@ class Optimizer(torch.optim.Optimizer):
         decision = self.decision_at(self.round)
         self.last_decision = decision
         self._gather_scaled_grad()
-        update = self._ef.compress(self._grad, decision.delta)
+        update = self._ef.compress(self._grad, decision.delta_for(self.worker_id))
         self.session.record_compute(time.monotonic() - self._compute_started, self.round)
         self._in_flight.append(self.session.push(self.round, self.version, update))
         self.round += 1

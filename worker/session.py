@@ -230,7 +230,8 @@ class WorkerSession:
                 async for message in stream:
                     delays = backoff_delays()
                     decision = Decision(message.decision_id, message.from_round, message.tau, message.delta,
-                                        message.policy, message.reason)
+                                        message.policy, message.reason, dict(message.worker_delta),
+                                        message.predicted_iter_s)
                     with self._decisions_lock:
                         self._decisions[decision.decision_id] = decision
                     self._decision_event.set()
@@ -250,7 +251,8 @@ class WorkerSession:
         samples, self._samples = self._samples, []
         try:
             await self._controller.Report(  # type: ignore[union-attr]
-                pb.ReportRequest(worker_id=self.worker_id or 0, round=self._reported_round, samples=samples[-512:]),
+                pb.ReportRequest(worker_id=self.worker_id or 0, round=self._reported_round, samples=samples[-512:],
+                                 num_params=self.num_params or 0),
                 timeout=5.0,
             )
         except grpc.aio.AioRpcError as exc:

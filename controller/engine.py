@@ -1,0 +1,159 @@
+"""The controller's state and decision loop, with no network code.
+
+`ControllerCore` takes worker reports (rounds, link samples), keeps one `LinkEstimator`
+per worker, and turns the policy's proposals into decisions in its `DecisionBook`, each
+holding from a round far enough ahead that every worker hears of it first. The gRPC
+servicer (controller/service.py) only decodes reports and streams the book.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from wanps.controller.decisions import Decision, DecisionBook
+from wanps.controller.estimator import KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
+from wanps.controller.policy import ClusterView, PolicyConfig, Proposal, differs_enough, estimates_moved, propose
+
+
+@dataclass(frozen=True)
+class Report:
+    worker_id: int
+    round: int
+    num_params: int
+    samples: tuple[Sample, ...]
+
+
+class ControllerCore:
+    def __init__(self, policy: PolicyConfig, estimator: EstimatorConfig | None = None) -> None:
+        self.policy = policy
+        self.estimator_config = estimator or EstimatorConfig()
+        self.book = DecisionBook()
+        self.estimators: dict[int, LinkEstimator] = {}
+        self.estimates: dict[int, LinkEstimate] = {}
+        self.num_params: int | None = None
+        self.reported_round = 0
+        self._proposal: Proposal | None = None  # what the newest decision carries
+        self._estimates_at_decision: dict[int, LinkEstimate] = {}
+        self._decided_at_round: int | None = None
+        self._progress: deque[tuple[float, int]] = deque(maxlen=64)  # (time, reported round)
+        self._traffic: dict[int, deque[tuple[float, str, int]]] = {}
+
+    # ------------------------------------------------------------------ inputs
+
+    def report(self, report: Report, now_s: float) -> Decision | None:
+        if report.num_params:
+            self.num_params = report.num_params
+        if report.round > self.reported_round or not self._progress:
+            self.reported_round = max(self.reported_round, report.round)
+            self._progress.append((now_s, self.reported_round))
+        estimator = self.estimators.setdefault(report.worker_id, LinkEstimator(self.estimator_config))
+        traffic = self._traffic.setdefault(report.worker_id, deque(maxlen=256))
+        for sample in report.samples:
+            estimator.add(sample)
+            if sample.kind in (KIND_PUSH, KIND_DOWNLOAD):
+                traffic.append((sample.at_s, sample.kind, sample.nbytes))
+        estimate = estimator.estimate(now_s)
+        if estimate is not None:
+            self.estimates[report.worker_id] = estimate
+        return self.maybe_decide(now_s)
+
+    def forget(self, worker_id: int) -> None:
+        self.estimators.pop(worker_id, None)
+        self.estimates.pop(worker_id, None)
+        self._traffic.pop(worker_id, None)
+
+    def set_policy(self, policy: PolicyConfig, now_s: float) -> Decision | None:
+        """Switch policy at run time; decide at once if the new policy can."""
+        self.policy = policy
+        self._proposal = None
+        self._decided_at_round = None
+        return self.maybe_decide(now_s)
+
+    # ------------------------------------------------------------------ deciding
+
+    def view(self) -> ClusterView:
+        return ClusterView(round=self.reported_round, num_params=self.num_params, estimates=dict(self.estimates),
+                           traffic_factor=self.traffic_factor())
+
+    def traffic_factor(self) -> float:
+        """Bytes a worker downloads per byte it pushes (median over workers), in [1, workers]."""
+        ratios = []
+        for events in self._traffic.values():
+            pushed = sum(n for _, kind, n in events if kind == KIND_PUSH)
+            downloaded = sum(n for _, kind, n in events if kind == KIND_DOWNLOAD)
+            if pushed > 0 and downloaded > 0:
+                ratios.append(downloaded / pushed)
+        if not ratios:
+            return 1.0
+        ratios.sort()
+        return min(max(1.0, ratios[len(ratios) // 2]), max(1, len(self._traffic)))
+
+    def maybe_decide(self, now_s: float) -> Decision | None:
+        adaptive = self.policy.name.startswith("deco")
+        if not adaptive and self._proposal is not None:
+            return None  # dsgd and static decide once
+        if adaptive and self._decided_at_round is not None:
+            due = self.reported_round - self._decided_at_round >= self.policy.every_rounds
+            moved = estimates_moved(self._estimates_at_decision, self.estimates, self.policy.change_threshold)
+            if not (due or moved):
+                return None
+        # An adaptive switch must be scheduled ahead in time, which needs the training speed.
+        speed_known = self.measured_iteration_s() is not None
+        proposal = propose(self.policy, self.view()) if (speed_known or not adaptive) else None
+        if proposal is None:
+            if self.book.latest is not None:
+                return None
+            # Adaptive policies measure the links from training traffic, so training starts
+            # with the configured (tau, delta) and switches once estimates exist.
+            proposal = Proposal(self.policy.tau, self.policy.delta,
+                                f"bootstrap: tau {self.policy.tau}, delta {self.policy.delta:g} until links are measured")
+        else:
+            self._decided_at_round = self.reported_round
+            self._estimates_at_decision = dict(self.estimates)
+        if not differs_enough(self._proposal, proposal, self.policy):
+            return None
+        self._proposal = proposal
+        from_round = self.switch_round() if self.book.latest is not None else 0
+        self.book.prune(self.reported_round)
+        return self.book.add(from_round, proposal.tau, proposal.delta, self.policy.name, proposal.reason,
+                             proposal.worker_delta, proposal.predicted_iter_s or 0.0)
+
+    def switch_round(self) -> int:
+        """A round every worker reaches only after it has heard of a decision made now.
+
+        Reports arrive about once a second, so the newest reported round can lag the
+        fastest worker; the margin covers `switch_margin_s` of training at the measured
+        speed, and at least `switch_margin_rounds` rounds.
+        """
+        iteration = self.measured_iteration_s()
+        if iteration is None:
+            # Speed unknown (fewer than two reports): rounds may already be running unseen.
+            return self.reported_round + self.policy.switch_margin_rounds_cold
+        margin = max(self.policy.switch_margin_rounds, math.ceil(self.policy.switch_margin_s / max(iteration, 1e-6)))
+        return self.reported_round + margin
+
+    # ------------------------------------------------------------------ reads
+
+    def measured_iteration_s(self, window_s: float = 10.0) -> float | None:
+        """Seconds per round over the reports of the last `window_s` (None until two differ)."""
+        if len(self._progress) < 2:
+            return None
+        t1, r1 = self._progress[-1]
+        t0, r0 = next(((t, r) for t, r in self._progress if t >= t1 - window_s and r < r1), self._progress[-2])
+        return (t1 - t0) / (r1 - r0) if r1 > r0 else None
+
+    def current(self) -> Decision | None:
+        relevant = self.book.relevant(self.reported_round)
+        return relevant[0] if relevant else None
+
+
+def with_policy(policy: PolicyConfig, name: str, tau: int | None = None, delta: float | None = None) -> PolicyConfig:
+    """A copy of `policy` switched to `name` (and, for static, its tau and delta)."""
+    changes: dict = {"name": name}
+    if tau is not None:
+        changes["tau"] = tau
+    if delta is not None:
+        changes["delta"] = delta
+    return dataclasses.replace(policy, **changes)

@@ -1,0 +1,124 @@
+"""Link and compute estimation from the samples workers send. Pure: no network, no clock.
+
+Per worker, over a sliding window of the newest samples (`window_s` seconds):
+
+- latency b: a low quantile (default the 10th percentile) of ping round-trip times. The
+  low end is the path's own delay; higher RTTs carry queueing behind bulk traffic. This is
+  the min-RTT idea of BBR, made robust to a single lucky sample.
+- bandwidth a: pushes report (bytes, seconds from send to acknowledgement). Seconds are
+  modelled as b + 8*bytes/a (+ queueing). When push sizes vary, a Theil-Sen regression of
+  seconds on bytes (pings included as zero-byte points) gives 1/a as its slope, robust to
+  outliers. When they do not vary (a static delta), the regression has no slope to see, and
+  each push's own rate 8*bytes / (seconds - b) is used; the upper quantile (default 80th)
+  of those rates is taken, because queueing only ever makes a push look slower.
+- T_comp: the median of the reported compute times per step.
+
+Failure modes (documented in docs/controller.md): too few samples -> no estimate (the
+controller keeps its last decision); pushes so small that the transfer is lost in RTT
+jitter -> bandwidth is noisy (the estimate reports how many pushes it used and the
+spread); bursts that queue behind each other -> bandwidth underestimated (the upper
+quantile limits this); a link whose latency changes -> the window forgets in `window_s`.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+KIND_PUSH = "push"
+KIND_PING = "ping"
+KIND_COMPUTE = "compute"
+KIND_DOWNLOAD = "download"
+
+
+@dataclass(frozen=True)
+class Sample:
+    kind: str
+    nbytes: int
+    seconds: float
+    at_s: float  # the time the sample was taken, seconds on any monotonic clock
+
+
+@dataclass(frozen=True)
+class LinkEstimate:
+    bandwidth_bps: float
+    latency_s: float
+    t_comp_s: float | None
+    push_samples: int
+    ping_samples: int
+    method: str  # "theil-sen" or "per-push-rate"
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    window_s: float = 10.0
+    max_samples: int = 2048
+    min_pushes: int = 3
+    min_pings: int = 1
+    latency_quantile: float = 0.1
+    rate_quantile: float = 0.8
+    # Pushes whose sizes differ by less than this fraction count as "all the same size".
+    size_spread: float = 0.2
+    # Theil-Sen looks at pairs among at most this many newest points (O(n^2)).
+    regression_points: int = 256
+
+
+def theil_sen(x: np.ndarray, y: np.ndarray, min_dx: float) -> tuple[float, float] | None:
+    """Median of pairwise slopes among points at least min_dx apart in x, and the median intercept."""
+    i, j = np.triu_indices(len(x), k=1)
+    dx = x[j] - x[i]
+    keep = np.abs(dx) >= min_dx
+    if not keep.any():
+        return None
+    slope = float(np.median((y[j] - y[i])[keep] / dx[keep]))
+    intercept = float(np.median(y - slope * x))
+    return slope, intercept
+
+
+class LinkEstimator:
+    """Samples of one worker's link, and the estimate they support."""
+
+    def __init__(self, config: EstimatorConfig | None = None) -> None:
+        self.config = config or EstimatorConfig()
+        self._samples: deque[Sample] = deque(maxlen=self.config.max_samples)
+
+    def add(self, sample: Sample) -> None:
+        if sample.seconds < 0 or sample.nbytes < 0:
+            raise ValueError("samples need seconds >= 0 and bytes >= 0")
+        self._samples.append(sample)
+
+    def _window(self, now_s: float) -> list[Sample]:
+        start = now_s - self.config.window_s
+        return [s for s in self._samples if s.at_s >= start]
+
+    def estimate(self, now_s: float) -> LinkEstimate | None:
+        samples = self._window(now_s)
+        pushes = [s for s in samples if s.kind == KIND_PUSH and s.nbytes > 0]
+        pings = [s for s in samples if s.kind == KIND_PING]
+        computes = [s.seconds for s in samples if s.kind == KIND_COMPUTE]
+        c = self.config
+        if len(pushes) < c.min_pushes or len(pings) < c.min_pings:
+            return None
+        latency = float(np.quantile([p.seconds for p in pings], c.latency_quantile))
+        sizes = np.array([p.nbytes for p in pushes], dtype=np.float64)
+        times = np.array([p.seconds for p in pushes], dtype=np.float64)
+        bandwidth = None
+        method = "per-push-rate"
+        if sizes.max() > sizes.min() * (1 + c.size_spread):
+            # Varying sizes: regress seconds on bytes; pings anchor the zero-byte end.
+            x = np.concatenate([sizes, np.zeros(len(pings))])[-c.regression_points :]
+            y = np.concatenate([times, [p.seconds for p in pings]])[-c.regression_points :]
+            fit = theil_sen(x, y, min_dx=c.size_spread * float(np.median(sizes)))
+            if fit is not None and fit[0] > 0:
+                bandwidth, method = 8.0 / fit[0], "theil-sen"
+        if bandwidth is None:
+            transfer = times - latency
+            usable = transfer > 1e-4
+            if not usable.any():
+                return None
+            rates = 8.0 * sizes[usable] / transfer[usable]
+            bandwidth = float(np.quantile(rates, c.rate_quantile))
+        t_comp = float(np.median(computes)) if computes else None
+        return LinkEstimate(bandwidth_bps=bandwidth, latency_s=latency, t_comp_s=t_comp,
+                            push_samples=len(pushes), ping_samples=len(pings), method=method)

@@ -1,0 +1,145 @@
+"""When to decide and what: the controller's policies over link estimates. Pure.
+
+Policies:
+- `dsgd`: tau 0, delta 1, decided once.
+- `static`: a fixed (tau, delta), decided once (the CocktailSGD-style baseline).
+- `deco`: DeCo (controller/deco.py) on the slowest link (lowest bandwidth, highest latency
+  and compute time over the workers), one (tau, delta) for all, as the paper does.
+- `deco-hetero` (beyond the paper): tau from `deco`, then each worker its own delta_i =
+  delta*(tau) of its own link, so a slow link no longer sets everyone's delta.
+
+Adaptive policies recompute every `every_rounds` rounds (the paper's E) and as soon as an
+estimate moves by more than `change_threshold` (relative) since the last decision. A new
+decision is published only if it differs enough (tau changes, or delta by more than
+`delta_hysteresis` relative), so estimation noise does not make tau flap. Each decision
+holds from a round far enough ahead (`switch_margin_rounds`, and `switch_margin_s` of
+training at the measured speed) that every worker has it before it gets there.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoDecision, DecoInput, deco
+from wanps.controller.estimator import LinkEstimate
+
+POLICIES = ("dsgd", "static", "deco", "deco-hetero")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str = "static"
+    tau: int = 2  # static
+    delta: float = 0.01  # static
+    tau_max: int = 8
+    bits_per_element: float = DEFAULT_BITS_PER_ELEMENT
+    every_rounds: int = 20  # E
+    change_threshold: float = 0.2
+    delta_hysteresis: float = 0.2
+    # A decision holds from at least this many rounds, and this much training time, ahead.
+    switch_margin_rounds: int = 10
+    switch_margin_s: float = 3.0
+    # ... and this many rounds ahead while the training speed is not known yet.
+    switch_margin_rounds_cold: int = 100
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.name!r}")
+        if self.tau < 0 or not 0.0 < self.delta <= 1.0:
+            raise ValueError(f"need tau >= 0 and delta in (0, 1]; got tau {self.tau}, delta {self.delta}")
+        if self.every_rounds < 1 or self.switch_margin_rounds < 1 or self.tau_max < 0:
+            raise ValueError("every_rounds and switch_margin_rounds must be >= 1, tau_max >= 0")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What a policy wants from `from_round` on."""
+
+    tau: int
+    delta: float
+    reason: str
+    worker_delta: dict[int, float] = field(default_factory=dict)
+    predicted_iter_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What the controller knows when it decides."""
+
+    round: int
+    num_params: int | None
+    estimates: dict[int, LinkEstimate]  # per worker with enough samples
+    traffic_factor: float = 1.0  # bytes a worker downloads per round / bytes it pushes
+
+
+def slowest_link(estimates: dict[int, LinkEstimate]) -> tuple[float, float, float | None]:
+    bandwidth = min(e.bandwidth_bps for e in estimates.values())
+    latency = max(e.latency_s for e in estimates.values())
+    comps = [e.t_comp_s for e in estimates.values() if e.t_comp_s is not None]
+    return bandwidth, latency, (max(comps) if comps else None)
+
+
+def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: float, config: PolicyConfig) -> DecoInput:
+    assert view.num_params is not None
+    # The round's binding transfer is the bigger direction: the aggregated delta a worker
+    # downloads is up to n times its own push (traffic_factor); fold it into S_g.
+    return DecoInput(num_params=view.num_params, bandwidth_bps=bandwidth, latency_s=latency,
+                     t_comp_s=max(t_comp, 1e-6), bits_per_element=config.bits_per_element * view.traffic_factor,
+                     tau_max=config.tau_max)
+
+
+def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
+    """The policy's (tau, delta) for this view, or None when it cannot tell yet."""
+    if config.name == "dsgd":
+        return Proposal(0, 1.0, "D-SGD: synchronous and uncompressed")
+    if config.name == "static":
+        return Proposal(config.tau, config.delta, f"static: tau {config.tau}, delta {config.delta:g}")
+    if view.num_params is None or not view.estimates:
+        return None
+    bandwidth, latency, t_comp = slowest_link(view.estimates)
+    if t_comp is None:
+        return None
+    decision: DecoDecision = deco(deco_input(view, bandwidth, latency, t_comp, config))
+    reason = (f"{decision.reason}: a {bandwidth / 1e6:.1f} Mbit/s, b {latency * 1e3:.0f} ms, "
+              f"T_comp {t_comp * 1e3:.1f} ms, traffic x{view.traffic_factor:.1f}")
+    if config.name == "deco":
+        return Proposal(decision.tau, decision.delta, reason, predicted_iter_s=decision.predicted_iter_s)
+    # deco-hetero: shared tau, each worker the delta its own link carries at that tau.
+    worker_delta = {}
+    for worker_id, estimate in view.estimates.items():
+        own = deco_input(view, estimate.bandwidth_bps, estimate.latency_s, estimate.t_comp_s or t_comp, config)
+        scale = own.bandwidth_bps / own.gradient_bits
+        delta_i = min((decision.tau * own.t_comp_s - own.latency_s) * scale, own.t_comp_s * scale, 1.0)
+        worker_delta[worker_id] = max(own.min_delta, delta_i, decision.delta)
+    return Proposal(decision.tau, decision.delta, "hetero " + reason, worker_delta=worker_delta,
+                    predicted_iter_s=decision.predicted_iter_s)
+
+
+def differs_enough(old: Proposal | None, new: Proposal, config: PolicyConfig) -> bool:
+    if old is None:
+        return True
+    if old.tau != new.tau:
+        return True
+    if abs(math.log(new.delta / old.delta)) > math.log1p(config.delta_hysteresis):
+        return True
+    for worker_id, delta in new.worker_delta.items():
+        before = old.worker_delta.get(worker_id)
+        if before is None or abs(math.log(delta / before)) > math.log1p(config.delta_hysteresis):
+            return True
+    return False
+
+
+def estimates_moved(old: dict[int, LinkEstimate], new: dict[int, LinkEstimate], threshold: float) -> bool:
+    """True if a worker appeared, or its bandwidth, latency or T_comp moved by > threshold."""
+    for worker_id, estimate in new.items():
+        before = old.get(worker_id)
+        if before is None:
+            return True
+        # (old, new, absolute tolerance): near-zero latencies and compute times are jittery.
+        pairs = [(before.bandwidth_bps, estimate.bandwidth_bps, 0.0), (before.latency_s, estimate.latency_s, 0.005)]
+        if before.t_comp_s and estimate.t_comp_s:
+            pairs.append((before.t_comp_s, estimate.t_comp_s, 0.001))
+        for a, b, tolerance in pairs:
+            if abs(a - b) > max(threshold * max(a, b), tolerance):
+                return True
+    return False

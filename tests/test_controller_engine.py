@@ -1,0 +1,103 @@
+"""The controller's decision loop (ControllerCore) on synthetic reports: pure, no network."""
+from __future__ import annotations
+
+import pytest
+
+from wanps.controller.deco import DecoInput, deco
+from wanps.controller.engine import ControllerCore, Report, with_policy
+from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH, Sample
+from wanps.controller.policy import PolicyConfig
+
+D = 1_000_000
+
+
+def link_samples(t: float, bandwidth: float, rtt: float, t_comp: float, sizes=(20_000, 40_000, 80_000),
+                 download_factor: float = 1.0) -> tuple[Sample, ...]:
+    samples = [Sample(KIND_PING, 0, rtt, t), Sample(KIND_COMPUTE, 0, t_comp, t)]
+    for size in sizes:
+        samples.append(Sample(KIND_PUSH, size, rtt + 8 * size / bandwidth, t))
+        samples.append(Sample(KIND_DOWNLOAD, int(size * download_factor), 0.01, t))
+    return tuple(samples)
+
+
+def run(core: ControllerCore, links: dict[int, tuple[float, float, float]], seconds: int, start_round: int = 0,
+        rounds_per_s: int = 10, t0: float = 0.0, download_factor: float = 1.0):
+    decisions = []
+    for s in range(seconds):
+        t = t0 + s
+        for worker_id, (bandwidth, rtt, t_comp) in links.items():
+            report = Report(worker_id, start_round + s * rounds_per_s, D,
+                            link_samples(t, bandwidth, rtt, t_comp, download_factor=download_factor))
+            decision = core.report(report, t)
+            if decision is not None:
+                decisions.append(decision)
+    return decisions
+
+
+def test_static_and_dsgd_decide_once_at_round_zero():
+    core = ControllerCore(PolicyConfig(name="static", tau=3, delta=0.05))
+    first = core.maybe_decide(0.0)
+    assert (first.from_round, first.tau, first.delta) == (0, 3, 0.05)
+    assert run(core, {1: (10e6, 0.1, 0.02)}, 5) == []
+    dsgd = ControllerCore(PolicyConfig(name="dsgd")).maybe_decide(0.0)
+    assert (dsgd.tau, dsgd.delta) == (0, 1.0)
+
+
+def test_deco_bootstraps_then_decides_from_the_slowest_link_ahead_of_the_reported_round():
+    core = ControllerCore(PolicyConfig(name="deco", tau=1, delta=0.1, every_rounds=20, switch_margin_rounds=10,
+                                       switch_margin_s=3.0))
+    bootstrap = core.maybe_decide(0.0)
+    assert (bootstrap.from_round, bootstrap.tau, bootstrap.delta) == (0, 1, 0.1)
+    assert "bootstrap" in bootstrap.reason
+    links = {1: (20e6, 0.1, 0.02), 2: (80e6, 0.05, 0.01)}
+    decisions = run(core, links, 6)
+    assert decisions, "no decision once estimates exist"
+    decision = decisions[0]
+    expected = deco(DecoInput(num_params=D, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.02, tau_max=8))
+    assert (decision.tau, decision.delta) == (expected.tau, pytest.approx(expected.delta, rel=1e-6))
+    assert decision.predicted_iter_s == pytest.approx(expected.predicted_iter_s, rel=1e-6)
+    # Far enough ahead: at least 3 s of rounds at the measured 10 rounds/s.
+    reported_then = core.reported_round
+    assert decision.from_round >= 30
+    assert decision.from_round <= reported_then + 40
+
+
+def test_noise_does_not_flap_and_a_real_change_does():
+    policy = PolicyConfig(name="deco", every_rounds=10, delta_hysteresis=0.2, change_threshold=0.2)
+    core = ControllerCore(policy)
+    core.maybe_decide(0.0)
+    first = run(core, {1: (20e6, 0.1, 0.02)}, 12)
+    assert len(first) == 1  # steady link: one decision, then none despite recomputing every 10 rounds
+    changed = run(core, {1: (5e6, 0.1, 0.02)}, 15, start_round=120, t0=12.0)
+    assert changed and changed[-1].delta < first[0].delta
+
+
+def test_traffic_factor_folds_the_download_into_the_gradient_size():
+    core = ControllerCore(PolicyConfig(name="deco"))
+    core.maybe_decide(0.0)
+    decisions = run(core, {1: (20e6, 0.1, 0.02), 2: (20e6, 0.1, 0.02)}, 6, download_factor=2.0)
+    assert core.traffic_factor() == pytest.approx(2.0)
+    expected = deco(DecoInput(num_params=D, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.02,
+                              bits_per_element=64 * 2.0, tau_max=8))
+    assert decisions[-1].delta == pytest.approx(expected.delta, rel=1e-6)
+
+
+def test_deco_hetero_gives_faster_links_more_delta_and_shares_tau():
+    core = ControllerCore(PolicyConfig(name="deco-hetero"))
+    core.maybe_decide(0.0)
+    decision = run(core, {1: (10e6, 0.1, 0.02), 2: (50e6, 0.1, 0.02)}, 6)[-1]
+    assert set(decision.worker_delta) == {1, 2}
+    assert decision.worker_delta[2] > decision.worker_delta[1] >= decision.delta
+    assert decision.delta_for(1) == decision.worker_delta[1]
+    assert decision.delta_for(99) == decision.delta
+
+
+def test_policy_switch_at_run_time_holds_from_a_round_ahead():
+    core = ControllerCore(PolicyConfig(name="static", tau=2, delta=0.01))
+    core.maybe_decide(0.0)
+    run(core, {1: (20e6, 0.1, 0.02)}, 3)
+    switched = core.set_policy(with_policy(core.policy, "dsgd"), 3.0)
+    assert (switched.tau, switched.delta, switched.policy) == (0, 1.0, "dsgd")
+    assert switched.from_round > core.reported_round
+    with pytest.raises(ValueError):
+        with_policy(core.policy, "nope")

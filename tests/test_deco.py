@@ -1,0 +1,121 @@
+"""DeCo (Algorithm 1) and Theorem 3 against hand-computed cases and every edge."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from wanps.controller.deco import DecoInput, deco, delta_for_tau, phi, predicted_iteration_time, tau_range
+from wanps.deploy.processes import wanps_command
+
+
+def test_phi_matches_the_formula_and_vanishes_without_compression():
+    assert phi(0, 0.5) == pytest.approx(0.5 / 0.5)
+    assert phi(2, 0.02) == pytest.approx(0.98 / (0.02 * 0.99**2))
+    assert phi(7, 1.0) == 0.0
+    with pytest.raises(ValueError):
+        phi(1, 0.0)
+
+
+def test_theorem3_takes_the_largest_of_its_three_terms():
+    assert predicted_iteration_time(0.1, 0.3, 0.05, tau=1) == pytest.approx((0.1 + 0.3 + 0.05) / 2)
+    assert predicted_iteration_time(0.1, 0.3, 0.05, tau=9) == pytest.approx(0.1)  # compute-bound
+    assert predicted_iteration_time(0.1, 0.0, 0.5, tau=9) == pytest.approx(0.5)  # bandwidth-bound
+
+
+def test_paper_table3_gpt_case():
+    """GPT-2 (124M, 32-bit elements as in the paper), a = 0.1 Gbit/s, b = 0.1 s.
+
+    With T_comp = 0.79 s: delta*(tau) = min{(0.79 tau - 0.1) * 0.0252, 0.79 * 0.0252, 1}:
+    tau 1 -> 0.0174, phi 56.97; tau 2 -> 0.0199 (the T_comp term binds), phi 50.2;
+    tau 3 -> same delta, larger phi. The paper's Table 3 reports (2, 0.02).
+    """
+    x = DecoInput(num_params=124_000_000, bandwidth_bps=0.1e9, latency_s=0.1, t_comp_s=0.79, bits_per_element=32,
+                  tau_max=64)
+    scale = 0.1e9 / (124e6 * 32)
+    assert delta_for_tau(x, 1) == pytest.approx((0.79 - 0.1) * scale)
+    assert delta_for_tau(x, 2) == pytest.approx(0.79 * scale)
+    decision = deco(x)
+    assert decision.tau == 2
+    assert decision.delta == pytest.approx(0.79 * scale)
+    assert round(decision.delta, 2) == 0.02
+    assert decision.phi == pytest.approx(phi(2, 0.79 * scale))
+    assert decision.tau_range == (1, math.ceil((0.1 + 124e6 * 32 / 0.1e9) / 0.79))
+    transfer = decision.delta * 124e6 * 32 / 0.1e9
+    assert decision.predicted_iter_s == pytest.approx(max((0.79 + 0.1 + transfer) / 3, transfer, 0.79))
+    assert decision.predicted_iter_s == pytest.approx(0.79)  # communication fully hidden
+
+
+def test_smallest_tau_wins_ties():
+    # Huge bandwidth: delta = 1 (phi = 0) for every tau >= ceil(b / T_comp); the smallest is chosen.
+    x = DecoInput(num_params=1000, bandwidth_bps=1e12, latency_s=0.25, t_comp_s=0.1)
+    decision = deco(x)
+    assert (decision.tau, decision.delta, decision.phi) == (3, 1.0, 0.0)
+
+
+def test_zero_latency_starts_at_tau_one_because_tau_zero_sends_nothing():
+    x = DecoInput(num_params=1_000_000, bandwidth_bps=10e6, latency_s=0.0, t_comp_s=0.05)
+    assert tau_range(x)[0] == 0
+    assert delta_for_tau(x, 0) == 0.0
+    decision = deco(x)
+    assert decision.tau >= 1 and 0 < decision.delta <= 1
+    assert decision.feasible
+
+
+def test_latency_exactly_a_multiple_of_compute_skips_the_zero_delta_tau():
+    x = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.2, t_comp_s=0.1)
+    assert delta_for_tau(x, 2) == 0.0  # 2 * 0.1 - 0.2 = 0
+    assert deco(x).tau >= 3
+
+
+def test_tiny_bandwidth_is_capped_at_tau_max_and_one_element():
+    x = DecoInput(num_params=10_000_000, bandwidth_bps=1.0, latency_s=0.05, t_comp_s=0.01, tau_max=8)
+    decision = deco(x)
+    assert decision.tau <= 8
+    assert decision.delta == pytest.approx(1 / 10_000_000)  # at least one element per round
+    assert decision.tau_range[1] > 8
+
+
+def test_tiny_compute_time_beyond_tau_max_falls_back_explicitly():
+    x = DecoInput(num_params=100_000, bandwidth_bps=1e7, latency_s=1.0, t_comp_s=1e-4, tau_max=8)
+    decision = deco(x)
+    assert not decision.feasible
+    assert decision.tau == 8
+    assert decision.delta == pytest.approx(max(1e-5, 1e-4 * 1e7 / (100_000 * 64)))
+    assert "fallback" in decision.reason
+
+
+def test_tiny_model_sends_everything():
+    decision = deco(DecoInput(num_params=1, bandwidth_bps=1e6, latency_s=0.1, t_comp_s=0.05))
+    assert decision.delta == 1.0
+
+
+def test_wire_bits_make_delta_smaller_than_the_papers_32():
+    common = dict(num_params=10_000_000, bandwidth_bps=50e6, latency_s=0.1, t_comp_s=0.2)
+    assert deco(DecoInput(**common, bits_per_element=64)).delta < deco(DecoInput(**common, bits_per_element=32)).delta
+
+
+@pytest.mark.parametrize("field, value", [("num_params", 0), ("bandwidth_bps", 0.0), ("latency_s", -1.0),
+                                          ("t_comp_s", 0.0), ("bits_per_element", 0.0), ("tau_max", -1),
+                                          ("bandwidth_bps", float("inf"))])
+def test_invalid_inputs_are_refused(field, value):
+    args = dict(num_params=1000, bandwidth_bps=1e6, latency_s=0.1, t_comp_s=0.1)
+    args[field] = value
+    with pytest.raises(ValueError):
+        DecoInput(**args)
+
+
+def test_decide_cli_prints_the_decision_as_json():
+    done = subprocess.run(wanps_command("controller", "decide", "--params", "124000000", "--bandwidth-mbit", "100",
+                                        "--latency-ms", "100", "--t-comp-ms", "790", "--bits-per-element", "32",
+                                        "--tau-max", "64"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["tau"] == 2 and round(result["delta"], 2) == 0.02
+    assert result["predicted_iter_s"] == pytest.approx(0.79)
+    bad = subprocess.run(wanps_command("controller", "decide", "--params", "0", "--bandwidth-mbit", "1",
+                                       "--latency-ms", "1", "--t-comp-ms", "1"), capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "num_params" in bad.stderr

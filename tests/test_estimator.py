@@ -1,0 +1,85 @@
+"""Link estimation on synthetic samples: exact recovery, noise, equal sizes, step change."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wanps.controller.estimator import (
+    KIND_COMPUTE,
+    KIND_PING,
+    KIND_PUSH,
+    EstimatorConfig,
+    LinkEstimator,
+    Sample,
+    theil_sen,
+)
+
+MBIT = 1e6
+
+
+def feed(estimator, *, bandwidth, rtt, t0, t1, sizes, rng=None, noise=0.0, queue=0.0, compute=0.02, rate_hz=20):
+    """Pushes every 1/rate_hz s (cycling through sizes), a ping and a compute sample each second."""
+    times = np.arange(t0, t1, 1 / rate_hz)
+    for i, t in enumerate(times):
+        size = sizes[i % len(sizes)]
+        jitter = rng.normal(0, noise) if rng is not None and noise else 0.0
+        extra = queue * rng.random() if rng is not None and queue else 0.0
+        estimator.add(Sample(KIND_PUSH, size, rtt + 8 * size / bandwidth + abs(jitter) + extra, t))
+        if i % rate_hz == 0:
+            estimator.add(Sample(KIND_PING, 0, rtt + (abs(rng.normal(0, noise)) if rng is not None and noise else 0), t))
+            estimator.add(Sample(KIND_COMPUTE, 0, compute, t))
+
+
+def test_theil_sen_recovers_a_line_despite_outliers():
+    x = np.arange(20, dtype=float)
+    y = 3.0 + 2.0 * x
+    y[[3, 11]] += 50
+    slope, intercept = theil_sen(x, y, min_dx=0.5)
+    assert slope == pytest.approx(2.0) and intercept == pytest.approx(3.0)
+    assert theil_sen(np.ones(5), np.ones(5), min_dx=0.5) is None
+
+
+def test_exact_recovery_with_varying_sizes():
+    est = LinkEstimator()
+    feed(est, bandwidth=20 * MBIT, rtt=0.1, t0=0, t1=5, sizes=[20_000, 60_000, 120_000])
+    e = est.estimate(5.0)
+    assert e.method == "theil-sen"
+    assert e.bandwidth_bps == pytest.approx(20 * MBIT, rel=1e-6)
+    assert e.latency_s == pytest.approx(0.1)
+    assert e.t_comp_s == pytest.approx(0.02)
+
+
+def test_equal_sizes_use_per_push_rates():
+    est = LinkEstimator()
+    feed(est, bandwidth=50 * MBIT, rtt=0.08, t0=0, t1=5, sizes=[100_000])
+    e = est.estimate(5.0)
+    assert e.method == "per-push-rate"
+    assert e.bandwidth_bps == pytest.approx(50 * MBIT, rel=1e-6)
+
+
+def test_noise_and_queueing_stay_within_ten_percent():
+    rng = np.random.default_rng(0)
+    est = LinkEstimator()
+    feed(est, bandwidth=20 * MBIT, rtt=0.1, t0=0, t1=10, sizes=[40_000, 80_000, 160_000], rng=rng, noise=0.003,
+         queue=0.01)
+    e = est.estimate(10.0)
+    assert e.bandwidth_bps == pytest.approx(20 * MBIT, rel=0.10)
+    assert abs(e.latency_s - 0.1) < 0.01
+
+
+def test_a_step_change_is_followed_within_the_window():
+    est = LinkEstimator(EstimatorConfig(window_s=4.0))
+    feed(est, bandwidth=40 * MBIT, rtt=0.05, t0=0, t1=20, sizes=[50_000, 100_000, 200_000])
+    assert est.estimate(20.0).bandwidth_bps == pytest.approx(40 * MBIT, rel=0.01)
+    feed(est, bandwidth=10 * MBIT, rtt=0.05, t0=20, t1=25, sizes=[50_000, 100_000, 200_000])
+    assert est.estimate(25.0).bandwidth_bps == pytest.approx(10 * MBIT, rel=0.05)
+
+
+def test_too_few_samples_give_no_estimate():
+    est = LinkEstimator()
+    assert est.estimate(0.0) is None
+    est.add(Sample(KIND_PUSH, 1000, 0.1, 0.0))
+    est.add(Sample(KIND_PING, 0, 0.05, 0.0))
+    assert est.estimate(0.0) is None  # min_pushes = 3
+    with pytest.raises(ValueError):
+        est.add(Sample(KIND_PUSH, 10, -1.0, 0.0))
