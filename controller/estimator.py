@@ -5,7 +5,8 @@ Per worker, over a sliding window of the newest samples (`window_s` seconds):
 - latency b: a low quantile (default the 10th percentile) of ping round-trip times. The
   low end is the path's own delay; higher RTTs carry queueing behind bulk traffic. This is
   the min-RTT idea of BBR, made robust to a single lucky sample.
-- bandwidth a: pushes report (bytes, seconds from send to acknowledgement). Seconds are
+- bandwidth a: pushes, and pings padded as bandwidth probes, report (bytes, seconds from
+  send to acknowledgement). Seconds are
   modelled as b + 8*bytes/a (+ queueing). When push sizes vary, a Theil-Sen regression of
   seconds on bytes (pings included as zero-byte points) gives 1/a as its slope, robust to
   outliers. When they do not vary (a static delta), the regression has no slope to see, and
@@ -60,6 +61,8 @@ class EstimatorConfig:
     rate_quantile: float = 0.8
     # Pushes whose sizes differ by less than this fraction count as "all the same size".
     size_spread: float = 0.2
+    # Pairs closer in size than this carry no usable slope (transfer lost in jitter).
+    min_size_step_bytes: int = 8192
     # Theil-Sen looks at pairs among at most this many newest points (O(n^2)).
     regression_points: int = 256
 
@@ -94,8 +97,9 @@ class LinkEstimator:
 
     def estimate(self, now_s: float) -> LinkEstimate | None:
         samples = self._window(now_s)
-        pushes = [s for s in samples if s.kind == KIND_PUSH and s.nbytes > 0]
-        pings = [s for s in samples if s.kind == KIND_PING]
+        # Padded pings (bandwidth probes) are points on the same line as pushes.
+        pushes = [s for s in samples if s.nbytes > 0 and s.kind in (KIND_PUSH, KIND_PING)]
+        pings = [s for s in samples if s.kind == KIND_PING and s.nbytes == 0]
         computes = [s.seconds for s in samples if s.kind == KIND_COMPUTE]
         c = self.config
         if len(pushes) < c.min_pushes or len(pings) < c.min_pings:
@@ -109,7 +113,7 @@ class LinkEstimator:
             # Varying sizes: regress seconds on bytes; pings anchor the zero-byte end.
             x = np.concatenate([sizes, np.zeros(len(pings))])[-c.regression_points :]
             y = np.concatenate([times, [p.seconds for p in pings]])[-c.regression_points :]
-            fit = theil_sen(x, y, min_dx=c.size_spread * float(np.median(sizes)))
+            fit = theil_sen(x, y, min_dx=max(c.size_spread * float(np.median(sizes)), c.min_size_step_bytes))
             if fit is not None and fit[0] > 0:
                 bandwidth, method = 8.0 / fit[0], "theil-sen"
         if bandwidth is None:

@@ -33,7 +33,7 @@ log = logging.getLogger("wanps.demo")
 class DemoConfig:
     workers: int = 4
     task: str = "mnist"
-    policy: str = "static"
+    policy: str = "deco"
     tau: int = 2
     delta: float = 0.01
     tau_max: int = 8
@@ -219,10 +219,23 @@ def results_table(result: dict) -> str:
         ("bytes up (all workers)", f"{result['bytes_up'] / mib:.1f} MiB"),
         ("bytes down (all followers)", f"{result['bytes_down'] / mib:.1f} MiB"),
     ]
-    taus = sorted({(r[2], r[3]) for r in result["per_round"] if r[2] is not None})
-    rows.append(("(tau, delta) used", ", ".join(f"({t}, {d:g})" for t, d in taus) or "-"))
+    rows.append(("(tau, delta) used", decisions_summary(result["per_round"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def decisions_summary(per_round: list[list]) -> str:
+    """'(2, 0.01)' for one decision; ranges and the number of switches for many."""
+    used = [(r[2], r[3]) for r in per_round if r[2] is not None]
+    if not used:
+        return "-"
+    switches = sum(1 for a, b in zip(used, used[1:]) if a != b)
+    taus = sorted({t for t, _ in used})
+    deltas = sorted({d for _, d in used})
+    if switches == 0:
+        return f"({taus[0]}, {deltas[0]:g})"
+    return (f"tau {taus[0]}-{taus[-1]}, delta {deltas[0]:.2g}-{deltas[-1]:.2g}, {switches} switches "
+            f"(per round in demo.json)")
 
 
 def parse_config(argv: list[str] | None) -> DemoConfig:

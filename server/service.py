@@ -40,6 +40,8 @@ from wanps.server.metrics import ServerMetrics
 log = logging.getLogger("wanps.server")
 T = TypeVar("T")
 
+MAX_PING_PADDING = 1024 * 1024
+
 _STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     codec.WireError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -319,6 +321,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 yield chunk
 
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
+        # Padding lets workers probe bandwidth; it is bounded so a ping stays cheap.
+        if len(request.padding) > MAX_PING_PADDING:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ping padding is limited to {MAX_PING_PADDING} bytes")
+        self.metrics.received_bytes.inc(len(request.padding))
         return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.core.version)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:

@@ -35,7 +35,7 @@ def test_shards_are_disjoint_and_cover_the_data():
 def test_demo_reaches_its_target_and_writes_results(tmp_path):
     out = tmp_path / "results"
     done = subprocess.run(
-        wanps_command("demo", "--task", "synthetic", "--workers", "2", "--target-accuracy", "0.9", "--lr", "0.2",
+        wanps_command("demo", "--task", "synthetic", "--workers", "2", "--policy", "static", "--tau", "2", "--target-accuracy", "0.9", "--lr", "0.2",
                       "--delta", "0.1", "--time-limit", "90", "--eval-every", "0.5", "--out", str(out),
                       "--no-progress"),
         capture_output=True, text=True, timeout=180,
