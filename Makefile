@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.wanps-installed
 
-.PHONY: install run demo test test-all proto check-proto bench-push bench-wire clean
+.PHONY: install run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate clean
 
 install: $(STAMP)
 
@@ -37,6 +37,17 @@ proto: install
 
 check-proto: install
 	$(PY) -m pytest -q tests/test_proto_generated.py
+
+# Time to accuracy, deco vs baselines, over emulated WANs (hours; results/bench.json).
+bench: install
+	$(VENV)/bin/wanps bench train
+
+# The reduced version (minutes): varying trace, dsgd / static / deco, one seed.
+bench-quick: install
+	$(VENV)/bin/wanps bench train --quick
+
+bench-estimate: install
+	$(VENV)/bin/wanps bench estimate
 
 bench-push: install
 	$(VENV)/bin/wanps bench push

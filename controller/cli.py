@@ -43,7 +43,7 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
                         default=policy.bits_per_element,
                         help="Wire bits per sent element in DeCo's model (64 = uint32 index + float32; 32 = paper).")
     parser.add_argument("--every-rounds", env="WANPS_DECIDE_EVERY", type=int, default=policy.every_rounds,
-                        help="Recompute adaptive decisions every E rounds.")
+                        help="Recompute adaptive decisions every E rounds (0: decide once, on the first estimates).")
     parser.add_argument("--change-threshold", env="WANPS_CHANGE_THRESHOLD", type=float,
                         default=policy.change_threshold,
                         help="Also recompute when an estimate moves by more than this fraction.")

@@ -95,6 +95,8 @@ class ControllerCore:
         if not adaptive and self._proposal is not None:
             return None  # dsgd and static decide once
         if adaptive and self._decided_at_round is not None:
+            if self.policy.every_rounds == 0:
+                return None  # E = infinity: the first measured decision stands
             due = self.reported_round - self._decided_at_round >= self.policy.every_rounds
             moved = estimates_moved(self._estimates_at_decision, self.estimates, self.policy.change_threshold)
             if not (due or moved):

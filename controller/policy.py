@@ -9,7 +9,9 @@ Policies:
   delta*(tau) of its own link, so a slow link no longer sets everyone's delta.
 
 Adaptive policies recompute every `every_rounds` rounds (the paper's E) and as soon as an
-estimate moves by more than `change_threshold` (relative) since the last decision. A new
+estimate moves by more than `change_threshold` (relative) since the last decision. With
+E = 0 (infinite) they decide once, on the first estimates: the CocktailSGD-style static
+baseline whose (tau, delta) comes from DeCo at the start. A new
 decision is published only if it differs enough (tau changes, or delta by more than
 `delta_hysteresis` relative), so estimation noise does not make tau flap. Each decision
 holds from a round far enough ahead (`switch_margin_rounds`, and `switch_margin_s` of
@@ -33,7 +35,7 @@ class PolicyConfig:
     delta: float = 0.01  # static
     tau_max: int = 8
     bits_per_element: float = DEFAULT_BITS_PER_ELEMENT
-    every_rounds: int = 20  # E
+    every_rounds: int = 20  # E; 0 = infinite: decide once, on the first estimates, then never again
     change_threshold: float = 0.2
     delta_hysteresis: float = 0.2
     # A decision holds from at least this many rounds, and this much training time, ahead.
@@ -47,8 +49,8 @@ class PolicyConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.name!r}")
         if self.tau < 0 or not 0.0 < self.delta <= 1.0:
             raise ValueError(f"need tau >= 0 and delta in (0, 1]; got tau {self.tau}, delta {self.delta}")
-        if self.every_rounds < 1 or self.switch_margin_rounds < 1 or self.tau_max < 0:
-            raise ValueError("every_rounds and switch_margin_rounds must be >= 1, tau_max >= 0")
+        if self.every_rounds < 0 or self.switch_margin_rounds < 1 or self.tau_max < 0:
+            raise ValueError("every_rounds must be >= 0, switch_margin_rounds >= 1, tau_max >= 0")
 
 
 @dataclass(frozen=True)

@@ -759,10 +759,12 @@ def _wire_parser() -> EnvDefaultsParser:
     return parser
 
 
-USAGE = """usage: wanps bench {push,wire} [options]
+USAGE = """usage: wanps bench {push,wire,estimate,train} [options]
 
-  push   push ingest: pairs/s through the full server path vs a bare gRPC echo
-  wire   bytes on the wire per pushed element, serialized and on a real socket
+  push      push ingest: pairs/s through the full server path vs a bare gRPC echo
+  wire      bytes on the wire per pushed element, serialized and on a real socket
+  estimate  link estimation accuracy through the link emulator (fixed link, step change)
+  train     time to accuracy of DeCo against D-SGD and static baselines over emulated WANs
 
 `wanps bench push --help` shows a benchmark's options."""
 
@@ -798,6 +800,18 @@ def _main_wire(argv: list[str]) -> int:
     return 0
 
 
+def _main_estimate(argv: list[str]) -> int:
+    from wanps.deploy.bench_estimate import main as estimate_main
+
+    return estimate_main(argv)
+
+
+def _main_train(argv: list[str]) -> int:
+    from wanps.deploy.bench_train import main as train_main
+
+    return train_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -805,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     # Zero-copy decoding views read-only bytes; torch warns about that once per process.
     warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable")
-    commands = {"push": _main_push, "wire": _main_wire}
+    commands = {"push": _main_push, "wire": _main_wire, "estimate": _main_estimate, "train": _main_train}
     if argv[0] not in commands:
         print(f"wanps bench: unknown benchmark {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2

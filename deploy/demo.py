@@ -43,6 +43,12 @@ class DemoConfig:
     time_limit_s: float = 270.0
     eval_every_s: float = 2.0
     trace: str = ""  # empty: the shipped varying trace
+    # One trace per worker (overrides `trace`), e.g. one slow link among fast ones.
+    worker_traces: tuple[str, ...] = ()
+    # Extra flags for `wanps controller` (e.g. ("--every-rounds", "0")).
+    controller_args: tuple[str, ...] = ()
+    # Poll the controller's estimates at every evaluation (for estimated-vs-set plots).
+    track_links: bool = False
     direct: bool = False  # no link emulator (LAN-like loopback)
     out_dir: str = "results"
     progress: bool = True
@@ -76,13 +82,14 @@ def start_cluster(config: DemoConfig, log_dir: Path) -> tuple[ManagedProcess, Ma
         "--min-workers", str(config.workers), "--tau-max", str(config.tau_max)), log_dir)
     controller = start_process("controller", wanps_command(
         "controller", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-        "--policy", config.policy, "--tau", str(config.tau), "--delta", str(config.delta)), log_dir)
+        "--policy", config.policy, "--tau", str(config.tau), "--delta", str(config.delta),
+        "--tau-max", str(config.tau_max), *config.controller_args), log_dir)
     server.wait_ready(60)
     controller.wait_ready(60)
     links = []
     if not config.direct:
-        trace = config.trace or default_trace()
         for i in range(config.workers):
+            trace = config.worker_traces[i] if config.worker_traces else (config.trace or default_trace())
             links.append(start_process(f"linkem-{i}", wanps_command(
                 "linkem", "--listen", "127.0.0.1:0", "--target", server.address, "--trace", trace), log_dir))
         for link in links:
@@ -117,6 +124,7 @@ def run_demo(config: DemoConfig) -> dict:
         started = time.monotonic()
         rounds: list[dict] = []
         evaluations: list[tuple[float, int, float]] = []
+        link_track: list[dict] = []
         reached_at: float | None = None
         next_eval = started
         if config.progress:
@@ -143,6 +151,9 @@ def run_demo(config: DemoConfig) -> dict:
             if time.monotonic() >= next_eval and observer.version > 0:
                 accuracy = task.accuracy(model)
                 evaluations.append((stamp, observer.version, accuracy))
+                if config.track_links:
+                    link_track.append({"time_s": round(stamp, 3), "round": observer.version,
+                                       "links": fetch_controller_state(controller.address).get("links", [])})
                 if rounds:
                     rounds[-1]["accuracy"] = round(accuracy, 4)
                 next_eval = time.monotonic() + config.eval_every_s
@@ -156,6 +167,8 @@ def run_demo(config: DemoConfig) -> dict:
             if progress is not None:
                 progress.update(observer.version - before)
         metrics = scrape(server.metrics_port)
+        controller_state = fetch_controller_state(controller.address)
+        decisions = sorted(observer.session.decisions(), key=lambda d: d.decision_id)
     finally:
         if progress is not None:
             progress.close()
@@ -176,12 +189,41 @@ def run_demo(config: DemoConfig) -> dict:
         "task": config.task,
         "link": "direct" if config.direct else Path(config.trace or default_trace()).name,
         "config": asdict(config),
+        "measured_iter_s": measured_iteration_s(rounds),
+        "decisions": [{"id": d.decision_id, "from_round": d.from_round, "tau": d.tau, "delta": d.delta,
+                       "predicted_iter_s": d.predicted_iter_s, "reason": d.reason,
+                       "worker_delta": {str(k): v for k, v in d.worker_delta.items()}} for d in decisions],
+        "controller_state": controller_state,
+        "link_track": link_track,
         "per_round": [[r["round"], r["time_s"], r["tau"], r["delta"], r["accuracy"]] for r in rounds],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.json").write_text(json.dumps(result, indent=1))
     plot(evaluations, config, out_dir / "demo.png")
     return result
+
+
+def measured_iteration_s(rounds: list[dict]) -> float | None:
+    """Seconds per round over the middle 80% of the run (start-up and the end excluded)."""
+    if len(rounds) < 10:
+        return None
+    lo, hi = rounds[len(rounds) // 10], rounds[(len(rounds) * 9) // 10]
+    if hi["round"] <= lo["round"]:
+        return None
+    return round((hi["time_s"] - lo["time_s"]) / (hi["round"] - lo["round"]), 5)
+
+
+def fetch_controller_state(address: str) -> dict:
+    """The controller's policy, decisions in force and link estimates (GetState), as a dict."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from wanps.proto import wanps_pb2 as pb
+    from wanps.proto import wanps_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        state = pb_grpc.ControllerStub(channel).GetState(pb.GetStateRequest(), timeout=10)
+    return MessageToDict(state, preserving_proto_field_name=True)
 
 
 def plot(evaluations: list[tuple[float, int, float]], config: DemoConfig, path: Path) -> None:

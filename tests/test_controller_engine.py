@@ -101,3 +101,11 @@ def test_policy_switch_at_run_time_holds_from_a_round_ahead():
     assert switched.from_round > core.reported_round
     with pytest.raises(ValueError):
         with_policy(core.policy, "nope")
+
+
+def test_e_infinite_decides_once_on_the_first_estimates():
+    core = ControllerCore(PolicyConfig(name="deco", every_rounds=0))
+    core.maybe_decide(0.0)
+    first = run(core, {1: (20e6, 0.1, 0.02)}, 4)
+    assert len(first) == 1 and first[0].policy == "deco"
+    assert run(core, {1: (2e6, 0.3, 0.02)}, 10, start_round=40, t0=4.0) == []  # the link changed: no new decision

@@ -1,0 +1,316 @@
+"""`wanps bench train` (`make bench`, `make bench-quick`): time to accuracy over emulated WANs.
+
+Every run is a real cluster (`wanps demo`'s machinery: server, controller, a `wanps linkem`
+per worker, workers and an observer as processes on loopback). Conditions scale the DeCo
+paper's Table 1 (0.1/0.5 Gbit/s x 0.1/1.0 s) to this machine, plus a varying-bandwidth
+trace (its Fig. 6) and a heterogeneous case where one worker's link is 5x slower.
+
+Methods (docs/benchmarks.md says where a baseline is simplified):
+- dsgd: tau 0, delta 1.
+- static: CocktailSGD-style, (tau, delta) fixed from DeCo on the first estimates (E = infinity).
+- dga: delayed aggregation without compression (tau 2, delta 1).
+- ef: sparse error feedback only (tau 0, delta 0.01).
+- deco: DeCo, one decision for all from the slowest link, recomputed every E rounds.
+- deco-hetero: DeCo's tau, a delta per worker.
+
+Writes results/bench.json (one row per condition x method x seed) and PNG plots, and prints
+a table with deco's speed-up over each baseline.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, predicted_iteration_time
+from wanps.deploy.demo import DemoConfig, default_trace, run_demo
+from wanps.deploy.runtime import EnvDefaultsParser
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    # (bandwidth Mbit/s, one-way delay ms) per worker; None = the shipped varying trace.
+    links: tuple[tuple[float, float], ...] | None
+    description: str
+
+
+def fixed(bandwidth: float, delay_ms: float, workers: int = 4) -> tuple[tuple[float, float], ...]:
+    return tuple((bandwidth, delay_ms) for _ in range(workers))
+
+
+CONDITIONS: dict[str, Condition] = {
+    "fixed-20M-10ms": Condition("fixed-20M-10ms", fixed(20, 10), "20 Mbit/s, RTT 20 ms"),
+    "fixed-20M-40ms": Condition("fixed-20M-40ms", fixed(20, 40), "20 Mbit/s, RTT 80 ms"),
+    "fixed-5M-10ms": Condition("fixed-5M-10ms", fixed(5, 10), "5 Mbit/s, RTT 20 ms"),
+    "fixed-5M-40ms": Condition("fixed-5M-40ms", fixed(5, 40), "5 Mbit/s, RTT 80 ms"),
+    "varying": Condition("varying", None, "8-40 Mbit/s trace, RTT 100 ms (wan-varying.csv)"),
+    "hetero": Condition("hetero", ((20, 25), (20, 25), (20, 25), (4, 25)), "3 x 20 Mbit/s + 1 x 4 Mbit/s, RTT 50 ms"),
+}
+
+# method -> (policy, tau, delta, extra controller flags)
+METHODS: dict[str, tuple[str, int, float, tuple[str, ...]]] = {
+    "dsgd": ("dsgd", 0, 1.0, ()),
+    "static": ("deco", 2, 0.01, ("--every-rounds", "0")),
+    "dga": ("static", 2, 1.0, ()),
+    "ef": ("static", 0, 0.01, ()),
+    "deco": ("deco", 2, 0.01, ()),
+    "deco-hetero": ("deco-hetero", 2, 0.01, ()),
+}
+ADAPTIVE = {"static", "deco", "deco-hetero"}
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    conditions: tuple[str, ...]
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    time_limit_s: float
+    target_accuracy: float
+    batch_size: int
+    lr: float
+    out_dir: str
+
+
+QUICK = BenchPlan(conditions=("varying",), methods=("dsgd", "static", "deco"), seeds=(0,), time_limit_s=120,
+                  target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
+FULL = BenchPlan(conditions=tuple(CONDITIONS), methods=tuple(METHODS), seeds=(0, 1, 2), time_limit_s=300,
+                 target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
+
+
+def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
+    if condition.links is None:
+        return ()
+    paths = []
+    for i, (bandwidth, delay) in enumerate(condition.links):
+        path = folder / f"{condition.name}-{i}.csv"
+        path.write_text(f"time_s,bandwidth_mbit,delay_ms\n0,{bandwidth},{delay}\n")
+        paths.append(str(path))
+    return tuple(paths)
+
+
+def predicted_iter_s(result: dict, num_params: int) -> float | None:
+    """Theorem 3 for the decision in force at the end, on the controller's final estimates."""
+    state = result.get("controller_state") or {}
+    links = state.get("links") or []
+    used = [r for r in result["per_round"] if r[2] is not None]
+    if not links or not used:
+        return None
+    tau, delta = used[-1][2], used[-1][3]
+    bandwidth = min(link["bandwidth_bps"] for link in links)
+    latency = max(link["latency_s"] for link in links)
+    t_comp = max(link.get("t_comp_s", 0.0) for link in links)
+    traffic = state.get("traffic_factor") or 1.0
+    transfer = delta * num_params * DEFAULT_BITS_PER_ELEMENT * traffic / bandwidth
+    return round(predicted_iteration_time(t_comp, latency, transfer, tau), 5)
+
+
+def run_one(plan: BenchPlan, condition: Condition, method: str, seed: int, traces_dir: Path) -> dict:
+    from wanps.worker.tasks import get_task
+
+    policy, tau, delta, controller_args = METHODS[method]
+    out = Path(plan.out_dir) / "bench" / f"{condition.name}-{method}-{seed}"
+    config = DemoConfig(workers=4, task="mnist", policy=policy, tau=tau, delta=delta, lr=plan.lr,
+                        batch_size=plan.batch_size, target_accuracy=plan.target_accuracy,
+                        time_limit_s=plan.time_limit_s, worker_traces=write_traces(condition, traces_dir),
+                        controller_args=controller_args, out_dir=str(out), progress=False, seed=seed,
+                        track_links=method in ADAPTIVE)
+    result = run_demo(config)
+    num_params = sum(p.numel() for p in get_task("mnist").build_model(0).parameters())
+    row = {
+        "condition": condition.name,
+        "method": method,
+        "seed": seed,
+        "reached_target": result["reached_target"],
+        "time_to_target_s": result["time_to_target_s"],
+        "rounds": result["rounds"],
+        "bytes_up": result["bytes_up"],
+        "bytes_down": result["bytes_down"],
+        "final_accuracy": result["final_accuracy"],
+        "measured_iter_s": result["measured_iter_s"],
+        "predicted_iter_s": predicted_iter_s(result, num_params),
+        "curve": [[r[1], r[4]] for r in result["per_round"] if r[4] is not None],
+    }
+    if method in ADAPTIVE:
+        row["decision_trace"] = result["decisions"]
+        row["link_track"] = result["link_track"]
+    return row
+
+
+def summarize(rows: list[dict], plan: BenchPlan) -> list[dict]:
+    """Median time to target per (condition, method); deco's speed-up over each baseline."""
+    table = []
+    for condition in plan.conditions:
+        medians: dict[str, float | None] = {}
+        for method in plan.methods:
+            times = [r["time_to_target_s"] if r["reached_target"] else None
+                     for r in rows if r["condition"] == condition and r["method"] == method]
+            reached = [t for t in times if t is not None]
+            medians[method] = statistics.median(reached) if reached and len(reached) * 2 > len(times) else None
+        for method in plan.methods:
+            deco_time = medians.get("deco")
+            base = medians[method]
+            if deco_time is not None and base is not None:
+                speedup = f"{base / deco_time:.2f}x"
+            elif deco_time is not None:
+                speedup = f"> {plan.time_limit_s / deco_time:.2f}x (did not reach)"
+            else:
+                speedup = "-"
+            sample = [r for r in rows if r["condition"] == condition and r["method"] == method]
+            table.append({
+                "condition": condition, "method": method,
+                "median_time_to_target_s": medians[method],
+                "deco_speedup_over_method": speedup,
+                "final_accuracy": statistics.median(r["final_accuracy"] for r in sample),
+                "rounds": statistics.median(r["rounds"] for r in sample),
+                "measured_iter_s": _median([r["measured_iter_s"] for r in sample]),
+                "predicted_iter_s": _median([r["predicted_iter_s"] for r in sample]),
+                "mib_up": round(statistics.median(r["bytes_up"] for r in sample) / 2**20, 1),
+            })
+    return table
+
+
+def _median(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 4) if present else None
+
+
+def print_table(table: list[dict]) -> None:
+    header = ("condition", "method", "time to target (s)", "deco speed-up", "final acc", "rounds",
+              "iter s measured", "iter s Thm 3", "MiB up")
+    lines = [header]
+    for t in table:
+        lines.append((t["condition"], t["method"],
+                      "-" if t["median_time_to_target_s"] is None else f"{t['median_time_to_target_s']:.1f}",
+                      t["deco_speedup_over_method"], f"{t['final_accuracy']:.4f}", f"{t['rounds']:.0f}",
+                      str(t["measured_iter_s"]), str(t["predicted_iter_s"]), f"{t['mib_up']}"))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for n, line in enumerate(lines):
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def plot(rows: list[dict], plan: BenchPlan, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for condition in plan.conditions:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for method in plan.methods:
+            runs = [r for r in rows if r["condition"] == condition and r["method"] == method]
+            if runs and runs[0]["curve"]:
+                times, accuracies = zip(*runs[0]["curve"])
+                ax.plot(times, accuracies, label=method)
+        ax.axhline(plan.target_accuracy, color="grey", linestyle="--")
+        ax.set(xlabel="wall time (s)", ylabel="test accuracy", title=f"{condition}: {CONDITIONS[condition].description}",
+               ylim=(0.8, 1.0))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        path = out_dir / f"bench-{condition}-accuracy.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+        deco_runs = [r for r in rows if r["condition"] == condition and r["method"] == "deco" and r.get("link_track")]
+        if deco_runs:
+            written.append(plot_decisions(deco_runs[0], condition, out_dir))
+    return written
+
+
+def plot_decisions(row: dict, condition: str, out_dir: Path) -> Path:
+    """Like the paper's Fig. 6: set vs estimated bandwidth, and delta (tau) over time."""
+    import matplotlib.pyplot as plt
+
+    from wanps.deploy.linkem import LinkTrace
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    track = row["link_track"]
+    times = [t["time_s"] for t in track]
+    estimated = [min((link["bandwidth_bps"] for link in t["links"]), default=float("nan")) / 1e6 for t in track]
+    top.plot(times, estimated, ".", label="estimated (slowest link)")
+    if CONDITIONS[condition].links is None:
+        trace = LinkTrace.from_csv(default_trace())
+        # The emulator's clock starts before training; the offset is a few seconds at most.
+        top.step(times, [trace.at(t).bandwidth_mbit for t in times], where="post", label="set (trace)")
+    else:
+        top.axhline(min(b for b, _ in CONDITIONS[condition].links), color="C1", label="set (slowest)")
+    top.set(ylabel="bandwidth (Mbit/s)")
+    top.legend(loc="upper right")
+    rounds_at = [t["round"] for t in track]
+    deltas, taus = [], []
+    decisions = sorted(row.get("decision_trace", []), key=lambda d: d["from_round"])
+    for round_ in rounds_at:
+        current = [d for d in decisions if d["from_round"] <= round_]
+        deltas.append(current[-1]["delta"] if current else float("nan"))
+        taus.append(current[-1]["tau"] if current else float("nan"))
+    bottom.step(times, deltas, where="post", label="delta")
+    bottom.set(ylabel="delta", xlabel="wall time (s)", yscale="log")
+    twin = bottom.twinx()
+    twin.step(times, taus, where="post", color="C3", label="tau")
+    twin.set(ylabel="tau")
+    fig.suptitle(f"deco on {condition}")
+    fig.tight_layout()
+    path = out_dir / f"bench-{condition}-deco-decisions.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_bench(plan: BenchPlan) -> dict:
+    out_dir = Path(plan.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="wanps-bench-") as traces:
+        for condition_name in plan.conditions:
+            condition = CONDITIONS[condition_name]
+            for seed in plan.seeds:
+                for method in plan.methods:
+                    print(f"[bench] {condition_name} / {method} / seed {seed} ...", flush=True)
+                    row = run_one(plan, condition, method, seed, Path(traces))
+                    print(f"[bench]   reached {row['reached_target']} in {row['time_to_target_s']} s, "
+                          f"{row['rounds']} rounds, iter {row['measured_iter_s']} s "
+                          f"(Thm 3: {row['predicted_iter_s']})", flush=True)
+                    rows.append(row)
+                    (out_dir / "bench.json").write_text(json.dumps(rows, indent=1))  # progress survives a stop
+    table = summarize(rows, plan)
+    (out_dir / "bench.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "bench-summary.json").write_text(json.dumps(table, indent=1))
+    plots = plot(rows, plan, out_dir)
+    return {"rows": rows, "table": table, "plots": [str(p) for p in plots]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = EnvDefaultsParser(prog="wanps bench train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="The reduced run: varying trace, dsgd/static/deco, 1 seed.")
+    parser.add_argument("--conditions", default="", help=f"Comma-separated subset of {', '.join(CONDITIONS)}.")
+    parser.add_argument("--methods", default="", help=f"Comma-separated subset of {', '.join(METHODS)}.")
+    parser.add_argument("--seeds", type=int, default=0, help="Number of seeds (default: 1 quick, 3 full).")
+    parser.add_argument("--time-limit", type=float, default=0.0, help="Seconds per run before giving up.")
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.conditions:
+        plan = replace(plan, conditions=tuple(args.conditions.split(",")))
+    if args.methods:
+        plan = replace(plan, methods=tuple(args.methods.split(",")))
+    if args.seeds:
+        plan = replace(plan, seeds=tuple(range(args.seeds)))
+    if args.time_limit:
+        plan = replace(plan, time_limit_s=args.time_limit)
+    plan = replace(plan, out_dir=args.out)
+    unknown = [c for c in plan.conditions if c not in CONDITIONS] + [m for m in plan.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown condition or method: {', '.join(unknown)}")
+    result = run_bench(plan)
+    print()
+    print_table(result["table"])
+    print(f"\nwrote {Path(plan.out_dir) / 'bench.json'}, {Path(plan.out_dir) / 'bench-summary.json'} and "
+          f"{len(result['plots'])} plots", file=sys.stdout)
+    return 0

@@ -1,0 +1,44 @@
+"""The training benchmark's bookkeeping: speed-ups, Theorem 3 predictions, trace files."""
+from __future__ import annotations
+
+import pytest
+
+from wanps.deploy.bench_train import CONDITIONS, QUICK, BenchPlan, predicted_iter_s, summarize, write_traces
+from wanps.deploy.linkem import LinkTrace
+
+
+def row(method, seed, time_s, reached=True):
+    return {"condition": "varying", "method": method, "seed": seed, "reached_target": reached,
+            "time_to_target_s": time_s if reached else None, "rounds": 100, "bytes_up": 2**20,
+            "final_accuracy": 0.97, "measured_iter_s": 0.1, "predicted_iter_s": 0.1}
+
+
+def test_speedups_use_medians_and_say_when_a_baseline_never_got_there():
+    plan = BenchPlan(conditions=("varying",), methods=("dsgd", "static", "deco"), seeds=(0, 1, 2), time_limit_s=300,
+                     target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="x")
+    rows = [row("deco", s, t) for s, t in enumerate((40, 50, 45))]
+    rows += [row("static", s, t) for s, t in enumerate((90, 80, 100))]
+    rows += [row("dsgd", s, 0, reached=False) for s in range(3)]
+    table = {t["method"]: t for t in summarize(rows, plan)}
+    assert table["deco"]["median_time_to_target_s"] == 45
+    assert table["static"]["deco_speedup_over_method"] == "2.00x"
+    assert table["dsgd"]["median_time_to_target_s"] is None
+    assert table["dsgd"]["deco_speedup_over_method"] == "> 6.67x (did not reach)"
+
+
+def test_prediction_uses_the_slowest_link_and_the_last_decision():
+    result = {"per_round": [[0, 0.1, 2, 0.01, None], [1, 0.2, 4, 0.001, 0.9]],
+              "controller_state": {"traffic_factor": 2.0, "links": [
+                  {"bandwidth_bps": 20e6, "latency_s": 0.1, "t_comp_s": 0.02},
+                  {"bandwidth_bps": 10e6, "latency_s": 0.05, "t_comp_s": 0.03}]}}
+    transfer = 0.001 * 1000 * 64 * 2.0 / 10e6
+    assert predicted_iter_s(result, 1000) == pytest.approx(max((0.03 + 0.1 + transfer) / 5, transfer, 0.03), abs=1e-5)
+    assert predicted_iter_s({"per_round": [], "controller_state": {}}, 1000) is None
+
+
+def test_fixed_conditions_become_one_trace_file_per_worker(tmp_path):
+    paths = write_traces(CONDITIONS["hetero"], tmp_path)
+    assert len(paths) == 4
+    assert LinkTrace.from_csv(paths[3]).at(5.0).bandwidth_mbit == 4
+    assert write_traces(CONDITIONS["varying"], tmp_path) == ()
+    assert set(QUICK.methods) <= {"dsgd", "static", "deco"}
