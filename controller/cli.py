@@ -16,7 +16,7 @@ from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, deco
 from wanps.controller.estimator import EstimatorConfig
 from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
-from wanps.deploy.runtime import EnvDefaultsParser, run_async, serve_until_signalled, setup_logging, split_host_port
+from wanps.deploy.runtime import EnvDefaultsParser, serve_main, setup_logging, split_host_port
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 
@@ -137,11 +137,4 @@ def main(argv: list[str] | None = None) -> int:
         return ADMIN_COMMANDS[argv[0]](argv[1:])
     config, log_level = parse_config(argv)
     setup_logging(log_level)
-    run_async(
-        serve_until_signalled(
-            lambda: start_controller(config),
-            lambda running: f"LISTENING {config.host}:{running.port} METRICS {running.metrics_port}",
-        ),
-        use_uvloop=config.use_uvloop,
-    )
-    return 0
+    return serve_main(lambda: start_controller(config), config.host, config.use_uvloop)

@@ -11,7 +11,6 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -22,7 +21,7 @@ from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, K
 from wanps.controller.policy import PolicyConfig
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
-from wanps.deploy.runtime import add_health_and_reflection, grpc_channel_options, start_metrics_endpoint
+from wanps.deploy.runtime import RunningService, start_grpc_service
 
 log = logging.getLogger("wanps.controller")
 
@@ -117,9 +116,12 @@ class ControllerService(pb_grpc.ControllerServicer):
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def close(self) -> None:
+    def begin_shutdown(self) -> None:
         self._closing = True
         self._changed.set()
+
+    def close(self) -> None:
+        self.begin_shutdown()
 
     async def Decisions(self, request: pb.DecisionsRequest, context) -> AsyncIterator[pb.Decision]:
         sent: set[int] = set()
@@ -186,32 +188,17 @@ class ControllerService(pb_grpc.ControllerServicer):
                                   links=links, traffic_factor=core.traffic_factor())
 
 
-@dataclass
-class RunningController:
-    server: grpc.aio.Server
-    service: ControllerService
-    port: int
-    metrics_port: int | None
-    _metrics_httpd: Any = None
-
-    async def stop(self, grace: float = 2.0) -> None:
-        self.service.close()
-        await self.server.stop(grace)
-        if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()
-            self._metrics_httpd.server_close()
+RunningController = RunningService[ControllerService]
 
 
 async def start_controller(config: ControllerConfig, registry: CollectorRegistry | None = None) -> RunningController:
     registry = registry if registry is not None else CollectorRegistry()
     service = ControllerService(config, ControllerMetrics(registry))
-    server = grpc.aio.server(options=grpc_channel_options(config.max_message_bytes))
-    pb_grpc.add_ControllerServicer_to_server(service, server)
-    await add_health_and_reflection(server, pb.DESCRIPTOR.services_by_name["Controller"].full_name)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise RuntimeError(f"could not bind {config.host}:{config.port}")
-    await server.start()
-    httpd, metrics_port = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
-    log.info("controller on %s:%d (metrics %s), policy %s", config.host, port, metrics_port, config.policy.name)
-    return RunningController(server=server, service=service, port=port, metrics_port=metrics_port, _metrics_httpd=httpd)
+    running = await start_grpc_service(
+        service, pb_grpc.add_ControllerServicer_to_server, pb.DESCRIPTOR.services_by_name["Controller"].full_name,
+        host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
+        metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
+    )
+    log.info("controller on %s:%d (metrics %s), policy %s", config.host, running.port, running.metrics_port,
+             config.policy.name)
+    return running

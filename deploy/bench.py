@@ -89,16 +89,8 @@ def random_update(num_params: int, pairs: int, seed: int) -> codec.SparseUpdate:
 
 
 def push_messages(header: pb.PushHeader, update: codec.SparseUpdate | None) -> list[pb.PushMessage]:
-    """The message stream of one push, built the way `WorkerSession.push` builds it."""
-    chunks: list[pb.PushMessage] = []
-    header.skip = update is None
-    if update is not None:
-        header.codec = pb.CODEC_DENSE if update.indices is None else pb.CODEC_SPARSE
-        header.value_dtype = pb.VALUE_DTYPE_FLOAT32
-        header.count = update.count
-        for index_raw, value_raw in codec.iter_chunks(update.values, update.indices):
-            chunks.append(pb.PushMessage(chunk=pb.SparseChunk(indices=index_raw, values=value_raw)))
-    return [pb.PushMessage(header=header), *chunks]
+    """The message stream of one push, exactly as `WorkerSession.push` sends it."""
+    return codec.push_messages(header, update)[0]
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -68,6 +68,7 @@ SETUP_BANDWIDTH_MBIT = 1000.0
 # Upper bounds on any single blocking wait, so a stuck run fails instead of hanging.
 SETUP_TIMEOUT_S = 60.0
 WAIT_STEP_S = 0.5
+CLOSE_WAIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,12 @@ async def run_condition(config: EstimateBenchConfig, condition: Condition, windo
             if worker.thread.is_alive():
                 await asyncio.to_thread(worker.thread.join, SETUP_TIMEOUT_S)
         if link is not None:
+            # The worker's channel is closed by now: let its connection end in order through
+            # the link (EOF both ways) before cancelling what is left.
+            for _ in range(int(CLOSE_WAIT_S / 0.05)):
+                if link.active_connections == 0:
+                    break
+                await asyncio.sleep(0.05)
             await link.close()
         if controller is not None:
             await controller.stop(0.5)

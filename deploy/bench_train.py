@@ -75,7 +75,7 @@ class BenchPlan:
     out_dir: str
 
 
-QUICK = BenchPlan(conditions=("varying",), methods=("dsgd", "static", "deco"), seeds=(0,), time_limit_s=120,
+QUICK = BenchPlan(conditions=("varying",), methods=("dsgd", "static", "deco"), seeds=(0,), time_limit_s=240,
                   target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
 FULL = BenchPlan(conditions=tuple(CONDITIONS), methods=tuple(METHODS), seeds=(0, 1, 2), time_limit_s=300,
                  target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")

@@ -11,7 +11,8 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -135,3 +136,62 @@ async def add_health_and_reflection(server: grpc.aio.Server, service_full_name: 
         server,
     )
     return health
+
+
+class Service(Protocol):
+    def begin_shutdown(self) -> None: ...  # end long-lived streams, so stop() need not wait out the grace
+
+    def close(self) -> None: ...  # release what the service holds (threads), after the server stopped
+
+
+S = TypeVar("S", bound=Service)
+
+
+@dataclass
+class RunningService(Generic[S]):
+    server: grpc.aio.Server
+    service: S
+    port: int
+    metrics_port: int | None
+    metrics_httpd: Any = None
+
+    async def stop(self, grace: float = 2.0) -> None:
+        self.service.begin_shutdown()
+        await self.server.stop(grace)
+        self.service.close()
+        if self.metrics_httpd is not None:
+            self.metrics_httpd.shutdown()
+            self.metrics_httpd.server_close()
+
+
+async def start_grpc_service(
+    service: S,
+    add_to_server: Callable[[S, grpc.aio.Server], None],
+    service_full_name: str,
+    *,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    metrics_host: str,
+    metrics_port: int,
+    registry: CollectorRegistry,
+) -> RunningService[S]:
+    """Bind, add health and reflection, start, and serve metrics: the common start of every service."""
+    server = grpc.aio.server(options=grpc_channel_options(max_message_bytes))
+    add_to_server(service, server)
+    await add_health_and_reflection(server, service_full_name)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    await server.start()
+    httpd, bound_metrics = start_metrics_endpoint(metrics_host, metrics_port, registry)
+    return RunningService(server=server, service=service, port=bound, metrics_port=bound_metrics, metrics_httpd=httpd)
+
+
+def serve_main(start: Callable[[], Any], host: str, use_uvloop: bool) -> int:
+    """Run a service until SIGINT/SIGTERM, announcing `LISTENING host:port METRICS port`."""
+    run_async(
+        serve_until_signalled(start, lambda running: f"LISTENING {host}:{running.port} METRICS {running.metrics_port}"),
+        use_uvloop=use_uvloop,
+    )
+    return 0

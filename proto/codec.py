@@ -91,6 +91,25 @@ def iter_chunks(values: torch.Tensor, indices: torch.Tensor | None) -> Iterator[
             return
 
 
+def push_messages(header: pb.PushHeader, update: SparseUpdate | None) -> tuple[list[pb.PushMessage], int]:
+    """The message stream of one push (header, then chunks) and its payload bytes.
+
+    `update` None is a skip record. Fills the header's codec, dtype and count first: the
+    header is copied into its message, so it must be complete by then.
+    """
+    header.skip = update is None
+    chunks: list[pb.PushMessage] = []
+    nbytes = 0
+    if update is not None:
+        header.codec = pb.CODEC_DENSE if update.indices is None else pb.CODEC_SPARSE
+        header.value_dtype = pb.VALUE_DTYPE_FLOAT32
+        header.count = update.count
+        for index_raw, value_raw in iter_chunks(update.values, update.indices):
+            chunks.append(pb.PushMessage(chunk=pb.SparseChunk(indices=index_raw, values=value_raw)))
+            nbytes += len(index_raw) + len(value_raw)
+    return [pb.PushMessage(header=header), *chunks], nbytes
+
+
 # ---------------------------------------------------------------------------- decode
 
 

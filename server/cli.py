@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from wanps.deploy.runtime import EnvDefaultsParser, run_async, serve_until_signalled, setup_logging, split_host_port
+from wanps.deploy.runtime import EnvDefaultsParser, serve_main, setup_logging, split_host_port
 from wanps.server.service import ServerConfig, start_server
 
 
@@ -60,11 +60,4 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, config.torch_threads))
     # Received tensors are zero-copy, read-only views of the message bytes; torch warns once about that.
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
-    run_async(
-        serve_until_signalled(
-            lambda: start_server(config),
-            lambda running: f"LISTENING {config.host}:{running.port} METRICS {running.metrics_port}",
-        ),
-        use_uvloop=config.use_uvloop,
-    )
-    return 0
+    return serve_main(lambda: start_server(config), config.host, config.use_uvloop)

@@ -20,7 +20,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
-from wanps.deploy.runtime import add_health_and_reflection, grpc_channel_options, start_metrics_endpoint
+from wanps.deploy.runtime import RunningService, start_grpc_service
 
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
@@ -146,6 +146,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             self._seeded.set()
         if self.core.started:
             self._started.set()
+
+    def begin_shutdown(self) -> None:
+        self.history.close()
 
     def close(self) -> None:
         self.history.close()
@@ -390,34 +393,17 @@ class _mapped_errors:
 # ---------------------------------------------------------------------------- process
 
 
-@dataclass
-class RunningServer:
-    server: grpc.aio.Server
-    service: ParameterServerService
-    port: int
-    metrics_port: int | None
-    _metrics_httpd: Any = None
-
-    async def stop(self, grace: float = 2.0) -> None:
-        self.service.history.close()
-        await self.server.stop(grace)
-        self.service.close()
-        if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()
-            self._metrics_httpd.server_close()
+RunningServer = RunningService[ParameterServerService]
 
 
 async def start_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> RunningServer:
     registry = registry if registry is not None else CollectorRegistry()
     service = ParameterServerService(ServerCore(config.core_config()), ServerMetrics(registry), config.history_rounds)
-    server = grpc.aio.server(options=grpc_channel_options(config.max_message_bytes))
-    pb_grpc.add_ParameterServerServicer_to_server(service, server)
-    await add_health_and_reflection(server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise RuntimeError(f"could not bind {config.host}:{config.port}")
-    await server.start()
-    httpd, metrics_port = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
+    running = await start_grpc_service(
+        service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
+        host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
+        metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
+    )
     log.info("parameter server on %s:%d (metrics %s), tau_max %d, min workers %d",
-             config.host, port, metrics_port, config.tau_max, config.min_workers)
-    return RunningServer(server=server, service=service, port=port, metrics_port=metrics_port, _metrics_httpd=httpd)
+             config.host, running.port, running.metrics_port, config.tau_max, config.min_workers)
+    return running

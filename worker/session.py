@@ -301,18 +301,8 @@ class WorkerSession:
     def push(self, round_: int, computed_at_version: int, update: codec.SparseUpdate | None
              ) -> concurrent.futures.Future[pb.PushReply]:
         """Send one round's update (None = skip record). Encoding happens on the calling thread."""
-        header = pb.PushHeader(worker_id=self.worker_id, round=round_, computed_at_version=computed_at_version,
-                               skip=update is None)
-        chunks: list[pb.PushMessage] = []
-        nbytes = 0
-        if update is not None:
-            header.codec = pb.CODEC_DENSE if update.indices is None else pb.CODEC_SPARSE
-            header.value_dtype = pb.VALUE_DTYPE_FLOAT32
-            header.count = update.count
-            for index_raw, value_raw in codec.iter_chunks(update.values, update.indices):
-                chunks.append(pb.PushMessage(chunk=pb.SparseChunk(indices=index_raw, values=value_raw)))
-                nbytes += len(index_raw) + len(value_raw)
-        messages = [pb.PushMessage(header=header), *chunks]  # the header is copied here, once complete
+        header = pb.PushHeader(worker_id=self.worker_id, round=round_, computed_at_version=computed_at_version)
+        messages, nbytes = codec.push_messages(header, update)
         self.bytes_up += nbytes
         return self._submit(lambda: self._push(messages, nbytes, round_))
 
