@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from wanps.controller.decisions import Decision, DecisionBook
-from wanps.controller.estimator import KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
+from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
 from wanps.controller.policy import ClusterView, PolicyConfig, Proposal, differs_enough, estimates_moved, propose
 
 
@@ -39,6 +39,8 @@ class ControllerCore:
         self._decided_at_round: int | None = None
         self._progress: deque[tuple[float, int]] = deque(maxlen=64)  # (time, reported round)
         self._traffic: dict[int, deque[tuple[float, str, int]]] = {}
+        # accordion: per interval of E rounds, (sum of gradient norms, count).
+        self._norms: dict[int, list[float]] = {}
 
     # ------------------------------------------------------------------ inputs
 
@@ -52,6 +54,10 @@ class ControllerCore:
         traffic = self._traffic.setdefault(report.worker_id, deque(maxlen=256))
         for sample in report.samples:
             estimator.add(sample)
+            if sample.kind == KIND_COMPUTE and sample.grad_norm > 0:
+                bucket = self._norms.setdefault(sample.round // max(1, self.policy.every_rounds), [0.0, 0])
+                bucket[0] += sample.grad_norm
+                bucket[1] += 1
             if sample.kind in (KIND_PUSH, KIND_DOWNLOAD):
                 traffic.append((sample.at_s, sample.kind, sample.nbytes))
         estimate = estimator.estimate(now_s)
@@ -75,7 +81,19 @@ class ControllerCore:
 
     def view(self) -> ClusterView:
         return ClusterView(round=self.reported_round, num_params=self.num_params, estimates=dict(self.estimates),
-                           traffic_factor=self.traffic_factor())
+                           traffic_factor=self.traffic_factor(), grad_norm_change=self.grad_norm_change())
+
+    def grad_norm_change(self) -> float | None:
+        """|mean norm of the last complete interval / the one before - 1| (None until two exist)."""
+        current = self.reported_round // max(1, self.policy.every_rounds)
+        complete = sorted(b for b in self._norms if b < current)
+        for old in [b for b in self._norms if b < current - 2]:
+            del self._norms[old]  # keep memory bounded
+        if len(complete) < 2:
+            return None
+        (s0, n0), (s1, n1) = self._norms[complete[-2]], self._norms[complete[-1]]
+        before, after = s0 / n0, s1 / n1
+        return abs(after - before) / before if before > 0 else None
 
     def traffic_factor(self) -> float:
         """Bytes a worker downloads per byte it pushes (median over workers), in [1, workers]."""
@@ -91,7 +109,7 @@ class ControllerCore:
         return min(max(1.0, ratios[len(ratios) // 2]), max(1, len(self._traffic)))
 
     def maybe_decide(self, now_s: float) -> Decision | None:
-        adaptive = self.policy.name.startswith("deco")
+        adaptive = self.policy.name.startswith("deco") or self.policy.name == "accordion"
         if not adaptive and self._proposal is not None:
             return None  # dsgd and static decide once
         if adaptive and self._decided_at_round is not None:

@@ -39,6 +39,8 @@ class Sample:
     nbytes: int
     seconds: float
     at_s: float  # the time the sample was taken, seconds on any monotonic clock
+    round: int = 0
+    grad_norm: float = 0.0  # KIND_COMPUTE: ||lr * g|| of that round
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ Policies:
   and compute time over the workers), one (tau, delta) for all, as the paper does.
 - `deco-hetero` (beyond the paper): tau from `deco`, then each worker its own delta_i =
   delta*(tau) of its own link, so a slow link no longer sets everyone's delta.
+- `accordion` (a baseline, Accordion-style): tau 0; every E rounds, compare the mean
+  gradient norm of the last interval with the one before; a relative change of at least
+  `accordion_eta` marks a critical regime and gets the light compression
+  (`accordion_deltas[1]`), otherwise the heavy one (`accordion_deltas[0]`).
 
 Adaptive policies recompute every `every_rounds` rounds (the paper's E) and as soon as an
 estimate moves by more than `change_threshold` (relative) since the last decision. With
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoDecision, DecoInput, deco
 from wanps.controller.estimator import LinkEstimate
 
-POLICIES = ("dsgd", "static", "deco", "deco-hetero")
+POLICIES = ("dsgd", "static", "deco", "deco-hetero", "accordion")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ class PolicyConfig:
     switch_margin_s: float = 3.0
     # ... and this many rounds ahead while the training speed is not known yet.
     switch_margin_rounds_cold: int = 100
+    # accordion: (heavy, light) compression deltas and the critical-regime threshold.
+    accordion_deltas: tuple[float, float] = (0.01, 0.1)
+    accordion_eta: float = 0.5
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -72,6 +79,8 @@ class ClusterView:
     num_params: int | None
     estimates: dict[int, LinkEstimate]  # per worker with enough samples
     traffic_factor: float = 1.0  # bytes a worker downloads per round / bytes it pushes
+    # accordion: relative change of the mean gradient norm between the last two intervals.
+    grad_norm_change: float | None = None
 
 
 def slowest_link(estimates: dict[int, LinkEstimate]) -> tuple[float, float, float | None]:
@@ -96,6 +105,14 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
         return Proposal(0, 1.0, "D-SGD: synchronous and uncompressed")
     if config.name == "static":
         return Proposal(config.tau, config.delta, f"static: tau {config.tau}, delta {config.delta:g}")
+    if config.name == "accordion":
+        if view.grad_norm_change is None:
+            return None
+        heavy, light = config.accordion_deltas
+        critical = view.grad_norm_change >= config.accordion_eta
+        return Proposal(0, light if critical else heavy,
+                        f"accordion: gradient norm changed {view.grad_norm_change:.0%} "
+                        f"({'critical' if critical else 'not critical'})")
     if view.num_params is None or not view.estimates:
         return None
     bandwidth, latency, t_comp = slowest_link(view.estimates)

@@ -147,7 +147,10 @@ class ControllerService(pb_grpc.ControllerServicer):
             kind = _SAMPLE_KINDS.get(sample.kind)
             if kind is None or not sample.seconds >= 0 or not math.isfinite(sample.seconds):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a sample needs a kind and seconds >= 0")
-            samples.append(Sample(kind=kind, nbytes=sample.bytes, seconds=sample.seconds, at_s=now))
+            if not math.isfinite(sample.grad_norm) or sample.grad_norm < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "grad_norm must be finite and >= 0")
+            samples.append(Sample(kind=kind, nbytes=sample.bytes, seconds=sample.seconds, at_s=now, round=sample.round,
+                                  grad_norm=sample.grad_norm))
         for sample in samples:
             self.metrics.samples.labels(kind=sample.kind).inc()
         decision = self.core.report(Report(request.worker_id, request.round, request.num_params, tuple(samples)), now)

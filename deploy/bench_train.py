@@ -12,6 +12,8 @@ Methods (docs/benchmarks.md says where a baseline is simplified):
 - ef: sparse error feedback only (tau 0, delta 0.01).
 - deco: DeCo, one decision for all from the slowest link, recomputed every E rounds.
 - deco-hetero: DeCo's tau, a delta per worker.
+- accordion: tau 0; delta 0.1 in critical regimes (gradient norm changed >= 50% between
+  intervals of 50 rounds), 0.01 otherwise.
 
 Writes results/bench.json (one row per condition x method x seed) and PNG plots, and prints
 a table with deco's speed-up over each baseline.
@@ -59,8 +61,9 @@ METHODS: dict[str, tuple[str, int, float, tuple[str, ...]]] = {
     "ef": ("static", 0, 0.01, ()),
     "deco": ("deco", 2, 0.01, ()),
     "deco-hetero": ("deco-hetero", 2, 0.01, ()),
+    "accordion": ("accordion", 0, 0.01, ("--every-rounds", "50")),
 }
-ADAPTIVE = {"static", "deco", "deco-hetero"}
+ADAPTIVE = {"static", "deco", "deco-hetero", "accordion"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class BenchPlan:
     out_dir: str
 
 
-QUICK = BenchPlan(conditions=("varying",), methods=("dsgd", "static", "deco"), seeds=(0,), time_limit_s=240,
+QUICK = BenchPlan(conditions=("varying",), methods=("dsgd", "static", "deco"), seeds=(0,), time_limit_s=300,
                   target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
 FULL = BenchPlan(conditions=tuple(CONDITIONS), methods=tuple(METHODS), seeds=(0, 1, 2), time_limit_s=300,
                  target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
@@ -104,7 +107,9 @@ def predicted_iter_s(result: dict, num_params: int) -> float | None:
     latency = max(link["latency_s"] for link in links)
     t_comp = max(link.get("t_comp_s", 0.0) for link in links)
     traffic = state.get("traffic_factor") or 1.0
-    transfer = delta * num_params * DEFAULT_BITS_PER_ELEMENT * traffic / bandwidth
+    # From delta 0.5 on, workers send dense: 32 bits per element, every element.
+    sent_bits = num_params * 32 if 2 * delta >= 1 else delta * num_params * DEFAULT_BITS_PER_ELEMENT
+    transfer = sent_bits * traffic / bandwidth
     return round(predicted_iteration_time(t_comp, latency, transfer, tau), 5)
 
 

@@ -246,7 +246,7 @@ class Decision(_message.Message):
     def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., worker_delta: _Optional[_Mapping[int, float]] = ..., predicted_iter_s: _Optional[float] = ...) -> None: ...
 
 class LinkSample(_message.Message):
-    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns")
+    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[LinkSample.Kind]
@@ -264,12 +264,14 @@ class LinkSample(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     kind: LinkSample.Kind
     bytes: int
     seconds: float
     round: int
     unix_ns: int
-    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ...) -> None: ...
+    grad_norm: float
+    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("worker_id", "round", "samples", "num_params")

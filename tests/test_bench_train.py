@@ -31,7 +31,7 @@ def test_prediction_uses_the_slowest_link_and_the_last_decision():
               "controller_state": {"traffic_factor": 2.0, "links": [
                   {"bandwidth_bps": 20e6, "latency_s": 0.1, "t_comp_s": 0.02},
                   {"bandwidth_bps": 10e6, "latency_s": 0.05, "t_comp_s": 0.03}]}}
-    transfer = 0.001 * 1000 * 64 * 2.0 / 10e6
+    transfer = 0.001 * 1000 * 64 * 2.0 / 10e6  # sparse: 64 bits per sent element
     assert predicted_iter_s(result, 1000) == pytest.approx(max((0.03 + 0.1 + transfer) / 5, transfer, 0.03), abs=1e-5)
     assert predicted_iter_s({"per_round": [], "controller_state": {}}, 1000) is None
 
@@ -42,3 +42,11 @@ def test_fixed_conditions_become_one_trace_file_per_worker(tmp_path):
     assert LinkTrace.from_csv(paths[3]).at(5.0).bandwidth_mbit == 4
     assert write_traces(CONDITIONS["varying"], tmp_path) == ()
     assert set(QUICK.methods) <= {"dsgd", "static", "deco"}
+
+
+def test_prediction_for_dense_rounds_counts_values_only():
+    result = {"per_round": [[0, 0.1, 0, 1.0, None]],
+              "controller_state": {"traffic_factor": 1.0, "links": [{"bandwidth_bps": 10e6, "latency_s": 0.1,
+                                                                     "t_comp_s": 0.02}]}}
+    transfer = 1000 * 32 / 10e6
+    assert predicted_iter_s(result, 1000) == pytest.approx(0.02 + 0.1 + transfer, abs=1e-5)

@@ -112,15 +112,22 @@ def test_error_feedback_does_not_modify_the_gradient() -> None:
 
 def test_error_feedback_dense_when_delta_is_one() -> None:
     ef = ErrorFeedback(4)
-    ef.compress(torch.tensor([1.0, -2.0, 3.0, 0.5]), 0.5)  # leaves [1, 0.5] in the residual
-    assert ef.residual.tolist() == [1.0, 0.0, 0.0, 0.5]
+    ef.compress(torch.tensor([1.0, -2.0, 3.0, 0.5]), 0.25)  # sends the 3, keeps the rest
+    assert ef.residual.tolist() == [1.0, -2.0, 0.0, 0.5]
     update = ef.compress(torch.tensor([0.25, 0.25, 0.25, 0.25]), 1.0)
     assert update.indices is None
-    assert update.values.tolist() == [1.25, 0.25, 0.25, 0.75]
+    assert update.values.tolist() == [1.25, -1.75, 0.25, 0.75]
     assert torch.count_nonzero(ef.residual) == 0
     # The pushed values are a copy: later steps do not change them.
     ef.compress(torch.ones(4), 1.0)
-    assert update.values.tolist() == [1.25, 0.25, 0.25, 0.75]
+    assert update.values.tolist() == [1.25, -1.75, 0.25, 0.75]
+
+
+def test_error_feedback_goes_dense_from_half_the_elements() -> None:
+    """Half the elements sparse cost as many bytes as all of them dense (no indices)."""
+    assert ErrorFeedback(10).compress(torch.arange(10, dtype=torch.float32), 0.5).indices is None
+    below = ErrorFeedback(10).compress(torch.arange(10, dtype=torch.float32), 0.4)
+    assert below.indices.tolist() == [6, 7, 8, 9]
 
 
 def test_error_feedback_dense_when_k_rounds_up_to_everything() -> None:
@@ -145,12 +152,12 @@ def test_error_feedback_invariant_over_many_steps(seed: int) -> None:
         p = ef.residual + scaled  # what the step must split into pushed + kept, exactly
         update = ef.compress(scaled, delta)
         k = elements_for(delta, d)
-        assert update.count == k
+        assert update.count == (d if 2 * k >= d else k)
         pushed = densify(update, d)
         # Exact split of p: every element is either pushed or kept, never both, never altered.
         assert torch.equal(pushed + ef.residual, p)
         if update.indices is None:
-            assert k == d and torch.count_nonzero(ef.residual) == 0
+            assert 2 * k >= d and torch.count_nonzero(ef.residual) == 0
         else:
             idx = update.indices.long()
             assert bool((idx[1:] > idx[:-1]).all())

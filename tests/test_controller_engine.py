@@ -109,3 +109,23 @@ def test_e_infinite_decides_once_on_the_first_estimates():
     first = run(core, {1: (20e6, 0.1, 0.02)}, 4)
     assert len(first) == 1 and first[0].policy == "deco"
     assert run(core, {1: (2e6, 0.3, 0.02)}, 10, start_round=40, t0=4.0) == []  # the link changed: no new decision
+
+
+def norm_report(worker_id: int, round_: int, norm: float, t: float) -> Report:
+    samples = tuple(Sample(KIND_COMPUTE, 0, 0.02, t, round=r, grad_norm=norm) for r in range(round_ - 9, round_ + 1))
+    return Report(worker_id, round_, D, samples)
+
+
+def test_accordion_uses_light_compression_only_in_critical_regimes():
+    core = ControllerCore(PolicyConfig(name="accordion", every_rounds=10, accordion_deltas=(0.01, 0.1),
+                                       accordion_eta=0.5))
+    assert core.maybe_decide(0.0).tau == 2  # bootstrap
+    decisions = []
+    # Rounds 0-29: the norm halves between intervals 0 and 1 (critical), then stays (not critical).
+    for step, norm in enumerate([4.0, 1.0, 1.0, 1.0]):
+        decision = core.report(norm_report(1, 10 * step + 9, norm, float(step)), float(step))
+        decisions.append(decision)
+    assert core.grad_norm_change() == pytest.approx(0.0)
+    made = [d for d in decisions if d is not None]
+    assert [(d.tau, d.delta) for d in made] == [(0, 0.1), (0, 0.01)]
+    assert "critical" in made[0].reason

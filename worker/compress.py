@@ -44,7 +44,9 @@ class ErrorFeedback:
         """Take lr*g, return C(lr*g + e) to push; keep the rest as the new residual."""
         p = self.residual.add_(scaled_grad)  # p = lr*g + e, in place
         k = elements_for(delta, p.numel())
-        if k == p.numel():
+        # From half the elements on, dense is smaller on the wire (values only, no indices)
+        # and sends more: use it.
+        if 2 * k >= p.numel():
             update = SparseUpdate(values=p.clone(), indices=None)
             p.zero_()
             return update

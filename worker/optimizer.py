@@ -132,8 +132,9 @@ class Optimizer(torch.optim.Optimizer):
         decision = self.decision_at(self.round)
         self.last_decision = decision
         self._gather_scaled_grad()
+        grad_norm = float(torch.linalg.vector_norm(self._grad))  # Accordion's signal, reported with T_comp
         update = self._ef.compress(self._grad, decision.delta_for(self.worker_id))
-        self.session.record_compute(time.monotonic() - self._compute_started, self.round)
+        self.session.record_compute(time.monotonic() - self._compute_started, self.round, grad_norm)
         self._in_flight.append(self.session.push(self.round, self.version, update))
         self.round += 1
         self._wait_until_fresh(self.round - self.tau_at(self.round))

@@ -279,12 +279,12 @@ class WorkerSession:
             self.bytes_up += len(padding)
             self._sample(pb.LinkSample.KIND_PING, len(padding), time.monotonic() - started, self._reported_round)
 
-    def _sample(self, kind: int, nbytes: int, seconds: float, round_: int) -> None:
+    def _sample(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
         self._samples.append(pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
-                                           unix_ns=time.time_ns()))
+                                           unix_ns=time.time_ns(), grad_norm=grad_norm))
 
-    def record_compute(self, seconds: float, round_: int) -> None:
-        self._loop.call_soon_threadsafe(self._sample, pb.LinkSample.KIND_COMPUTE, 0, seconds, round_)
+    def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
+        self._loop.call_soon_threadsafe(self._sample, pb.LinkSample.KIND_COMPUTE, 0, seconds, round_, grad_norm)
         self._reported_round = max(self._reported_round, round_)
 
     # ------------------------------------------------------------------ decisions
