@@ -32,7 +32,8 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
                         help="HOST:PORT for Prometheus metrics (port 0 = any free port, 'off' = none).")
     parser.add_argument("--policy", env="WANPS_POLICY", choices=POLICIES, default=policy.name,
                         help="dsgd: tau 0, delta 1. static: --tau and --delta. deco: DeCo on the slowest link. "
-                             "deco-hetero: DeCo's tau, each worker its own delta.")
+                             "deco-hetero: DeCo's tau, each worker its own delta. accordion: tau 0, delta by "
+                             "gradient-norm regime (a baseline).")
     parser.add_argument("--tau", env="WANPS_TAU", type=int, default=policy.tau,
                         help="Staleness for 'static' (and the adaptive policies' start).")
     parser.add_argument("--delta", env="WANPS_DELTA", type=float, default=policy.delta,

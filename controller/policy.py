@@ -6,7 +6,9 @@ Policies:
 - `deco`: DeCo (controller/deco.py) on the slowest link (lowest bandwidth, highest latency
   and compute time over the workers), one (tau, delta) for all, as the paper does.
 - `deco-hetero` (beyond the paper): tau from `deco`, then each worker its own delta_i =
-  delta*(tau) of its own link, so a slow link no longer sets everyone's delta.
+  delta*(tau) of its own uplink, scaled so that sum(delta_i) <= n * delta(deco): every
+  worker downloads the union of all selections, so the slowest link's download budget
+  still binds; within it, slow uplinks send less and fast ones more.
 - `accordion` (a baseline, Accordion-style): tau 0; every E rounds, compare the mean
   gradient norm of the last interval with the one before; a relative change of at least
   `accordion_eta` marks a critical regime and gets the light compression
@@ -123,13 +125,20 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
               f"T_comp {t_comp * 1e3:.1f} ms, traffic x{view.traffic_factor:.1f}")
     if config.name == "deco":
         return Proposal(decision.tau, decision.delta, reason, predicted_iter_s=decision.predicted_iter_s)
-    # deco-hetero: shared tau, each worker the delta its own link carries at that tau.
-    worker_delta = {}
+    # deco-hetero: shared tau, each worker the delta its own uplink carries at that tau, then
+    # scaled so the total stays within what deco sends: every worker downloads the union of
+    # all selections, so the slowest link's download budget (n * deco's delta) binds everyone.
+    own_deltas = {}
     for worker_id, estimate in view.estimates.items():
         own = deco_input(view, estimate.bandwidth_bps, estimate.latency_s, estimate.t_comp_s or t_comp, config)
         scale = own.bandwidth_bps / own.gradient_bits
-        delta_i = min((decision.tau * own.t_comp_s - own.latency_s) * scale, own.t_comp_s * scale, 1.0)
-        worker_delta[worker_id] = max(own.min_delta, delta_i, decision.delta)
+        own_deltas[worker_id] = max(own.min_delta, min((decision.tau * own.t_comp_s - own.latency_s) * scale,
+                                                       own.t_comp_s * scale, 1.0))
+    budget = decision.delta * len(own_deltas)
+    total = sum(own_deltas.values())
+    shrink = min(1.0, budget / total) if total > 0 else 1.0
+    floor = 1.0 / view.num_params
+    worker_delta = {w: min(1.0, max(floor, d * shrink)) for w, d in own_deltas.items()}
     return Proposal(decision.tau, decision.delta, "hetero " + reason, worker_delta=worker_delta,
                     predicted_iter_s=decision.predicted_iter_s)
 
