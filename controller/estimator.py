@@ -67,6 +67,11 @@ class EstimatorConfig:
     min_size_step_bytes: int = 8192
     # Theil-Sen looks at pairs among at most this many newest points (O(n^2)).
     regression_points: int = 256
+    # Change detection: when the newest `change_window_s` disagree with the whole window by
+    # more than `change_ratio` in bandwidth, older samples are dropped (a step change is
+    # followed in seconds, not after the whole window has aged out).
+    change_window_s: float = 3.0
+    change_ratio: float = 0.3
 
 
 def theil_sen(x: np.ndarray, y: np.ndarray, min_dx: float) -> tuple[float, float] | None:
@@ -79,6 +84,21 @@ def theil_sen(x: np.ndarray, y: np.ndarray, min_dx: float) -> tuple[float, float
     slope = float(np.median((y[j] - y[i])[keep] / dx[keep]))
     intercept = float(np.median(y - slope * x))
     return slope, intercept
+
+
+def lower_envelope_fit(x: np.ndarray, y: np.ndarray, min_dx: float) -> tuple[float, float] | None:
+    """Theil-Sen, then again on the points at or below the first line.
+
+    Queueing only ever adds delay, so the points above the line are the queued ones; the
+    lower half is closer to the link itself.
+    """
+    fit = theil_sen(x, y, min_dx)
+    if fit is None:
+        return None
+    residual = y - (fit[1] + fit[0] * x)
+    lower = residual <= np.median(residual)
+    refit = theil_sen(x[lower], y[lower], min_dx) if lower.sum() >= 3 else None
+    return refit if refit is not None and refit[0] > 0 else fit
 
 
 class LinkEstimator:
@@ -98,7 +118,19 @@ class LinkEstimator:
         return [s for s in self._samples if s.at_s >= start]
 
     def estimate(self, now_s: float) -> LinkEstimate | None:
-        samples = self._window(now_s)
+        full = self._estimate(self._window(now_s))
+        c = self.config
+        recent = self._estimate([s for s in self._samples if s.at_s >= now_s - c.change_window_s])
+        if full is not None and recent is not None:
+            ratio = recent.bandwidth_bps / full.bandwidth_bps
+            if abs(ratio - 1.0) > c.change_ratio:
+                # The link changed: forget what came before the recent window.
+                start = now_s - c.change_window_s
+                self._samples = deque((s for s in self._samples if s.at_s >= start), maxlen=c.max_samples)
+                return recent
+        return full
+
+    def _estimate(self, samples: list[Sample]) -> LinkEstimate | None:
         # Padded pings (bandwidth probes) are points on the same line as pushes.
         pushes = [s for s in samples if s.nbytes > 0 and s.kind in (KIND_PUSH, KIND_PING)]
         pings = [s for s in samples if s.kind == KIND_PING and s.nbytes == 0]
@@ -115,7 +147,7 @@ class LinkEstimator:
             # Varying sizes: regress seconds on bytes; pings anchor the zero-byte end.
             x = np.concatenate([sizes, np.zeros(len(pings))])[-c.regression_points :]
             y = np.concatenate([times, [p.seconds for p in pings]])[-c.regression_points :]
-            fit = theil_sen(x, y, min_dx=max(c.size_spread * float(np.median(sizes)), c.min_size_step_bytes))
+            fit = lower_envelope_fit(x, y, min_dx=max(c.size_spread * float(np.median(sizes)), c.min_size_step_bytes))
             if fit is not None and fit[0] > 0:
                 bandwidth, method = 8.0 / fit[0], "theil-sen"
         if bandwidth is None:

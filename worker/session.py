@@ -34,10 +34,12 @@ log = logging.getLogger("wanps.worker")
 T = TypeVar("T")
 
 REPORT_INTERVAL_S = 1.0
-# Every PING_INTERVAL_S a ping; every other one carries PROBE_BYTES of padding, so the
-# controller sees the link's bandwidth even when pushes are tiny (a small delta): 32 KiB
-# every 4 s is 64 kbit/s, about 0.3% of a 20 Mbit/s link.
-PING_INTERVAL_S = 2.0
+# A ping every PING_INTERVAL_S (enough unqueued RTTs for a low quantile in a few seconds);
+# every PROBE_EVERY-th carries PROBE_BYTES of padding, so the controller sees the link's
+# bandwidth even when pushes are tiny (a small delta): 32 KiB every 4 s is 64 kbit/s,
+# about 0.3% of a 20 Mbit/s link.
+PING_INTERVAL_S = 0.5
+PROBE_EVERY = 8
 PROBE_BYTES = 32 * 1024
 MAX_BACKOFF_S = 8.0
 
@@ -269,7 +271,7 @@ class WorkerSession:
             if self._closed:
                 return
             await asyncio.sleep(PING_INTERVAL_S)
-            padding = probe if count % 2 else b""
+            padding = probe if count % PROBE_EVERY == PROBE_EVERY - 1 else b""
             started = time.monotonic()
             try:
                 await self._server.Ping(pb.PingRequest(worker_id=self.worker_id or 0, sent_unix_ns=time.time_ns(),
