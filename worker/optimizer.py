@@ -76,6 +76,7 @@ class Optimizer(torch.optim.Optimizer):
         self._grad = torch.zeros_like(self.replica)
         self._ef = ErrorFeedback(self.num_params)
         self._fallback = Decision(0, 0, tau, delta, "local", "no controller decision yet")
+        self._seen_decisions: set[int] = set()
         self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
         try:
             self._join(name or socket.gethostname(), join_timeout_s)
@@ -112,8 +113,15 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ decisions
 
     def decision_at(self, round_: int) -> Decision:
-        decision = decision_for_round(self.session.decisions(), round_) or self._fallback
-        return decision
+        decisions = self.session.decisions()
+        first_look = not self._seen_decisions  # what was in force when this worker joined is not late
+        for late in (d for d in decisions if d.decision_id not in self._seen_decisions):
+            self._seen_decisions.add(late.decision_id)
+            if late.from_round < round_ and not first_look:
+                # Workers switch together only if they hear of a decision before its round.
+                log.warning("decision %d for round %d arrived at round %d: this worker switches late",
+                            late.decision_id, late.from_round, round_)
+        return decision_for_round(decisions, round_) or self._fallback
 
     def tau_at(self, round_: int) -> int:
         return min(self.decision_at(round_).tau, self.tau_max)
