@@ -58,6 +58,7 @@ from prometheus_client import CollectorRegistry
 from wanps.controller.estimator import EstimatorConfig, LinkEstimate
 from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, RunningController, start_controller
+from wanps.deploy.bench import _table
 from wanps.deploy.linkem import LinkEmulator, LinkTrace, TracePoint
 from wanps.deploy.runtime import EnvDefaultsParser, run_async
 from wanps.proto import codec
@@ -476,14 +477,6 @@ async def run_estimate_bench(config: EstimateBenchConfig) -> dict[str, Any]:
 
 def _fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{unit}"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def format_result(result: dict[str, Any], series: bool = False) -> str:

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from wanps.deploy.processes import start_process, stop_all, wanps_command
-from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.worker import Observer
 from wanps.worker.tasks import get_task
 
-from wire import RawClient
+from wire import RawClient, models_by_version
 
 ROUNDS = 60
 
@@ -59,12 +58,7 @@ def test_cluster_of_processes_over_emulated_links(tmp_path):
         observer.wait_for_version(ROUNDS, timeout_s=60)
         assert observer.version == ROUNDS
 
-        # Replay the observer's deltas: the model at every version.
-        replay = observer.initial_values.clone()
-        models = {observer.initial_version: replay.clone()}
-        for item in observer.replica.applied:
-            codec.apply_delta(replay, item.delta)
-            models[item.version] = replay.clone()
+        models = models_by_version(observer)
         assert observer.initial_version == 0
         for path in replicas:
             saved = torch.load(path)

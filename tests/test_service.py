@@ -11,12 +11,11 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.worker import Observer, Optimizer
 from wanps.worker.tasks import get_task
 
-from wire import RawClient
+from wire import RawClient, models_by_version
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -229,11 +228,8 @@ def test_optimizers_keep_identical_replicas_and_conserve_the_model(make_cluster)
     observer.wait_for_version(final_version, timeout_s=30)
     assert observer.version == final_version
     # Every worker's replica equals the observer's replica at the same version, replayed exactly.
-    replay = observer.initial_values.clone()
-    history = {observer.initial_version: replay.clone()}
-    for item in observer.replica.applied:
-        codec.apply_delta(replay, item.delta)
-        history[item.version] = replay.clone()
+    history = models_by_version(observer)
+    replay = history[final_version]
     for version, values in finals.values():
         assert torch.equal(values, history[version])
     # Server model == observer replica == initial - sum of the applied means.

@@ -53,3 +53,13 @@ class RawClient:
     def skip(self, worker_id: int, round_: int) -> pb.PushReply:
         return self.push_raw(pb.PushHeader(worker_id=worker_id, round=round_, computed_at_version=round_, skip=True),
                              [])
+
+
+def models_by_version(observer) -> dict[int, torch.Tensor]:
+    """Replay an observer's recorded deltas on its initial model: the model at every version."""
+    replay = observer.initial_values.clone()
+    models = {observer.initial_version: replay.clone()}
+    for item in observer.replica.applied:
+        codec.apply_delta(replay, item.delta)
+        models[item.version] = replay.clone()
+    return models
