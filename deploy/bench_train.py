@@ -96,6 +96,27 @@ def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
 
 
 def predicted_iter_s(result: dict, num_params: int) -> float | None:
+    """Theorem 3's T_avg over the run, to compare with the measured seconds per round.
+
+    Adaptive decisions carry their own prediction (made on the estimates of the moment):
+    average those over the rounds each decision was in force (the middle 80% of the run, as
+    the measurement). Fixed decisions carry none: use the controller's estimates at the end.
+    """
+    decisions = sorted(result.get("decisions") or [], key=lambda d: (d["from_round"], d["id"]))
+    rounds = [r[0] for r in result["per_round"]]
+    if decisions and any(d["predicted_iter_s"] > 0 for d in decisions) and len(rounds) >= 10:
+        middle = rounds[len(rounds) // 10 : (len(rounds) * 9) // 10 + 1]
+        predictions = []
+        for round_ in middle:
+            in_force = [d for d in decisions if d["from_round"] <= round_]
+            if in_force and in_force[-1]["predicted_iter_s"] > 0:
+                predictions.append(in_force[-1]["predicted_iter_s"])
+        if predictions:
+            return round(sum(predictions) / len(predictions), 5)
+    return predicted_from_final_estimates(result, num_params)
+
+
+def predicted_from_final_estimates(result: dict, num_params: int) -> float | None:
     """Theorem 3 for the decision in force at the end, on the controller's final estimates."""
     state = result.get("controller_state") or {}
     links = state.get("links") or []
