@@ -2,7 +2,9 @@
 
 Wire rules (see docs/architecture.md):
 - indices: uint32 little-endian, strictly increasing (sorted and unique), each < num_params;
-- values: float32 little-endian (float16/bfloat16 are reserved in the ValueDtype enum);
+- values: float32, float16 or bfloat16 little-endian (the header's value_dtype); 16-bit
+  values are upcast to float32 on decode, so aggregation always runs in float32;
+- random block (CODEC_RANDOM_BLOCK): values only, for [block_start, block_start + count);
 - anything larger than CHUNK_ELEMENTS elements is sent as several chunks.
 
 Decoding is zero-copy: `torch.frombuffer` over the received `bytes`. Indices are viewed
@@ -37,9 +39,11 @@ _VALUE_DTYPES: dict[int, torch.dtype] = {
     pb.VALUE_DTYPE_FLOAT16: torch.float16,
     pb.VALUE_DTYPE_BFLOAT16: torch.bfloat16,
 }
-# What this build decodes today; the other enum values are reserved for later codecs.
-SUPPORTED_VALUE_DTYPES = frozenset({pb.VALUE_DTYPE_FLOAT32})
-SUPPORTED_CODECS = frozenset({pb.CODEC_SPARSE, pb.CODEC_DENSE})
+# The wire dtype a tensor's dtype is sent as (anything else is cast to float32).
+_WIRE_DTYPE_OF: dict[torch.dtype, int] = {dtype: wire for wire, dtype in _VALUE_DTYPES.items()}
+# What this build decodes.
+SUPPORTED_VALUE_DTYPES = frozenset(_VALUE_DTYPES)
+SUPPORTED_CODECS = frozenset({pb.CODEC_SPARSE, pb.CODEC_DENSE, pb.CODEC_RANDOM_BLOCK})
 
 
 class WireError(ValueError):
@@ -48,19 +52,39 @@ class WireError(ValueError):
 
 @dataclass(frozen=True)
 class SparseUpdate:
-    """A decoded update. `indices` is None for a dense update (every element, in order)."""
+    """An update. `indices` is None for a dense update (every element, in order).
 
-    values: torch.Tensor  # float32, 1-D
+    `values` is float32 once decoded; a worker's update may hold float16/bfloat16 values,
+    which is the dtype they travel in. A random-block update sets `block_start` and keeps
+    `indices` = arange(block_start, block_start + count), so the server core aggregates it
+    like any sparse update; the indices are never sent.
+    """
+
+    values: torch.Tensor  # float32 (float16/bfloat16 before encoding), 1-D
     indices: torch.Tensor | None  # int32, 1-D, sorted, unique; None = dense
+    block_start: int | None = None  # set for a random block
 
     @property
     def count(self) -> int:
         return int(self.values.numel())
 
     @property
+    def value_dtype(self) -> int:
+        """The ValueDtype these values travel as."""
+        return _WIRE_DTYPE_OF.get(self.values.dtype, pb.VALUE_DTYPE_FLOAT32)
+
+    @property
+    def codec(self) -> int:
+        if self.block_start is not None:
+            return pb.CODEC_RANDOM_BLOCK
+        return pb.CODEC_DENSE if self.indices is None else pb.CODEC_SPARSE
+
+    @property
     def nbytes(self) -> int:
-        index_bytes = 0 if self.indices is None else self.indices.numel() * 4
-        return index_bytes + self.values.numel() * self.values.element_size()
+        """Payload bytes on the wire."""
+        index_bytes = 0 if self.codec != pb.CODEC_SPARSE else self.indices.numel() * 4  # type: ignore[union-attr]
+        value_size = 4 if self.value_dtype == pb.VALUE_DTYPE_FLOAT32 else 2
+        return index_bytes + self.values.numel() * value_size
 
 
 # ---------------------------------------------------------------------------- encode
@@ -72,6 +96,9 @@ def index_bytes(indices: torch.Tensor) -> bytes:
 
 
 def value_bytes(values: torch.Tensor) -> bytes:
+    """float16/bfloat16 values as they are (numpy has no bfloat16: viewed as int16), anything else as float32."""
+    if values.dtype in (torch.float16, torch.bfloat16):
+        return values.contiguous().view(torch.int16).numpy().tobytes()
     return values.to(torch.float32).contiguous().numpy().tobytes()
 
 
@@ -94,17 +121,20 @@ def iter_chunks(values: torch.Tensor, indices: torch.Tensor | None) -> Iterator[
 def push_messages(header: pb.PushHeader, update: SparseUpdate | None) -> tuple[list[pb.PushMessage], int]:
     """The message stream of one push (header, then chunks) and its payload bytes.
 
-    `update` None is a skip record. Fills the header's codec, dtype and count first: the
-    header is copied into its message, so it must be complete by then.
+    `update` None is a skip record. Fills the header's codec, dtype, count and block start
+    first: the header is copied into its message, so it must be complete by then.
     """
     header.skip = update is None
     chunks: list[pb.PushMessage] = []
     nbytes = 0
     if update is not None:
-        header.codec = pb.CODEC_DENSE if update.indices is None else pb.CODEC_SPARSE
-        header.value_dtype = pb.VALUE_DTYPE_FLOAT32
+        header.codec = update.codec
+        header.value_dtype = update.value_dtype
         header.count = update.count
-        for index_raw, value_raw in iter_chunks(update.values, update.indices):
+        sent_indices = update.indices if header.codec == pb.CODEC_SPARSE else None
+        if update.block_start is not None:
+            header.block_start = update.block_start
+        for index_raw, value_raw in iter_chunks(update.values, sent_indices):
             chunks.append(pb.PushMessage(chunk=pb.SparseChunk(indices=index_raw, values=value_raw)))
             nbytes += len(index_raw) + len(value_raw)
     return [pb.PushMessage(header=header), *chunks], nbytes
@@ -142,19 +172,28 @@ def decode_indices(raw: bytes, count: int, num_params: int) -> torch.Tensor:
     return indices
 
 
+def _names(enum, values: frozenset[int]) -> str:
+    return ", ".join(enum.Name(v) for v in sorted(values))
+
+
 def decode_values(raw: bytes, count: int, value_dtype: int) -> torch.Tensor:
+    """float32 values (zero-copy for float32; float16/bfloat16 are upcast, one k-sized copy)."""
     if value_dtype not in SUPPORTED_VALUE_DTYPES:
         name = pb.ValueDtype.Name(value_dtype) if value_dtype in pb.ValueDtype.values() else str(value_dtype)
-        raise WireError(f"value_dtype {name} is not supported (supported: VALUE_DTYPE_FLOAT32)")
+        raise WireError(f"value_dtype {name} is not supported (supported: {_names(pb.ValueDtype, SUPPORTED_VALUE_DTYPES)})")
     dtype = _VALUE_DTYPES[value_dtype]
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if len(raw) != itemsize * count:
         raise WireError(f"values: expected {count} x {itemsize} bytes ({itemsize * count}), got {len(raw)} bytes")
     if count == 0:
         return torch.empty(0, dtype=torch.float32)
-    values = torch.frombuffer(raw, dtype=dtype)
-    finite = np.isfinite(np.frombuffer(raw, dtype="<f4")).all() if dtype == torch.float32 else torch.isfinite(values).all()
-    if not finite:
+    if dtype == torch.float32:
+        if not np.isfinite(np.frombuffer(raw, dtype="<f4")).all():
+            raise WireError("values: NaN or infinite values are not accepted")
+        return torch.frombuffer(raw, dtype=dtype)
+    # The server aggregates in float32: upcast here so the core never sees 16-bit values.
+    values = torch.frombuffer(raw, dtype=dtype).to(torch.float32)
+    if not bool(torch.isfinite(values).all()):
         raise WireError("values: NaN or infinite values are not accepted")
     return values
 
@@ -166,11 +205,24 @@ def decode_update(
     index_raw: bytes,
     value_raw: bytes,
     num_params: int,
+    block_start: int = 0,
 ) -> SparseUpdate:
     """Validate and decode one update's joined bytes. Raises WireError, changes nothing."""
     if codec not in SUPPORTED_CODECS:
         name = pb.Codec.Name(codec) if codec in pb.Codec.values() else str(codec)
-        raise WireError(f"codec {name} is not supported (supported: CODEC_SPARSE, CODEC_DENSE)")
+        raise WireError(f"codec {name} is not supported (supported: {_names(pb.Codec, SUPPORTED_CODECS)})")
+    if codec == pb.CODEC_RANDOM_BLOCK:
+        if index_raw:
+            raise WireError("random-block update: must carry no indices")
+        if block_start + count > num_params:
+            raise WireError(f"random-block update: block [{block_start}, {block_start + count}) runs past "
+                            f"the model's {num_params} parameters")
+        values = decode_values(value_raw, count, value_dtype)
+        # The core aggregates it as a sparse update; arange is k-sized, like a sparse push's indices.
+        indices = torch.arange(block_start, block_start + count, dtype=torch.int32)
+        return SparseUpdate(values=values, indices=indices, block_start=block_start)
+    if block_start:
+        raise WireError(f"block_start is only meaningful for CODEC_RANDOM_BLOCK, got {block_start}")
     if codec == pb.CODEC_DENSE:
         if count != num_params:
             raise WireError(f"dense update: count {count} != model size {num_params}")

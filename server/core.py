@@ -356,6 +356,15 @@ class ServerCore:
         if len(contributions) == 1:
             only = contributions[0]
             return SparseUpdate(values=only.values.to(torch.float32) / n, indices=only.indices)
+        first = contributions[0]
+        if first.block_start is not None and all(
+            c.block_start == first.block_start and c.count == first.count for c in contributions
+        ):
+            # Random blocks from one shared seed: same indices, so the mean is a plain sum of values.
+            total = torch.zeros(first.count, dtype=torch.float32)
+            for c in contributions:  # in worker order, like the general path
+                total.add_(c.values)
+            return SparseUpdate(values=total.div_(n), indices=first.indices, block_start=first.block_start)
         # Sort-based: the union of indices and each pair's slot in it, then a scatter-add into
         # a buffer the size of the union. 2x faster than scatter-adding into a dense d-sized
         # scratch (random access over 4d bytes) at d = 10M, 8 x 100K pairs, and needs no scratch.

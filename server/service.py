@@ -351,7 +351,7 @@ def decode_push(header: pb.PushHeader, index_parts: list[bytes], value_parts: li
     if not index_parts and not value_parts:
         index_parts, value_parts = [b""], [b""]
     return codec.decode_update(header.codec, header.value_dtype, header.count, codec.join_chunks(index_parts),
-                               codec.join_chunks(value_parts), num_params)
+                               codec.join_chunks(value_parts), num_params, block_start=header.block_start)
 
 
 def encode_round(closed: ClosedRound) -> tuple[pb.DeltaChunk, ...]:

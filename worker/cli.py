@@ -11,6 +11,8 @@ import warnings
 import torch
 
 from wanps.deploy.runtime import EnvDefaultsParser, setup_logging
+from wanps.worker.compress import VALUE_DTYPES
+from wanps.worker.compressors import COMPRESSORS
 from wanps.worker.optimizer import Optimizer
 from wanps.worker.tasks import TASKS, get_task
 
@@ -32,7 +34,12 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--tau", env="WANPS_TAU", type=int, default=0, help="Staleness without a controller.")
     parser.add_argument("--delta", env="WANPS_DELTA", type=float, default=1.0,
                         help="Compression ratio without a controller.")
-    parser.add_argument("--seed", env="WANPS_SEED", type=int, default=0, help="Model init and shuffling seed.")
+    parser.add_argument("--compressor", env="WANPS_COMPRESSOR", choices=sorted(COMPRESSORS), default="topk",
+                        help="How sparse pushes pick elements (random-block: every worker needs the same --seed).")
+    parser.add_argument("--value-dtype", env="WANPS_VALUE_DTYPE", choices=list(VALUE_DTYPES), default="float32",
+                        help="Value type of sparse pushes on the wire (the rounding error stays in error feedback).")
+    parser.add_argument("--seed", env="WANPS_SEED", type=int, default=0,
+                        help="Model init, shuffling and random-block seed.")
     parser.add_argument("--name", env="WANPS_WORKER_NAME", default="", help="Name shown in server logs.")
     parser.add_argument("--threads", env="WANPS_THREADS", type=int, default=1, help="torch intra-op threads.")
     parser.add_argument("--progress", env="WANPS_PROGRESS", action="store_true", help="Show a progress bar.")
@@ -55,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     task = get_task(args.task)
     model = task.build_model(args.seed)
     opt = Optimizer(model.parameters(), server=args.server, controller=args.controller or None, lr=args.lr,
-                    tau=args.tau, delta=args.delta, name=args.name or None, use_uvloop=not args.no_uvloop)
+                    tau=args.tau, delta=args.delta, name=args.name or None, use_uvloop=not args.no_uvloop,
+                    compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed)
     batches = task.batches(opt.rank, opt.world_size, args.batch_size, args.seed)
     progress = None
     if args.progress:

@@ -65,8 +65,17 @@ class Optimizer(torch.optim.Optimizer):
         decision_timeout_s: float = 30.0,
         join_timeout_s: float = 600.0,
         use_uvloop: bool = True,
+        compressor: str = "topk",
+        value_dtype: str = "float32",
+        compressor_seed: int = 0,
     ) -> None:
-        """`tau`, `delta`: used only without a controller (or until its first decision)."""
+        """`tau`, `delta`: used only without a controller (or until its first decision).
+
+        `compressor`: a name from wanps.worker.compressors.COMPRESSORS ("topk", "topk-sampled",
+        "random-block"); `value_dtype`: "float32", "float16" or "bfloat16" for the values of
+        sparse pushes (dense pushes stay float32); `compressor_seed`: every worker of a
+        cluster must use the same one with "random-block", so their blocks coincide.
+        """
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, dict(lr=lr))
@@ -74,7 +83,8 @@ class Optimizer(torch.optim.Optimizer):
         self.replica = bind_to_flat(self._params)
         self.num_params = self.replica.numel()
         self._grad = torch.zeros_like(self.replica)
-        self._ef = ErrorFeedback(self.num_params)
+        # Built before joining: a bad compressor name fails here, not after seeding the cluster.
+        self._ef = ErrorFeedback(self.num_params, compressor, value_dtype, seed=compressor_seed)
         self._fallback = Decision(0, 0, tau, delta, "local", "no controller decision yet")
         self._seen_decisions: set[int] = set()
         self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
@@ -141,7 +151,7 @@ class Optimizer(torch.optim.Optimizer):
         self.last_decision = decision
         self._gather_scaled_grad()
         grad_norm = float(torch.linalg.vector_norm(self._grad))  # Accordion's signal, reported with T_comp
-        update = self._ef.compress(self._grad, decision.delta_for(self.worker_id))
+        update = self._ef.compress(self._grad, decision.delta_for(self.worker_id), self.round)
         self.session.record_compute(time.monotonic() - self._compute_started, self.round, grad_norm)
         self._in_flight.append(self.session.push(self.round, self.version, update))
         self.round += 1
