@@ -52,7 +52,7 @@ def test_cluster_of_processes_over_emulated_links(tmp_path):
             "--save-replica", str(replicas[i])), logs, wait_for_line=False) for i in range(2)]
         processes += workers
         # The observer pulls before round 0 can close (it needs both workers), so it sees every delta.
-        observer = Observer(observer_model, server.address, keep_deltas=True)
+        observer = Observer(observer_model, server.address, keep_deltas=True, join_timeout_s=60)
         for worker in workers:
             assert worker.wait(180) == 0, worker.tail()
         observer.wait_for_version(ROUNDS, timeout_s=60)

@@ -36,6 +36,9 @@ def build_parser() -> EnvDefaultsParser:
                         help="Compression ratio without a controller.")
     parser.add_argument("--compressor", env="WANPS_COMPRESSOR", choices=sorted(COMPRESSORS), default="topk",
                         help="How sparse pushes pick elements (random-block: every worker needs the same --seed).")
+    parser.add_argument("--error-feedback", env="WANPS_ERROR_FEEDBACK", choices=("ef", "def"), default="ef",
+                        help="ef: plain error feedback; def: detached error feedback (gradient at x - lambda*e).")
+    parser.add_argument("--def-lambda", env="WANPS_DEF_LAMBDA", type=float, default=0.3, help="DEF's lambda.")
     parser.add_argument("--value-dtype", env="WANPS_VALUE_DTYPE", choices=list(VALUE_DTYPES), default="float32",
                         help="Value type of sparse pushes on the wire (the rounding error stays in error feedback).")
     parser.add_argument("--seed", env="WANPS_SEED", type=int, default=0,
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     model = task.build_model(args.seed)
     opt = Optimizer(model.parameters(), server=args.server, controller=args.controller or None, lr=args.lr,
                     tau=args.tau, delta=args.delta, name=args.name or None, use_uvloop=not args.no_uvloop,
-                    compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed)
+                    compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed,
+                    error_feedback=args.error_feedback, def_lambda=args.def_lambda)
     batches = task.batches(opt.rank, opt.world_size, args.batch_size, args.seed)
     progress = None
     if args.progress:

@@ -68,6 +68,8 @@ class Optimizer(torch.optim.Optimizer):
         compressor: str = "topk",
         value_dtype: str = "float32",
         compressor_seed: int = 0,
+        error_feedback: str = "ef",
+        def_lambda: float = 0.3,
     ) -> None:
         """`tau`, `delta`: used only without a controller (or until its first decision).
 
@@ -75,7 +77,18 @@ class Optimizer(torch.optim.Optimizer):
         "random-block"); `value_dtype`: "float32", "float16" or "bfloat16" for the values of
         sparse pushes (dense pushes stay float32); `compressor_seed`: every worker of a
         cluster must use the same one with "random-block", so their blocks coincide.
+
+        `error_feedback`: "ef" (plain error feedback) or "def" (detached error feedback, the
+        DEF paper's Algorithm 1: gradients are taken at x - def_lambda * e). `zero_grad()`
+        moves the parameters to that point and `step()` moves them back, exactly, so call
+        them in the usual order (zero_grad, forward, backward, step). The cluster's model
+        is DEF-A's output x_T; DEF's y_T = x_T - mean(e_T) needs a residual gather at the
+        end that is not built yet.
         """
+        if error_feedback not in ("ef", "def"):
+            raise ValueError(f"error_feedback must be 'ef' or 'def', got {error_feedback!r}")
+        if error_feedback == "def" and not 0.0 <= def_lambda <= 1.0:
+            raise ValueError(f"def_lambda must be in [0, 1], got {def_lambda}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, dict(lr=lr))
@@ -87,6 +100,10 @@ class Optimizer(torch.optim.Optimizer):
         self._ef = ErrorFeedback(self.num_params, compressor, value_dtype, seed=compressor_seed)
         self._fallback = Decision(0, 0, tau, delta, "local", "no controller decision yet")
         self._seen_decisions: set[int] = set()
+        # DEF: the clean replica while the parameters sit at the detached point x - lambda*e.
+        self._def_lambda = def_lambda if error_feedback == "def" else 0.0
+        self._clean = torch.empty_like(self.replica) if self._def_lambda else None
+        self._detached = False
         self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
         try:
             self._join(name or socket.gethostname(), join_timeout_s)
@@ -138,6 +155,25 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._detach()
+
+    @torch.no_grad()
+    def _detach(self) -> None:
+        """DEF: move the parameters to x - lambda*e for the coming forward and backward."""
+        if self._clean is not None and not self._detached and not self.closed:
+            self._clean.copy_(self.replica)
+            self.replica.sub_(self._ef.residual, alpha=self._def_lambda)
+            self._detached = True
+
+    @torch.no_grad()
+    def _reattach(self) -> None:
+        """Back to the exact replica x (a copy, not an addition: replicas stay bit-identical)."""
+        if self._clean is not None and self._detached:
+            self.replica.copy_(self._clean)
+            self._detached = False
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         if self.closed:
@@ -146,6 +182,7 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._reattach()
         self._raise_failed_pushes()
         decision = self.decision_at(self.round)
         self.last_decision = decision
@@ -198,6 +235,7 @@ class Optimizer(torch.optim.Optimizer):
         """Wait for pushes in flight, leave at a round boundary, and close the connections."""
         if self.closed:
             return
+        self._reattach()
         self.closed = True
         try:
             deadline = time.monotonic() + timeout
