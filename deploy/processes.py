@@ -84,6 +84,16 @@ class ManagedProcess:
         return self.popen.returncode
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux), so a supervisor
+    that is killed outright (a test timeout, SIGKILL) leaves no orphaned services behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def wanps_command(*args: str) -> list[str]:
     """The `wanps` CLI run by this interpreter (works in a venv without the script on PATH)."""
     return [sys.executable, "-m", "wanps.deploy.cli", *args]
@@ -107,6 +117,7 @@ def start_process(
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         text=True,
         bufsize=1,
+        preexec_fn=_die_with_parent,
     )
     process = ManagedProcess(name=name, popen=popen, log_path=log_path)
 

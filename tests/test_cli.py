@@ -50,3 +50,35 @@ def test_server_process_starts_and_stops_on_sigterm(tmp_path):
         assert line.startswith("LISTENING 127.0.0.1:")
     finally:
         assert server.stop() == 0
+
+
+def test_services_die_with_a_supervisor_that_is_killed(tmp_path):
+    """start_process children get SIGTERM when their parent dies, so nothing is orphaned."""
+    import os
+    import signal
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from wanps.deploy.processes import start_process, wanps_command\n"
+        "p = start_process('server', wanps_command('server', '--listen', '127.0.0.1:0', '--metrics-listen', 'off'),"
+        " Path(sys.argv[1]))\n"
+        "p.wait_ready(60)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    supervisor = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = int(supervisor.stdout.readline())
+    os.kill(supervisor.pid, signal.SIGKILL)
+    supervisor.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)  # clean up what this test started before failing
+    raise AssertionError(f"server {child} outlived its killed supervisor")
