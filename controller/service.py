@@ -94,10 +94,6 @@ class ControllerService(pb_grpc.ControllerServicer):
         self._closing = False
         self._publish(self.core.maybe_decide(time.monotonic()))
 
-    @property
-    def book(self):
-        return self.core.book
-
     def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
         """Record a decision by hand and stream it to every subscriber. Call on the event loop."""
         decision = self.core.book.add(from_round, tau, delta, policy, reason)

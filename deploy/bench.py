@@ -45,10 +45,10 @@ import torch
 
 from wanps.deploy.runtime import EnvDefaultsParser, grpc_channel_options, run_async
 from wanps.proto import codec
+from wanps.proto.codec import fingerprint_of
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.server.cli import checksum_every
-from wanps.server.core import fingerprint_of
 from wanps.server.service import ServerConfig, start_server
 
 PUSH_METHOD = "/wanps.v1.ParameterServer/Push"

@@ -62,7 +62,7 @@ from wanps.deploy.bench import _table
 from wanps.deploy.linkem import LinkEmulator, LinkTrace, TracePoint
 from wanps.deploy.runtime import EnvDefaultsParser, run_async
 from wanps.proto import codec
-from wanps.server.core import fingerprint_of
+from wanps.proto.codec import fingerprint_of
 from wanps.server.service import RunningServer, ServerConfig, start_server
 from wanps.worker.session import ReceivedDelta, WorkerSession
 

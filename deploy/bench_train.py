@@ -144,10 +144,16 @@ def run_one(plan: BenchPlan, condition: Condition, method: str, seed: int, trace
                         time_limit_s=plan.time_limit_s, worker_traces=write_traces(condition, traces_dir),
                         controller_args=controller_args, out_dir=str(out), progress=False, seed=seed,
                         track_links=method in ADAPTIVE)
-    result = run_demo(config)
+    return row_from_result(condition.name, method, seed, run_demo(config))
+
+
+def row_from_result(condition: str, method: str, seed: int, result: dict) -> dict:
+    """One bench.json row from a run's demo.json."""
+    from wanps.worker.tasks import get_task
+
     num_params = sum(p.numel() for p in get_task("mnist").build_model(0).parameters())
     row = {
-        "condition": condition.name,
+        "condition": condition,
         "method": method,
         "seed": seed,
         "reached_target": result["reached_target"],
@@ -164,6 +170,24 @@ def run_one(plan: BenchPlan, condition: Condition, method: str, seed: int, trace
         row["decision_trace"] = result["decisions"]
         row["link_track"] = result["link_track"]
     return row
+
+
+def rows_from_runs(out_dir: Path) -> tuple[list[dict], BenchPlan]:
+    """Rebuild rows (with the current predictions) from the runs' demo.json files under out_dir/bench."""
+    rows = []
+    for demo in sorted((out_dir / "bench").glob("*/demo.json")):
+        name = demo.parent.name  # "{condition}-{method}-{seed}"
+        condition = next((c for c in CONDITIONS if name.startswith(c + "-")), None)
+        rest = name[len(condition) + 1 :] if condition else ""
+        method, _, seed = rest.rpartition("-")
+        if condition is None or method not in METHODS or not seed.isdigit():
+            continue
+        rows.append(row_from_result(condition, method, int(seed), json.loads(demo.read_text())))
+    limits = [json.loads(d.read_text())["config"]["time_limit_s"] for d in (out_dir / "bench").glob("*/demo.json")]
+    plan = replace(FULL, conditions=tuple(dict.fromkeys(r["condition"] for r in rows)),
+                   methods=tuple(dict.fromkeys(r["method"] for r in rows)),
+                   time_limit_s=max(limits, default=FULL.time_limit_s), out_dir=str(out_dir))
+    return rows, plan
 
 
 def summarize(rows: list[dict], plan: BenchPlan) -> list[dict]:
@@ -320,7 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=0, help="Number of seeds (default: 1 quick, 3 full).")
     parser.add_argument("--time-limit", type=float, default=0.0, help="Seconds per run before giving up.")
     parser.add_argument("--out", default="results")
+    parser.add_argument("--summarize", metavar="DIR", default="",
+                        help="Run nothing: print the table for the runs already under DIR (an earlier --out), "
+                             "with the current Theorem 3 predictions.")
     args = parser.parse_args(argv)
+    if args.summarize:
+        rows, plan = rows_from_runs(Path(args.summarize))
+        if not rows:
+            parser.error(f"no runs under {args.summarize}/bench")
+        print_table(summarize(rows, plan))
+        return 0
     plan = QUICK if args.quick else FULL
     if args.conditions:
         plan = replace(plan, conditions=tuple(args.conditions.split(",")))

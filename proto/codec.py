@@ -16,6 +16,7 @@ server and every replica call it, which is what keeps replicas bit-identical.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 import zlib
 from collections.abc import Iterator
@@ -249,6 +250,14 @@ def decode_delta(index_raw: bytes, value_raw: bytes, count: int, num_params: int
 
 
 # ---------------------------------------------------------------------------- model
+
+
+def fingerprint_of(named_shapes: list[tuple[str, tuple[int, ...], str]]) -> bytes:
+    """Digest of a model's structure; every member's must match the seeder's (checked at Join)."""
+    digest = hashlib.sha256()
+    for name, shape, dtype in named_shapes:
+        digest.update(f"{name}:{tuple(shape)}:{dtype};".encode())
+    return digest.digest()
 
 
 def apply_delta(model: torch.Tensor, delta: SparseUpdate) -> None:

@@ -20,7 +20,6 @@ update per worker, one stored update per worker, and while a round closes, its u
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -131,14 +130,6 @@ class PushResult:
     duplicate: bool
     version: int
     closed: tuple[ClosedRound, ...]
-
-
-def fingerprint_of(named_shapes: list[tuple[str, tuple[int, ...], str]]) -> bytes:
-    """Digest of a model's structure; every member's must match the seeder's."""
-    digest = hashlib.sha256()
-    for name, shape, dtype in named_shapes:
-        digest.update(f"{name}:{tuple(shape)}:{dtype};".encode())
-    return digest.digest()
 
 
 class ServerCore:

@@ -151,7 +151,6 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.history.close()
 
     def close(self) -> None:
-        self.history.close()
         self._core_thread.shutdown(wait=True, cancel_futures=True)
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
@@ -281,11 +280,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return header, index_parts, value_parts
 
     def _push_on_core_thread(self, header: pb.PushHeader, update: codec.SparseUpdate | None) -> PushResult:
-        """Runs on the core thread: the round rules (again: state may have moved), store, publish."""
-        core = self.core
-        if core.check_push(header.worker_id, header.round, header.computed_at_version):
-            return PushResult(duplicate=True, version=core.version, closed=())
-        result = core.push(header.worker_id, header.round, header.computed_at_version, update)
+        """Runs on the core thread: `core.push` applies the round rules to the current state
+        (the pre-check on the event loop may be stale), stores, and closes what is complete."""
+        result = self.core.push(header.worker_id, header.round, header.computed_at_version, update)
         self._publish(result.closed)
         return result
 

@@ -50,3 +50,24 @@ def test_prediction_for_dense_rounds_counts_values_only():
                                                                      "t_comp_s": 0.02}]}}
     transfer = 1000 * 32 / 10e6
     assert predicted_iter_s(result, 1000) == pytest.approx(0.02 + 0.1 + transfer, abs=1e-5)
+
+
+def test_summarize_rebuilds_rows_from_run_folders(tmp_path):
+    import json
+
+    from wanps.deploy.bench_train import rows_from_runs
+
+    demo = {"reached_target": True, "time_to_target_s": 40.0, "rounds": 100, "bytes_up": 1, "bytes_down": 2,
+            "final_accuracy": 0.97, "measured_iter_s": 0.02, "config": {"time_limit_s": 150},
+            "per_round": [[r, r * 0.02, 2, 0.01, None] for r in range(20)],
+            "decisions": [{"id": 1, "from_round": 0, "tau": 2, "delta": 0.01, "predicted_iter_s": 0.015,
+                           "reason": "", "worker_delta": {}}],
+            "controller_state": {}, "link_track": []}
+    for name in ("fixed-20M-40ms-deco-hetero-1", "fixed-20M-40ms-dsgd-0", "not-a-run"):
+        (tmp_path / "bench" / name).mkdir(parents=True)
+        (tmp_path / "bench" / name / "demo.json").write_text(json.dumps(demo))
+    rows, plan = rows_from_runs(tmp_path)
+    assert sorted((r["condition"], r["method"], r["seed"]) for r in rows) == [
+        ("fixed-20M-40ms", "deco-hetero", 1), ("fixed-20M-40ms", "dsgd", 0)]
+    assert plan.time_limit_s == 150
+    assert next(r for r in rows if r["method"] == "deco-hetero")["predicted_iter_s"] == pytest.approx(0.015)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from wanps.proto.codec import MAX_PARAMS, SparseUpdate, apply_delta, model_crc32
+from wanps.proto.codec import MAX_PARAMS, SparseUpdate, apply_delta, fingerprint_of, model_crc32
 from wanps.server.core import (
     CoreConfig,
     CoreError,
@@ -20,7 +20,6 @@ from wanps.server.core import (
     InvalidArgument,
     NotFound,
     ServerCore,
-    fingerprint_of,
 )
 from wanps.worker.replica import Replica
 from wanps.worker.session import ReceivedDelta

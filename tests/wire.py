@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from wanps.proto import codec
+from wanps.proto.codec import fingerprint_of
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
-from wanps.server.core import fingerprint_of
 
 FINGERPRINT = fingerprint_of([("w", (16,), "torch.float32")])
 

@@ -25,7 +25,7 @@ import torch
 
 from wanps.controller.decisions import Decision, decision_for_round
 from wanps.proto import wanps_pb2 as pb
-from wanps.server.core import fingerprint_of
+from wanps.proto.codec import fingerprint_of
 from wanps.worker.compress import ErrorFeedback
 from wanps.worker.replica import Replica
 from wanps.worker.session import WorkerSession
