@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -175,9 +175,13 @@ async def start_grpc_service(
     metrics_host: str,
     metrics_port: int,
     registry: CollectorRegistry,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningService[S]:
-    """Bind, add health and reflection, start, and serve metrics: the common start of every service."""
-    server = grpc.aio.server(options=grpc_channel_options(max_message_bytes))
+    """Bind, add health and reflection, start, and serve metrics: the common start of every service.
+
+    `interceptors` run on every RPC in order (metrics first, then auth, so refused calls are counted).
+    """
+    server = grpc.aio.server(options=grpc_channel_options(max_message_bytes), interceptors=list(interceptors))
     add_to_server(service, server)
     await add_health_and_reflection(server, service_full_name)
     bound = server.add_insecure_port(f"{host}:{port}")
