@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.wanps-installed
 
-.PHONY: install run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate clean
+.PHONY: install run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate bench-algorithms clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ bench: install
 # The reduced version (minutes): varying trace, dsgd / static / deco, one seed.
 bench-quick: install
 	$(VENV)/bin/wanps bench train --quick
+
+# SASG / DEF / compressor studies (tens of minutes; results/algorithms.json).
+bench-algorithms: install
+	$(VENV)/bin/wanps bench algorithms
 
 bench-estimate: install
 	$(VENV)/bin/wanps bench estimate

@@ -20,7 +20,7 @@ def test_def_takes_the_gradient_at_the_detached_point_and_restores_the_replica(m
     try:
         for _ in range(20):
             clean = opt.replica.clone()
-            residual = opt._ef.residual.clone()
+            residual = opt.rule.residual.clone()
             opt.zero_grad()
             # Forward and backward see x - lambda*e ...
             assert torch.equal(opt.replica, clean - 0.5 * residual)
@@ -30,7 +30,7 @@ def test_def_takes_the_gradient_at_the_detached_point_and_restores_the_replica(m
             # ... and step() puts back x exactly, then applies the round: the server's model.
             assert opt.version == cluster.core.version
             assert torch.equal(opt.replica, cluster.core.model)
-        assert torch.count_nonzero(opt._ef.residual) > 0  # delta 0.1 keeps a residual: the test saw a shift
+        assert torch.count_nonzero(opt.rule.residual) > 0  # delta 0.1 keeps a residual: the test saw a shift
     finally:
         opt.close()
     assert torch.equal(opt.replica, cluster.core.model)  # close() leaves the clean replica

@@ -14,9 +14,26 @@ from wanps.deploy.runtime import EnvDefaultsParser, setup_logging
 from wanps.worker.compress import VALUE_DTYPES
 from wanps.worker.compressors import COMPRESSORS
 from wanps.worker.optimizer import Optimizer
+from wanps.worker.skip_rule import ALPHA_VARIANTS, SkipRule, paper_alphas
+from wanps.worker.update_rule import ERROR_FEEDBACK_MODES
 from wanps.worker.tasks import TASKS, get_task
 
 log = logging.getLogger("wanps.worker")
+
+
+def skip_rule_from_flags(max_delay: int, alpha: str, lr: float) -> SkipRule | None:
+    """--sasg-max-delay D --sasg-alpha half|one|NUMBER -> a SkipRule (None when D = 0)."""
+    if max_delay < 0:
+        raise SystemExit(f"--sasg-max-delay must be >= 0, got {max_delay}")
+    if max_delay == 0:
+        return None
+    if alpha in ALPHA_VARIANTS:
+        return SkipRule(paper_alphas(lr, max_delay, alpha))
+    try:
+        value = float(alpha)
+    except ValueError:
+        raise SystemExit(f"--sasg-alpha must be 'half', 'one' or a number, got {alpha!r}") from None
+    return SkipRule([value] * max_delay)
 
 
 def build_parser() -> EnvDefaultsParser:
@@ -36,9 +53,16 @@ def build_parser() -> EnvDefaultsParser:
                         help="Compression ratio without a controller.")
     parser.add_argument("--compressor", env="WANPS_COMPRESSOR", choices=sorted(COMPRESSORS), default="topk",
                         help="How sparse pushes pick elements (random-block: every worker needs the same --seed).")
-    parser.add_argument("--error-feedback", env="WANPS_ERROR_FEEDBACK", choices=("ef", "def"), default="ef",
-                        help="ef: plain error feedback; def: detached error feedback (gradient at x - lambda*e).")
+    parser.add_argument("--error-feedback", env="WANPS_ERROR_FEEDBACK", choices=ERROR_FEEDBACK_MODES, default="ef",
+                        help="ef: plain error feedback; def: detached error feedback (gradient at x - lambda*e), "
+                             "model ends at y_T = x_T - mean(e); def-a: the same, model ends at x_T.")
     parser.add_argument("--def-lambda", env="WANPS_DEF_LAMBDA", type=float, default=0.3, help="DEF's lambda.")
+    parser.add_argument("--momentum", env="WANPS_MOMENTUM", type=float, default=0.0,
+                        help="Momentum mu (m = mu*m + g; p = lr*m + e).")
+    parser.add_argument("--sasg-max-delay", env="WANPS_SASG_MAX_DELAY", type=int, default=0,
+                        help="SASG skip rule with this D (0 = off; the paper uses 10).")
+    parser.add_argument("--sasg-alpha", env="WANPS_SASG_ALPHA", default="half",
+                        help="SASG alpha_d: 'half' = 1/(2 lr), 'one' = 1/lr (the paper's), or a number.")
     parser.add_argument("--value-dtype", env="WANPS_VALUE_DTYPE", choices=list(VALUE_DTYPES), default="float32",
                         help="Value type of sparse pushes on the wire (the rounding error stays in error feedback).")
     parser.add_argument("--seed", env="WANPS_SEED", type=int, default=0,
@@ -67,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     opt = Optimizer(model.parameters(), server=args.server, controller=args.controller or None, lr=args.lr,
                     tau=args.tau, delta=args.delta, name=args.name or None, use_uvloop=not args.no_uvloop,
                     compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed,
-                    error_feedback=args.error_feedback, def_lambda=args.def_lambda)
+                    error_feedback=args.error_feedback, def_lambda=args.def_lambda, momentum=args.momentum,
+                    skip_rule=skip_rule_from_flags(args.sasg_max_delay, args.sasg_alpha, args.lr))
     batches = task.batches(opt.rank, opt.world_size, args.batch_size, args.seed)
     progress = None
     if args.progress:
@@ -83,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_seconds and time.monotonic() - started >= args.max_seconds:
                 break
             x, y = next(batches)
-            opt.zero_grad()
-            loss = task.loss(model, x, y)
-            loss.backward()
-            opt.step()
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                opt.zero_grad()
+                batch_loss = task.loss(model, x, y)
+                batch_loss.backward()
+                return batch_loss
+
+            loss = opt.step(closure)  # SASG calls it twice on the same batch (the auxiliary gradient)
             rounds += 1
             if progress is not None:
                 decision = opt.last_decision
@@ -97,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if progress is not None:
             progress.close()
+        opt.close()  # with --error-feedback def, the replica ends at y_T only after this
         if args.save_replica:
             torch.save({"version": opt.version, "values": opt.replica.clone()}, args.save_replica)
-        opt.close()
     log.info("worker %d done: %d rounds, %.1f MiB up, %.1f MiB down", opt.worker_id, rounds,
              opt.bytes_up / 2**20, opt.bytes_down / 2**20)
     return 0

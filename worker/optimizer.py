@@ -26,9 +26,10 @@ import torch
 from wanps.controller.decisions import Decision, decision_for_round
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
-from wanps.worker.compress import ErrorFeedback
 from wanps.worker.replica import Replica
-from wanps.worker.session import WorkerSession
+from wanps.worker.session import ReceivedDelta, WorkerSession
+from wanps.worker.skip_rule import SkipRule, step_squared_norm
+from wanps.worker.update_rule import UpdateRule
 
 log = logging.getLogger("wanps.worker")
 
@@ -37,17 +38,22 @@ def model_fingerprint(params: list[torch.Tensor]) -> bytes:
     return fingerprint_of([(f"p{i}", tuple(p.shape), str(p.dtype)) for i, p in enumerate(params)])
 
 
+def rebind(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Make each parameter a view of its slice of `flat` (same layout as bind_to_flat)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat[offset : offset + n].view_as(p)
+        offset += n
+
+
 def bind_to_flat(params: list[torch.Tensor]) -> torch.Tensor:
     """One flat float32 vector holding every parameter; each parameter becomes a view of it."""
     for p in params:
         if p.dtype != torch.float32:
             raise TypeError(f"wanps trains float32 parameters; got {p.dtype}")
     flat = torch.cat([p.detach().reshape(-1) for p in params]) if params else torch.zeros(0)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.data = flat[offset : offset + n].view_as(p)
-        offset += n
+    rebind(params, flat)
     return flat
 
 
@@ -70,6 +76,8 @@ class Optimizer(torch.optim.Optimizer):
         compressor_seed: int = 0,
         error_feedback: str = "ef",
         def_lambda: float = 0.3,
+        momentum: float = 0.0,
+        skip_rule: SkipRule | None = None,
     ) -> None:
         """`tau`, `delta`: used only without a controller (or until its first decision).
 
@@ -78,17 +86,20 @@ class Optimizer(torch.optim.Optimizer):
         sparse pushes (dense pushes stay float32); `compressor_seed`: every worker of a
         cluster must use the same one with "random-block", so their blocks coincide.
 
-        `error_feedback`: "ef" (plain error feedback) or "def" (detached error feedback, the
-        DEF paper's Algorithm 1: gradients are taken at x - def_lambda * e). `zero_grad()`
-        moves the parameters to that point and `step()` moves them back, exactly, so call
-        them in the usual order (zero_grad, forward, backward, step). The cluster's model
-        is DEF-A's output x_T; DEF's y_T = x_T - mean(e_T) needs a residual gather at the
-        end that is not built yet.
+        `error_feedback`: "ef" (plain error feedback), "def" or "def-a" (detached error
+        feedback, the DEF paper's Algorithm 1: gradients are taken at x - def_lambda * e).
+        `zero_grad()` moves the parameters to that point and `step()` moves them back,
+        exactly, so call them in the usual order (zero_grad, forward, backward, step). With
+        "def", `close()` pushes every worker's residual once (a final dense round), so the
+        cluster's model ends at DEF's output y_T = x_T - mean(e_T); "def-a" ends at x_T.
+        `momentum`: mu of m = mu*m + g, p = lr*m + e (the DEF paper's eq. (11)).
+
+        `skip_rule`: SASG's adaptive skip (wanps.worker.skip_rule.SkipRule). It needs the
+        gradient at the parameters of the last upload on the same batch, so pass `step()` a
+        closure that zeroes the gradients, computes the loss and calls backward (as for
+        torch.optim.LBFGS); step calls it at the current parameters and, when a skip is
+        possible, once more at the anchor.
         """
-        if error_feedback not in ("ef", "def"):
-            raise ValueError(f"error_feedback must be 'ef' or 'def', got {error_feedback!r}")
-        if error_feedback == "def" and not 0.0 <= def_lambda <= 1.0:
-            raise ValueError(f"def_lambda must be in [0, 1], got {def_lambda}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, dict(lr=lr))
@@ -96,13 +107,15 @@ class Optimizer(torch.optim.Optimizer):
         self.replica = bind_to_flat(self._params)
         self.num_params = self.replica.numel()
         self._grad = torch.zeros_like(self.replica)
-        # Built before joining: a bad compressor name fails here, not after seeding the cluster.
-        self._ef = ErrorFeedback(self.num_params, compressor, value_dtype, seed=compressor_seed)
+        # Built before joining: a bad compressor name or mode fails here, not after seeding the cluster.
+        self.rule = UpdateRule(self.num_params, compressor=compressor, value_dtype=value_dtype,
+                               compressor_seed=compressor_seed, error_feedback=error_feedback,
+                               def_lambda=def_lambda, momentum=momentum, skip_rule=skip_rule)
+        self._aux_grad = torch.zeros_like(self.replica) if skip_rule is not None else None
         self._fallback = Decision(0, 0, tau, delta, "local", "no controller decision yet")
         self._seen_decisions: set[int] = set()
         # DEF: the clean replica while the parameters sit at the detached point x - lambda*e.
-        self._def_lambda = def_lambda if error_feedback == "def" else 0.0
-        self._clean = torch.empty_like(self.replica) if self._def_lambda else None
+        self._clean = torch.empty_like(self.replica) if self.rule.detaches else None
         self._detached = False
         self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
         try:
@@ -131,6 +144,9 @@ class Optimizer(torch.optim.Optimizer):
         pulled = self.session.pull(timeout)
         self.replica.copy_(pulled.values)
         self._replica = Replica(self.replica, pulled.version)
+        if self.rule.skip_rule is not None:
+            self.rule.skip_rule.num_workers = max(1, pulled.world_size)
+            self._replica.on_apply = self._observe_model_step
         self.round = pulled.first_round
         self.rank, self.world_size = pulled.rank, pulled.world_size
         self.session.follow_updates(self.version)
@@ -164,7 +180,7 @@ class Optimizer(torch.optim.Optimizer):
         """DEF: move the parameters to x - lambda*e for the coming forward and backward."""
         if self._clean is not None and not self._detached and not self.closed:
             self._clean.copy_(self.replica)
-            self.replica.sub_(self._ef.residual, alpha=self._def_lambda)
+            self.rule.detached_point(self._clean, out=self.replica)
             self._detached = True
 
     @torch.no_grad()
@@ -186,28 +202,67 @@ class Optimizer(torch.optim.Optimizer):
         self._raise_failed_pushes()
         decision = self.decision_at(self.round)
         self.last_decision = decision
-        self._gather_scaled_grad()
-        grad_norm = float(torch.linalg.vector_norm(self._grad))  # Accordion's signal, reported with T_comp
-        update = self._ef.compress(self._grad, decision.delta_for(self.worker_id), self.round)
-        self.session.record_compute(time.monotonic() - self._compute_started, self.round, grad_norm)
+        lr = self._gather_grad(self._grad)
+        grad_norm = float(torch.linalg.vector_norm(self._grad)) * self._norm_scale(lr)  # Accordion's signal
+        compute_seconds = time.monotonic() - self._compute_started
+        aux_grad = self._gradient_at_anchor(closure) if self.rule.wants_aux_gradient else None
+        update = self.rule.update(self._grad, lr, decision.delta_for(self.worker_id), self.round,
+                                  params=self.replica, aux_grad=aux_grad)
+        self.session.record_compute(compute_seconds, self.round, grad_norm)
         self._in_flight.append(self.session.push(self.round, self.version, update))
         self.round += 1
         self._wait_until_fresh(self.round - self.tau_at(self.round))
         self._compute_started = time.monotonic()
         return loss
 
-    def _gather_scaled_grad(self) -> None:
-        """grad buffer = lr * g, per parameter (one loop over tensors, not elements)."""
+    def _gather_grad(self, out: torch.Tensor) -> float | torch.Tensor:
+        """out = the raw gradient (one loop over tensors, not elements); returns the learning
+        rate to scale it by: one float, or a per-element vector when groups differ."""
         offset = 0
+        lrs: list[tuple[int, int, float]] = []
         for group in self.param_groups:
             for p in group["params"]:
                 n = p.numel()
-                view = self._grad[offset : offset + n]
+                view = out[offset : offset + n]
                 if p.grad is None:
                     view.zero_()
                 else:
-                    view.copy_(p.grad.reshape(-1)).mul_(group["lr"])
+                    view.copy_(p.grad.reshape(-1))
+                lrs.append((offset, n, group["lr"]))
                 offset += n
+        if len({lr for _, _, lr in lrs}) <= 1:
+            return lrs[0][2] if lrs else self.defaults["lr"]
+        per_element = torch.empty_like(out)
+        for start, n, lr in lrs:
+            per_element[start : start + n] = lr
+        return per_element
+
+    @staticmethod
+    def _norm_scale(lr: float | torch.Tensor) -> float:
+        return lr if isinstance(lr, float) else float(lr.mean())
+
+    def _gradient_at_anchor(self, closure: Callable[[], float] | None) -> torch.Tensor:
+        """SASG's auxiliary gradient: the closure re-run with the parameters bound to the anchor."""
+        if closure is None:
+            raise RuntimeError("the SASG skip rule needs step(closure): a closure that zeroes the "
+                               "gradients, computes the loss on the same batch and calls backward")
+        anchor = self.rule.skip_rule.anchor  # type: ignore[union-attr]
+        assert anchor is not None and self._aux_grad is not None
+        rebind(self._params, anchor)  # views, no copy: the replica itself is never touched
+        try:
+            with torch.enable_grad():
+                closure()
+            self._gather_grad(self._aux_grad)
+        finally:
+            rebind(self._params, self.replica)
+        return self._aux_grad
+
+    def _observe_model_step(self, item: ReceivedDelta) -> None:
+        rule = self.rule.skip_rule
+        assert rule is not None
+        rule.record_model_step(step_squared_norm(item.delta.values))
+        if item.members:
+            rule.num_workers = item.members
 
     def _raise_failed_pushes(self) -> None:
         while self._in_flight and self._in_flight[0].done():
@@ -231,20 +286,36 @@ class Optimizer(torch.optim.Optimizer):
     def bytes_down(self) -> int:
         return self.session.bytes_down
 
+    @property
+    def skip_rule(self) -> SkipRule | None:
+        return self.rule.skip_rule
+
     def close(self, timeout: float = 60.0) -> None:
-        """Wait for pushes in flight, leave at a round boundary, and close the connections."""
+        """Wait for pushes in flight, leave at a round boundary, and close the connections.
+
+        With error_feedback="def", first push the residual once (DEF's output step), so the
+        model ends at y_T = x_T - mean(e_T) on the server and in this replica."""
         if self.closed:
             return
         self._reattach()
         self.closed = True
         try:
             deadline = time.monotonic() + timeout
+            if self.rule.error_feedback == "def":
+                self._flush_residual(deadline)
             for future in self._in_flight:
                 future.result(max(0.0, deadline - time.monotonic()))
             self._in_flight.clear()
             self.session.leave()
         finally:
             self.session.close()
+
+    def _flush_residual(self, deadline: float) -> None:
+        self._raise_failed_pushes()
+        self._in_flight.append(self.session.push(self.round, self.version, self.rule.final_residual()))
+        self.round += 1
+        # Wait for the flush round to close, so this replica (the user's model) holds y_T too.
+        self._replica.catch_up(self.session.deltas, self.round, deadline=deadline, on_idle=self._raise_failed_pushes)
 
     def __enter__(self) -> Optimizer:
         return self

@@ -19,6 +19,8 @@ class Replica:
         self.version = version
         # Observers may keep every delta they applied (tests use it to check conservation).
         self.applied: list[ReceivedDelta] | None = None
+        # Called after each applied delta (SASG records the model's step norms).
+        self.on_apply: Callable[[ReceivedDelta], None] | None = None
 
     def apply(self, item: ReceivedDelta | BaseException) -> None:
         if isinstance(item, BaseException):
@@ -31,6 +33,8 @@ class Replica:
             raise ReplicaDiverged(f"replica checksum differs from the server's at version {self.version}")
         if self.applied is not None:
             self.applied.append(item)
+        if self.on_apply is not None:
+            self.on_apply(item)
 
     def catch_up(
         self,

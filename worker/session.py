@@ -55,6 +55,7 @@ class ReceivedDelta:
     delta: codec.SparseUpdate
     model_crc32: int | None
     nbytes: int
+    members: int = 0  # workers counted in the round (pushed + skipped); 0 = unknown
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,8 @@ class WorkerSession:
                 self.bytes_down += nbytes
                 self._sample(pb.LinkSample.KIND_DOWNLOAD, nbytes, time.monotonic() - started, chunk.round)
                 self.deltas.put(ReceivedDelta(chunk.round, chunk.version, delta,
-                                              chunk.model_crc32 if chunk.has_model_crc32 else None, nbytes))
+                                              chunk.model_crc32 if chunk.has_model_crc32 else None, nbytes,
+                                              chunk.pushed + chunk.skipped))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # handed to the training thread, which raises it

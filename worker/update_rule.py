@@ -1,0 +1,110 @@
+"""What a worker sends each round, from its gradients. Pure tensor code, no network.
+
+One `UpdateRule` composes, by configuration:
+- momentum (the DEF paper's eq. (11): m = mu*m + g; p = lr*m + e; mu = 0 is plain SGD),
+- error feedback: "ef" (plain), "def" / "def-a" (detached: gradients taken at x - lambda*e),
+- a compressor (worker/compressors.py) with its wire value dtype,
+- SASG's skip rule (worker/skip_rule.py): skip the upload when the gradient barely moved.
+
+The networked `wanps.worker.Optimizer` and the in-process simulation
+(`wanps.deploy.simulate`) both drive this same object, so the benchmarks of the
+algorithms measure the code that trains over the network.
+"""
+from __future__ import annotations
+
+import torch
+
+from wanps.proto.codec import SparseUpdate
+from wanps.worker.compress import ErrorFeedback
+from wanps.worker.skip_rule import SkipRule, gradient_gap
+
+#: "def" outputs DEF's y_T = x_T - mean(e_T) (a final residual flush); "def-a" outputs x_T.
+ERROR_FEEDBACK_MODES = ("ef", "def", "def-a")
+
+
+class UpdateRule:
+    def __init__(
+        self,
+        num_params: int,
+        *,
+        compressor: str = "topk",
+        value_dtype: str = "float32",
+        compressor_seed: int = 0,
+        error_feedback: str = "ef",
+        def_lambda: float = 0.3,
+        momentum: float = 0.0,
+        skip_rule: SkipRule | None = None,
+    ) -> None:
+        if error_feedback not in ERROR_FEEDBACK_MODES:
+            raise ValueError(f"error_feedback must be one of {', '.join(ERROR_FEEDBACK_MODES)}, got {error_feedback!r}")
+        if error_feedback != "ef" and not 0.0 <= def_lambda <= 1.0:
+            raise ValueError(f"def_lambda must be in [0, 1], got {def_lambda}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if skip_rule is not None and error_feedback != "ef":
+            # Both move the point gradients are taken at; their combination is in neither paper.
+            raise ValueError("the SASG skip rule works with plain error feedback ('ef') only")
+        self.num_params = num_params
+        self.ef = ErrorFeedback(num_params, compressor, value_dtype, seed=compressor_seed)
+        self.error_feedback = error_feedback
+        self.def_lambda = def_lambda if error_feedback != "ef" else 0.0
+        self.momentum = momentum
+        self._momentum_buffer = torch.zeros(num_params) if momentum else None
+        self.skip_rule = skip_rule
+
+    # -------------------------------------------------------------- where to take gradients
+
+    @property
+    def detaches(self) -> bool:
+        return self.def_lambda > 0.0
+
+    def detached_point(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """DEF: out = x - lambda * e, the point this worker's gradient is taken at."""
+        return torch.sub(x, self.ef.residual, alpha=self.def_lambda, out=out)
+
+    @property
+    def wants_aux_gradient(self) -> bool:
+        """SASG needs the gradient at the anchor this round (it may skip)."""
+        return self.skip_rule is not None and not self.skip_rule.must_upload
+
+    # -------------------------------------------------------------- the update
+
+    def update(
+        self,
+        grad: torch.Tensor,
+        lr: float | torch.Tensor,
+        delta: float,
+        round_: int,
+        *,
+        params: torch.Tensor | None = None,
+        aux_grad: torch.Tensor | None = None,
+    ) -> SparseUpdate | None:
+        """C(lr * m + e) to push, or None to skip (SASG). `grad` is the raw gradient (it is
+        overwritten: the rule uses it as its working buffer). `params` are the parameters the
+        gradient was taken at (SASG's next anchor); `aux_grad` the gradient at the anchor."""
+        rule = self.skip_rule
+        if rule is not None:
+            if aux_grad is not None and rule.should_skip(gradient_gap(grad, aux_grad)):
+                rule.skipped()  # Algorithm 1: e and (here) momentum stay as they are
+                return None
+            if params is None:
+                raise ValueError("the skip rule needs the parameters an uploaded gradient was taken at")
+            rule.uploaded(params)
+        if self._momentum_buffer is not None:
+            self._momentum_buffer.mul_(self.momentum).add_(grad)
+            grad.copy_(self._momentum_buffer)
+        grad.mul_(lr)
+        return self.ef.compress(grad, delta, round_)
+
+    def final_residual(self) -> SparseUpdate:
+        """DEF's output step: push e densely once, so the server's mean gives y_T = x_T - mean(e_T).
+
+        The residual leaves the worker (it is zero afterwards): calling this twice sends nothing twice.
+        """
+        values = self.ef.residual.clone()
+        self.ef.residual.zero_()
+        return SparseUpdate(values=values, indices=None)
+
+    @property
+    def residual(self) -> torch.Tensor:
+        return self.ef.residual
