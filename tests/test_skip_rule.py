@@ -154,3 +154,13 @@ def test_upload_without_params_is_refused_when_skipping_is_on() -> None:
     rule = UpdateRule(2, skip_rule=SkipRule([1.0]))
     with pytest.raises(ValueError):
         rule.update(torch.ones(2), 0.1, 1.0, 0)
+
+
+def test_alphas_from_spec() -> None:
+    from wanps.worker.skip_rule import alphas_from_spec
+
+    assert alphas_from_spec("half", 0.1, 2) == [5.0, 5.0]
+    assert alphas_from_spec("one", 0.1, 1) == [10.0]
+    assert alphas_from_spec("7.5", 0.1, 3) == [7.5] * 3
+    with pytest.raises(ValueError, match="alpha"):
+        alphas_from_spec("lots", 0.1)

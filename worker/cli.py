@@ -14,7 +14,7 @@ from wanps.deploy.runtime import EnvDefaultsParser, setup_logging
 from wanps.worker.compress import VALUE_DTYPES
 from wanps.worker.compressors import COMPRESSORS
 from wanps.worker.optimizer import Optimizer
-from wanps.worker.skip_rule import ALPHA_VARIANTS, SkipRule, paper_alphas
+from wanps.worker.skip_rule import SkipRule, alphas_from_spec
 from wanps.worker.update_rule import ERROR_FEEDBACK_MODES
 from wanps.worker.tasks import TASKS, get_task
 
@@ -27,13 +27,10 @@ def skip_rule_from_flags(max_delay: int, alpha: str, lr: float) -> SkipRule | No
         raise SystemExit(f"--sasg-max-delay must be >= 0, got {max_delay}")
     if max_delay == 0:
         return None
-    if alpha in ALPHA_VARIANTS:
-        return SkipRule(paper_alphas(lr, max_delay, alpha))
     try:
-        value = float(alpha)
-    except ValueError:
-        raise SystemExit(f"--sasg-alpha must be 'half', 'one' or a number, got {alpha!r}") from None
-    return SkipRule([value] * max_delay)
+        return SkipRule(alphas_from_spec(alpha, lr, max_delay))
+    except ValueError as exc:
+        raise SystemExit(f"--sasg-alpha: {exc}") from None
 
 
 def build_parser() -> EnvDefaultsParser:

@@ -32,6 +32,17 @@ def paper_alphas(lr: float, max_delay: int = PAPER_MAX_DELAY, variant: str = "ha
     return [ALPHA_VARIANTS[variant] / lr] * max_delay
 
 
+def alphas_from_spec(spec: str, lr: float, max_delay: int = PAPER_MAX_DELAY) -> list[float]:
+    """'half' (1/(2 lr)), 'one' (1/lr) or a number: the same alpha_d for d = 1..D."""
+    if spec in ALPHA_VARIANTS:
+        return paper_alphas(lr, max_delay, spec)
+    try:
+        value = float(spec)
+    except ValueError:
+        raise ValueError(f"alpha must be 'half', 'one' or a number, got {spec!r}") from None
+    return [value] * max_delay
+
+
 class SkipRule:
     """One worker's skip state: anchor parameters, staleness, and the last D model-step norms."""
 
