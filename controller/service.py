@@ -21,7 +21,9 @@ from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, K
 from wanps.controller.policy import PolicyConfig
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
+from wanps.deploy.auth import ServerSecurity
 from wanps.deploy.runtime import RunningService, start_grpc_service
+from wanps.server.limits import ResourceExhausted, StreamLimiter
 
 log = logging.getLogger("wanps.controller")
 
@@ -37,6 +39,9 @@ class ControllerConfig:
     max_samples_per_report: int = 512
     max_message_bytes: int = 4 * 1024 * 1024
     use_uvloop: bool = True
+    # Open Decisions streams per worker id (a worker needs one; reconnects briefly overlap).
+    max_streams_per_worker: int = 8
+    security: ServerSecurity = ServerSecurity()  # token and TLS (deploy/auth.py); default: neither
 
 
 class ControllerMetrics:
@@ -92,6 +97,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         self.core = ControllerCore(config.policy, config.estimator)
         self._changed = asyncio.Event()
         self._closing = False
+        self._streams = StreamLimiter(config.max_streams_per_worker)
         self._publish(self.core.maybe_decide(time.monotonic()))
 
     def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
@@ -121,6 +127,10 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     async def Decisions(self, request: pb.DecisionsRequest, context) -> AsyncIterator[pb.Decision]:
         sent: set[int] = set()
+        try:
+            self._streams.acquire(request.worker_id, "Decisions")
+        except ResourceExhausted as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self.metrics.subscribers.inc()
         try:
             while not self._closing:
@@ -132,10 +142,11 @@ class ControllerService(pb_grpc.ControllerServicer):
                 await changed.wait()
         finally:
             self.metrics.subscribers.dec()
+            self._streams.release(request.worker_id)
 
     async def Report(self, request: pb.ReportRequest, context) -> pb.ReportReply:
         if len(request.samples) > self.config.max_samples_per_report:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"at most {self.config.max_samples_per_report} samples per report")
         now = time.monotonic()
         samples = []
@@ -197,7 +208,8 @@ async def start_controller(config: ControllerConfig, registry: CollectorRegistry
         service, pb_grpc.add_ControllerServicer_to_server, pb.DESCRIPTOR.services_by_name["Controller"].full_name,
         host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
         metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
+        interceptors=config.security.interceptors(), credentials=config.security.credentials(),
     )
-    log.info("controller on %s:%d (metrics %s), policy %s", config.host, running.port, running.metrics_port,
-             config.policy.name)
+    log.info("controller on %s:%d (metrics %s), policy %s, %s", config.host, running.port, running.metrics_port,
+             config.policy.name, config.security.describe())
     return running

@@ -28,6 +28,7 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
 from wanps.worker.compress import ErrorFeedback
 from wanps.worker.replica import Replica
+from wanps.deploy.auth import ClientSecurity
 from wanps.worker.session import WorkerSession
 
 log = logging.getLogger("wanps.worker")
@@ -70,6 +71,7 @@ class Optimizer(torch.optim.Optimizer):
         compressor_seed: int = 0,
         error_feedback: str = "ef",
         def_lambda: float = 0.3,
+        security: ClientSecurity | None = None,
     ) -> None:
         """`tau`, `delta`: used only without a controller (or until its first decision).
 
@@ -104,7 +106,8 @@ class Optimizer(torch.optim.Optimizer):
         self._def_lambda = def_lambda if error_feedback == "def" else 0.0
         self._clean = torch.empty_like(self.replica) if self._def_lambda else None
         self._detached = False
-        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
+        # `security`: token and TLS to dial with (ClientSecurity.from_env() reads the WANPS_TOKEN* / WANPS_TLS* variables).
+        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security)
         try:
             self._join(name or socket.gethostname(), join_timeout_s)
             if controller:
