@@ -390,8 +390,7 @@ def _with_token(metadata: Any, source: TokenSource) -> list[tuple[str, str]]:
     return [*kept, (TOKEN_METADATA_KEY, TOKEN_SCHEME + source.current())]
 
 
-class _AioTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                           grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _AioTokenDetails:
     def __init__(self, source: TokenSource) -> None:
         self._source = source
 
@@ -399,17 +398,31 @@ class _AioTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryS
         return grpc.aio.ClientCallDetails(d.method, d.timeout, grpc.aio.Metadata(*_with_token(d.metadata, self._source)),
                                           d.credentials, d.wait_for_ready)
 
+
+# One class per call type: grpc.aio files an interceptor under the first type it matches only.
+class _AioTokenUnaryUnary(_AioTokenDetails, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _AioTokenUnaryStream(_AioTokenDetails, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _AioTokenStreamUnary(_AioTokenDetails, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         return await continuation(self._details(client_call_details), request_iterator)
 
+
+class _AioTokenStreamStream(_AioTokenDetails, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return await continuation(self._details(client_call_details), request_iterator)
+
+
+def _aio_token_interceptors(source: TokenSource) -> list[grpc.aio.ClientInterceptor]:
+    return [kind(source) for kind in (_AioTokenUnaryUnary, _AioTokenUnaryStream, _AioTokenStreamUnary,
+                                      _AioTokenStreamStream)]
 
 
 class _SyncCallDetails(NamedTuple):
@@ -456,7 +469,7 @@ def aio_channel(address: str, security: ClientSecurity | None = None, *,
     security = security or ClientSecurity()
     options = _options(security, max_message_bytes, options)
     source = security.token_source()
-    interceptors = [_AioTokenInterceptor(source)] if source is not None else None
+    interceptors = _aio_token_interceptors(source) if source is not None else None
     credentials = security.channel_credentials()
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
