@@ -59,6 +59,8 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
                         help="Sliding window of link samples (seconds).")
     parser.add_argument("--max-streams-per-worker", env="WANPS_CONTROLLER_MAX_STREAMS_PER_WORKER", type=int,
                         default=defaults.max_streams_per_worker, help="Open Decisions streams per worker id.")
+    parser.add_argument("--max-workers", env="WANPS_CONTROLLER_MAX_WORKERS", type=int, default=defaults.max_workers,
+                        help="Workers whose links are tracked at once (ids silent for --window-s make room).")
     add_server_security_flags(parser)
     parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP")
     parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
@@ -78,7 +80,8 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
     estimator = EstimatorConfig(window_s=args.window_s)
     config = ControllerConfig(host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
                               policy=policy, estimator=estimator, use_uvloop=not args.no_uvloop,
-                              max_streams_per_worker=args.max_streams_per_worker, security=security)
+                              max_streams_per_worker=args.max_streams_per_worker, max_workers=args.max_workers,
+                              security=security)
     return config, args.log_level
 
 

@@ -54,7 +54,10 @@ class ControllerCore:
         traffic = self._traffic.setdefault(report.worker_id, deque(maxlen=256))
         for sample in report.samples:
             estimator.add(sample)
-            if sample.kind == KIND_COMPUTE and sample.grad_norm > 0:
+            # Buckets are pruned behind the newest reported round; one far ahead of it (no honest
+            # sample is) would never be. One interval of slack: a report may lag its own samples.
+            if (sample.kind == KIND_COMPUTE and sample.grad_norm > 0
+                    and sample.round <= self.reported_round + max(1, self.policy.every_rounds)):
                 bucket = self._norms.setdefault(sample.round // max(1, self.policy.every_rounds), [0.0, 0])
                 bucket[0] += sample.grad_norm
                 bucket[1] += 1

@@ -171,3 +171,27 @@ def wait_for(condition, timeout: float = 10.0) -> None:
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.02)
 
+
+
+def test_controller_tracks_a_bounded_number_of_workers(loop_thread):
+    from prometheus_client import CollectorRegistry
+
+    from wanps.controller.estimator import EstimatorConfig
+    from wanps.controller.service import ControllerConfig, start_controller
+
+    config = ControllerConfig(host="127.0.0.1", port=0, metrics_port=-1, max_workers=2,
+                              estimator=EstimatorConfig(window_s=3600))
+    running = loop_thread.run(start_controller(config, CollectorRegistry()))
+    try:
+        with sync_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.ControllerStub(channel)
+            stub.Report(pb.ReportRequest(worker_id=1), timeout=10)
+            stub.Report(pb.ReportRequest(worker_id=2), timeout=10)
+            stub.Report(pb.ReportRequest(worker_id=1), timeout=10)  # known ids always report
+            error = refused(lambda: stub.Report(pb.ReportRequest(worker_id=3), timeout=10))
+            assert error.code() == EXHAUSTED and "at most 2 workers" in error.details()
+            error = refused(lambda: stub.Report(pb.ReportRequest(worker_id=1, round=2**62 + 1), timeout=10))
+            assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert sorted(running.service.core.estimators) == [1, 2]
+    finally:
+        loop_thread.run(running.stop(0.5))
