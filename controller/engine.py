@@ -89,9 +89,9 @@ class ControllerCore:
     def grad_norm_change(self) -> float | None:
         """|mean norm of the last complete interval / the one before - 1| (None until two exist)."""
         current = self.reported_round // max(1, self.policy.every_rounds)
-        complete = sorted(b for b in self._norms if b < current)
         for old in [b for b in self._norms if b < current - 2]:
             del self._norms[old]  # keep memory bounded
+        complete = sorted(b for b in self._norms if b < current)  # after the pruning: no deleted bucket
         if len(complete) < 2:
             return None
         (s0, n0), (s1, n1) = self._norms[complete[-2]], self._norms[complete[-1]]
