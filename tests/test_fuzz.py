@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, configuration, given, settings
 from hypothesis import strategies as st
 
 from conftest import Cluster, LoopThread
@@ -55,6 +55,15 @@ I = grpc.StatusCode.INVALID_ARGUMENT
 FP = grpc.StatusCode.FAILED_PRECONDITION
 NF = grpc.StatusCode.NOT_FOUND
 RE = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hypothesis_files_in_a_temporary_directory(tmp_path_factory):
+    """Hypothesis caches (constants, unicode data) go to a temporary directory, not the checkout."""
+    previous = configuration.storage_directory()
+    configuration.set_hypothesis_home_dir(str(tmp_path_factory.mktemp("hypothesis")))
+    yield
+    configuration.set_hypothesis_home_dir(str(previous))
 
 
 def budget(examples: int):
