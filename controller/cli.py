@@ -16,6 +16,13 @@ from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, deco
 from wanps.controller.estimator import EstimatorConfig
 from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
+from wanps.deploy.auth import (
+    add_client_security_flags,
+    add_server_security_flags,
+    client_security_from_args,
+    server_security_from_args,
+    sync_channel,
+)
 from wanps.deploy.runtime import EnvDefaultsParser, serve_main, setup_logging, split_host_port
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
@@ -50,9 +57,18 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
                         help="Also recompute when an estimate moves by more than this fraction.")
     parser.add_argument("--window-s", env="WANPS_ESTIMATOR_WINDOW_S", type=float, default=estimator.window_s,
                         help="Sliding window of link samples (seconds).")
+    parser.add_argument("--max-streams-per-worker", env="WANPS_CONTROLLER_MAX_STREAMS_PER_WORKER", type=int,
+                        default=defaults.max_streams_per_worker, help="Open Decisions streams per worker id.")
+    parser.add_argument("--max-workers", env="WANPS_CONTROLLER_MAX_WORKERS", type=int, default=defaults.max_workers,
+                        help="Workers whose links are tracked at once (ids silent for --window-s make room).")
+    add_server_security_flags(parser)
     parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP")
     parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     args = parser.parse_args(argv)
+    try:
+        security = server_security_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     host, port = split_host_port(args.listen)
     if args.metrics_listen == "off":
         metrics_host, metrics_port = "127.0.0.1", -1
@@ -63,7 +79,9 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
                           change_threshold=args.change_threshold)
     estimator = EstimatorConfig(window_s=args.window_s)
     config = ControllerConfig(host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
-                              policy=policy, estimator=estimator, use_uvloop=not args.no_uvloop)
+                              policy=policy, estimator=estimator, use_uvloop=not args.no_uvloop,
+                              max_streams_per_worker=args.max_streams_per_worker, max_workers=args.max_workers,
+                              security=security)
     return config, args.log_level
 
 
@@ -88,8 +106,12 @@ def decide_main(argv: list[str]) -> int:
     return 0
 
 
-def _admin_stub(address: str) -> tuple[grpc.Channel, pb_grpc.ControllerStub]:
-    channel = grpc.insecure_channel(address)
+def _admin_stub(parser: EnvDefaultsParser, args) -> tuple[grpc.Channel, pb_grpc.ControllerStub]:
+    try:
+        security = client_security_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    channel = sync_channel(args.controller, security)
     return channel, pb_grpc.ControllerStub(channel)
 
 
@@ -99,8 +121,9 @@ def set_policy_main(argv: list[str]) -> int:
     parser.add_argument("--policy", choices=POLICIES, required=True)
     parser.add_argument("--tau", type=int, default=PolicyConfig().tau)
     parser.add_argument("--delta", type=float, default=PolicyConfig().delta)
+    add_client_security_flags(parser)
     args = parser.parse_args(argv)
-    channel, stub = _admin_stub(args.controller)
+    channel, stub = _admin_stub(parser, args)
     with channel:
         reply = stub.SetPolicy(pb.SetPolicyRequest(policy=args.policy, tau=args.tau, delta=args.delta), timeout=10)
     decision = reply.decision if reply.HasField("decision") else None
@@ -112,8 +135,9 @@ def set_policy_main(argv: list[str]) -> int:
 def status_main(argv: list[str]) -> int:
     parser = EnvDefaultsParser(prog="wanps controller status", description="A running controller's state as JSON.")
     parser.add_argument("--controller", env="WANPS_CONTROLLER", default="127.0.0.1:50052")
+    add_client_security_flags(parser)
     args = parser.parse_args(argv)
-    channel, stub = _admin_stub(args.controller)
+    channel, stub = _admin_stub(parser, args)
     with channel:
         state = stub.GetState(pb.GetStateRequest(), timeout=10)
     print(json.dumps({

@@ -54,7 +54,10 @@ class ControllerCore:
         traffic = self._traffic.setdefault(report.worker_id, deque(maxlen=256))
         for sample in report.samples:
             estimator.add(sample)
-            if sample.kind == KIND_COMPUTE and sample.grad_norm > 0:
+            # Buckets are pruned behind the newest reported round; one far ahead of it (no honest
+            # sample is) would never be. One interval of slack: a report may lag its own samples.
+            if (sample.kind == KIND_COMPUTE and sample.grad_norm > 0
+                    and sample.round <= self.reported_round + max(1, self.policy.every_rounds)):
                 bucket = self._norms.setdefault(sample.round // max(1, self.policy.every_rounds), [0.0, 0])
                 bucket[0] += sample.grad_norm
                 bucket[1] += 1
@@ -86,9 +89,9 @@ class ControllerCore:
     def grad_norm_change(self) -> float | None:
         """|mean norm of the last complete interval / the one before - 1| (None until two exist)."""
         current = self.reported_round // max(1, self.policy.every_rounds)
-        complete = sorted(b for b in self._norms if b < current)
         for old in [b for b in self._norms if b < current - 2]:
             del self._norms[old]  # keep memory bounded
+        complete = sorted(b for b in self._norms if b < current)  # after the pruning: no deleted bucket
         if len(complete) < 2:
             return None
         (s0, n0), (s1, n1) = self._norms[complete[-2]], self._norms[complete[-1]]

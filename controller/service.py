@@ -20,10 +20,17 @@ from wanps.controller.engine import ControllerCore, Report, with_policy
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH, EstimatorConfig, Sample
 from wanps.controller.policy import PolicyConfig
 from wanps.proto import wanps_pb2 as pb
+from wanps.proto.codec import MAX_PARAMS
 from wanps.proto import wanps_pb2_grpc as pb_grpc
+from wanps.deploy.auth import ServerSecurity
 from wanps.deploy.runtime import RunningService, start_grpc_service
+from wanps.server.limits import ResourceExhausted, StreamLimiter
 
 log = logging.getLogger("wanps.controller")
+
+# Rounds beyond this are refused (OUT_OF_RANGE): decisions are scheduled rounds ahead of the
+# newest reported round and must still fit the wire's uint64 (2**62 rounds is ~146 years at 1 GHz).
+MAX_ROUND = 2**62
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,11 @@ class ControllerConfig:
     max_samples_per_report: int = 512
     max_message_bytes: int = 4 * 1024 * 1024
     use_uvloop: bool = True
+    # Open Decisions streams per worker id (a worker needs one; reconnects briefly overlap).
+    max_streams_per_worker: int = 8
+    # Workers with link estimates at once; a new id past it evicts ids silent for window_s, or is refused.
+    max_workers: int = 1024
+    security: ServerSecurity = ServerSecurity()  # token and TLS (deploy/auth.py); default: neither
 
 
 class ControllerMetrics:
@@ -92,6 +104,8 @@ class ControllerService(pb_grpc.ControllerServicer):
         self.core = ControllerCore(config.policy, config.estimator)
         self._changed = asyncio.Event()
         self._closing = False
+        self._streams = StreamLimiter(config.max_streams_per_worker)
+        self._last_report: dict[int, float] = {}  # worker id -> when it last reported (for max_workers)
         self._publish(self.core.maybe_decide(time.monotonic()))
 
     def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
@@ -121,6 +135,10 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     async def Decisions(self, request: pb.DecisionsRequest, context) -> AsyncIterator[pb.Decision]:
         sent: set[int] = set()
+        try:
+            self._streams.acquire(request.worker_id, "Decisions")
+        except ResourceExhausted as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self.metrics.subscribers.inc()
         try:
             while not self._closing:
@@ -132,12 +150,21 @@ class ControllerService(pb_grpc.ControllerServicer):
                 await changed.wait()
         finally:
             self.metrics.subscribers.dec()
+            self._streams.release(request.worker_id)
 
     async def Report(self, request: pb.ReportRequest, context) -> pb.ReportReply:
         if len(request.samples) > self.config.max_samples_per_report:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"at most {self.config.max_samples_per_report} samples per report")
+        if request.round > MAX_ROUND or any(sample.round > MAX_ROUND for sample in request.samples):
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"rounds are limited to {MAX_ROUND}")
+        if request.num_params > MAX_PARAMS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_params must be <= {MAX_PARAMS}")
         now = time.monotonic()
+        if request.worker_id not in self._last_report and not self._make_room(now):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the controller tracks at most {self.config.max_workers} workers' links "
+                                f"(--max-workers); none has been silent for {self.config.estimator.window_s:g} s")
         samples = []
         for sample in request.samples:
             kind = _SAMPLE_KINDS.get(sample.kind)
@@ -149,10 +176,26 @@ class ControllerService(pb_grpc.ControllerServicer):
                                   grad_norm=sample.grad_norm))
         for sample in samples:
             self.metrics.samples.labels(kind=sample.kind).inc()
+        self._last_report[request.worker_id] = now
         decision = self.core.report(Report(request.worker_id, request.round, request.num_params, tuple(samples)), now)
         self._publish(decision)
         self._refresh_gauges()
         return pb.ReportReply()
+
+    def _make_room(self, now: float) -> bool:
+        """Room for one more worker's estimates: forget those silent for a whole window if full."""
+        if len(self._last_report) < self.config.max_workers:
+            return True
+        for worker_id, last in list(self._last_report.items()):
+            if now - last > self.config.estimator.window_s:
+                del self._last_report[worker_id]
+                self.core.forget(worker_id)
+                for gauge in (self.metrics.bandwidth, self.metrics.latency, self.metrics.t_comp):
+                    try:
+                        gauge.remove(str(worker_id))
+                    except KeyError:
+                        pass
+        return len(self._last_report) < self.config.max_workers
 
     def _refresh_gauges(self) -> None:
         self.metrics.max_round.set(self.core.reported_round)
@@ -197,7 +240,8 @@ async def start_controller(config: ControllerConfig, registry: CollectorRegistry
         service, pb_grpc.add_ControllerServicer_to_server, pb.DESCRIPTOR.services_by_name["Controller"].full_name,
         host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
         metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
+        interceptors=config.security.interceptors(), credentials=config.security.credentials(),
     )
-    log.info("controller on %s:%d (metrics %s), policy %s", config.host, running.port, running.metrics_port,
-             config.policy.name)
+    log.info("controller on %s:%d (metrics %s), policy %s, %s", config.host, running.port, running.metrics_port,
+             config.policy.name, config.security.describe())
     return running

@@ -43,6 +43,7 @@ import grpc
 import numpy as np
 import torch
 
+from wanps.deploy.auth import aio_channel
 from wanps.deploy.runtime import EnvDefaultsParser, grpc_channel_options, run_async
 from wanps.proto import codec
 from wanps.proto.codec import fingerprint_of
@@ -204,10 +205,11 @@ async def _recv(conn: Connection) -> Any:
 async def _client_main(conn: Connection, spec: ClientSpec) -> None:
     # Own subchannel pool: one TCP connection (one HTTP/2 flow-control window) per worker,
     # as with real workers, instead of grpc sharing one connection between the channels.
-    options = [*grpc_channel_options(MAX_MESSAGE_BYTES), ("grpc.use_local_subchannel_pool", 1)]
-    server_channels = [grpc.aio.insecure_channel(f"127.0.0.1:{spec.server_port}", options=options)
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    server_channels = [aio_channel(f"127.0.0.1:{spec.server_port}", max_message_bytes=MAX_MESSAGE_BYTES, options=options)
                        for _ in spec.clients]
-    echo_channels = [grpc.aio.insecure_channel(f"127.0.0.1:{spec.echo_port}", options=options) for _ in spec.clients]
+    echo_channels = [aio_channel(f"127.0.0.1:{spec.echo_port}", max_message_bytes=MAX_MESSAGE_BYTES, options=options)
+                     for _ in spec.clients]
     try:
         # The payload is encoded once per client: the benchmark measures the server, not encoding.
         chunk_bytes = [

@@ -23,6 +23,7 @@ import torch
 
 from wanps.controller.decisions import decision_for_round
 from wanps.controller.policy import POLICIES
+from wanps.deploy.auth import ClientSecurity, add_client_security_flags, client_security_env, client_security_from_args
 from wanps.deploy.processes import ManagedProcess, start_process, stop_all, wanps_command
 from wanps.deploy.runtime import EnvDefaultsParser, setup_logging
 
@@ -75,15 +76,18 @@ def scrape(port: int | None) -> dict[str, float]:
     return values
 
 
-def start_cluster(config: DemoConfig, log_dir: Path) -> tuple[ManagedProcess, ManagedProcess, list[ManagedProcess]]:
-    """Server, controller and one link emulator per worker; returns them all started and ready."""
+def start_cluster(config: DemoConfig, log_dir: Path, env: dict[str, str] | None = None
+                  ) -> tuple[ManagedProcess, ManagedProcess, list[ManagedProcess]]:
+    """Server, controller and one link emulator per worker; returns them all started and ready.
+
+    `env`: extra environment of the server and the controller (the demo's token file or token)."""
     server = start_process("server", wanps_command(
         "server", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-        "--min-workers", str(config.workers), "--tau-max", str(config.tau_max)), log_dir)
+        "--min-workers", str(config.workers), "--tau-max", str(config.tau_max)), log_dir, env=env)
     controller = start_process("controller", wanps_command(
         "controller", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
         "--policy", config.policy, "--tau", str(config.tau), "--delta", str(config.delta),
-        "--tau-max", str(config.tau_max), *config.controller_args), log_dir)
+        "--tau-max", str(config.tau_max), *config.controller_args), log_dir, env=env)
     server.wait_ready(60)
     controller.wait_ready(60)
     links = []
@@ -97,7 +101,10 @@ def start_cluster(config: DemoConfig, log_dir: Path) -> tuple[ManagedProcess, Ma
     return server, controller, links
 
 
-def run_demo(config: DemoConfig) -> dict:
+def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict:
+    """`security`: how this process and the workers dial. The server and the controller read
+    their own token and TLS settings from the environment they inherit (WANPS_TOKEN_FILE, WANPS_TLS_*).
+    Kept out of DemoConfig, which is written to demo.json."""
     from wanps.worker.observer import Observer
     from wanps.worker.tasks import get_task
 
@@ -109,7 +116,8 @@ def run_demo(config: DemoConfig) -> dict:
     observer = None
     progress = None
     try:
-        server, controller, links = start_cluster(config, log_dir)
+        child_env = client_security_env(security or ClientSecurity())
+        server, controller, links = start_cluster(config, log_dir, child_env)
         processes += [server, controller, *links]
         workers = []
         for i in range(config.workers):
@@ -117,10 +125,12 @@ def run_demo(config: DemoConfig) -> dict:
             workers.append(start_process(f"worker-{i}", wanps_command(
                 "worker", "--server", server_address, "--controller", controller.address, "--task", config.task,
                 "--lr", str(config.lr), "--batch-size", str(config.batch_size), "--seed", str(config.seed),
-                "--name", f"worker-{i}", "--max-seconds", str(config.time_limit_s + 60)), log_dir, wait_for_line=False))
+                "--name", f"worker-{i}", "--max-seconds", str(config.time_limit_s + 60)), log_dir, wait_for_line=False,
+                env=child_env))
         processes += workers
         model = task.build_model(config.seed)
-        observer = Observer(model, server.address, controller=controller.address, name="demo-observer")
+        observer = Observer(model, server.address, controller=controller.address, name="demo-observer",
+                            security=security)
         started = time.monotonic()
         rounds: list[dict] = []
         evaluations: list[tuple[float, int, float]] = []
@@ -153,7 +163,7 @@ def run_demo(config: DemoConfig) -> dict:
                 evaluations.append((stamp, observer.version, accuracy))
                 if config.track_links:
                     link_track.append({"time_s": round(stamp, 3), "round": observer.version,
-                                       "links": fetch_controller_state(controller.address).get("links", [])})
+                                       "links": fetch_controller_state(controller.address, security).get("links", [])})
                 if rounds:
                     rounds[-1]["accuracy"] = round(accuracy, 4)
                 next_eval = time.monotonic() + config.eval_every_s
@@ -167,7 +177,7 @@ def run_demo(config: DemoConfig) -> dict:
             if progress is not None:
                 progress.update(observer.version - before)
         metrics = scrape(server.metrics_port)
-        controller_state = fetch_controller_state(controller.address)
+        controller_state = fetch_controller_state(controller.address, security)
         decisions = sorted(observer.session.decisions(), key=lambda d: d.decision_id)
     finally:
         if progress is not None:
@@ -213,15 +223,16 @@ def measured_iteration_s(rounds: list[dict]) -> float | None:
     return round((hi["time_s"] - lo["time_s"]) / (hi["round"] - lo["round"]), 5)
 
 
-def fetch_controller_state(address: str) -> dict:
+def fetch_controller_state(address: str, security: ClientSecurity | None = None) -> dict:
     """The controller's policy, decisions in force and link estimates (GetState), as a dict."""
-    import grpc
     from google.protobuf.json_format import MessageToDict
+
+    from wanps.deploy.auth import sync_channel
 
     from wanps.proto import wanps_pb2 as pb
     from wanps.proto import wanps_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address, security) as channel:
         state = pb_grpc.ControllerStub(channel).GetState(pb.GetStateRequest(), timeout=10)
     return MessageToDict(state, preserving_proto_field_name=True)
 
@@ -280,7 +291,7 @@ def decisions_summary(per_round: list[list]) -> str:
             f"(per round in demo.json)")
 
 
-def parse_config(argv: list[str] | None) -> DemoConfig:
+def parse_config(argv: list[str] | None) -> tuple[DemoConfig, ClientSecurity]:
     d = DemoConfig()
     p = EnvDefaultsParser(prog="wanps demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=d.workers, env="WANPS_DEMO_WORKERS")
@@ -301,22 +312,27 @@ def parse_config(argv: list[str] | None) -> DemoConfig:
     p.add_argument("--out", default=d.out_dir, env="WANPS_DEMO_OUT")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=d.seed)
+    add_client_security_flags(p)
     a = p.parse_args(argv)
+    try:
+        security = client_security_from_args(a)
+    except ValueError as exc:
+        p.error(str(exc))
     return DemoConfig(workers=a.workers, task=a.task, policy=a.policy, tau=a.tau, delta=a.delta, tau_max=a.tau_max,
                       lr=a.lr, batch_size=a.batch_size, target_accuracy=a.target_accuracy, time_limit_s=a.time_limit,
                       eval_every_s=a.eval_every, trace=a.trace, direct=a.direct, out_dir=a.out,
-                      progress=not a.no_progress, seed=a.seed)
+                      progress=not a.no_progress, seed=a.seed), security
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)
+    config, security = parse_config(argv)
     setup_logging("WARNING")
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     torch.set_num_threads(1)
     print(f"wanps demo: {config.workers} workers, {config.task}, policy {config.policy} "
           f"(tau {config.tau}, delta {config.delta:g}), target {config.target_accuracy:.0%}, "
           f"link {'direct' if config.direct else Path(config.trace or default_trace()).name}", flush=True)
-    result = run_demo(config)
+    result = run_demo(config, security)
     print("\nresults\n" + results_table(result))
     print(f"\nwrote {Path(config.out_dir) / 'demo.json'} and {Path(config.out_dir) / 'demo.png'}; "
           f"logs in {Path(config.out_dir) / 'logs'}")

@@ -20,6 +20,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from wanps.deploy.guard import MalformedRequestGuard
+
 T = TypeVar("T")
 
 
@@ -57,6 +59,15 @@ class EnvDefaultsParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._env_names: dict[str, str] = {}
+        self._env_only: dict[str, str] = {}
+
+    def add_env_setting(self, dest: str, env: str, help: str) -> None:
+        """A setting read from the environment only, never a flag: for secrets, which a flag
+        would show in `ps` and in shell history. Listed at the end of `--help`."""
+        self._env_only[dest] = env
+        line = f"{env}: {help}"
+        self.epilog = f"{self.epilog}\n{line}" if self.epilog else f"environment-only settings:\n{line}"
+        self.formatter_class = argparse.RawDescriptionHelpFormatter
 
     def add_argument(self, *args: Any, env: str | None = None, **kwargs: Any):  # type: ignore[override]
         if env is not None:
@@ -86,6 +97,9 @@ class EnvDefaultsParser(argparse.ArgumentParser):
                 except argparse.ArgumentError as exc:
                     self.error(f"environment variable {env_name}: {exc}")
             setattr(namespace, dest, value)
+        for dest, env_name in self._env_only.items():
+            if not hasattr(namespace, dest):
+                setattr(namespace, dest, os.environ.get(env_name) or None)
         return super().parse_args(args, namespace)
 
 
@@ -109,6 +123,9 @@ async def serve_until_signalled(start: Callable[[], Any], ready_line: Callable[[
     print(ready_line(running), flush=True)
     await stop.wait()
     await running.stop()
+
+
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 def grpc_channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -176,15 +193,19 @@ async def start_grpc_service(
     metrics_port: int,
     registry: CollectorRegistry,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningService[S]:
     """Bind, add health and reflection, start, and serve metrics: the common start of every service.
 
-    `interceptors` run on every RPC in order (metrics first, then auth, so refused calls are counted).
+    `interceptors` run on every RPC in order (metrics first, then auth, so refused calls are counted);
+    the malformed-message guard always runs last. `credentials`: serve TLS (deploy/auth.py).
     """
-    server = grpc.aio.server(options=grpc_channel_options(max_message_bytes), interceptors=list(interceptors))
+    server = grpc.aio.server(options=grpc_channel_options(max_message_bytes),
+                             interceptors=[*interceptors, MalformedRequestGuard()])
     add_to_server(service, server)
     await add_health_and_reflection(server, service_full_name)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     await server.start()

@@ -11,6 +11,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
+from contextlib import ExitStack
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
+from wanps.deploy.auth import ServerSecurity
 from wanps.deploy.runtime import RunningService, start_grpc_service
 
 from wanps.proto import codec
@@ -35,6 +37,7 @@ from wanps.server.core import (
     PushResult,
     ServerCore,
 )
+from wanps.server.limits import Limits, ResourceExhausted, StreamLimiter, TokenBucket
 from wanps.server.metrics import ServerMetrics
 
 log = logging.getLogger("wanps.server")
@@ -47,6 +50,7 @@ _STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
     codec.WireError: grpc.StatusCode.INVALID_ARGUMENT,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -74,6 +78,8 @@ class ServerConfig:
     history_rounds: int = 64
     max_message_bytes: int = 8 * 1024 * 1024
     use_uvloop: bool = True
+    limits: Limits = Limits()
+    security: ServerSecurity = ServerSecurity()  # token and TLS (deploy/auth.py); default: neither
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(tau_max=self.tau_max, min_workers=self.min_workers, checksum_every=self.checksum_every)
@@ -125,8 +131,12 @@ class RoundHistory:
 
 
 class ParameterServerService(pb_grpc.ParameterServerServicer):
-    def __init__(self, core: ServerCore, metrics: ServerMetrics, history_rounds: int) -> None:
+    def __init__(self, core: ServerCore, metrics: ServerMetrics, history_rounds: int,
+                 limits: Limits | None = None) -> None:
         self.core = core
+        self.limits = limits or Limits()
+        self._joins = TokenBucket(self.limits.join_rate_per_s, self.limits.join_burst)
+        self._streams = StreamLimiter(self.limits.max_streams_per_worker)
         self.metrics = metrics
         self.history = RoundHistory(history_rounds)
         self._core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-core")
@@ -158,8 +168,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         async with _mapped_errors(context):
+            self._joins.take("join")  # before any other work: a join flood costs next to nothing
             if request.role not in (pb.ROLE_WORKER, pb.ROLE_OBSERVER):
                 raise InvalidArgument("role must be ROLE_WORKER or ROLE_OBSERVER")
+            self.limits.check_elements("model", request.num_params)
             result = await self._on_core(
                 self.core.join,
                 request.num_params,
@@ -186,11 +198,19 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             num_params = self.core.num_params
             if num_params is None:
                 raise FailedPrecondition("join before seeding")
-            buffer = bytearray(num_params * 4)
+            buffer = bytearray()
             filled = 0
             worker_id = None
             async for chunk in request_iterator:
-                worker_id = chunk.worker_id if worker_id is None else worker_id
+                if worker_id is None:
+                    # Who may seed is settled before the model-sized buffer is allocated: a
+                    # stranger's or a late SeedModel must not cost the server 4 bytes per parameter.
+                    worker_id = chunk.worker_id
+                    if self.core.seeded:
+                        raise FailedPrecondition("the model is already seeded")
+                    if worker_id not in self.core.members:
+                        raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
+                    buffer = bytearray(num_params * 4)
                 if chunk.offset != filled // 4:
                     raise InvalidArgument(f"seed chunk at offset {chunk.offset}, expected {filled // 4}")
                 end = filled + len(chunk.values)
@@ -212,26 +232,32 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             worker_id = request.worker_id
             if not self.core.is_known(worker_id):
                 raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
-            await self._seeded.wait()
-            if worker_id in self.core.members:
-                await self._started.wait()
-            version, raw, crc = await self._on_core(self.core.snapshot)
-            member = self.core.members.get(worker_id)
-            first = True
-            for offset, values in codec.iter_model_chunks(raw):
-                chunk = pb.ModelChunk(version=version, num_params=len(raw) // 4, offset=offset, values=values)
-                if first:
-                    chunk.model_crc32 = crc
-                    chunk.rank = max(self.core.rank_of(worker_id), 0)
-                    chunk.world_size = len(self.core.active_workers())
-                    chunk.first_round = member.first_round if member else version
-                    first = False
-                self.metrics.sent_bytes.inc(len(values))
-                yield chunk
+            with self._streams.open(worker_id, "PullModel"):
+                async for chunk in self._pull_model(worker_id):
+                    yield chunk
+
+    async def _pull_model(self, worker_id: int) -> AsyncIterator[pb.ModelChunk]:
+        await self._seeded.wait()
+        if worker_id in self.core.members:
+            await self._started.wait()
+        version, raw, crc = await self._on_core(self.core.snapshot)
+        member = self.core.members.get(worker_id)
+        first = True
+        for offset, values in codec.iter_model_chunks(raw):
+            chunk = pb.ModelChunk(version=version, num_params=len(raw) // 4, offset=offset, values=values)
+            if first:
+                chunk.model_crc32 = crc
+                chunk.rank = max(self.core.rank_of(worker_id), 0)
+                chunk.world_size = len(self.core.active_workers())
+                chunk.first_round = member.first_round if member else version
+                first = False
+            self.metrics.sent_bytes.inc(len(values))
+            yield chunk
 
     async def Push(self, request_iterator: AsyncIterator[pb.PushMessage], context) -> pb.PushReply:
+        open_stream = ExitStack()  # counts against its worker's stream limit from the header on
         try:
-            header, index_parts, value_parts = await self._receive_push(request_iterator)
+            header, index_parts, value_parts = await self._receive_push(request_iterator, open_stream)
             # Decode and validate on a pool thread, in parallel with the core thread's work;
             # the core thread then only checks the round rules again and stores the update.
             loop = asyncio.get_running_loop()
@@ -244,12 +270,15 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             code = status_for(exc)
             self.metrics.push_rejected.labels(code=code.name).inc()
             await context.abort(code, str(exc))
+        finally:
+            open_stream.close()
         self.metrics.pushes.labels(
             kind="duplicate" if result.duplicate else ("skip" if header.skip else "update")
         ).inc()
         return pb.PushReply(duplicate=result.duplicate, version=result.version)
 
-    async def _receive_push(self, request_iterator) -> tuple[pb.PushHeader, list[bytes], list[bytes]]:
+    async def _receive_push(self, request_iterator, open_stream: ExitStack
+                            ) -> tuple[pb.PushHeader, list[bytes], list[bytes]]:
         header: pb.PushHeader | None = None
         index_parts: list[bytes] = []
         value_parts: list[bytes] = []
@@ -262,6 +291,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 if header is not None:
                     raise InvalidArgument("a push carries exactly one header, first")
                 header = message.header
+                open_stream.enter_context(self._streams.open(header.worker_id, "Push"))
+                self.limits.check_elements("push", header.count)
             elif part == "chunk":
                 if header is None:
                     raise InvalidArgument("a push starts with its header")
@@ -269,7 +300,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                     raise InvalidArgument("a skip record carries no chunks")
                 received += len(message.chunk.indices) + len(message.chunk.values)
                 if received > limit:
-                    raise InvalidArgument(f"push payload exceeds {limit} bytes for this model")
+                    raise ResourceExhausted(f"push payload exceeds {limit} bytes, the most a push can "
+                                            f"need for this model (8 bytes per parameter)")
                 index_parts.append(message.chunk.indices)
                 value_parts.append(message.chunk.values)
             else:
@@ -320,14 +352,15 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 raise FailedPrecondition(
                     f"from_version {request.from_version} is ahead of the server's version {self.core.version}"
                 )
-            async for chunk in self.history.follow(request.from_version):
-                self.metrics.sent_bytes.inc(len(chunk.indices) + len(chunk.values))
-                yield chunk
+            with self._streams.open(request.worker_id, "Updates"):
+                async for chunk in self.history.follow(request.from_version):
+                    self.metrics.sent_bytes.inc(len(chunk.indices) + len(chunk.values))
+                    yield chunk
 
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
         # Padding lets workers probe bandwidth; it is bounded so a ping stays cheap.
         if len(request.padding) > MAX_PING_PADDING:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ping padding is limited to {MAX_PING_PADDING} bytes")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"ping padding is limited to {MAX_PING_PADDING} bytes")
         self.metrics.received_bytes.inc(len(request.padding))
         return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.core.version)
 
@@ -399,12 +432,15 @@ RunningServer = RunningService[ParameterServerService]
 
 async def start_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> RunningServer:
     registry = registry if registry is not None else CollectorRegistry()
-    service = ParameterServerService(ServerCore(config.core_config()), ServerMetrics(registry), config.history_rounds)
+    service = ParameterServerService(ServerCore(config.core_config()), ServerMetrics(registry), config.history_rounds,
+                                     config.limits)
     running = await start_grpc_service(
         service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
         host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
         metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
+        interceptors=config.security.interceptors(), credentials=config.security.credentials(),
     )
-    log.info("parameter server on %s:%d (metrics %s), tau_max %d, min workers %d",
-             config.host, running.port, running.metrics_port, config.tau_max, config.min_workers)
+    log.info("parameter server on %s:%d (metrics %s), tau_max %d, min workers %d, %s",
+             config.host, running.port, running.metrics_port, config.tau_max, config.min_workers,
+             config.security.describe())
     return running

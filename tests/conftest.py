@@ -13,7 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
+from wanps.deploy.auth import ServerSecurity
 from wanps.deploy.runtime import event_loop_factory
+from wanps.server.limits import Limits
 from wanps.server.service import ServerConfig, start_server
 
 
@@ -85,14 +87,18 @@ def make_cluster(loop_thread: LoopThread):
     started: list[Cluster] = []
 
     def make(*, tau_max: int = 4, min_workers: int = 1, policy: str | None = "static", tau: int = 1,
-             delta: float = 0.1, history_rounds: int = 64, **policy_options) -> Cluster:
+             delta: float = 0.1, history_rounds: int = 64, security: ServerSecurity = ServerSecurity(),
+             limits: Limits = Limits(), max_message_bytes: int = ServerConfig.max_message_bytes,
+             controller_streams: int = ControllerConfig.max_streams_per_worker, **policy_options) -> Cluster:
         server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, tau_max=tau_max,
-                                     min_workers=min_workers, history_rounds=history_rounds)
+                                     min_workers=min_workers, history_rounds=history_rounds, security=security,
+                                     limits=limits, max_message_bytes=max_message_bytes)
         controller_config = None
         if policy is not None:
             controller_config = ControllerConfig(host="127.0.0.1", port=0, metrics_port=0,
                                                  policy=PolicyConfig(name=policy, tau=tau, delta=delta,
-                                                                     **policy_options))
+                                                                     **policy_options),
+                                                 security=security, max_streams_per_worker=controller_streams)
         cluster = Cluster(loop_thread, server_config, controller_config)
         started.append(cluster)
         return cluster

@@ -131,3 +131,15 @@ def test_accordion_uses_light_compression_only_in_critical_regimes():
     made = [d for d in decisions if d is not None]
     assert [(d.tau, d.delta) for d in made] == [(0, 0.1), (0, 0.01)]
     assert "critical" in made[0].reason
+
+
+def test_grad_norm_buckets_behind_the_window_are_pruned_before_use():
+    """Found by fuzzing: samples of an old and a recent round in one report made accordion's
+    view read a bucket it had just pruned (KeyError -> the RPC failed with UNKNOWN)."""
+    core = ControllerCore(PolicyConfig(name="accordion", every_rounds=1))
+    core.report(Report(1, 30, 100, ()), 0.0)
+    norm = lambda r: Sample(kind=KIND_COMPUTE, nbytes=0, seconds=0.01, at_s=0.0, round=r, grad_norm=1.0)  # noqa: E731
+    core.report(Report(1, 30, 100, (norm(0), norm(20), norm(10**6))), 1.0)
+    assert core.grad_norm_change() is None
+    assert all(b >= 28 for b in core._norms)  # older ones pruned
+    assert 10**6 not in core._norms  # far ahead of every reported round: not counted

@@ -1,10 +1,10 @@
 """A raw gRPC client for tests: builds pushes by hand, including malformed ones."""
 from __future__ import annotations
 
-import grpc
 import numpy as np
 import torch
 
+from wanps.deploy.auth import ClientSecurity, sync_channel
 from wanps.proto import codec
 from wanps.proto.codec import fingerprint_of
 from wanps.proto import wanps_pb2 as pb
@@ -14,8 +14,8 @@ FINGERPRINT = fingerprint_of([("w", (16,), "torch.float32")])
 
 
 class RawClient:
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, security: ClientSecurity | None = None) -> None:
+        self.channel = sync_channel(address, security)
         self.stub = pb_grpc.ParameterServerStub(self.channel)
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from wanps.deploy.auth import add_client_security_flags, client_security_from_args
 from wanps.deploy.runtime import EnvDefaultsParser, setup_logging
 from wanps.worker.compress import VALUE_DTYPES
 from wanps.worker.compressors import COMPRESSORS
@@ -69,13 +70,19 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--progress", env="WANPS_PROGRESS", action="store_true", help="Show a progress bar.")
     parser.add_argument("--save-replica", env="WANPS_SAVE_REPLICA", default="",
                         help="At the end, save {'version', 'values'} of the replica here (torch.save).")
+    add_client_security_flags(parser)
     parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP")
     parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        security = client_security_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     setup_logging(args.log_level)
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     torch.set_num_threads(max(1, args.threads))
@@ -89,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                     tau=args.tau, delta=args.delta, name=args.name or None, use_uvloop=not args.no_uvloop,
                     compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed,
                     error_feedback=args.error_feedback, def_lambda=args.def_lambda, momentum=args.momentum,
-                    skip_rule=skip_rule_from_flags(args.sasg_max_delay, args.sasg_alpha, args.lr))
+                    skip_rule=skip_rule_from_flags(args.sasg_max_delay, args.sasg_alpha, args.lr),
+                    security=security)
     batches = task.batches(opt.rank, opt.world_size, args.batch_size, args.seed)
     progress = None
     if args.progress:

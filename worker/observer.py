@@ -12,18 +12,20 @@ import torch
 
 from wanps.worker.optimizer import bind_to_flat, model_fingerprint
 from wanps.worker.replica import Replica
+from wanps.deploy.auth import ClientSecurity
 from wanps.worker.session import WorkerSession
 
 
 class Observer:
     def __init__(self, model: torch.nn.Module, server: str, *, controller: str | None = None, name: str | None = None,
-                 keep_deltas: bool = False, join_timeout_s: float = 600.0, use_uvloop: bool = True) -> None:
+                 keep_deltas: bool = False, join_timeout_s: float = 600.0, use_uvloop: bool = True,
+                 security: ClientSecurity | None = None) -> None:
         self.model = model
         params = list(model.parameters())
         flat = bind_to_flat(params)
         self.fingerprint = model_fingerprint(params)
         # With a controller, the observer also follows decisions (to show tau and delta), reporting nothing.
-        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
+        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security)
         try:
             reply = self.session.join(flat.numel(), self.fingerprint,
                                       name or f"observer@{socket.gethostname()}", observer=True)

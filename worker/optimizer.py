@@ -24,6 +24,7 @@ from concurrent.futures import Future
 import torch
 
 from wanps.controller.decisions import Decision, decision_for_round
+from wanps.deploy.auth import ClientSecurity
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
 from wanps.worker.replica import Replica
@@ -78,6 +79,7 @@ class Optimizer(torch.optim.Optimizer):
         def_lambda: float = 0.3,
         momentum: float = 0.0,
         skip_rule: SkipRule | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
         """`tau`, `delta`: used only without a controller (or until its first decision).
 
@@ -117,7 +119,8 @@ class Optimizer(torch.optim.Optimizer):
         # DEF: the clean replica while the parameters sit at the detached point x - lambda*e.
         self._clean = torch.empty_like(self.replica) if self.rule.detaches else None
         self._detached = False
-        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
+        # `security`: token and TLS to dial with (ClientSecurity.from_env() reads the WANPS_TOKEN* / WANPS_TLS* variables).
+        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security)
         try:
             self._join(name or socket.gethostname(), join_timeout_s)
             if controller:

@@ -25,7 +25,8 @@ import grpc
 import torch
 
 from wanps.controller.decisions import Decision
-from wanps.deploy.runtime import event_loop_factory, grpc_channel_options
+from wanps.deploy.auth import ClientSecurity, aio_channel
+from wanps.deploy.runtime import event_loop_factory
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
@@ -84,6 +85,7 @@ class WorkerSession:
         *,
         max_message_bytes: int = 8 * 1024 * 1024,
         use_uvloop: bool = True,
+        security: ClientSecurity | None = None,
     ) -> None:
         self.server_address = server
         self.controller_address = controller
@@ -102,20 +104,20 @@ class WorkerSession:
         self._loop = event_loop_factory(use_uvloop)()
         self._thread = threading.Thread(target=self._loop.run_forever, name="wanps-worker-io", daemon=True)
         self._thread.start()
-        options = grpc_channel_options(max_message_bytes)
-        self._server_channel = self._call(lambda: self._make_channel(server, options))
+        self._security, self._max_message_bytes = security, max_message_bytes
+        self._server_channel = self._call(lambda: self._make_channel(server))
         self._server = pb_grpc.ParameterServerStub(self._server_channel)
         self._controller_channel = None
         self._controller = None
         if controller:
-            self._controller_channel = self._call(lambda: self._make_channel(controller, options))
+            self._controller_channel = self._call(lambda: self._make_channel(controller))
             self._controller = pb_grpc.ControllerStub(self._controller_channel)
 
     # ------------------------------------------------------------------ plumbing
 
-    @staticmethod
-    async def _make_channel(address: str, options: list[tuple[str, int]]) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(address, options=options)
+    async def _make_channel(self, address: str) -> grpc.aio.Channel:
+        # Token and TLS as configured (deploy/auth.py); called on the I/O loop.
+        return aio_channel(address, self._security, max_message_bytes=self._max_message_bytes)
 
     def _submit(self, make: Callable[[], Awaitable[T]]) -> concurrent.futures.Future[T]:
         """Run `make()` on the I/O loop (gRPC calls must be created there) and await it."""
