@@ -21,6 +21,7 @@ from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, K
 from wanps.controller.policy import PolicyConfig
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
+from wanps.deploy.grpc_metrics import GrpcServerMetrics
 from wanps.deploy.runtime import RunningService, start_grpc_service
 
 log = logging.getLogger("wanps.controller")
@@ -197,6 +198,7 @@ async def start_controller(config: ControllerConfig, registry: CollectorRegistry
         service, pb_grpc.add_ControllerServicer_to_server, pb.DESCRIPTOR.services_by_name["Controller"].full_name,
         host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
         metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
+        interceptors=[GrpcServerMetrics(registry)],  # metrics first: later interceptors' refusals are counted
     )
     log.info("controller on %s:%d (metrics %s), policy %s", config.host, running.port, running.metrics_port,
              config.policy.name)

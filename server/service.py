@@ -20,6 +20,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
+from wanps.deploy.grpc_metrics import GrpcServerMetrics
 from wanps.deploy.runtime import RunningService, start_grpc_service
 
 from wanps.proto import codec
@@ -404,6 +405,7 @@ async def start_server(config: ServerConfig, registry: CollectorRegistry | None 
         service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
         host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
         metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
+        interceptors=[GrpcServerMetrics(registry)],  # metrics first: later interceptors' refusals are counted
     )
     log.info("parameter server on %s:%d (metrics %s), tau_max %d, min workers %d",
              config.host, running.port, running.metrics_port, config.tau_max, config.min_workers)

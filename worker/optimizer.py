@@ -22,11 +22,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from wanps.controller.decisions import Decision, decision_for_round
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
 from wanps.worker.compress import ErrorFeedback
+from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.replica import Replica
 from wanps.worker.session import WorkerSession
 
@@ -70,6 +72,7 @@ class Optimizer(torch.optim.Optimizer):
         compressor_seed: int = 0,
         error_feedback: str = "ef",
         def_lambda: float = 0.3,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         """`tau`, `delta`: used only without a controller (or until its first decision).
 
@@ -84,6 +87,9 @@ class Optimizer(torch.optim.Optimizer):
         them in the usual order (zero_grad, forward, backward, step). The cluster's model
         is DEF-A's output x_T; DEF's y_T = x_T - mean(e_T) needs a residual gather at the
         end that is not built yet.
+
+        `registry`: a prometheus_client CollectorRegistry to count this worker's pushes, bytes,
+        tau, delta and staleness on (docs/metrics.md); None (default) counts nothing.
         """
         if error_feedback not in ("ef", "def"):
             raise ValueError(f"error_feedback must be 'ef' or 'def', got {error_feedback!r}")
@@ -104,7 +110,8 @@ class Optimizer(torch.optim.Optimizer):
         self._def_lambda = def_lambda if error_feedback == "def" else 0.0
         self._clean = torch.empty_like(self.replica) if self._def_lambda else None
         self._detached = False
-        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop)
+        self.metrics = WorkerMetrics(registry) if registry is not None else None
+        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, metrics=self.metrics)
         try:
             self._join(name or socket.gethostname(), join_timeout_s)
             if controller:
@@ -186,6 +193,9 @@ class Optimizer(torch.optim.Optimizer):
         self._raise_failed_pushes()
         decision = self.decision_at(self.round)
         self.last_decision = decision
+        if self.metrics is not None:
+            self.metrics.record_decision(decision.decision_id, min(decision.tau, self.tau_max),
+                                         decision.delta_for(self.worker_id), self.round)
         self._gather_scaled_grad()
         grad_norm = float(torch.linalg.vector_norm(self._grad))  # Accordion's signal, reported with T_comp
         update = self._ef.compress(self._grad, decision.delta_for(self.worker_id), self.round)
