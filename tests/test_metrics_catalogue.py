@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from wanps.worker.metrics import WorkerMetrics
+from exported import service_registries as registries_of
 
 CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 SERVICES = ("server", "controller", "worker")
@@ -47,10 +47,7 @@ def registered(registry: CollectorRegistry) -> set[Entry]:
 @pytest.fixture
 def service_registries(make_cluster) -> dict[str, CollectorRegistry]:
     """The registries of a real server and controller (as started), and a worker's."""
-    cluster = make_cluster(policy="static")
-    worker_registry = CollectorRegistry()
-    WorkerMetrics(worker_registry)  # what Optimizer(registry=...) and `wanps worker --metrics-port` register
-    return {"server": cluster.server_registry, "controller": cluster.controller_registry, "worker": worker_registry}
+    return registries_of(make_cluster(policy="static"))
 
 
 @pytest.mark.parametrize("service", SERVICES)
