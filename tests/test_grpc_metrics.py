@@ -8,8 +8,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry
 
-from wanps.deploy.grpc_metrics import split_method, status_name
+from wanps.deploy.grpc_metrics import GrpcServerMetrics, split_method, status_name
+from wanps.deploy.runtime import start_grpc_service
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 
@@ -121,3 +123,35 @@ def test_names_and_codes():
     assert status_name(grpc.StatusCode.NOT_FOUND) == "NOT_FOUND"
     assert status_name(5) == "NOT_FOUND"
     assert status_name(999) == "UNKNOWN"
+
+
+class _DenyAll(grpc.aio.ServerInterceptor):
+    """An interceptor that refuses every call, as an authentication interceptor refuses a bad token."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no token")
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class _NoService:
+    def begin_shutdown(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def test_calls_refused_by_a_later_interceptor_are_counted(loop_thread):
+    registry = CollectorRegistry()
+    running = loop_thread.run(start_grpc_service(
+        _NoService(), lambda service, server: None, "test.Nothing", host="127.0.0.1", port=0,
+        max_message_bytes=1 << 20, metrics_host="127.0.0.1", metrics_port=-1, registry=registry,
+        interceptors=[GrpcServerMetrics(registry), _DenyAll()]))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert handled(registry, "Check", "UNAUTHENTICATED", service="grpc.health.v1.Health", expect=1) == 1
+    finally:
+        loop_thread.run(running.stop(0.5))

@@ -25,7 +25,8 @@ def catalogue() -> dict[str, set[Entry]]:
             exporters = tuple(re.findall(r"wanps (server|controller|worker)\b", line))
         elif line.startswith("| `wanps_"):
             cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-            name, kind, _unit, labels = cells[0].strip("`"), cells[1], cells[2], cells[3]
+            name, kind, unit, labels, meaning = cells[0].strip("`"), cells[1], cells[2], cells[3], cells[4]
+            assert unit and meaning, f"{name}: every metric needs its unit and meaning"
             label_names = frozenset(re.findall(r"`(\w+)`", labels))
             assert exporters, f"{name} is listed under no service's section"
             for service in exporters:

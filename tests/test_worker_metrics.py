@@ -87,3 +87,19 @@ def test_without_a_registry_nothing_is_counted(make_cluster):
     finally:
         opt.close()
     assert opt.bytes_up > 0
+
+
+def test_worker_cli_metrics_port_flag_and_environment(monkeypatch):
+    from wanps.worker.cli import build_parser
+
+    assert build_parser().parse_args([]).metrics_port == -1  # off by default: workers share machines
+    assert build_parser().parse_args(["--metrics-port", "off"]).metrics_port == -1
+    assert build_parser().parse_args(["--metrics-port", "0"]).metrics_port == 0
+    monkeypatch.setenv("WANPS_WORKER_METRICS_PORT", "9102")
+    monkeypatch.setenv("WANPS_WORKER_METRICS_HOST", "0.0.0.0")
+    args = build_parser().parse_args([])
+    assert (args.metrics_host, args.metrics_port) == ("0.0.0.0", 9102)
+    assert build_parser().parse_args(["--metrics-port", "0"]).metrics_port == 0  # the flag wins
+    for bad in ("70000", "-2", "many"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--metrics-port", bad])
