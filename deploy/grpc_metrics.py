@@ -96,7 +96,7 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
             return streaming
         if inspect.iscoroutinefunction(behavior):
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = self._start(service, method)
                 try:
                     response = await behavior(request, context)
@@ -106,7 +106,7 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
                 self._finish(service, method, started, context, None)
                 return response
 
-            return unary
+            return coroutine
         # Synchronous handlers run on gRPC's thread pool; wanps registers none, so they pass uncounted.
         return behavior
 
@@ -115,8 +115,8 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
         return time.perf_counter()
 
     def _finish(self, service: str, method: str, started: float, context: Any, exc: BaseException | None) -> None:
-        if isinstance(exc, asyncio.CancelledError):
-            code = "CANCELLED"  # the client went away or the server is stopping
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            code = "CANCELLED"  # the client went away or the server is stopping (a stream closed early)
         elif exc is None or isinstance(exc, grpc.aio.AbortError):
             code = status_name(context.code())  # abort() and set_code() leave their code on the context
         else:
