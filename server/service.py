@@ -22,6 +22,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from wanps.deploy.auth import ServerSecurity
+from wanps.deploy.grpc_metrics import GrpcServerMetrics
 from wanps.deploy.runtime import RunningService, start_grpc_service
 
 from wanps.proto import codec
@@ -438,7 +439,8 @@ async def start_server(config: ServerConfig, registry: CollectorRegistry | None 
         service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
         host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
         metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
-        interceptors=config.security.interceptors(), credentials=config.security.credentials(),
+        interceptors=[GrpcServerMetrics(registry), *config.security.interceptors()],  # metrics first: refusals are counted
+        credentials=config.security.credentials(),
     )
     log.info("parameter server on %s:%d (metrics %s), tau_max %d, min workers %d, %s",
              config.host, running.port, running.metrics_port, config.tau_max, config.min_workers,

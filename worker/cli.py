@@ -7,11 +7,13 @@ import sys
 import threading
 import time
 import warnings
+from typing import Any
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from wanps.deploy.auth import add_client_security_flags, client_security_from_args
-from wanps.deploy.runtime import EnvDefaultsParser, setup_logging
+from wanps.deploy.runtime import EnvDefaultsParser, setup_logging, start_metrics_endpoint
 from wanps.worker.compress import VALUE_DTYPES
 from wanps.worker.compressors import COMPRESSORS
 from wanps.worker.optimizer import Optimizer
@@ -32,6 +34,28 @@ def skip_rule_from_flags(max_delay: int, alpha: str, lr: float) -> SkipRule | No
         return SkipRule(alphas_from_spec(alpha, lr, max_delay))
     except ValueError as exc:
         raise SystemExit(f"--sasg-alpha: {exc}") from None
+
+
+def metrics_port(text: str) -> int:
+    if text == "off":
+        return -1
+    value = int(text)
+    if not -1 <= value <= 65535:
+        raise ValueError(f"metrics port must be 0-65535, -1 or 'off', got {text}")
+    return value
+
+
+def serve_metrics(host: str, port: int) -> tuple[CollectorRegistry | None, Any]:
+    """The worker's registry and its endpoint, announced as `LISTENING host:port METRICS port`
+    (a worker serves no gRPC: the line names the metrics endpoint, for scripts and tests).
+    Started before joining, which waits for the cluster, so a scraper sees the worker at once."""
+    if port < 0:
+        return None, None
+    registry = CollectorRegistry()
+    httpd, bound = start_metrics_endpoint(host, port, registry)
+    print(f"LISTENING {host}:{bound} METRICS {bound}", flush=True)
+    log.info("worker metrics on http://%s:%d/metrics", host, bound)
+    return registry, httpd
 
 
 def build_parser() -> EnvDefaultsParser:
@@ -71,6 +95,11 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--save-replica", env="WANPS_SAVE_REPLICA", default="",
                         help="At the end, save {'version', 'values'} of the replica here (torch.save).")
     add_client_security_flags(parser)
+    parser.add_argument("--metrics-host", env="WANPS_WORKER_METRICS_HOST", default="127.0.0.1",
+                        help="Address the Prometheus metrics endpoint binds.")
+    parser.add_argument("--metrics-port", env="WANPS_WORKER_METRICS_PORT", type=metrics_port, default=-1,
+                        help="Port of the Prometheus metrics endpoint (0 = any free port; -1 or 'off' = none, "
+                             "the default, so several workers on one machine need no ports).")
     parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP")
     parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     return parser
@@ -90,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
+    registry, metrics_httpd = serve_metrics(args.metrics_host, args.metrics_port)
     task = get_task(args.task)
     model = task.build_model(args.seed)
     opt = Optimizer(model.parameters(), server=args.server, controller=args.controller or None, lr=args.lr,
@@ -97,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed,
                     error_feedback=args.error_feedback, def_lambda=args.def_lambda, momentum=args.momentum,
                     skip_rule=skip_rule_from_flags(args.sasg_max_delay, args.sasg_alpha, args.lr),
-                    security=security)
+                    security=security, registry=registry)
     batches = task.batches(opt.rank, opt.world_size, args.batch_size, args.seed)
     progress = None
     if args.progress:
@@ -134,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         opt.close()  # with --error-feedback def, the replica ends at y_T only after this
         if args.save_replica:
             torch.save({"version": opt.version, "values": opt.replica.clone()}, args.save_replica)
+        if metrics_httpd is not None:
+            metrics_httpd.shutdown()
+            metrics_httpd.server_close()
     log.info("worker %d done: %d rounds, %.1f MiB up, %.1f MiB down", opt.worker_id, rounds,
              opt.bytes_up / 2**20, opt.bytes_down / 2**20)
     return 0

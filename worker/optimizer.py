@@ -22,11 +22,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from wanps.controller.decisions import Decision, decision_for_round
 from wanps.deploy.auth import ClientSecurity
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
+from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.replica import Replica
 from wanps.worker.session import ReceivedDelta, WorkerSession
 from wanps.worker.skip_rule import SkipRule, step_squared_norm
@@ -80,6 +82,7 @@ class Optimizer(torch.optim.Optimizer):
         momentum: float = 0.0,
         skip_rule: SkipRule | None = None,
         security: ClientSecurity | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         """`tau`, `delta`: used only without a controller (or until its first decision).
 
@@ -101,6 +104,9 @@ class Optimizer(torch.optim.Optimizer):
         closure that zeroes the gradients, computes the loss and calls backward (as for
         torch.optim.LBFGS); step calls it at the current parameters and, when a skip is
         possible, once more at the anchor.
+
+        `registry`: a prometheus_client CollectorRegistry to count this worker's pushes, bytes,
+        tau, delta and staleness on (docs/metrics.md); None (default) counts nothing.
         """
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -119,8 +125,9 @@ class Optimizer(torch.optim.Optimizer):
         # DEF: the clean replica while the parameters sit at the detached point x - lambda*e.
         self._clean = torch.empty_like(self.replica) if self.rule.detaches else None
         self._detached = False
+        self.metrics = WorkerMetrics(registry) if registry is not None else None
         # `security`: token and TLS to dial with (ClientSecurity.from_env() reads the WANPS_TOKEN* / WANPS_TLS* variables).
-        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security)
+        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security, metrics=self.metrics)
         try:
             self._join(name or socket.gethostname(), join_timeout_s)
             if controller:
@@ -205,6 +212,9 @@ class Optimizer(torch.optim.Optimizer):
         self._raise_failed_pushes()
         decision = self.decision_at(self.round)
         self.last_decision = decision
+        if self.metrics is not None:
+            self.metrics.record_decision(decision.decision_id, min(decision.tau, self.tau_max),
+                                         decision.delta_for(self.worker_id), self.round)
         lr = self._gather_grad(self._grad)
         grad_norm = float(torch.linalg.vector_norm(self._grad)) * self._norm_scale(lr)  # Accordion's signal
         compute_seconds = time.monotonic() - self._compute_started

@@ -30,6 +30,7 @@ from wanps.deploy.runtime import event_loop_factory
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
+from wanps.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("wanps.worker")
 T = TypeVar("T")
@@ -86,8 +87,10 @@ class WorkerSession:
         max_message_bytes: int = 8 * 1024 * 1024,
         use_uvloop: bool = True,
         security: ClientSecurity | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.server_address = server
+        self.metrics = metrics  # None: count nothing (library users who do not scrape)
         self.controller_address = controller
         self.deltas: queue.Queue[ReceivedDelta | BaseException] = queue.Queue()
         self.worker_id: int | None = None
@@ -144,6 +147,8 @@ class WorkerSession:
                                  model_fingerprint=fingerprint, name=name)
         reply = self._call(lambda: self._server.Join(request, wait_for_ready=True, timeout=timeout))
         self.worker_id, self.num_params = reply.worker_id, num_params
+        if self.metrics is not None:
+            self.metrics.worker_id.set(reply.worker_id)
         return reply
 
     def seed(self, model: torch.Tensor) -> pb.SeedModelReply:
@@ -153,7 +158,7 @@ class WorkerSession:
             for offset, values in codec.iter_model_chunks(raw):
                 yield pb.ModelChunk(worker_id=self.worker_id, num_params=model.numel(), offset=offset, values=values)
 
-        self.bytes_up += len(raw)
+        self._count_sent(len(raw))
         return self._call(lambda: self._server.SeedModel(chunks()))
 
     def pull(self, timeout: float | None = None) -> PulledModel:
@@ -175,7 +180,7 @@ class WorkerSession:
             filled += len(chunk.values)
         if header is None or buffer is None or filled != len(buffer):
             raise ReplicaDiverged("model pull ended early")
-        self.bytes_down += filled
+        self._count_received(filled)
         values = torch.frombuffer(buffer, dtype=torch.float32)
         if codec.model_crc32(values) != header.model_crc32:
             raise ReplicaDiverged("pulled model does not match the server's checksum")
@@ -210,7 +215,7 @@ class WorkerSession:
                 assert self.num_params is not None
                 delta = codec.decode_delta(index_raw, value_raw, chunk.total_count, self.num_params, chunk.dense)
                 nbytes = len(index_raw) + len(value_raw)
-                self.bytes_down += nbytes
+                self._count_received(nbytes)
                 self._sample(pb.LinkSample.KIND_DOWNLOAD, nbytes, time.monotonic() - started, chunk.round)
                 self.deltas.put(ReceivedDelta(chunk.round, chunk.version, delta,
                                               chunk.model_crc32 if chunk.has_model_crc32 else None, nbytes,
@@ -282,7 +287,7 @@ class WorkerSession:
                                                        padding=padding), timeout=10.0)
             except grpc.aio.AioRpcError:
                 continue
-            self.bytes_up += len(padding)
+            self._count_sent(len(padding))
             self._sample(pb.LinkSample.KIND_PING, len(padding), time.monotonic() - started, self._reported_round)
 
     def _sample(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
@@ -309,14 +314,30 @@ class WorkerSession:
         """Send one round's update (None = skip record). Encoding happens on the calling thread."""
         header = pb.PushHeader(worker_id=self.worker_id, round=round_, computed_at_version=computed_at_version)
         messages, nbytes = codec.push_messages(header, update)
-        self.bytes_up += nbytes
+        self._count_sent(nbytes)
+        if self.metrics is not None:
+            self.metrics.record_push(round_, computed_at_version, None if update is None else update.count,
+                                     self.num_params or 0)
         return self._submit(lambda: self._push(messages, nbytes, round_))
 
     async def _push(self, messages: list[pb.PushMessage], nbytes: int, round_: int) -> pb.PushReply:
         started = time.monotonic()
         reply = await self._server.Push(iter(messages), wait_for_ready=True)
-        self._sample(pb.LinkSample.KIND_PUSH, nbytes, time.monotonic() - started, round_)
+        seconds = time.monotonic() - started
+        self._sample(pb.LinkSample.KIND_PUSH, nbytes, seconds, round_)
+        if self.metrics is not None:
+            self.metrics.push_seconds.observe(seconds)
         return reply
+
+    def _count_sent(self, nbytes: int) -> None:
+        self.bytes_up += nbytes
+        if self.metrics is not None:
+            self.metrics.sent_bytes.inc(nbytes)
+
+    def _count_received(self, nbytes: int) -> None:
+        self.bytes_down += nbytes
+        if self.metrics is not None:
+            self.metrics.received_bytes.inc(nbytes)
 
     # ------------------------------------------------------------------ shutdown
 
