@@ -751,13 +751,14 @@ def _wire_parser() -> EnvDefaultsParser:
     return parser
 
 
-USAGE = """usage: wanps bench {push,wire,estimate,train,compressors} [options]
+USAGE = """usage: wanps bench {push,wire,estimate,train,compressors,soak} [options]
 
   push      push ingest: pairs/s through the full server path vs a bare gRPC echo
   wire      bytes on the wire per pushed element, serialized and on a real socket
   estimate  link estimation accuracy through the link emulator (fixed link, step change)
   train     time to accuracy of DeCo against D-SGD and static baselines over emulated WANs
   compressors  exact vs sampled top-k vs random block: selection time and count
+  soak      many workers x many rounds on loopback: rounds/s, peak RSS, invariants
 
 `wanps bench push --help` shows a benchmark's options."""
 
@@ -805,6 +806,12 @@ def _main_compressors(argv: list[str]) -> int:
     return compressors_main(argv)
 
 
+def _main_soak(argv: list[str]) -> int:
+    from wanps.deploy.bench_soak import main as soak_main
+
+    return soak_main(argv)
+
+
 def _main_train(argv: list[str]) -> int:
     from wanps.deploy.bench_train import main as train_main
 
@@ -819,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     # Zero-copy decoding views read-only bytes; torch warns about that once per process.
     warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable")
     commands = {"push": _main_push, "wire": _main_wire, "estimate": _main_estimate, "train": _main_train,
-                "compressors": _main_compressors}
+                "compressors": _main_compressors, "soak": _main_soak}
     if argv[0] not in commands:
         print(f"wanps bench: unknown benchmark {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2

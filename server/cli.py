@@ -38,6 +38,23 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
                         help="Closed rounds kept for followers that reconnect or lag.")
     parser.add_argument("--max-message-mb", env="WANPS_MAX_MESSAGE_MB", type=int,
                         default=defaults.max_message_bytes // 2**20, help="gRPC message size limit (MiB).")
+    parser.add_argument("--lease-s", env="WANPS_LEASE_S", type=float, default=defaults.lease_s,
+                        help="A worker silent this long (no push, ping or other call) leaves at the next round "
+                             "boundary (0 = never).")
+    parser.add_argument("--round-deadline-s", env="WANPS_ROUND_DEADLINE_S", type=float,
+                        default=defaults.round_deadline_s,
+                        help="Close a round without its stragglers this long after its first push; their late "
+                             "pushes are acknowledged as late and not applied (0 = wait for every worker).")
+    parser.add_argument("--checkpoint-dir", env="WANPS_CHECKPOINT_DIR", default=None,
+                        help="Write checkpoints here (every --checkpoint-every rounds and at shutdown).")
+    parser.add_argument("--checkpoint-every", env="WANPS_CHECKPOINT_EVERY", type=int,
+                        default=defaults.checkpoint_every, help="Rounds between checkpoints (0 = only at shutdown).")
+    parser.add_argument("--resume", env="WANPS_RESUME", default=None, metavar="DIR",
+                        help="Continue from the checkpoint in DIR (and keep checkpointing there unless "
+                             "--checkpoint-dir says otherwise).")
+    parser.add_argument("--audit", env="WANPS_AUDIT", action="store_true",
+                        help="Record the initial model, the sum of applied deltas and the applied round ids "
+                             "(in checkpoints; for conservation checks; 12 bytes per parameter).")
     parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP", help="Use the default asyncio loop.")
     parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     args = parser.parse_args(argv)
@@ -50,7 +67,11 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
         host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port, tau_max=args.tau_max,
         min_workers=args.min_workers, checksum_every=checksum_every(args.checksum_every), torch_threads=args.torch_threads, history_rounds=args.history_rounds,
         max_message_bytes=args.max_message_mb * 2**20, use_uvloop=not args.no_uvloop,
+        lease_s=args.lease_s, round_deadline_s=args.round_deadline_s, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, resume_dir=args.resume, audit=args.audit,
     )
+    if config.lease_s < 0 or config.round_deadline_s < 0 or config.checkpoint_every < 0:
+        parser.error("--lease-s, --round-deadline-s and --checkpoint-every must be >= 0")
     return config, args.log_level
 
 

@@ -28,7 +28,7 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
 from wanps.worker.compress import ErrorFeedback
 from wanps.worker.replica import Replica
-from wanps.worker.session import WorkerSession
+from wanps.worker.session import ConnectionLost, WorkerSession
 
 log = logging.getLogger("wanps.worker")
 
@@ -212,14 +212,43 @@ class Optimizer(torch.optim.Optimizer):
     def _raise_failed_pushes(self) -> None:
         while self._in_flight and self._in_flight[0].done():
             self._in_flight.popleft().result()  # raises the server's refusal, if any
+        for late in self.session.take_late_updates():
+            self._ef.restore(late)  # its round closed at the deadline without it: send it again later
 
     def _wait_until_fresh(self, min_version: int) -> None:
-        """Apply every delta received so far; block until the replica reaches min_version."""
-        self._replica.catch_up(self.session.deltas, min_version, on_idle=self._raise_failed_pushes)
+        """Apply every delta received so far; block until the replica reaches min_version.
+        A lost connection is recovered here (docs/operations.md), then the wait goes on."""
+        while True:
+            try:
+                self._replica.catch_up(self.session.deltas, min_version, on_idle=self._raise_failed_pushes)
+                return
+            except ConnectionLost:
+                self._recover()
+
+    def _recover(self) -> None:
+        def wait_for(version: int) -> None:
+            self._replica.catch_up(self.session.deltas, version, on_idle=self._raise_failed_pushes)
+
+        recovery = self.session.recover(self._replica, wait_for, self.tau_max, self.round)
+        self._in_flight.extend(recovery.futures)
+        if recovery.rejoined:
+            self.worker_id = self.session.worker_id
+            self.round = recovery.first_round
 
     @property
     def version(self) -> int:
         return self._replica.version
+
+    def wait_for_version(self, version: int, timeout_s: float) -> int:
+        """Apply deltas (recovering a lost connection) until the replica reaches `version` or
+        `timeout_s` passes. Returns the replica's version."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self._replica.catch_up(self.session.deltas, version, deadline=deadline,
+                                              on_idle=self._raise_failed_pushes)
+            except ConnectionLost:
+                self._recover()
 
     # ------------------------------------------------------------------ end
 
@@ -239,6 +268,7 @@ class Optimizer(torch.optim.Optimizer):
         self.closed = True
         try:
             deadline = time.monotonic() + timeout
+            self._wait_until_fresh(0)  # recovers a connection lost since the last step
             for future in self._in_flight:
                 future.result(max(0.0, deadline - time.monotonic()))
             self._in_flight.clear()
