@@ -363,9 +363,12 @@ class ServerCore:
         return (closed, *self._close_ready_rounds())
 
     def resume_info(self, worker_id: int) -> ResumeInfo:
-        """For a worker reconnecting after a lost connection or a server restart."""
+        """For a worker reconnecting after a lost connection or a server restart.
+
+        A server that has no model (restarted without --resume) knows nobody: the worker
+        joins again and, being first, seeds the model with its replica."""
         if self.model is None:
-            raise FailedPrecondition("the model has not been seeded yet")
+            return ResumeInfo(member=False, version=0, model_crc32=0, held_rounds=(), first_round=0)
         member = self.members.get(worker_id)
         if member is not None:
             member.last_seen = self.clock()

@@ -223,17 +223,20 @@ class Optimizer(torch.optim.Optimizer):
                 self._replica.catch_up(self.session.deltas, min_version, on_idle=self._raise_failed_pushes)
                 return
             except ConnectionLost:
-                self._recover()
+                if self._recover():  # joined again: the round counter moved, so does the bound
+                    min_version = self.round - self.tau_at(self.round)
 
-    def _recover(self) -> None:
+    def _recover(self, timeout_s: float = 600.0) -> bool:
+        """Reconnect and reconcile (WorkerSession.recover). True when this worker joined again."""
         def wait_for(version: int) -> None:
             self._replica.catch_up(self.session.deltas, version, on_idle=self._raise_failed_pushes)
 
-        recovery = self.session.recover(self._replica, wait_for, self.tau_max, self.round)
+        recovery = self.session.recover(self._replica, wait_for, self.tau_max, self.round, timeout=timeout_s)
         self._in_flight.extend(recovery.futures)
         if recovery.rejoined:
             self.worker_id = self.session.worker_id
             self.round = recovery.first_round
+        return recovery.rejoined
 
     @property
     def version(self) -> int:
@@ -241,14 +244,16 @@ class Optimizer(torch.optim.Optimizer):
 
     def wait_for_version(self, version: int, timeout_s: float) -> int:
         """Apply deltas (recovering a lost connection) until the replica reaches `version` or
-        `timeout_s` passes. Returns the replica's version."""
+        `timeout_s` passes. Returns the replica's version. If the worker has to join again
+        meanwhile, versions restart from its new first round, which becomes the target."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 return self._replica.catch_up(self.session.deltas, version, deadline=deadline,
                                               on_idle=self._raise_failed_pushes)
             except ConnectionLost:
-                self._recover()
+                if self._recover():
+                    version = self.round
 
     # ------------------------------------------------------------------ end
 
@@ -268,7 +273,12 @@ class Optimizer(torch.optim.Optimizer):
         self.closed = True
         try:
             deadline = time.monotonic() + timeout
-            self._wait_until_fresh(0)  # recovers a connection lost since the last step
+            try:
+                # A connection lost since the last step: re-send this worker's last pushes, so
+                # the others need not wait out its lease.
+                self._replica.catch_up(self.session.deltas, 0, on_idle=self._raise_failed_pushes)
+            except ConnectionLost:
+                self._recover(timeout_s=max(1.0, timeout / 2))
             for future in self._in_flight:
                 future.result(max(0.0, deadline - time.monotonic()))
             self._in_flight.clear()

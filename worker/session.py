@@ -59,9 +59,9 @@ MAX_BACKOFF_S = 8.0
 PUSH_LOG_MAX_BYTES = 64 * 1024 * 1024
 # Status codes that mean "the server is unreachable or restarted", not "your request is wrong".
 # NOT_FOUND: the server no longer knows this worker (lease ran out, or it resumed without it).
+# (UNKNOWN and INTERNAL are not among them: a server bug must surface, not loop in recovery.)
 RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND,
-                             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+                             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND})
 
 
 # gRPC's own reconnect backoff (defaults: 1 s initial, 120 s max) would keep a worker away
