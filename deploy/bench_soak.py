@@ -116,13 +116,13 @@ def run_soak(config: SoakConfig, work_dir: Path) -> SoakResult:
         started = time.monotonic()
         rss_samples: list[tuple[float, float]] = []  # (seconds since start, server RSS MiB)
         deadline = started + config.time_limit_s
-        while any(t.is_alive() for t in threads):
+        while alive := [t for t in threads if t.is_alive()]:
             if time.monotonic() > deadline:
                 stop.set()
                 raise TimeoutError(f"soak did not finish {config.rounds} rounds within {config.time_limit_s:.0f} s "
                                    "(a deadlock or a stall)")
             rss_samples.append((time.monotonic() - started, _rss_mib(server.pid, "VmRSS")))
-            next(t for t in threads if t.is_alive()).join(0.5)
+            alive[0].join(0.5)
         seconds = time.monotonic() - started
         rss_after_tenth = next((rss for t, rss in rss_samples if t >= seconds / 10), 0.0)
         if errors:

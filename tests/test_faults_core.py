@@ -11,6 +11,7 @@ from wanps.controller.engine import ControllerCore, Report
 from wanps.controller.policy import PolicyConfig
 from wanps.proto.codec import SparseUpdate, model_crc32
 from wanps.server.checkpoint import read_checkpoint, write_checkpoint
+from wanps.worker.compress import ErrorFeedback
 from wanps.server.core import CoreConfig, NotFound, ServerCore
 
 from test_server_core import FP, D, sp, state
@@ -190,3 +191,12 @@ def test_a_restarted_controller_schedules_its_first_decision_ahead_of_the_report
     restarted = ControllerCore(policy, first_decision_id=10_000)
     decision = restarted.report(Report(1, 700, D, ()), 0.0)
     assert decision.from_round == 750 and decision.decision_id == 10_000
+
+
+@pytest.mark.parametrize("delta", [0.1, 0.9])  # sparse and dense pushes
+def test_a_late_update_goes_back_into_the_residual_exactly(delta):
+    ef = ErrorFeedback(64)
+    grad = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    update = ef.compress(grad, delta)
+    ef.restore(update)  # the server said `late`: as if it had never been sent
+    assert torch.equal(ef.residual, grad)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.is_set():
             if args.max_rounds and rounds >= args.max_rounds:
                 break
-            if args.until_round and opt.round >= args.until_round:
+            if args.until_round and max(opt.round, opt.version) >= args.until_round:
                 break
             if args.max_seconds and time.monotonic() - started >= args.max_seconds:
                 break

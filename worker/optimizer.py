@@ -184,6 +184,9 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         self._reattach()
         self._raise_failed_pushes()
+        # A straggler whose rounds closed at their deadline without it (docs/operations.md)
+        # moves on to the model's version instead of pushing rounds that are already late.
+        self.round = max(self.round, self.version)
         decision = self.decision_at(self.round)
         self.last_decision = decision
         self._gather_scaled_grad()
