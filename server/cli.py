@@ -6,6 +6,7 @@ import warnings
 import torch
 
 from wanps.deploy.runtime import EnvDefaultsParser, serve_main, setup_logging, split_host_port
+from wanps.server.checkpoint import checkpoint_path
 from wanps.server.service import ServerConfig, start_server
 
 
@@ -72,6 +73,8 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
     )
     if config.lease_s < 0 or config.round_deadline_s < 0 or config.checkpoint_every < 0:
         parser.error("--lease-s, --round-deadline-s and --checkpoint-every must be >= 0")
+    if config.resume_dir is not None and not checkpoint_path(config.resume_dir).is_file():
+        parser.error(f"--resume: no checkpoint at {checkpoint_path(config.resume_dir)}")
     return config, args.log_level
 
 
