@@ -137,6 +137,7 @@ def test_server_killed_and_resumed_and_controller_restarted(tmp_path):
         stop_all(processes)
 
 
+@pytest.mark.slow  # ~85 s on the loaded 2-core machine; the default run keeps the server/controller one
 def test_worker_killed_and_replaced_and_links_reset_and_stalled(tmp_path):
     """Workers behind emulated links: link 0 is reset twice; link 1 stalls for longer than the
     lease, so its worker is dropped and joins again as a new member once the link is back;
