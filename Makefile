@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.wanps-installed
 
-.PHONY: install system-deps run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate bench-algorithms clean
+.PHONY: install system-deps run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate bench-algorithms soak clean
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ bench-push: install
 
 bench-wire: install
 	$(VENV)/bin/wanps bench wire
+
+# Load: 64 in-process workers x 1,000 rounds against a real server on loopback; prints
+# rounds/s and peak RSS, checks every invariant, gives up after 20 minutes (docs/operations.md).
+soak: install
+	$(VENV)/bin/wanps bench soak --workers 64 --rounds 1000 --time-limit 1200
 
 clean:
 	rm -rf $(VENV) build *.egg-info results

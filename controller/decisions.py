@@ -50,9 +50,9 @@ def decision_for_round(decisions: Iterable[Decision], round_: int) -> Decision |
 class DecisionBook:
     """The decisions a controller has made, pruned to those that still matter."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_id: int = 1) -> None:
         self._decisions: list[Decision] = []
-        self._next_id = 1
+        self._next_id = first_id
 
     def add(self, from_round: int, tau: int, delta: float, policy: str, reason: str,
             worker_delta: dict[int, float] | None = None, predicted_iter_s: float = 0.0) -> Decision:

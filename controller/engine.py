@@ -26,10 +26,13 @@ class Report:
 
 
 class ControllerCore:
-    def __init__(self, policy: PolicyConfig, estimator: EstimatorConfig | None = None) -> None:
+    def __init__(self, policy: PolicyConfig, estimator: EstimatorConfig | None = None,
+                 first_decision_id: int = 1) -> None:
         self.policy = policy
         self.estimator_config = estimator or EstimatorConfig()
-        self.book = DecisionBook()
+        # A restarted controller starts its ids above its predecessor's (the service passes a
+        # clock-based start), so workers holding old decisions never confuse the two.
+        self.book = DecisionBook(first_decision_id)
         self.estimators: dict[int, LinkEstimator] = {}
         self.estimates: dict[int, LinkEstimate] = {}
         self.num_params: int | None = None
@@ -138,7 +141,12 @@ class ControllerCore:
         if not differs_enough(self._proposal, proposal, self.policy):
             return None
         self._proposal = proposal
-        from_round = self.switch_round() if self.book.latest is not None else 0
+        # Round 0 only for the first decision of a cluster nobody has trained yet. A restarted
+        # controller hears reports of round R > 0 first; its first decision then holds from a
+        # round every worker reaches after hearing of it, like any switch (workers keep their
+        # last decision until then).
+        fresh_cluster = self.book.latest is None and self.reported_round == 0
+        from_round = 0 if fresh_cluster else self.switch_round()
         self.book.prune(self.reported_round)
         return self.book.add(from_round, proposal.tau, proposal.delta, self.policy.name, proposal.reason,
                              proposal.worker_delta, proposal.predicted_iter_s or 0.0)

@@ -102,12 +102,14 @@ class ControllerService(pb_grpc.ControllerServicer):
     def __init__(self, config: ControllerConfig, metrics: ControllerMetrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.core = ControllerCore(config.policy, config.estimator)
+        # Decision ids start at the wall clock in ms: above any id a previous controller gave out.
+        self.core = ControllerCore(config.policy, config.estimator, first_decision_id=time.time_ns() // 1_000_000)
         self._changed = asyncio.Event()
         self._closing = False
         self._streams = StreamLimiter(config.max_streams_per_worker)
         self._last_report: dict[int, float] = {}  # worker id -> when it last reported (for max_workers)
-        self._publish(self.core.maybe_decide(time.monotonic()))
+        # No decision before the first report: a restarted controller must learn the round the
+        # workers are at before it schedules anything (workers report as soon as they connect).
 
     def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
         """Record a decision by hand and stream it to every subscriber. Call on the event loop."""

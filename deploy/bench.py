@@ -753,7 +753,7 @@ def _wire_parser() -> EnvDefaultsParser:
     return parser
 
 
-USAGE = """usage: wanps bench {push,wire,estimate,train,compressors,algorithms,scrape} [options]
+USAGE = """usage: wanps bench {push,wire,estimate,train,compressors,algorithms,scrape,soak} [options]
 
   push      push ingest: pairs/s through the full server path vs a bare gRPC echo
   wire      bytes on the wire per pushed element, serialized and on a real socket
@@ -762,6 +762,7 @@ USAGE = """usage: wanps bench {push,wire,estimate,train,compressors,algorithms,s
   compressors  exact vs sampled top-k vs random block: selection time and count
   algorithms   SASG rounds/bits to target, DEF vs EF at high compression, compressor speed
   scrape    the server's CPU per Prometheus scrape, as a fraction of a round's time
+  soak      many workers x many rounds on loopback: rounds/s, peak RSS, invariants
 
 `wanps bench push --help` shows a benchmark's options."""
 
@@ -821,6 +822,12 @@ def _main_scrape(argv: list[str]) -> int:
     return scrape_main(argv)
 
 
+def _main_soak(argv: list[str]) -> int:
+    from wanps.deploy.bench_soak import main as soak_main
+
+    return soak_main(argv)
+
+
 def _main_train(argv: list[str]) -> int:
     from wanps.deploy.bench_train import main as train_main
 
@@ -835,7 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     # Zero-copy decoding views read-only bytes; torch warns about that once per process.
     warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable")
     commands = {"push": _main_push, "wire": _main_wire, "estimate": _main_estimate, "train": _main_train,
-                "compressors": _main_compressors, "algorithms": _main_algorithms, "scrape": _main_scrape}
+                "compressors": _main_compressors, "algorithms": _main_algorithms, "scrape": _main_scrape,
+                "soak": _main_soak}
     if argv[0] not in commands:
         print(f"wanps bench: unknown benchmark {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2

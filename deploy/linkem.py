@@ -20,6 +20,13 @@ Shaping model, per direction (client->target and target->client are independent,
 * A writer task per connection and direction delivers segments in order at their delivery
   times; EOF (half-close) and resets travel the same path, in order, after the data.
 
+Faults (for fault tests and drills, docs/operations.md): `reset_connections()` aborts every
+proxied connection with a TCP RST on both sides; `stall(seconds)` lets no new byte onto the
+link in either direction for that long (bytes already on the wire still arrive), i.e. the
+bandwidth drops to zero. From the command line, `--faults "reset@5,stall@8:3"` schedules them
+(seconds after start), and SIGUSR1 resets / SIGUSR2 stalls for `--stall-s` at any moment.
+A link that only slows down to near zero is a trace row with a tiny bandwidth.
+
 Not modelled: packet loss, the TCP handshake RTT (the client's connect completes at once),
 header overhead (the trace bandwidth is goodput).
 """
@@ -173,6 +180,40 @@ def _validate_points(points: Sequence[TracePoint], source: str, last_only: bool 
             raise ValueError(f"{where}: delay_ms must be >= 0, got {p.delay_ms}")
 
 
+# --------------------------------------------------------------------------- faults
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # "reset" or "stall"
+    at_s: float  # seconds after the emulator started
+    duration_s: float = 0.0  # stall only
+
+
+FAULT_KINDS = ("reset", "stall")
+
+
+def parse_faults(text: str) -> tuple[Fault, ...]:
+    """`reset@5,stall@8:3` -> a reset 5 s after start, a 3 s stall 8 s after start."""
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, at, rest = item.partition("@")
+        if kind not in FAULT_KINDS or not at:
+            raise ValueError(f"fault {item!r}: expected reset@SECONDS or stall@SECONDS:DURATION")
+        at_text, _, duration_text = rest.partition(":")
+        try:
+            at_s = float(at_text)
+            duration_s = float(duration_text) if duration_text else 0.0
+        except ValueError:
+            raise ValueError(f"fault {item!r}: times must be numbers") from None
+        if not (math.isfinite(at_s) and at_s >= 0 and math.isfinite(duration_s) and duration_s >= 0):
+            raise ValueError(f"fault {item!r}: times must be finite and >= 0")
+        if kind == "stall" and duration_s <= 0:
+            raise ValueError(f"fault {item!r}: a stall needs a duration (stall@SECONDS:DURATION)")
+        faults.append(Fault(kind, at_s, duration_s))
+    return tuple(sorted(faults, key=lambda f: f.at_s))
+
+
 # --------------------------------------------------------------------------- shaping
 
 
@@ -185,11 +226,15 @@ class _LinkDirection:
         self.queue_s = queue_s
         self.tx_end = epoch
         self.bytes_forwarded = 0
+        self.stalled_until = 0.0  # monotonic time; no byte is admitted before it
 
     async def admit(self, size: int) -> float:
         """Reserve serializer time for `size` bytes; return the delivery time (monotonic)."""
         while True:
             now = time.monotonic()
+            if now < self.stalled_until:
+                await asyncio.sleep(self.stalled_until - now)
+                continue
             backlog_s = self.tx_end - now
             if backlog_s <= self.queue_s:
                 break
@@ -365,6 +410,10 @@ class LinkEmulator:
         self._bound_port: int | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._pipes: set[_Pipe] = set()
+        self._connections: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._fault_task: asyncio.Task | None = None
+        self.resets = 0
+        self.stalls = 0
         self._closing = False
         self.epoch = time.monotonic()
         self._uplink = _LinkDirection(trace, self.epoch, self.queue_s)
@@ -412,7 +461,41 @@ class LinkEmulator:
         )
         return self._bound_port
 
+    # ---------------------------------------------------------------- faults
+
+    def reset_connections(self) -> int:
+        """Abort every proxied connection with a TCP RST on both sides. Returns how many."""
+        connections = list(self._connections)
+        for client_writer, target_writer in connections:
+            _abort_with_reset(client_writer)
+            _abort_with_reset(target_writer)
+        self.resets += 1
+        log.warning("linkem: reset %d connections", len(connections))
+        return len(connections)
+
+    def stall(self, seconds: float) -> None:
+        """Admit no byte in either direction for `seconds` (the link's bandwidth drops to zero)."""
+        until = time.monotonic() + seconds
+        for direction in (self._uplink, self._downlink):
+            direction.stalled_until = max(direction.stalled_until, until)
+        self.stalls += 1
+        log.warning("linkem: stalled for %.1f s", seconds)
+
+    def schedule_faults(self, faults: Sequence[Fault]) -> None:
+        """Run `faults` at their times after `start()` (on the running loop)."""
+        async def run() -> None:
+            for fault in faults:
+                await asyncio.sleep(max(0.0, self.epoch + fault.at_s - time.monotonic()))
+                if fault.kind == "reset":
+                    self.reset_connections()
+                else:
+                    self.stall(fault.duration_s)
+
+        self._fault_task = asyncio.ensure_future(run())
+
     async def close(self) -> None:
+        if self._fault_task is not None:
+            self._fault_task.cancel()
         self._closing = True
         if self._server is not None:
             self._server.close()
@@ -450,6 +533,8 @@ class LinkEmulator:
                 return
             _set_nodelay(client_writer)
             _set_nodelay(target_writer)
+            connection = (client_writer, target_writer)
+            self._connections.add(connection)
             up = _Pipe(self._uplink, client_reader, client_writer, target_writer)
             down = _Pipe(self._downlink, target_reader, target_writer, client_writer)
             pipes = (up, down)
@@ -472,6 +557,8 @@ class LinkEmulator:
         finally:
             self._handlers.discard(task)
             self._pipes.difference_update(pipes)
+            if target_writer is not None:
+                self._connections.discard((client_writer, target_writer))
             for writer in (client_writer, target_writer):
                 if writer is not None and not writer.transport.is_closing():
                     writer.transport.abort()
@@ -495,6 +582,11 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--no-loop", action="store_true", help="play the trace once, then hold its last row")
     parser.add_argument("--queue-ms", env="WANPS_LINKEM_QUEUE_MS", type=float, default=DEFAULT_QUEUE_MS,
                         help="link queue (router buffer) in ms of transmit time")
+    parser.add_argument("--faults", env="WANPS_LINKEM_FAULTS", default="",
+                        help="fault schedule, seconds after start: 'reset@5,stall@8:3' (a reset at 5 s, "
+                             "a 3 s stall at 8 s); SIGUSR1 also resets and SIGUSR2 stalls for --stall-s")
+    parser.add_argument("--stall-s", env="WANPS_LINKEM_STALL_S", type=float, default=3.0,
+                        help="length of a stall triggered by SIGUSR2")
     parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     return parser
 
@@ -530,18 +622,23 @@ def _format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _serve(listen: tuple[str, int], target: tuple[str, int], trace: LinkTrace, queue_ms: float) -> int:
+async def _serve(listen: tuple[str, int], target: tuple[str, int], trace: LinkTrace, queue_ms: float,
+                 faults: Sequence[Fault] = (), stall_s: float = 3.0) -> int:
     emulator = LinkEmulator(listen[0], listen[1], target[0], target[1], trace, queue_ms=queue_ms)
     try:
         port = await emulator.start()
     except OSError as exc:
         log.error("linkem: cannot listen on %s: %s", _format_host_port(*listen), exc)
         return 1
+    if faults:
+        emulator.schedule_faults(faults)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+    for sig in signals[:2]:
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, emulator.reset_connections)
+    loop.add_signal_handler(signal.SIGUSR2, emulator.stall, stall_s)
     print(f"LISTENING {_format_host_port(listen[0], port)}", flush=True)
     try:
         await stop.wait()
@@ -570,8 +667,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.queue_ms < 0:
         parser.error("--queue-ms must be >= 0")
     trace = _trace_from_args(parser, args, argv)
+    try:
+        faults = parse_faults(args.faults)
+    except ValueError as exc:
+        parser.error(f"bad --faults: {exc}")
+    if not (math.isfinite(args.stall_s) and args.stall_s > 0):
+        parser.error("--stall-s must be > 0")
     setup_logging(args.log_level)
-    return run_async(_serve(listen, target, trace, args.queue_ms))
+    return run_async(_serve(listen, target, trace, args.queue_ms, faults, args.stall_s))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class JoinRequest(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ..., num_params: _Optional[int] = ..., model_fingerprint: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "rank", "world_size", "version", "must_seed", "tau_max", "first_round")
+    __slots__ = ("worker_id", "rank", "world_size", "version", "must_seed", "tau_max", "first_round", "incarnation")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class JoinReply(_message.Message):
     MUST_SEED_FIELD_NUMBER: _ClassVar[int]
     TAU_MAX_FIELD_NUMBER: _ClassVar[int]
     FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     rank: int
     world_size: int
@@ -66,7 +67,8 @@ class JoinReply(_message.Message):
     must_seed: bool
     tau_max: int
     first_round: int
-    def __init__(self, worker_id: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., version: _Optional[int] = ..., must_seed: _Optional[bool] = ..., tau_max: _Optional[int] = ..., first_round: _Optional[int] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, worker_id: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., version: _Optional[int] = ..., must_seed: _Optional[bool] = ..., tau_max: _Optional[int] = ..., first_round: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("worker_id", "version", "num_params", "offset", "values", "rank", "world_size", "first_round", "model_crc32")
@@ -141,12 +143,16 @@ class PushMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[SparseChunk, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("duplicate", "version")
+    __slots__ = ("duplicate", "version", "late", "durable_version")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     duplicate: bool
     version: int
-    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    late: bool
+    durable_version: int
+    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., late: _Optional[bool] = ..., durable_version: _Optional[int] = ...) -> None: ...
 
 class UpdatesRequest(_message.Message):
     __slots__ = ("worker_id", "from_version")
@@ -211,6 +217,28 @@ class LeaveReply(_message.Message):
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     last_round: int
     def __init__(self, last_round: _Optional[int] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+
+class ResumeReply(_message.Message):
+    __slots__ = ("member", "version", "model_crc32", "held_rounds", "first_round", "incarnation")
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CRC32_FIELD_NUMBER: _ClassVar[int]
+    HELD_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    member: bool
+    version: int
+    model_crc32: int
+    held_rounds: _containers.RepeatedScalarFieldContainer[int]
+    first_round: int
+    incarnation: int
+    def __init__(self, member: _Optional[bool] = ..., version: _Optional[int] = ..., model_crc32: _Optional[int] = ..., held_rounds: _Optional[_Iterable[int]] = ..., first_round: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class DecisionsRequest(_message.Message):
     __slots__ = ("worker_id",)

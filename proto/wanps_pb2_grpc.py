@@ -71,6 +71,11 @@ class ParameterServerStub:
                 request_serializer=wanps_dot_proto_dot_wanps__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=wanps_dot_proto_dot_wanps__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/wanps.v1.ParameterServer/Resume',
+                request_serializer=wanps_dot_proto_dot_wanps__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=wanps_dot_proto_dot_wanps__pb2.ResumeReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -128,6 +133,15 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """A worker reconnecting (lost connection, server restart): is it still a member, the
+        model's version and CRC to reconcile its replica, and which rounds the server holds
+        from it (pushes it must not send again). Renews its lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +179,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=wanps_dot_proto_dot_wanps__pb2.LeaveRequest.FromString,
                     response_serializer=wanps_dot_proto_dot_wanps__pb2.LeaveReply.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=wanps_dot_proto_dot_wanps__pb2.ResumeRequest.FromString,
+                    response_serializer=wanps_dot_proto_dot_wanps__pb2.ResumeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +377,33 @@ class ParameterServer:
             '/wanps.v1.ParameterServer/Leave',
             wanps_dot_proto_dot_wanps__pb2.LeaveRequest.SerializeToString,
             wanps_dot_proto_dot_wanps__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wanps.v1.ParameterServer/Resume',
+            wanps_dot_proto_dot_wanps__pb2.ResumeRequest.SerializeToString,
+            wanps_dot_proto_dot_wanps__pb2.ResumeReply.FromString,
             options,
             channel_credentials,
             insecure,

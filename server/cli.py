@@ -7,6 +7,7 @@ import torch
 
 from wanps.deploy.auth import add_server_security_flags, server_security_from_args
 from wanps.deploy.runtime import EnvDefaultsParser, serve_main, setup_logging, split_host_port
+from wanps.server.checkpoint import checkpoint_path
 from wanps.server.limits import Limits
 from wanps.server.service import ServerConfig, start_server
 
@@ -52,6 +53,23 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
     parser.add_argument("--join-burst", env="WANPS_JOIN_BURST", type=int, default=limits.join_burst,
                         help="Joins accepted at once (the bucket's size).")
     add_server_security_flags(parser)
+    parser.add_argument("--lease-s", env="WANPS_LEASE_S", type=float, default=defaults.lease_s,
+                        help="A worker silent this long (no push, ping or other call) leaves at the next round "
+                             "boundary (0 = never).")
+    parser.add_argument("--round-deadline-s", env="WANPS_ROUND_DEADLINE_S", type=float,
+                        default=defaults.round_deadline_s,
+                        help="Close a round without its stragglers this long after its first push; their late "
+                             "pushes are acknowledged as late and not applied (0 = wait for every worker).")
+    parser.add_argument("--checkpoint-dir", env="WANPS_CHECKPOINT_DIR", default=None,
+                        help="Write checkpoints here (every --checkpoint-every rounds and at shutdown).")
+    parser.add_argument("--checkpoint-every", env="WANPS_CHECKPOINT_EVERY", type=int,
+                        default=defaults.checkpoint_every, help="Rounds between checkpoints (0 = only at shutdown).")
+    parser.add_argument("--resume", env="WANPS_RESUME", default=None, metavar="DIR",
+                        help="Continue from the checkpoint in DIR (and keep checkpointing there unless "
+                             "--checkpoint-dir says otherwise).")
+    parser.add_argument("--audit", env="WANPS_AUDIT", action="store_true",
+                        help="Record the initial model, the sum of applied deltas and the applied round ids "
+                             "(in checkpoints; for conservation checks; 12 bytes per parameter).")
     parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP", help="Use the default asyncio loop.")
     parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     args = parser.parse_args(argv)
@@ -70,7 +88,13 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
         host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port, tau_max=args.tau_max,
         min_workers=args.min_workers, checksum_every=checksum_every(args.checksum_every), torch_threads=args.torch_threads, history_rounds=args.history_rounds,
         max_message_bytes=args.max_message_mb * 2**20, use_uvloop=not args.no_uvloop, limits=limits, security=security,
+        lease_s=args.lease_s, round_deadline_s=args.round_deadline_s, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, resume_dir=args.resume, audit=args.audit,
     )
+    if config.lease_s < 0 or config.round_deadline_s < 0 or config.checkpoint_every < 0:
+        parser.error("--lease-s, --round-deadline-s and --checkpoint-every must be >= 0")
+    if config.resume_dir is not None and not checkpoint_path(config.resume_dir).is_file():
+        parser.error(f"--resume: no checkpoint at {checkpoint_path(config.resume_dir)}")
     return config, args.log_level
 
 

@@ -15,18 +15,38 @@ Rounds and versions (docs/architecture.md has the full story):
   [first_round, last_round]; a join after the start gets the first round nobody has
   pushed yet, a leave ends after the last round the worker pushed.
 
+Faults (docs/operations.md):
+- Liveness by lease: any call from a worker renews it (`touch`); `sweep()` removes a
+  member silent for longer than `lease_s` at the next round boundary (it is not expected
+  from the current round on) and drops its queued pushes, so rounds keep closing.
+- Stragglers: with `round_deadline_s` > 0, the current round closes with the pushes it has
+  once it has waited that long after its first push; the missing workers are not counted
+  in its mean. A late push for such a round is acknowledged as `late` and changes nothing
+  (the worker puts it back into its error-feedback residual, so no gradient is lost).
+- Checkpoints: `state_dict()` / `ServerCore.from_state_dict()` hold everything above
+  (model, version, membership, stored updates, open rounds), so a resumed server
+  continues exactly where the checkpoint was taken.
+
+Time comes from an injected clock (`clock`, monotonic seconds), so the rules stay testable.
+
 Memory: the model (d floats), at most tau_max + 1 open rounds each holding one sparse
 update per worker, one stored update per worker, and while a round closes, its union.
+With `audit` on, also the initial model (4d) and the float64 sum of applied deltas (8d).
 """
 from __future__ import annotations
 
-import itertools
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from wanps.proto.codec import MAX_PARAMS, SparseUpdate, apply_delta, model_crc32
+
+CHECKPOINT_FORMAT = 1
+# Rounds a member remembers having missed at a deadline (to answer a very late push `late`).
+MISSED_ROUNDS_KEPT = 4096
 
 
 # ------------------------------------------------------------------------------- errors
@@ -63,6 +83,13 @@ class CoreConfig:
     # None: every ceil(d / 1M) rounds, which keeps the CRC's cost near 1 ms per round
     # (zlib.crc32 runs at ~3 GB/s here: 12.6 ms for a 10M-parameter model).
     checksum_every: int | None = None
+    # A member silent (no call at all) for this long leaves at the next round boundary; 0: never.
+    lease_s: float = 30.0
+    # Close the current round without its stragglers this long after its first push; 0: wait forever.
+    round_deadline_s: float = 0.0
+    # Keep the initial model, the float64 sum of every applied delta and the applied round ids
+    # (tests and audits check conservation with them; costs 12 bytes per parameter).
+    audit: bool = False
 
     def __post_init__(self) -> None:
         if self.tau_max < 0:
@@ -71,6 +98,8 @@ class CoreConfig:
             raise ValueError("min_workers must be >= 1")
         if self.checksum_every is not None and self.checksum_every < 0:
             raise ValueError("checksum_every must be >= 0 (or None for automatic)")
+        if not self.lease_s >= 0 or not self.round_deadline_s >= 0:
+            raise ValueError("lease_s and round_deadline_s must be >= 0")
 
     def checksum_period(self, num_params: int) -> int:
         """Rounds between model checksums (0: never)."""
@@ -88,6 +117,8 @@ class Member:
     # The last update of this worker that was applied: what a skip reuses.
     last_update: SparseUpdate | None = None
     highest_round_sent: int = -1
+    last_seen: float = 0.0  # clock time of the last call from this worker (the lease)
+    missed_rounds: set[int] = field(default_factory=set)  # closed at a deadline without it
 
     def expected_in(self, round_: int) -> bool:
         return self.first_round <= round_ and (self.last_round is None or round_ <= self.last_round)
@@ -98,6 +129,7 @@ class OpenRound:
     updates: dict[int, SparseUpdate] = field(default_factory=dict)
     computed_at: dict[int, int] = field(default_factory=dict)
     skips: set[int] = field(default_factory=set)
+    first_push_at: float | None = None  # clock time; the round deadline counts from here
 
     def has(self, worker_id: int) -> bool:
         return worker_id in self.updates or worker_id in self.skips
@@ -130,11 +162,33 @@ class PushResult:
     duplicate: bool
     version: int
     closed: tuple[ClosedRound, ...]
+    # The round had closed at its deadline without this worker: nothing was applied.
+    late: bool = False
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    expired: tuple[int, ...]  # members whose lease ran out
+    overdue: int | None  # the round closed at its deadline without its stragglers
+    closed: tuple[ClosedRound, ...]
+
+
+@dataclass(frozen=True)
+class ResumeInfo:
+    """What a reconnecting worker needs to reconcile: is it still a member, the model's
+    version and CRC, and which open rounds already hold its push (not to be sent again)."""
+
+    member: bool
+    version: int
+    model_crc32: int
+    held_rounds: tuple[int, ...]
+    first_round: int
 
 
 class ServerCore:
-    def __init__(self, config: CoreConfig) -> None:
+    def __init__(self, config: CoreConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock
         self.model: torch.Tensor | None = None
         self.version = 0
         self.num_params: int | None = None
@@ -144,7 +198,12 @@ class ServerCore:
         self.observers: set[int] = set()
         self.open_rounds: dict[int, OpenRound] = {}
         self._seeder: int | None = None
-        self._ids = itertools.count(1)
+        self._next_id = 1
+        self._current_since = 0.0  # clock time at which round `version` became the current one
+        # audit (config.audit): initial model, float64 sum of applied deltas, applied round ids.
+        self.initial_model: torch.Tensor | None = None
+        self.applied_sum: torch.Tensor | None = None
+        self.applied_rounds: list[int] = []
 
     # ------------------------------------------------------------------ membership
 
@@ -169,7 +228,8 @@ class ServerCore:
             raise FailedPrecondition(f"model has {num_params} parameters; this cluster trains {self.num_params}")
         if self.fingerprint is not None and fingerprint != self.fingerprint:
             raise FailedPrecondition("model structure (fingerprint) differs from the cluster's model")
-        worker_id = next(self._ids)
+        worker_id = self._next_id
+        self._next_id += 1
         if self.num_params is None:
             self.num_params, self.fingerprint = num_params, fingerprint
         must_seed = False
@@ -178,7 +238,8 @@ class ServerCore:
             first_round = self.version
         else:
             first_round = self._next_unpushed_round() if self.started else 0
-            self.members[worker_id] = Member(worker_id=worker_id, name=name, first_round=first_round)
+            self.members[worker_id] = Member(worker_id=worker_id, name=name, first_round=first_round,
+                                             last_seen=self.clock())
             if self._seeder is None and not self.seeded:
                 self._seeder, must_seed = worker_id, True
             self._maybe_start()
@@ -202,12 +263,19 @@ class ServerCore:
         if not bool(torch.isfinite(model).all()):
             raise InvalidArgument("seed contains NaN or infinite values")
         self.model = model.clone()
+        if self.config.audit:
+            self.initial_model = model.clone()
+            self.applied_sum = torch.zeros(model.numel(), dtype=torch.float64)
         self._maybe_start()
         return model_crc32(self.model)
 
     def _maybe_start(self) -> None:
         if not self.started and self.seeded and len(self.members) >= self.config.min_workers:
             self.started = True
+            # Nobody is late before rounds run: every lease and round 0's wait start now.
+            self._current_since = now = self.clock()
+            for member in self.members.values():
+                member.last_seen = now
 
     def _next_unpushed_round(self) -> int:
         pushed = [r for r, open_round in self.open_rounds.items() if open_round.updates or open_round.skips]
@@ -235,6 +303,79 @@ class ServerCore:
 
     def is_known(self, worker_id: int) -> bool:
         return worker_id in self.members or worker_id in self.observers
+
+    # ------------------------------------------------------------------ liveness
+
+    def touch(self, worker_id: int) -> None:
+        """Renew a member's lease (any call from it does)."""
+        member = self.members.get(worker_id)
+        if member is not None:
+            member.last_seen = self.clock()
+
+    def expire(self, worker_id: int) -> tuple[ClosedRound, ...]:
+        """Remove a member at the next round boundary: it is not expected from round `version`
+        on, and its queued pushes for those rounds are dropped. Returns the rounds this closes."""
+        member = self._member(worker_id)
+        for open_round in self.open_rounds.values():
+            open_round.updates.pop(worker_id, None)
+            open_round.computed_at.pop(worker_id, None)
+            open_round.skips.discard(worker_id)
+        del self.members[worker_id]  # its stored update goes with it
+        if self._seeder == worker_id and not self.seeded:
+            self._seeder = None
+        return self._close_ready_rounds()
+
+    def sweep(self) -> SweepResult:
+        """Expire silent members and close an overdue round. Call periodically."""
+        if not self.started:
+            return SweepResult((), None, ())
+        now = self.clock()
+        expired: list[int] = []
+        closed: list[ClosedRound] = []
+        if self.config.lease_s > 0:
+            for worker_id in sorted(self.members):
+                member = self.members.get(worker_id)
+                if member is not None and member.last_round is None and now - member.last_seen > self.config.lease_s:
+                    expired.append(worker_id)
+                    closed.extend(self.expire(worker_id))
+        overdue = None
+        if self.config.round_deadline_s > 0:
+            round_ = self.version
+            open_round = self.open_rounds.get(round_)
+            if open_round is not None and open_round.first_push_at is not None:
+                waiting_since = max(self._current_since, open_round.first_push_at)
+                if now - waiting_since >= self.config.round_deadline_s:
+                    overdue = round_
+                    closed.extend(self._close_overdue(round_, open_round))
+        return SweepResult(tuple(expired), overdue, tuple(closed))
+
+    def _close_overdue(self, round_: int, open_round: OpenRound) -> tuple[ClosedRound, ...]:
+        present = sorted(w for w in self.expected_workers(round_) if open_round.has(w))
+        if not present:
+            return ()
+        for worker_id in self.expected_workers(round_):
+            if worker_id not in present:
+                missed = self.members[worker_id].missed_rounds
+                missed.add(round_)
+                if len(missed) > MISSED_ROUNDS_KEPT:
+                    missed.discard(min(missed))
+        closed = self._close(round_, present, open_round)
+        return (closed, *self._close_ready_rounds())
+
+    def resume_info(self, worker_id: int) -> ResumeInfo:
+        """For a worker reconnecting after a lost connection or a server restart.
+
+        A server that has no model (restarted without --resume) knows nobody: the worker
+        joins again and, being first, seeds the model with its replica."""
+        if self.model is None:
+            return ResumeInfo(member=False, version=0, model_crc32=0, held_rounds=(), first_round=0)
+        member = self.members.get(worker_id)
+        if member is not None:
+            member.last_seen = self.clock()
+        held = tuple(sorted(r for r, o in self.open_rounds.items() if member is not None and o.has(worker_id)))
+        return ResumeInfo(member=member is not None and (member.last_round is None or member.last_round >= self.version),
+                          version=self.version, model_crc32=model_crc32(self.model), held_rounds=held,
+                          first_round=member.first_round if member is not None else self.version)
 
     # ------------------------------------------------------------------ pushes
 
@@ -270,12 +411,17 @@ class ServerCore:
     def push(self, worker_id: int, round_: int, computed_at_version: int, update: SparseUpdate | None) -> PushResult:
         """Store one worker's update (None = skip) for a round and close what is complete."""
         if self.check_push(worker_id, round_, computed_at_version):
-            return PushResult(duplicate=True, version=self.version, closed=())
+            member = self.members[worker_id]
+            member.last_seen = self.clock()
+            late = round_ < self.version and round_ in member.missed_rounds
+            return PushResult(duplicate=not late, version=self.version, closed=(), late=late)
         if update is not None:
             expected = self.num_params
             if update.indices is None and update.count != expected:
                 raise InvalidArgument(f"dense update has {update.count} values, model has {expected}")
         open_round = self.open_rounds.setdefault(round_, OpenRound())
+        if open_round.first_push_at is None:
+            open_round.first_push_at = self.clock()
         if update is None:
             open_round.skips.add(worker_id)
         else:
@@ -283,6 +429,7 @@ class ServerCore:
             open_round.computed_at[worker_id] = computed_at_version
         member = self.members[worker_id]
         member.highest_round_sent = max(member.highest_round_sent, round_)
+        member.last_seen = self.clock()
         closed = self._close_ready_rounds()
         return PushResult(duplicate=False, version=self.version, closed=closed)
 
@@ -313,7 +460,14 @@ class ServerCore:
                 contributions.append(member.last_update)
         delta = self._mean(contributions, len(expected))
         apply_delta(self.model, delta)
+        if self.applied_sum is not None:
+            if delta.indices is None:
+                self.applied_sum.add_(delta.values.double())
+            else:
+                self.applied_sum.index_add_(0, delta.indices.long(), delta.values.double())
+            self.applied_rounds.append(round_)
         self.version = round_ + 1
+        self._current_since = self.clock()
         self.open_rounds.pop(round_, None)
         # Members that left after this round are no longer needed.
         for worker_id in [w for w, m in self.members.items() if m.last_round is not None and m.last_round < self.version]:
@@ -372,3 +526,84 @@ class ServerCore:
             raise FailedPrecondition("the model has not been seeded yet")
         raw = self.model.numpy().tobytes()
         return self.version, raw, model_crc32(self.model)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume, as tensors and plain data (for `torch.save`).
+
+        Call on the core thread; the model and audit tensors are copied, stored updates are
+        shared (they are never changed in place), so writing can happen on another thread.
+        """
+        def update_dict(update: SparseUpdate | None) -> dict | None:
+            if update is None:
+                return None
+            return {"values": update.values, "indices": update.indices, "block_start": update.block_start}
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": self.version,
+            "num_params": self.num_params,
+            "fingerprint": self.fingerprint.hex() if self.fingerprint is not None else None,
+            "started": self.started,
+            "seeder": self._seeder,
+            "next_id": self._next_id,
+            "model": None if self.model is None else self.model.clone(),
+            "members": [
+                {"worker_id": m.worker_id, "name": m.name, "first_round": m.first_round, "last_round": m.last_round,
+                 "highest_round_sent": m.highest_round_sent, "missed_rounds": sorted(m.missed_rounds),
+                 "last_update": update_dict(m.last_update)}
+                for m in self.members.values()
+            ],
+            "open_rounds": [
+                {"round": r, "skips": sorted(o.skips),
+                 "updates": [{"worker_id": w, "computed_at": o.computed_at[w], "update": update_dict(u)}
+                             for w, u in o.updates.items()]}
+                for r, o in sorted(self.open_rounds.items())
+            ],
+            "audit": None if self.applied_sum is None else {
+                "initial_model": self.initial_model, "applied_sum": self.applied_sum.clone(),
+                "applied_rounds": list(self.applied_rounds)},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, config: CoreConfig, clock: Callable[[], float] = time.monotonic) -> ServerCore:
+        """A core continuing from a checkpoint. Every lease restarts now, so members have a
+        full lease to reconnect; observers are not kept (they join again)."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unsupported checkpoint format {state.get('format')!r} (expected {CHECKPOINT_FORMAT})")
+
+        def update_of(data: dict | None) -> SparseUpdate | None:
+            if data is None:
+                return None
+            return SparseUpdate(values=data["values"], indices=data["indices"], block_start=data["block_start"])
+
+        core = cls(config, clock)
+        now = clock()
+        core.version = int(state["version"])
+        core.num_params = state["num_params"]
+        core.fingerprint = bytes.fromhex(state["fingerprint"]) if state["fingerprint"] is not None else None
+        core.started = bool(state["started"])
+        core._seeder = state["seeder"]
+        core._next_id = int(state["next_id"])
+        core.model = state["model"]
+        if core.model is not None and (core.model.dtype != torch.float32 or core.model.numel() != core.num_params):
+            raise ValueError("checkpoint model does not match its num_params")
+        for m in state["members"]:
+            core.members[m["worker_id"]] = Member(
+                worker_id=m["worker_id"], name=m["name"], first_round=m["first_round"], last_round=m["last_round"],
+                last_update=update_of(m["last_update"]), highest_round_sent=m["highest_round_sent"],
+                last_seen=now, missed_rounds=set(m["missed_rounds"]))
+        for o in state["open_rounds"]:
+            open_round = OpenRound(skips=set(o["skips"]), first_push_at=now)
+            for entry in o["updates"]:
+                open_round.updates[entry["worker_id"]] = update_of(entry["update"])
+                open_round.computed_at[entry["worker_id"]] = entry["computed_at"]
+            core.open_rounds[o["round"]] = open_round
+        audit = state.get("audit")
+        if audit is not None and config.audit:
+            core.initial_model = audit["initial_model"]
+            core.applied_sum = audit["applied_sum"]
+            core.applied_rounds = list(audit["applied_rounds"])
+        core._current_since = now
+        return core

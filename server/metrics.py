@@ -16,7 +16,7 @@ class ServerMetrics:
         self.pushes = Counter(
             "wanps_server_pushes",
             "Pushes accepted, by kind: update (a sparse or dense update), skip (reuse the stored update), "
-            "duplicate (a replay, acknowledged and ignored).",
+            "duplicate (a replay, acknowledged and ignored), late (for a round closed at its deadline without it).",
             ["kind"],
             registry=registry,
         )
@@ -45,4 +45,25 @@ class ServerMetrics:
         self.model_version = Gauge("wanps_server_model_version", "Rounds applied to the model.", registry=registry)
         self.delta_elements = Gauge(
             "wanps_server_delta_elements", "Elements in the last broadcast delta.", registry=registry
+        )
+        self.members_expired = Counter(
+            "wanps_server_members_expired", "Workers removed because their lease ran out.", registry=registry
+        )
+        self.rounds_overdue = Counter(
+            "wanps_server_rounds_overdue", "Rounds closed at their deadline without their stragglers.",
+            registry=registry,
+        )
+        self.resumes = Counter(
+            "wanps_server_resumes", "Resume calls from reconnecting workers, by outcome (member, gone).",
+            ["outcome"], registry=registry,
+        )
+        self.checkpoints = Counter(
+            "wanps_server_checkpoints", "Checkpoints written.", registry=registry
+        )
+        self.checkpoint_duration = Histogram(
+            "wanps_server_checkpoint_duration_seconds", "Time to write one checkpoint (serialize, fsync, rename).",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30), registry=registry,
+        )
+        self.checkpoint_version = Gauge(
+            "wanps_server_checkpoint_version", "Model version of the last checkpoint written.", registry=registry
         )

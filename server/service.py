@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from contextlib import ExitStack
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -28,6 +30,7 @@ from wanps.deploy.runtime import RunningService, start_grpc_service
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
+from wanps.server.checkpoint import read_checkpoint, write_checkpoint
 from wanps.server.core import (
     ClosedRound,
     CoreConfig,
@@ -81,9 +84,26 @@ class ServerConfig:
     use_uvloop: bool = True
     limits: Limits = Limits()
     security: ServerSecurity = ServerSecurity()  # token and TLS (deploy/auth.py); default: neither
+    # Faults (docs/operations.md). A worker silent this long leaves at the next round boundary (0: never).
+    lease_s: float = 30.0
+    # Close a round without its stragglers this long after its first push (0: wait for everyone).
+    round_deadline_s: float = 0.0
+    # Checkpoint into this directory every `checkpoint_every` rounds (0: only at shutdown).
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+    # Continue from the checkpoint in this directory.
+    resume_dir: str | None = None
+    # Keep the audit record (initial model, sum of applied deltas, applied round ids) in the core.
+    audit: bool = False
 
     def core_config(self) -> CoreConfig:
-        return CoreConfig(tau_max=self.tau_max, min_workers=self.min_workers, checksum_every=self.checksum_every)
+        return CoreConfig(tau_max=self.tau_max, min_workers=self.min_workers, checksum_every=self.checksum_every,
+                          lease_s=self.lease_s, round_deadline_s=self.round_deadline_s, audit=self.audit)
+
+    def sweep_interval_s(self) -> float:
+        """How often leases and the round deadline are checked: a tenth of the shorter one."""
+        periods = [p for p in (self.lease_s, self.round_deadline_s) if p > 0]
+        return min(1.0, max(0.01, min(periods) / 10)) if periods else 1.0
 
 
 class RoundHistory:
@@ -133,19 +153,61 @@ class RoundHistory:
 
 class ParameterServerService(pb_grpc.ParameterServerServicer):
     def __init__(self, core: ServerCore, metrics: ServerMetrics, history_rounds: int,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, *, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+                 sweep_interval_s: float = 1.0) -> None:
         self.core = core
         self.limits = limits or Limits()
         self._joins = TokenBucket(self.limits.join_rate_per_s, self.limits.join_burst)
         self._streams = StreamLimiter(self.limits.max_streams_per_worker)
         self.metrics = metrics
         self.history = RoundHistory(history_rounds)
+        # A resumed core starts at its checkpoint's version: older rounds are not in the history.
+        self.history.published_through = core.version - 1
         self._core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-core")
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="wanps-decode")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seeded = asyncio.Event()
         self._started = asyncio.Event()
         self._last_close_time: float | None = None
+        self._checkpoint_dir = checkpoint_dir
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-checkpoint")
+        self._checkpoint_pending: Future | None = None
+        self._sweep_interval_s = sweep_interval_s
+        self._sweeper: asyncio.Task | None = None
+        # Which process a worker's replica was synced with (see ResumeReply.incarnation).
+        self.incarnation = secrets.randbits(63) or 1
+        # Rounds below this survive a crash: the last checkpoint's version (PushReply.durable_version).
+        self._durable_version = core.version if checkpoint_dir is not None else 0
+        self._refresh_events()
+
+    def start_background(self) -> None:
+        """Start the lease and deadline sweeper (on the running loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._sweeper = asyncio.ensure_future(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval_s)
+            try:
+                result = await self._on_core(self._sweep_on_core_thread)
+            except RuntimeError:  # the core thread is shutting down
+                return
+            except Exception:
+                log.exception("sweep failed")
+                continue
+            for worker_id in result.expired:
+                self.metrics.members_expired.inc()
+                log.warning("worker %d silent for more than its lease: removed from round %d on",
+                            worker_id, self.core.version)
+            if result.overdue is not None:
+                self.metrics.rounds_overdue.inc()
+                log.info("round %d closed at its deadline without its stragglers", result.overdue)
+
+    def _sweep_on_core_thread(self):
+        result = self.core.sweep()
+        self._publish(result.closed)
+        return result
 
     async def _on_core(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -159,11 +221,51 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             self._started.set()
 
     def begin_shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.history.close()
 
     def close(self) -> None:
-        self._core_thread.shutdown(wait=True, cancel_futures=True)
-        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        """After the gRPC server stopped: write the final checkpoint, release the threads."""
+        try:
+            if self._checkpoint_dir is not None and self.core.seeded:
+                state = self._core_thread.submit(self.core.state_dict).result()
+                if self._checkpoint_pending is not None:
+                    self._checkpoint_pending.result()
+                self._write_checkpoint(state)
+        finally:
+            self._core_thread.shutdown(wait=True, cancel_futures=True)
+            self._decode_pool.shutdown(wait=True, cancel_futures=True)
+            self._checkpoint_writer.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _maybe_checkpoint(self, closed: tuple[ClosedRound, ...]) -> None:
+        """On the core thread, after rounds closed: snapshot every `checkpoint_every` rounds and
+        write it on the writer thread (the core does not wait for the disk; a snapshot taken
+        while the previous one is still being written waits for the next due round)."""
+        if self._checkpoint_dir is None or self._checkpoint_every <= 0:
+            return
+        if not any(c.version % self._checkpoint_every == 0 for c in closed):
+            return
+        if self._checkpoint_pending is not None and not self._checkpoint_pending.done():
+            return
+        state = self.core.state_dict()
+        self._checkpoint_pending = self._checkpoint_writer.submit(self._write_checkpoint, state)
+
+    def _write_checkpoint(self, state: dict) -> None:
+        assert self._checkpoint_dir is not None
+        started = time.monotonic()
+        try:
+            path = write_checkpoint(self._checkpoint_dir, state)
+        except OSError:
+            log.exception("checkpoint at version %d failed", state["version"])
+            return
+        self._durable_version = max(self._durable_version, state["version"])
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_duration.observe(time.monotonic() - started)
+        self.metrics.checkpoint_version.set(state["version"])
+        log.info("checkpoint at version %d written to %s", state["version"], path)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -192,6 +294,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 must_seed=result.must_seed,
                 tau_max=self.core.config.tau_max,
                 first_round=result.first_round,
+                incarnation=self.incarnation,
             )
 
     async def SeedModel(self, request_iterator: AsyncIterator[pb.ModelChunk], context) -> pb.SeedModelReply:
@@ -238,6 +341,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                     yield chunk
 
     async def _pull_model(self, worker_id: int) -> AsyncIterator[pb.ModelChunk]:
+        self.core.touch(worker_id)
         await self._seeded.wait()
         if worker_id in self.core.members:
             await self._started.wait()
@@ -273,10 +377,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             await context.abort(code, str(exc))
         finally:
             open_stream.close()
-        self.metrics.pushes.labels(
-            kind="duplicate" if result.duplicate else ("skip" if header.skip else "update")
-        ).inc()
-        return pb.PushReply(duplicate=result.duplicate, version=result.version)
+        kind = "late" if result.late else "duplicate" if result.duplicate else ("skip" if header.skip else "update")
+        self.metrics.pushes.labels(kind=kind).inc()
+        durable = self._durable_version if self._checkpoint_dir is not None else result.version
+        return pb.PushReply(duplicate=result.duplicate, version=result.version, late=result.late,
+                            durable_version=durable)
 
     async def _receive_push(self, request_iterator, open_stream: ExitStack
                             ) -> tuple[pb.PushHeader, list[bytes], list[bytes]]:
@@ -323,6 +428,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         """Encode closed rounds here (off the loop) and hand them to the loop in order."""
         if not closed:
             return
+        self._maybe_checkpoint(closed)
         encoded = [(c, encode_round(c)) for c in closed]
         assert self._loop is not None
         # Two hops: the acknowledgement of the push that closed the round goes out before the
@@ -347,6 +453,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
     async def Updates(self, request: pb.UpdatesRequest, context) -> AsyncIterator[pb.DeltaChunk]:
         async with _mapped_errors(context):
+            self.core.touch(request.worker_id)
             if not self.core.is_known(request.worker_id):
                 raise NotFound(f"worker {request.worker_id} is not a member of this cluster (join first)")
             if request.from_version > self.core.version:
@@ -363,6 +470,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if len(request.padding) > MAX_PING_PADDING:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"ping padding is limited to {MAX_PING_PADDING} bytes")
         self.metrics.received_bytes.inc(len(request.padding))
+        # The heartbeat: renewing a lease is one float store, safe off the core thread, and
+        # keeps pings (RTT samples) from queueing behind a round's aggregation.
+        self.core.touch(request.worker_id)
         return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.core.version)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
@@ -370,6 +480,16 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             last_round, closed = await self._on_core(self._leave_on_core_thread, request.worker_id)
             log.info("leave: worker %d after round %d", request.worker_id, last_round)
             return pb.LeaveReply(last_round=max(last_round, 0))
+
+    async def Resume(self, request: pb.ResumeRequest, context) -> pb.ResumeReply:
+        async with _mapped_errors(context):
+            info = await self._on_core(self.core.resume_info, request.worker_id)
+            self.metrics.resumes.labels(outcome="member" if info.member else "gone").inc()
+            log.info("resume: worker %d %s at version %d, holding rounds %s", request.worker_id,
+                     "is a member" if info.member else "is no longer a member", info.version, list(info.held_rounds))
+            return pb.ResumeReply(member=info.member, version=info.version, model_crc32=info.model_crc32,
+                                  held_rounds=info.held_rounds, first_round=info.first_round,
+                                  incarnation=self.incarnation)
 
     def _leave_on_core_thread(self, worker_id: int) -> tuple[int, tuple[ClosedRound, ...]]:
         last_round, closed = self.core.leave(worker_id)
@@ -431,10 +551,26 @@ class _mapped_errors:
 RunningServer = RunningService[ParameterServerService]
 
 
+def build_core(config: ServerConfig) -> ServerCore:
+    """A fresh core, or one continuing from `config.resume_dir`'s checkpoint."""
+    if config.resume_dir is None:
+        return ServerCore(config.core_config())
+    state = read_checkpoint(config.resume_dir)
+    core = ServerCore.from_state_dict(state, config.core_config())
+    log.info("resumed from %s: version %d, %d members, %d open rounds", config.resume_dir, core.version,
+             len(core.members), len(core.open_rounds))
+    return core
+
+
 async def start_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> RunningServer:
     registry = registry if registry is not None else CollectorRegistry()
-    service = ParameterServerService(ServerCore(config.core_config()), ServerMetrics(registry), config.history_rounds,
-                                     config.limits)
+    checkpoint_dir = config.checkpoint_dir or config.resume_dir
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)  # fail at start, not at the first checkpoint
+    service = ParameterServerService(build_core(config), ServerMetrics(registry), config.history_rounds,
+                                     config.limits, checkpoint_dir=checkpoint_dir,
+                                     checkpoint_every=config.checkpoint_every,
+                                     sweep_interval_s=config.sweep_interval_s())
     running = await start_grpc_service(
         service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
         host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
@@ -442,6 +578,8 @@ async def start_server(config: ServerConfig, registry: CollectorRegistry | None 
         interceptors=[GrpcServerMetrics(registry), *config.security.interceptors()],  # metrics first: refusals are counted
         credentials=config.security.credentials(),
     )
+    service.start_background()
+    service.metrics.model_version.set(service.core.version)
     log.info("parameter server on %s:%d (metrics %s), tau_max %d, min workers %d, %s",
              config.host, running.port, running.metrics_port, config.tau_max, config.min_workers,
              config.security.describe())

@@ -68,6 +68,10 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--batch-size", env="WANPS_BATCH_SIZE", type=int, default=64, help="Per-worker batch size.")
     parser.add_argument("--max-rounds", env="WANPS_MAX_ROUNDS", type=int, default=0,
                         help="Stop after this many rounds (0 = until stopped).")
+    parser.add_argument("--until-round", env="WANPS_UNTIL_ROUND", type=int, default=0,
+                        help="Stop once this worker has pushed every round below this one (0 = no limit); "
+                             "unlike --max-rounds it counts cluster rounds, so a worker that rejoined stops "
+                             "at the same round as the others.")
     parser.add_argument("--max-seconds", env="WANPS_MAX_SECONDS", type=float, default=0.0,
                         help="Stop after this long (0 = until stopped).")
     parser.add_argument("--tau", env="WANPS_TAU", type=int, default=0, help="Staleness without a controller.")
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.is_set():
             if args.max_rounds and rounds >= args.max_rounds:
                 break
+            if args.until_round and max(opt.round, opt.version) >= args.until_round:
+                break
             if args.max_seconds and time.monotonic() - started >= args.max_seconds:
                 break
             x, y = next(batches)
@@ -161,9 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if progress is not None:
             progress.close()
-        opt.close()  # with --error-feedback def, the replica ends at y_T only after this
+        if args.save_replica and not stop.is_set() and args.error_feedback != "def":
+            # Every round this worker pushed, applied: replicas of workers that stopped at the
+            # same round are then comparable with each other and the server's model.
+            opt.wait_for_version(opt.round, timeout_s=120.0)
+        opt.close()  # with --error-feedback def, the replica ends at y_T (the flush round) only after this
         if args.save_replica:
-            torch.save({"version": opt.version, "values": opt.replica.clone()}, args.save_replica)
+            torch.save({"version": opt.version, "values": opt.replica.clone(), "worker_id": opt.worker_id,
+                        "recoveries": opt.session.recoveries}, args.save_replica)
         if metrics_httpd is not None:
             metrics_httpd.shutdown()
             metrics_httpd.server_close()

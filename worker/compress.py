@@ -87,6 +87,15 @@ class ErrorFeedback:
             p.index_copy_(0, indices, selected)
         return SparseUpdate(values=values, indices=indices.to(torch.int32))
 
+    def restore(self, update: SparseUpdate) -> None:
+        """Put an update the server did not apply back into the residual (e += update), so
+        it goes out again in a later push and no gradient is lost."""
+        values = update.values.to(torch.float32)
+        if update.indices is None:
+            self.residual.add_(values)
+        else:
+            self.residual.index_add_(0, update.indices.long(), values)
+
     @staticmethod
     def _keep_rest(selected: torch.Tensor, values: torch.Tensor) -> None:
         """selected -= float32(values), in place: what rounding (or saturation) lost stays.

@@ -30,7 +30,7 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
 from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.replica import Replica
-from wanps.worker.session import ReceivedDelta, WorkerSession
+from wanps.worker.session import ConnectionLost, ReceivedDelta, WorkerSession
 from wanps.worker.skip_rule import SkipRule, step_squared_norm
 from wanps.worker.update_rule import UpdateRule
 
@@ -210,6 +210,9 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         self._reattach()
         self._raise_failed_pushes()
+        # A straggler whose rounds closed at their deadline without it (docs/operations.md)
+        # moves on to the model's version instead of pushing rounds that are already late.
+        self.round = max(self.round, self.version)
         decision = self.decision_at(self.round)
         self.last_decision = decision
         if self.metrics is not None:
@@ -280,14 +283,48 @@ class Optimizer(torch.optim.Optimizer):
     def _raise_failed_pushes(self) -> None:
         while self._in_flight and self._in_flight[0].done():
             self._in_flight.popleft().result()  # raises the server's refusal, if any
+        for late in self.session.take_late_updates():
+            self.rule.ef.restore(late)  # its round closed at the deadline without it: send it again later
 
     def _wait_until_fresh(self, min_version: int) -> None:
-        """Apply every delta received so far; block until the replica reaches min_version."""
-        self._replica.catch_up(self.session.deltas, min_version, on_idle=self._raise_failed_pushes)
+        """Apply every delta received so far; block until the replica reaches min_version.
+        A lost connection is recovered here (docs/operations.md), then the wait goes on."""
+        while True:
+            try:
+                self._replica.catch_up(self.session.deltas, min_version, on_idle=self._raise_failed_pushes)
+                return
+            except ConnectionLost:
+                if self._recover():  # joined again: the round counter moved, so does the bound
+                    min_version = self.round - self.tau_at(self.round)
+
+    def _recover(self, timeout_s: float = 600.0) -> bool:
+        """Reconnect and reconcile (WorkerSession.recover). True when this worker joined again."""
+        def wait_for(version: int) -> None:
+            self._replica.catch_up(self.session.deltas, version, on_idle=self._raise_failed_pushes)
+
+        recovery = self.session.recover(self._replica, wait_for, self.tau_max, self.round, timeout=timeout_s)
+        self._in_flight.extend(recovery.futures)
+        if recovery.rejoined:
+            self.worker_id = self.session.worker_id
+            self.round = recovery.first_round
+        return recovery.rejoined
 
     @property
     def version(self) -> int:
         return self._replica.version
+
+    def wait_for_version(self, version: int, timeout_s: float) -> int:
+        """Apply deltas (recovering a lost connection) until the replica reaches `version` or
+        `timeout_s` passes. Returns the replica's version. If the worker has to join again
+        meanwhile, versions restart from its new first round, which becomes the target."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self._replica.catch_up(self.session.deltas, version, deadline=deadline,
+                                              on_idle=self._raise_failed_pushes)
+            except ConnectionLost:
+                if self._recover():
+                    version = self.round
 
     # ------------------------------------------------------------------ end
 
@@ -314,6 +351,12 @@ class Optimizer(torch.optim.Optimizer):
         self.closed = True
         try:
             deadline = time.monotonic() + timeout
+            try:
+                # A connection lost since the last step: re-send this worker's last pushes, so
+                # the others need not wait out its lease.
+                self._replica.catch_up(self.session.deltas, 0, on_idle=self._raise_failed_pushes)
+            except ConnectionLost:
+                self._recover(timeout_s=max(1.0, timeout / 2))
             if self.rule.error_feedback == "def":
                 self._flush_residual(deadline)
             for future in self._in_flight:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from wanps.proto import codec
-from wanps.worker.session import ReceivedDelta, ReplicaDiverged
+from wanps.worker.session import ConnectionLost, ReceivedDelta, ReplicaDiverged
 
 
 class Replica:
@@ -23,6 +23,8 @@ class Replica:
         self.on_apply: Callable[[ReceivedDelta], None] | None = None
 
     def apply(self, item: ReceivedDelta | BaseException) -> None:
+        if isinstance(item, ConnectionLost):
+            raise item  # the owner recovers (WorkerSession.recover) and waits again
         if isinstance(item, BaseException):
             raise RuntimeError("the update stream from the server failed") from item
         if item.version != self.version + 1:

@@ -6,6 +6,17 @@ pushes stay in flight while the next gradients are computed. Deltas of closed ro
 arrive on `deltas` (a thread-safe queue) and are applied by the training thread only at
 step boundaries. Link samples (push bytes and times, ping RTTs, compute times) are
 batched to the controller once a second.
+
+Faults (docs/operations.md): a broken update stream or a push that cannot reach the server
+puts one `ConnectionLost` on `deltas`; the training thread then calls `recover()`, which
+reconnects with exponential backoff and jitter (`Resume`), reconciles the replica by
+version, CRC and server incarnation (a full pull only when they differ), restarts the
+update stream and re-sends the logged pushes the server does not hold, in order, each once
+the replica has reached the version it was computed at. Pushes carry (worker, round), so a
+replay the server already has is acknowledged as a duplicate. A worker that is no longer a
+member (lease ran out, or the server resumed from a checkpoint taken before it joined)
+joins again, seeding the model if the server has none. Error-feedback state lives in the
+optimizer and is never touched by any of this.
 """
 from __future__ import annotations
 
@@ -17,7 +28,8 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,10 +56,49 @@ PING_INTERVAL_S = 0.5
 PROBE_EVERY = 8
 PROBE_BYTES = 32 * 1024
 MAX_BACKOFF_S = 8.0
+# Logged pushes are kept until the server says their rounds are durable (checkpointed);
+# this caps the log's payload bytes in any case (oldest dropped first).
+PUSH_LOG_MAX_BYTES = 64 * 1024 * 1024
+# Status codes that mean "the server is unreachable or restarted", not "your request is wrong".
+# NOT_FOUND: the server no longer knows this worker (lease ran out, or it resumed without it).
+# (UNKNOWN and INTERNAL are not among them: a server bug must surface, not loop in recovery.)
+RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND})
+
+
+# gRPC's own reconnect backoff (defaults: 1 s initial, 120 s max) would keep a worker away
+# from a restarted server far longer than the restart; retry sooner, still backing off.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF_S * 1000)),
+]
 
 
 class ReplicaDiverged(RuntimeError):
     """The replica's checksum differs from the server's at the same version."""
+
+
+class ConnectionLost(Exception):
+    """The connection to the server broke (or the server forgot this worker): call `recover()`."""
+
+
+@dataclass(frozen=True)
+class LoggedPush:
+    round: int
+    computed_at_version: int
+    update: codec.SparseUpdate | None
+    messages: list[pb.PushMessage]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Recovery:
+    rejoined: bool  # joined again as a new member (new worker id, round = first_round)
+    first_round: int
+    resent: int  # logged pushes sent again
+    pulled: bool  # the replica was replaced by a full pull
+    futures: tuple[concurrent.futures.Future, ...]
 
 
 @dataclass(frozen=True)
@@ -103,24 +154,37 @@ class WorkerSession:
         self._samples: list[pb.LinkSample] = []
         self._reported_round = 0
         self._tasks: list[asyncio.Task] = []
+        self._updates_task: asyncio.Task | None = None
         self._closed = False
+        # Fault handling: pushes kept for a replay, the server process the replica was synced
+        # with, whether the connection is known lost, and updates returned `late`.
+        self._push_log: OrderedDict[int, LoggedPush] = OrderedDict()
+        self._push_log_bytes = 0
+        self._log_lock = threading.Lock()  # the training thread appends, the I/O loop forgets
+        self.durable_version = 0
+        self.incarnation: int | None = None
+        self._lost = False
+        self._generation = 0
+        self.late_updates: deque[codec.SparseUpdate] = deque()
+        self.recoveries = 0
+        self._join_args: tuple[int, bytes, str] | None = None
         self._loop = event_loop_factory(use_uvloop)()
         self._thread = threading.Thread(target=self._loop.run_forever, name="wanps-worker-io", daemon=True)
         self._thread.start()
         self._security, self._max_message_bytes = security, max_message_bytes
-        self._server_channel = self._call(lambda: self._make_channel(server))
+        self._server_channel = self._call(lambda: self._make_channel(server, RECONNECT_OPTIONS))
         self._server = pb_grpc.ParameterServerStub(self._server_channel)
         self._controller_channel = None
         self._controller = None
         if controller:
-            self._controller_channel = self._call(lambda: self._make_channel(controller))
+            self._controller_channel = self._call(lambda: self._make_channel(controller, RECONNECT_OPTIONS))
             self._controller = pb_grpc.ControllerStub(self._controller_channel)
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _make_channel(self, address: str) -> grpc.aio.Channel:
+    async def _make_channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
         # Token and TLS as configured (deploy/auth.py); called on the I/O loop.
-        return aio_channel(address, self._security, max_message_bytes=self._max_message_bytes)
+        return aio_channel(address, self._security, max_message_bytes=self._max_message_bytes, options=options)
 
     def _submit(self, make: Callable[[], Awaitable[T]]) -> concurrent.futures.Future[T]:
         """Run `make()` on the I/O loop (gRPC calls must be created there) and await it."""
@@ -149,6 +213,10 @@ class WorkerSession:
         self.worker_id, self.num_params = reply.worker_id, num_params
         if self.metrics is not None:
             self.metrics.worker_id.set(reply.worker_id)
+        self.incarnation = reply.incarnation
+        self._join_args = (num_params, fingerprint, name)
+        # Report the round this worker starts at, not 0: a restarted controller schedules from it.
+        self._reported_round = max(self._reported_round, reply.first_round)
         return reply
 
     def seed(self, model: torch.Tensor) -> pb.SeedModelReply:
@@ -188,17 +256,41 @@ class WorkerSession:
                            rank=header.rank, world_size=header.world_size, first_round=header.first_round)
 
     def leave(self, timeout: float = 30.0) -> int:
-        reply = self._call(lambda: self._server.Leave(pb.LeaveRequest(worker_id=self.worker_id), timeout=timeout))
+        """Leave at a round boundary. -1 when the server no longer knows this worker."""
+        try:
+            reply = self._call(lambda: self._server.Leave(pb.LeaveRequest(worker_id=self.worker_id), timeout=timeout))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return -1
+            raise
         return reply.last_round
 
     # ------------------------------------------------------------------ background streams
 
     def follow_updates(self, from_version: int) -> None:
-        """Start receiving closed rounds' deltas after `from_version` into `self.deltas`."""
-        self._spawn(lambda: self._follow_updates(from_version))
+        """Start receiving closed rounds' deltas after `from_version` into `self.deltas`
+        (replacing the stream a previous call started)."""
+
+        async def start() -> None:
+            if self._updates_task is not None:
+                self._updates_task.cancel()
+                await asyncio.gather(self._updates_task, return_exceptions=True)
+            self._updates_task = asyncio.ensure_future(self._follow_updates(from_version))
+            self._tasks.append(self._updates_task)
+
+        self._call(start)
+
+    def _mark_lost(self, exc: BaseException, generation: int | None = None) -> None:
+        """On the I/O loop: tell the training thread once per connection generation."""
+        if self._closed or self._lost or (generation is not None and generation != self._generation):
+            return
+        self._lost = True
+        log.warning("connection to the server lost (%s); reconnecting", _describe(exc))
+        self.deltas.put(ConnectionLost(_describe(exc)))
 
     async def _follow_updates(self, from_version: int) -> None:
         request = pb.UpdatesRequest(worker_id=self.worker_id, from_version=from_version)
+        generation = self._generation
         index_parts: list[bytes] = []
         value_parts: list[bytes] = []
         started = 0.0
@@ -220,8 +312,16 @@ class WorkerSession:
                 self.deltas.put(ReceivedDelta(chunk.round, chunk.version, delta,
                                               chunk.model_crc32 if chunk.has_model_crc32 else None, nbytes,
                                               chunk.pushed + chunk.skipped))
+            # The server ended the stream: it is shutting down.
+            self._mark_lost(ConnectionError("the server ended the update stream"), generation)
         except asyncio.CancelledError:
             raise
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in RECONNECT_CODES or exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # FAILED_PRECONDITION: fell out of the server's history; recovery pulls the model.
+                self._mark_lost(exc, generation)
+            elif not self._closed:
+                self.deltas.put(exc)
         except BaseException as exc:  # handed to the training thread, which raises it
             if not self._closed:
                 self.deltas.put(exc)
@@ -260,8 +360,8 @@ class WorkerSession:
     async def _report_loop(self) -> None:
         assert self._controller is not None
         while not self._closed:
+            await self._flush_samples()  # at once first: the controller decides on a first report
             await asyncio.sleep(REPORT_INTERVAL_S)
-            await self._flush_samples()
 
     async def _flush_samples(self) -> None:
         samples, self._samples = self._samples, []
@@ -311,22 +411,48 @@ class WorkerSession:
 
     def push(self, round_: int, computed_at_version: int, update: codec.SparseUpdate | None
              ) -> concurrent.futures.Future[pb.PushReply]:
-        """Send one round's update (None = skip record). Encoding happens on the calling thread."""
+        """Send one round's update (None = skip record). Encoding happens on the calling thread.
+
+        The push is logged until its round is durable on the server; while the connection is
+        known lost it is only logged (recover() sends it)."""
         header = pb.PushHeader(worker_id=self.worker_id, round=round_, computed_at_version=computed_at_version)
         messages, nbytes = codec.push_messages(header, update)
-        self._count_sent(nbytes)
         if self.metrics is not None:
             self.metrics.record_push(round_, computed_at_version, None if update is None else update.count,
                                      self.num_params or 0)
-        return self._submit(lambda: self._push(messages, nbytes, round_))
+        logged = LoggedPush(round_, computed_at_version, update, messages, nbytes)
+        self._log_push(logged)
+        if self._lost:
+            done: concurrent.futures.Future[pb.PushReply] = concurrent.futures.Future()
+            done.set_result(pb.PushReply())
+            return done
+        return self._send(logged)
 
-    async def _push(self, messages: list[pb.PushMessage], nbytes: int, round_: int) -> pb.PushReply:
+    def _send(self, logged: LoggedPush) -> concurrent.futures.Future[pb.PushReply]:
+        self._count_sent(logged.nbytes)
+        generation = self._generation
+        return self._submit(lambda: self._push(logged, generation))
+
+    async def _push(self, logged: LoggedPush, generation: int) -> pb.PushReply:
         started = time.monotonic()
-        reply = await self._server.Push(iter(messages), wait_for_ready=True)
+        try:
+            # Not wait_for_ready: a push must not wait out a server restart and then reach a
+            # server that resumed from an older checkpoint; recover() re-sends it instead.
+            reply = await self._server.Push(iter(logged.messages))
+        except grpc.aio.AioRpcError as exc:
+            # Refusals that reach a server restarted under us, before we noticed, are not ours
+            # to raise: recover() reconciles and re-sends.
+            if exc.code() in RECONNECT_CODES or generation != self._generation or self._lost:
+                self._mark_lost(exc, generation)
+                return pb.PushReply()
+            raise
         seconds = time.monotonic() - started
-        self._sample(pb.LinkSample.KIND_PUSH, nbytes, seconds, round_)
+        self._sample(pb.LinkSample.KIND_PUSH, logged.nbytes, seconds, logged.round)
         if self.metrics is not None:
             self.metrics.push_seconds.observe(seconds)
+        self._forget_durable(reply.durable_version)
+        if reply.late and logged.update is not None:
+            self.late_updates.append(logged.update)
         return reply
 
     def _count_sent(self, nbytes: int) -> None:
@@ -338,6 +464,151 @@ class WorkerSession:
         self.bytes_down += nbytes
         if self.metrics is not None:
             self.metrics.received_bytes.inc(nbytes)
+
+    def _log_push(self, logged: LoggedPush) -> None:
+        with self._log_lock:
+            self._log_push_locked(logged)
+
+    def _log_push_locked(self, logged: LoggedPush) -> None:
+        old = self._push_log.pop(logged.round, None)
+        if old is not None:
+            self._push_log_bytes -= old.nbytes
+        self._push_log[logged.round] = logged
+        self._push_log_bytes += logged.nbytes
+        while self._push_log_bytes > PUSH_LOG_MAX_BYTES and len(self._push_log) > 1:
+            _, dropped = self._push_log.popitem(last=False)
+            self._push_log_bytes -= dropped.nbytes
+
+    def _forget_durable(self, durable_version: int) -> None:
+        """Drop logged pushes for rounds the server can no longer lose (runs on the I/O loop;
+        the training thread only appends, and `recover()` reads after the loop settled)."""
+        with self._log_lock:
+            self._forget_durable_locked(durable_version)
+
+    def _forget_durable_locked(self, durable_version: int) -> None:
+        self.durable_version = max(self.durable_version, durable_version)
+        while self._push_log:
+            round_, logged = next(iter(self._push_log.items()))
+            if round_ >= self.durable_version:
+                break
+            self._push_log.popitem(last=False)
+            self._push_log_bytes -= logged.nbytes
+
+    def take_late_updates(self) -> list[codec.SparseUpdate]:
+        """Updates the server acknowledged as late (their round closed at its deadline)."""
+        taken = []
+        while self.late_updates:
+            taken.append(self.late_updates.popleft())
+        return taken
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self, replica: Any, wait_for_version: Callable[[int], None], tau_max: int,
+                next_round: int, timeout: float = 600.0) -> Recovery:
+        """Reconnect after `ConnectionLost` and bring replica and server back in step.
+
+        `replica` has `values` and `version` (wanps.worker.replica.Replica); `wait_for_version(v)`
+        blocks until the replica reaches v (it may raise ConnectionLost again, and the caller
+        then calls recover() again). `next_round` is the first round this worker has not pushed.
+        """
+        self.recoveries += 1
+        deadline = time.monotonic() + timeout
+        # Stop the old stream first, then forget what it queued: the new stream restarts
+        # from the replica's version, so nothing is lost or applied twice.
+        self._call(self._stop_updates)
+        while True:
+            try:
+                self.deltas.get_nowait()
+            except queue.Empty:
+                break
+        reply = self._resume_with_backoff(deadline)
+        self._generation += 1
+        self._lost = False
+        if not reply.member:
+            return self._rejoin(replica, deadline)
+        crc = codec.model_crc32(replica.values)
+        replica_was_at = replica.version
+        same_process = reply.incarnation == self.incarnation
+        in_step = replica.version == reply.version and crc == reply.model_crc32
+        # The same server process and a replica behind it: the update stream catches it up
+        # (or fails with FAILED_PRECONDITION when it fell out of the history, and we pull then).
+        pulled = False
+        if not in_step and not (same_process and replica.version < reply.version):
+            self._pull_into(replica)
+            pulled = True
+        self.incarnation = reply.incarnation
+        self.follow_updates(replica.version)
+        log.info("worker %d reconnected: server at version %d, replica at %d%s", self.worker_id, reply.version,
+                 replica_was_at, ", pulled the model" if pulled else "")
+        # Send again, in order, every push the server has neither applied nor holds.
+        held = set(reply.held_rounds)
+        futures = []
+        resent = 0
+        for round_ in range(max(reply.version, reply.first_round), next_round):
+            if round_ in held:
+                continue
+            with self._log_lock:
+                logged = self._push_log.get(round_)
+            if logged is None:
+                # Not in the log (older than its cap): an empty update keeps the round closing.
+                wait_for_version(round_ - tau_max)
+                empty = codec.SparseUpdate(values=torch.empty(0), indices=torch.empty(0, dtype=torch.int32))
+                header = pb.PushHeader(worker_id=self.worker_id, round=round_, computed_at_version=replica.version)
+                messages, nbytes = codec.push_messages(header, empty)
+                logged = LoggedPush(round_, replica.version, None, messages, nbytes)
+                self._log_push(logged)
+            else:
+                wait_for_version(logged.computed_at_version)
+            futures.append(self._send(logged))
+            resent += 1
+        return Recovery(rejoined=False, first_round=reply.first_round, resent=resent, pulled=pulled,
+                        futures=tuple(futures))
+
+    async def _stop_updates(self) -> None:
+        if self._updates_task is not None:
+            self._updates_task.cancel()
+            await asyncio.gather(self._updates_task, return_exceptions=True)
+            self._updates_task = None
+
+    def _resume_with_backoff(self, deadline: float) -> pb.ResumeReply:
+        delays = backoff_delays()
+        while True:
+            try:
+                # wait_for_ready: connect as soon as the server is back (the channel reconnects
+                # with its own short backoff, see RECONNECT_OPTIONS); Resume is safe to wait for.
+                return self._call(lambda: self._server.Resume(pb.ResumeRequest(worker_id=self.worker_id),
+                                                              wait_for_ready=True, timeout=5.0))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RECONNECT_CODES and exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise ConnectionLost(f"server unreachable until the recovery deadline: {_describe(exc)}") from exc
+                time.sleep(next(delays))
+
+    def _pull_into(self, replica: Any) -> None:
+        pulled = self.pull(timeout=600.0)
+        replica.values.copy_(pulled.values)
+        replica.version = pulled.version
+
+    def _rejoin(self, replica: Any, deadline: float) -> Recovery:
+        """Join again as a new member: seed the model if the server lost it, pull, follow."""
+        assert self._join_args is not None
+        old_id = self.worker_id
+        num_params, fingerprint, name = self._join_args
+        reply = self.join(num_params, fingerprint, name, timeout=max(1.0, deadline - time.monotonic()))
+        if reply.must_seed:
+            self.seed(replica.values)
+        pulled = self.pull(timeout=max(1.0, deadline - time.monotonic()))
+        replica.values.copy_(pulled.values)
+        replica.version = pulled.version
+        with self._log_lock:
+            self._push_log.clear()
+            self._push_log_bytes = 0
+            self.durable_version = 0
+        self.follow_updates(replica.version)
+        log.warning("worker %d was no longer a member: joined again as worker %d, first round %d",
+                    old_id, self.worker_id, pulled.first_round)
+        return Recovery(rejoined=True, first_round=pulled.first_round, resent=0, pulled=True, futures=())
 
     # ------------------------------------------------------------------ shutdown
 
@@ -363,3 +634,9 @@ class WorkerSession:
             self._thread.join(timeout=10.0)
             # Not closed: grpc's poller thread may still post to every loop it has seen,
             # which on a closed loop raises "Event loop is closed" (harmless, but noise).
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__
