@@ -138,8 +138,12 @@ def test_compose_cluster_end_to_end() -> None:
             wait_until(lambda: all_scraped(project, WORKERS + 1), 180, "the new worker to be scraped")
             wait_until(lambda: scalar(project, "wanps_server_members") == WORKERS + 1, 180,
                        "the server to count the new worker as a member")
+            # ...and every compose worker reports the id it joined with (-1 until it has).
+            worker_ids = wait_until(
+                lambda: (ids := sorted(int(float(r["value"][1])) for r in query(project, "wanps_worker_id")))
+                and len(ids) == WORKERS + 1 and min(ids) >= 0 and ids, 120, "every worker to report its id")
+            assert len(set(worker_ids)) == WORKERS + 1
             figures["scale_up_s"] = round(time.monotonic() - t0, 1)
-            worker_ids = sorted(int(float(r["value"][1])) for r in query(project, "wanps_worker_id"))
             log(f"scaled to {WORKERS + 1} workers in {figures['scale_up_s']} s (worker ids {worker_ids})")
             before = scalar(project, "wanps_server_rounds_closed_total")
             wait_until(lambda: (v := scalar(project, "wanps_server_rounds_closed_total")) and v > before, 120,
