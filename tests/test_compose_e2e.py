@@ -2,8 +2,9 @@
 
 Builds every image without a registry, brings the cluster up on its internal network, waits for
 health, checks that rounds advance and that the compose Prometheus scrapes every target, lets a
-worker outside compose join through the published port, scales the workers by one and sees the
-new one join, then tears everything down and puts the host back as it was.
+worker outside compose join through the published port, scales the workers by one (the new one
+behind its own emulated WAN link) and sees it join, then tears everything down and puts the
+host back as it was.
 Skipped unless WANPS_COMPOSE_TEST=1 (the make target sets it); the default run skips it.
 """
 from __future__ import annotations
@@ -131,8 +132,11 @@ def test_compose_cluster_end_to_end() -> None:
             log(f"a worker on the host trained 20 rounds through 127.0.0.1:{server_port} "
                 f"in {figures['outside_worker_s']} s")
 
-            # One more compose worker: it asks the server for its rank and Prometheus finds it.
+            # One more compose worker: it asks the server for its rank and Prometheus finds it. It
+            # reaches the server through an emulated WAN link of its own (WANPS_WAN_TRACE; the
+            # running workers are not recreated, so only the new one has it).
             t0 = time.monotonic()
+            project.env["WANPS_WAN_TRACE"] = "/opt/wanps/traces/wan-varying.csv"
             project.compose("up", "--detach", "--no-build", "--pull", "never", "--no-recreate",
                             "--scale", f"worker={WORKERS + 1}", *services, timeout=600)
             wait_until(lambda: all_scraped(project, WORKERS + 1), 180, "the new worker to be scraped")
@@ -145,6 +149,11 @@ def test_compose_cluster_end_to_end() -> None:
             assert len(set(worker_ids)) == WORKERS + 1
             figures["scale_up_s"] = round(time.monotonic() - t0, 1)
             log(f"scaled to {WORKERS + 1} workers in {figures['scale_up_s']} s (worker ids {worker_ids})")
+            new_worker_log = project.compose("logs", "--no-color", "--no-log-prefix", "--index", str(WORKERS + 1),
+                                             "worker").stdout
+            assert "LISTENING 127.0.0.1:15051" in new_worker_log, new_worker_log[-2000:]
+            old_worker_log = project.compose("logs", "--no-color", "--no-log-prefix", "--index", "1", "worker").stdout
+            assert "15051" not in old_worker_log
             before = scalar(project, "wanps_server_rounds_closed_total")
             wait_until(lambda: (v := scalar(project, "wanps_server_rounds_closed_total")) and v > before, 120,
                        "rounds to advance with the new worker")
