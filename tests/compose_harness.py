@@ -402,6 +402,8 @@ def build_images(engine: DockerEngine, source: Path, tag: str) -> Images:
         (context / "deploy").mkdir()
         shutil.copy2(source / "deploy" / "compose-worker.sh", context / "deploy" / "compose-worker.sh")
         shutil.copy2(source / "deploy" / "Dockerfile", context / "deploy" / "Dockerfile")
+        # With the repo's .dockerignore: had it dropped a file the Dockerfile copies, the build fails.
+        shutil.copy2(source / ".dockerignore", context / ".dockerignore")
         engine.docker("build", "--network", "none", "-q", "-f", str(context / "deploy" / "Dockerfile"),
                       "--build-arg", f"BASE_IMAGE={images.base}", "-t", images.wanps, str(context), timeout=1800)
     images.built.append(images.wanps)
