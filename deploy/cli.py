@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "linkem": ("wanps.deploy.linkem", "emulate a WAN link (TCP proxy with delay and bandwidth)"),
     "demo": ("wanps.deploy.demo", "run a local cluster over emulated WAN links and report"),
     "bench": ("wanps.deploy.bench", "run a benchmark"),
+    "health": ("wanps.deploy.health", "check a service's gRPC health (exit 0 when SERVING)"),
 }
 
 
