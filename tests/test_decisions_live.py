@@ -137,14 +137,28 @@ def test_deco_switches_every_worker_at_the_same_round(make_cluster):
 def test_set_policy_and_status_through_the_cli(make_cluster):
     cluster = make_cluster(min_workers=2, tau_max=4, policy="static", tau=2, delta=0.2, switch_margin_s=1.0,
                            switch_margin_rounds_cold=50)
-    threads, per_round, errors = run_workers(cluster, 400)
     import json
     import subprocess
 
     from wanps.deploy.processes import wanps_command
 
-    done = subprocess.run(wanps_command("controller", "set-policy", "--controller", cluster.controller_address,
-                                        "--policy", "dsgd"), capture_output=True, text=True, timeout=60)
+    # Workers wait at round 20 while the CLI (a new Python process) switches the policy, so the
+    # switch round lands within their 400 rounds however slowly the CLI starts.
+    per_round: dict = {}
+    errors: list = []
+    paused = [threading.Event(), threading.Event()]
+    resume = threading.Event()
+    threads = [threading.Thread(target=train, args=(cluster, 400, per_round, errors, seed, cluster.controller_address,
+                                                    20, resume, paused[seed])) for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for event in paused:
+        assert event.wait(60)
+    try:
+        done = subprocess.run(wanps_command("controller", "set-policy", "--controller", cluster.controller_address,
+                                            "--policy", "dsgd"), capture_output=True, text=True, timeout=60)
+    finally:
+        resume.set()
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["decision"]["tau"] == 0
     for thread in threads:
