@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     # DEF study
     parser.add_argument("--def-workers", type=int, default=4)
     parser.add_argument("--def-batch", type=int, default=32)
-    parser.add_argument("--def-lr", type=float, default=0.05)
+    parser.add_argument("--def-lr", type=float, default=0.01)
     parser.add_argument("--def-momentum", type=float, default=0.9)
     parser.add_argument("--def-lambda", type=float, default=0.3)
-    parser.add_argument("--def-rounds", type=int, default=1500)
+    parser.add_argument("--def-rounds", type=int, default=800)
     parser.add_argument("--def-ratios", default=",".join(map(str, DEF_RATIOS)))
     # compressors
     parser.add_argument("--sizes", default=",".join(map(str, COMPRESSOR_SIZES)))

@@ -153,10 +153,11 @@ def test_simulation_trains_the_same_model_as_the_cluster(make_cluster, options: 
     simulated = simulate(get_task("synthetic"), config)
 
     delta = options["delta"]
-    cluster = make_cluster(min_workers=2, tau_max=0, policy="static", tau=0, delta=delta)
+    # No controller: (tau 0, delta) hold from round 0 whatever the timing of a first decision.
+    cluster = make_cluster(min_workers=2, tau_max=0, policy=None)
     skip = options.get("skip_alphas")
     opts = run_workers(2, lambda model: Optimizer(
-        model.parameters(), server=cluster.server_address, controller=cluster.controller_address, lr=lr,
+        model.parameters(), server=cluster.server_address, controller=None, lr=lr, tau=0, delta=delta,
         momentum=options.get("momentum", 0.0), error_feedback=options.get("error_feedback", "ef"),
         compressor=options.get("compressor", "topk"),
         skip_rule=SkipRule(list(skip)) if skip else None), rounds, batch_seed=lambda index: 0)
