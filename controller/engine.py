@@ -12,9 +12,13 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from wanps.controller.decisions import Decision, DecisionBook
+import numpy as np
+
+from wanps.controller.deco import DENSE_BITS_PER_ELEMENT, DENSE_FROM_DELTA, overhead_sample
+from wanps.controller.decisions import Decision, DecisionBook, decision_for_round
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
-from wanps.controller.policy import ClusterView, PolicyConfig, Proposal, differs_enough, estimates_moved, propose
+from wanps.controller.policy import (ClusterView, PolicyConfig, Proposal, deco_input, differs_enough, estimates_moved,
+                                     propose, slowest_link)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,10 @@ class ControllerCore:
         self._traffic: dict[int, deque[tuple[float, str, int]]] = {}
         # accordion: per interval of E rounds, (sum of gradient norms, count).
         self._norms: dict[int, list[float]] = {}
+        # Per-round overhead observations (deco.overhead_sample) for the decision in force,
+        # at most one a second (about the last minute).
+        self._residuals: deque[float] = deque(maxlen=64)
+        self._residual_at: float | None = None
 
     # ------------------------------------------------------------------ inputs
 
@@ -63,6 +71,7 @@ class ControllerCore:
         estimate = estimator.estimate(now_s)
         if estimate is not None:
             self.estimates[report.worker_id] = estimate
+        self.sample_overhead(now_s)
         return self.maybe_decide(now_s)
 
     def forget(self, worker_id: int) -> None:
@@ -81,7 +90,57 @@ class ControllerCore:
 
     def view(self) -> ClusterView:
         return ClusterView(round=self.reported_round, num_params=self.num_params, estimates=dict(self.estimates),
-                           traffic_factor=self.traffic_factor(), grad_norm_change=self.grad_norm_change())
+                           traffic_factor=self.traffic_factor(), grad_norm_change=self.grad_norm_change(),
+                           overhead_s=self.overhead_s())
+
+    # ------------------------------------------------------------------ per-round overhead
+
+    def sample_overhead(self, now_s: float) -> None:
+        """One overhead observation (deco.overhead_sample), if one decision held all window.
+
+        What Theorem 3 does not model: decoding and applying deltas, encoding the push, the
+        RPCs, the server's aggregation, all on shared cores. Rounds that wait on the link
+        give no observation; errors of the link estimates still can, which is why
+        `overhead_s` takes a quantile and caps it.
+        """
+        if self._residual_at is not None and now_s - self._residual_at < 1.0:
+            return
+        window = self._measurement_window()
+        if window is None or self.num_params is None or not self.estimates:
+            return
+        (t0, r0), (t1, r1) = window
+        decisions = self.book.relevant(r0)
+        in_force = decision_for_round(decisions, r0)
+        if in_force is None or decision_for_round(decisions, r1) is not in_force:
+            return  # the decision changed inside the window: the measurement mixes two
+        bandwidth, latency, t_comp = slowest_link(self.estimates)
+        if t_comp is None:
+            return
+        view = ClusterView(round=self.reported_round, num_params=self.num_params, estimates=self.estimates,
+                           traffic_factor=self.traffic_factor(), overhead_s=self.overhead_s())
+        x = deco_input(view, bandwidth, latency, t_comp, self.policy)
+        delta = in_force.delta
+        if delta >= DENSE_FROM_DELTA:  # dense rounds send every value and no index
+            delta = min(delta, DENSE_BITS_PER_ELEMENT / self.policy.bits_per_element)
+        sample = overhead_sample((t1 - t0) / (r1 - r0), x, in_force.tau, delta)
+        self._residual_at = now_s
+        if sample is not None:
+            self._residuals.append(sample)
+
+    def overhead_s(self) -> float:
+        """The per-round overhead o DeCo adds to T_comp: a quantile of the observations.
+
+        An overestimated bandwidth only ever adds to an observation, so a low-to-middle
+        quantile (default the median) is taken, and the cap (a multiple of the slowest
+        T_comp) bounds what a bad estimate can feed back into the decision.
+        """
+        if not self._residuals or self.policy.overhead_max_ratio <= 0 or not self.estimates:
+            return 0.0
+        _, _, t_comp = slowest_link(self.estimates)
+        if t_comp is None:
+            return 0.0
+        value = float(np.quantile(np.fromiter(self._residuals, dtype=np.float64), self.policy.overhead_quantile))
+        return min(value, self.policy.overhead_max_ratio * t_comp)
 
     def grad_norm_change(self) -> float | None:
         """|mean norm of the last complete interval / the one before - 1| (None until two exist)."""
@@ -117,7 +176,11 @@ class ControllerCore:
                 return None  # E = infinity: the first measured decision stands
             due = self.reported_round - self._decided_at_round >= self.policy.every_rounds
             moved = estimates_moved(self._estimates_at_decision, self.estimates, self.policy.change_threshold)
-            if not (due or moved):
+            # A move does not replace a decision that has not taken effect yet: noisy
+            # estimates (a starved CPU, pings queued behind deltas) would otherwise publish
+            # a decision per report, each superseding the last before any worker used it.
+            pending = self.book.latest is not None and self.book.latest.from_round > self.reported_round
+            if not (due or (moved and not pending)):
                 return None
         # An adaptive switch must be scheduled ahead in time, which needs the training speed.
         speed_known = self.measured_iteration_s() is not None
@@ -158,11 +221,19 @@ class ControllerCore:
 
     def measured_iteration_s(self, window_s: float = 10.0) -> float | None:
         """Seconds per round over the reports of the last `window_s` (None until two differ)."""
+        window = self._measurement_window(window_s)
+        if window is None:
+            return None
+        (t0, r0), (t1, r1) = window
+        return (t1 - t0) / (r1 - r0)
+
+    def _measurement_window(self, window_s: float = 10.0) -> tuple[tuple[float, int], tuple[float, int]] | None:
+        """(time, round) at the start and the end of the last `window_s` of reports."""
         if len(self._progress) < 2:
             return None
         t1, r1 = self._progress[-1]
         t0, r0 = next(((t, r) for t, r in self._progress if t >= t1 - window_s and r < r1), self._progress[-2])
-        return (t1 - t0) / (r1 - r0) if r1 > r0 else None
+        return ((t0, r0), (t1, r1)) if r1 > r0 else None
 
     def current(self) -> Decision | None:
         relevant = self.book.relevant(self.reported_round)

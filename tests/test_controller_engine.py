@@ -1,6 +1,8 @@
 """The controller's decision loop (ControllerCore) on synthetic reports: pure, no network."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from wanps.controller.deco import DecoInput, deco
@@ -72,8 +74,22 @@ def test_noise_does_not_flap_and_a_real_change_does():
     assert changed and changed[-1].delta < first[0].delta
 
 
+def test_a_moved_estimate_does_not_replace_a_decision_before_it_takes_effect():
+    core = ControllerCore(PolicyConfig(name="deco", every_rounds=1000, change_threshold=0.2, switch_margin_rounds=50,
+                                       switch_margin_s=0.0, overhead_max_ratio=0.0))
+    core.maybe_decide(0.0)
+    first = run(core, {1: (20e6, 0.1, 0.02)}, 4)  # rounds 0-30: the decision holds from round >= 50
+    assert len(first) == 1 and first[0].from_round > core.reported_round
+    # The link halves while that decision is pending: no new decision yet.
+    assert run(core, {1: (5e6, 0.1, 0.02)}, 2, start_round=40, t0=4.0) == []
+    # Once the rounds pass its from_round, the move is acted on.
+    later = run(core, {1: (5e6, 0.1, 0.02)}, 3, start_round=first[0].from_round, t0=6.0)
+    assert later and later[0].delta < first[0].delta
+
+
 def test_traffic_factor_folds_the_download_into_the_gradient_size():
-    core = ControllerCore(PolicyConfig(name="deco"))
+    # No overhead term: the synthetic 10 rounds/s against a 20 ms T_comp would otherwise add one.
+    core = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0))
     core.maybe_decide(0.0)
     decisions = run(core, {1: (20e6, 0.1, 0.02), 2: (20e6, 0.1, 0.02)}, 6, download_factor=2.0)
     assert core.traffic_factor() == pytest.approx(2.0)
@@ -111,6 +127,39 @@ def test_e_infinite_decides_once_on_the_first_estimates():
     first = run(core, {1: (20e6, 0.1, 0.02)}, 4)
     assert len(first) == 1 and first[0].policy == "deco"
     assert run(core, {1: (2e6, 0.3, 0.02)}, 10, start_round=40, t0=4.0) == []  # the link changed: no new decision
+
+
+def test_measured_overhead_joins_t_comp_in_the_decision_and_its_prediction():
+    """25 rounds/s (40 ms) against a 20 ms T_comp on hidden links: o = 20 ms, T_step = 40 ms."""
+    policy = PolicyConfig(name="deco", tau=2, delta=0.001, every_rounds=20)
+    core = ControllerCore(policy)
+    core.maybe_decide(0.0)
+    decisions = run(core, {1: (20e6, 0.02, 0.02)}, 30, rounds_per_s=25)
+    assert core.overhead_s() == pytest.approx(0.02, rel=0.05)
+    expected = deco(DecoInput(num_params=D, bandwidth_bps=20e6, latency_s=0.02, t_comp_s=0.02, tau_max=8,
+                              overhead_s=core.overhead_s()))
+    last = decisions[-1]
+    assert (last.tau, last.delta) == (expected.tau, pytest.approx(expected.delta, rel=0.2))
+    assert last.predicted_iter_s == pytest.approx(0.04, rel=0.05)  # the measured 40 ms, not T_comp's 20
+    assert "overhead 2" in last.reason
+    # The paper's model (no overhead term) decides on T_comp alone.
+    plain = ControllerCore(dataclasses.replace(policy, overhead_max_ratio=0.0))
+    plain.maybe_decide(0.0)
+    assert plain.overhead_s() == 0.0
+    assert run(plain, {1: (20e6, 0.02, 0.02)}, 30, rounds_per_s=25)[-1].predicted_iter_s == pytest.approx(0.02)
+
+
+def test_overhead_is_capped_and_not_read_from_link_bound_rounds():
+    # 2 rounds/s against a 20 ms step: the cap (one T_comp) holds the overhead at 20 ms.
+    core = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001))
+    core.maybe_decide(0.0)
+    run(core, {1: (20e6, 0.02, 0.02)}, 20, rounds_per_s=2)
+    assert core.overhead_s() == pytest.approx(0.02)
+    # static with a delta the link cannot carry in a step: the rounds wait on the link, no observation.
+    static = ControllerCore(PolicyConfig(name="static", tau=2, delta=0.4))
+    static.maybe_decide(0.0)
+    run(static, {1: (20e6, 0.02, 0.02)}, 20, rounds_per_s=2)
+    assert static.overhead_s() == 0.0 and not static._residuals
 
 
 def norm_report(worker_id: int, round_: int, norm: float, t: float) -> Report:
