@@ -134,7 +134,8 @@ class ControllerCore:
         quantile (default the median) is taken, and the cap (a multiple of the slowest
         T_comp) bounds what a bad estimate can feed back into the decision.
         """
-        if not self._residuals or self.policy.overhead_max_ratio <= 0 or not self.estimates:
+        if (len(self._residuals) < max(1, self.policy.overhead_min_samples) or self.policy.overhead_max_ratio <= 0
+                or not self.estimates):
             return 0.0
         _, _, t_comp = slowest_link(self.estimates)
         if t_comp is None:

@@ -57,6 +57,8 @@ class PolicyConfig:
     # paper's model).
     overhead_quantile: float = 0.5
     overhead_max_ratio: float = 1.0
+    # ... once this many observations exist (the first seconds, with workers still starting, mislead).
+    overhead_min_samples: int = 5
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:

@@ -151,9 +151,11 @@ def test_measured_overhead_joins_t_comp_in_the_decision_and_its_prediction():
 
 def test_overhead_is_capped_and_not_read_from_link_bound_rounds():
     # 2 rounds/s against a 20 ms step: the cap (one T_comp) holds the overhead at 20 ms.
-    core = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001))
+    core = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001, overhead_min_samples=5))
     core.maybe_decide(0.0)
-    run(core, {1: (20e6, 0.02, 0.02)}, 20, rounds_per_s=2)
+    run(core, {1: (20e6, 0.02, 0.02)}, 4, rounds_per_s=2)
+    assert 0 < len(core._residuals) < 5 and core.overhead_s() == 0.0  # too few observations yet
+    run(core, {1: (20e6, 0.02, 0.02)}, 16, rounds_per_s=2, start_round=8, t0=4.0)
     assert core.overhead_s() == pytest.approx(0.02)
     # static with a delta the link cannot carry in a step: the rounds wait on the link, no observation.
     static = ControllerCore(PolicyConfig(name="static", tau=2, delta=0.4))
