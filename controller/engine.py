@@ -49,6 +49,7 @@ class ControllerCore:
         # at most one a second (about the last minute).
         self._residuals: deque[float] = deque(maxlen=64)
         self._residual_at: float | None = None
+        self._history: deque[Decision] = deque(maxlen=256)  # the book is pruned; this is not
 
     # ------------------------------------------------------------------ inputs
 
@@ -96,12 +97,15 @@ class ControllerCore:
     # ------------------------------------------------------------------ per-round overhead
 
     def sample_overhead(self, now_s: float) -> None:
-        """One overhead observation (deco.overhead_sample), if one decision held all window.
+        """One overhead observation over the last measurement window (about 10 s of reports).
 
         What Theorem 3 does not model: decoding and applying deltas, encoding the push, the
-        RPCs, the server's aggregation, all on shared cores. Rounds that wait on the link
-        give no observation; errors of the link estimates still can, which is why
-        `overhead_s` takes a quantile and caps it.
+        RPCs, the server's aggregation, all on shared cores. Each decision in force during
+        the window gives deco.overhead_sample for the measured seconds per round; the
+        observation is their mean weighted by the rounds each covered. If a decision that
+        covered more than a fifth of the window waited on the link, o cannot be seen: no
+        observation. Errors of the link estimates still get in, which is why `overhead_s`
+        takes a quantile and caps it.
         """
         if self._residual_at is not None and now_s - self._residual_at < 1.0:
             return
@@ -109,23 +113,39 @@ class ControllerCore:
         if window is None or self.num_params is None or not self.estimates:
             return
         (t0, r0), (t1, r1) = window
-        decisions = self.book.relevant(r0)
-        in_force = decision_for_round(decisions, r0)
-        if in_force is None or decision_for_round(decisions, r1) is not in_force:
-            return  # the decision changed inside the window: the measurement mixes two
         bandwidth, latency, t_comp = slowest_link(self.estimates)
         if t_comp is None:
             return
+        self._residual_at = now_s
         view = ClusterView(round=self.reported_round, num_params=self.num_params, estimates=self.estimates,
                            traffic_factor=self.traffic_factor(), overhead_s=self.overhead_s())
         x = deco_input(view, bandwidth, latency, t_comp, self.policy)
-        delta = in_force.delta
-        if delta >= DENSE_FROM_DELTA:  # dense rounds send every value and no index
-            delta = min(delta, DENSE_BITS_PER_ELEMENT / self.policy.bits_per_element)
-        sample = overhead_sample((t1 - t0) / (r1 - r0), x, in_force.tau, delta)
-        self._residual_at = now_s
-        if sample is not None:
-            self._residuals.append(sample)
+        measured = (t1 - t0) / (r1 - r0)
+        total, weights = 0.0, 0.0
+        for decision, rounds in self._decisions_over(r0, r1):
+            delta = decision.delta
+            if delta >= DENSE_FROM_DELTA:  # dense rounds send every value and no index
+                delta = min(delta, DENSE_BITS_PER_ELEMENT / self.policy.bits_per_element)
+            sample = overhead_sample(measured, x, decision.tau, delta)
+            weight = rounds / (r1 - r0)
+            if sample is None:
+                if weight > 0.2:
+                    return  # the window waited on the link
+                continue
+            total += weight * sample
+            weights += weight
+        if weights > 0:
+            self._residuals.append(total / weights)
+
+    def _decisions_over(self, r0: int, r1: int) -> list[tuple[Decision, int]]:
+        """The decisions in force over rounds [r0, r1), with how many of those rounds each held."""
+        covered = []
+        starts = sorted({r0, *(d.from_round for d in self._history if r0 < d.from_round < r1)})
+        for begin, end in zip(starts, [*starts[1:], r1]):
+            decision = decision_for_round(self._history, begin)
+            if decision is not None and end > begin:
+                covered.append((decision, end - begin))
+        return covered
 
     def overhead_s(self) -> float:
         """The per-round overhead o DeCo adds to T_comp: a quantile of the observations.
@@ -201,8 +221,10 @@ class ControllerCore:
         self._proposal = proposal
         from_round = self.switch_round() if self.book.latest is not None else 0
         self.book.prune(self.reported_round)
-        return self.book.add(from_round, proposal.tau, proposal.delta, self.policy.name, proposal.reason,
-                             proposal.worker_delta, proposal.predicted_iter_s or 0.0)
+        decision = self.book.add(from_round, proposal.tau, proposal.delta, self.policy.name, proposal.reason,
+                                 proposal.worker_delta, proposal.predicted_iter_s or 0.0)
+        self._history.append(decision)
+        return decision
 
     def switch_round(self) -> int:
         """A round every worker reaches only after it has heard of a decision made now.

@@ -7,7 +7,7 @@ import pytest
 
 from wanps.controller.deco import DecoInput, deco
 from wanps.controller.engine import ControllerCore, Report, with_policy
-from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH, Sample
+from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH, LinkEstimator, Sample
 from wanps.controller.policy import PolicyConfig
 
 D = 1_000_000
@@ -65,7 +65,9 @@ def test_deco_bootstraps_then_decides_from_the_slowest_link_ahead_of_the_reporte
 
 
 def test_noise_does_not_flap_and_a_real_change_does():
-    policy = PolicyConfig(name="deco", every_rounds=10, delta_hysteresis=0.2, change_threshold=0.2)
+    # No overhead term: the synthetic 10 rounds/s against a 20 ms T_comp would add one.
+    policy = PolicyConfig(name="deco", every_rounds=10, delta_hysteresis=0.2, change_threshold=0.2,
+                          overhead_max_ratio=0.0)
     core = ControllerCore(policy)
     core.maybe_decide(0.0)
     first = run(core, {1: (20e6, 0.1, 0.02)}, 12)
@@ -162,6 +164,25 @@ def test_overhead_is_capped_and_not_read_from_link_bound_rounds():
     static.maybe_decide(0.0)
     run(static, {1: (20e6, 0.02, 0.02)}, 20, rounds_per_s=2)
     assert static.overhead_s() == 0.0 and not static._residuals
+
+
+def test_overhead_observations_span_decision_switches_weighted_by_rounds():
+    """Decisions switching every 20 rounds (as on a noisy link) still give observations."""
+    core = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001))
+    core.maybe_decide(0.0)
+    core.num_params = D
+    for t in range(20):
+        round_ = 25 * t  # 40 ms per round against a 20 ms T_comp: o = 20 ms
+        core._history.append(core.book.add(round_, 4, 0.001 * (1 + t % 2), "deco", "test"))
+        for sample in link_samples(float(t), 20e6, 0.02, 0.02):
+            core.estimators.setdefault(1, LinkEstimator()).add(sample)
+        core.estimates[1] = core.estimators[1].estimate(float(t))
+        core._progress.append((float(t), round_))
+        core.sample_overhead(float(t))
+    assert len(core._residuals) >= 15
+    assert core.overhead_s() == pytest.approx(0.02, rel=0.05)
+    spans = core._decisions_over(30, 80)
+    assert [rounds for _, rounds in spans] == [20, 25, 5] and sum(r for _, r in spans) == 50
 
 
 def norm_report(worker_id: int, round_: int, norm: float, t: float) -> Report:
