@@ -168,9 +168,17 @@ def run_one(plan: BenchPlan, condition: Condition, method: str, seed: int, trace
                         controller_args=(*controller_args, *plan.controller_args), out_dir=str(out),
                         progress=False, seed=seed, track_links=True)
     load = os.getloadavg()[0]  # other jobs on the machine slow every method; the rows say how busy it was
-    row = row_from_result(condition.name, method, seed, run_demo(config))
-    row["load_1min_at_start"] = round(load, 2)
-    return row
+    result = run_demo(config)
+    (out / EXTRA_FILE).write_text(json.dumps({"load_1min_at_start": round(load, 2)}))
+    return row_from_result(condition.name, method, seed, result, extra_of(out))
+
+
+EXTRA_FILE = "bench-extra.json"  # what a run's demo.json does not hold (the load at its start)
+
+
+def extra_of(run_dir: Path) -> dict:
+    path = run_dir / EXTRA_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def target_of(plan: BenchPlan, condition: Condition) -> float:
@@ -213,8 +221,8 @@ def deco_ratios(result: dict, num_params: int) -> dict | None:
             "sg_over_a_t_comp": round(statistics.median(s_over), 2)}
 
 
-def row_from_result(condition: str, method: str, seed: int, result: dict) -> dict:
-    """One bench.json row from a run's demo.json."""
+def row_from_result(condition: str, method: str, seed: int, result: dict, extra: dict | None = None) -> dict:
+    """One bench.json row from a run's demo.json (and its bench-extra.json)."""
     num_params = num_params_of(CONDITIONS[condition].task if condition in CONDITIONS else "mnist")
     row = {
         "condition": condition,
@@ -238,6 +246,7 @@ def row_from_result(condition: str, method: str, seed: int, result: dict) -> dic
     if method in ADAPTIVE:
         row["decision_trace"] = result["decisions"]
     row["link_track"] = result.get("link_track") or []
+    row.update(extra or {})
     return row
 
 
@@ -251,7 +260,7 @@ def rows_from_runs(out_dir: Path) -> tuple[list[dict], BenchPlan]:
         method, _, seed = rest.rpartition("-")
         if condition is None or method not in METHODS or not seed.isdigit():
             continue
-        rows.append(row_from_result(condition, method, int(seed), json.loads(demo.read_text())))
+        rows.append(row_from_result(condition, method, int(seed), json.loads(demo.read_text()), extra_of(demo.parent)))
     limits = [json.loads(d.read_text())["config"]["time_limit_s"] for d in (out_dir / "bench").glob("*/demo.json")]
     plan = replace(FULL, conditions=tuple(dict.fromkeys(r["condition"] for r in rows)),
                    methods=tuple(dict.fromkeys(r["method"] for r in rows)),
@@ -410,6 +419,10 @@ def run_bench(plan: BenchPlan) -> dict:
                           f"(Thm 3: {row['predicted_iter_s']})", flush=True)
                     rows.append(row)
                     (out_dir / "bench.json").write_text(json.dumps(rows, indent=1))  # progress survives a stop
+    return write_results(rows, plan, out_dir)
+
+
+def write_results(rows: list[dict], plan: BenchPlan, out_dir: Path) -> dict:
     table = summarize(rows, plan)
     (out_dir / "bench.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "bench-summary.json").write_text(json.dumps(table, indent=1))
@@ -423,28 +436,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conditions", default="", help=f"Comma-separated subset of {', '.join(CONDITIONS)}.")
     parser.add_argument("--methods", default="", help=f"Comma-separated subset of {', '.join(METHODS)}.")
     parser.add_argument("--seeds", type=int, default=0, help="Number of seeds (default: 1 quick, 3 full).")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="Seeds run from this one (to add seeds to an earlier --out; --summarize reads them all).")
     parser.add_argument("--time-limit", type=float, default=0.0, help="Seconds per run before giving up.")
     parser.add_argument("--out", default="results")
     parser.add_argument("--controller-arg", action="append", default=[], metavar="FLAG",
                         help="Extra `wanps controller` flag for every run, repeatable "
                              "(e.g. --controller-arg=--overhead-max-ratio --controller-arg=0).")
     parser.add_argument("--summarize", metavar="DIR", default="",
-                        help="Run nothing: print the table for the runs already under DIR (an earlier --out), "
-                             "with the current Theorem 3 predictions.")
+                        help="Run nothing: from the runs already under DIR (earlier --out runs), rewrite DIR's "
+                             "bench.json, summary and plots and print the table.")
     args = parser.parse_args(argv)
     if args.summarize:
         rows, plan = rows_from_runs(Path(args.summarize))
         if not rows:
             parser.error(f"no runs under {args.summarize}/bench")
-        print_table(summarize(rows, plan))
+        # Every run under DIR (e.g. seeds added later with --first-seed): rewrite its results.
+        written = write_results(rows, plan, Path(args.summarize))
+        print_table(written["table"])
         return 0
     plan = QUICK if args.quick else FULL
     if args.conditions:
         plan = replace(plan, conditions=tuple(args.conditions.split(",")))
     if args.methods:
         plan = replace(plan, methods=tuple(args.methods.split(",")))
-    if args.seeds:
-        plan = replace(plan, seeds=tuple(range(args.seeds)))
+    if args.seeds or args.first_seed:
+        count = args.seeds or len(plan.seeds)
+        plan = replace(plan, seeds=tuple(range(args.first_seed, args.first_seed + count)))
     if args.time_limit:
         plan = replace(plan, time_limit_s=args.time_limit)
     plan = replace(plan, out_dir=args.out, controller_args=tuple(args.controller_arg))

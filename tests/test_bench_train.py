@@ -67,7 +67,9 @@ def test_summarize_rebuilds_rows_from_run_folders(tmp_path):
     for name in ("fixed-20M-40ms-deco-hetero-1", "fixed-20M-40ms-dsgd-0", "not-a-run"):
         (tmp_path / "bench" / name).mkdir(parents=True)
         (tmp_path / "bench" / name / "demo.json").write_text(json.dumps(demo))
+    (tmp_path / "bench" / "fixed-20M-40ms-dsgd-0" / "bench-extra.json").write_text(json.dumps({"load_1min_at_start": 3.5}))
     rows, plan = rows_from_runs(tmp_path)
+    assert [r.get("load_1min_at_start") for r in rows] == [None, 3.5]
     assert sorted((r["condition"], r["method"], r["seed"]) for r in rows) == [
         ("fixed-20M-40ms", "deco-hetero", 1), ("fixed-20M-40ms", "dsgd", 0)]
     assert plan.time_limit_s == 150
