@@ -24,6 +24,7 @@ a table with deco's speed-up over each baseline.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -279,8 +280,7 @@ def summarize(rows: list[dict], plan: BenchPlan) -> list[dict]:
                      for r in rows if r["condition"] == condition and r["method"] == method]
             limits[method] = max((r.get("time_limit_s") or plan.time_limit_s for r in rows
                                   if r["condition"] == condition and r["method"] == method), default=plan.time_limit_s)
-            reached = [t for t in times if t is not None]
-            medians[method] = statistics.median(reached) if reached and len(reached) * 2 > len(times) else None
+            medians[method] = median_time(times)
         for method in plan.methods:
             deco_time = medians.get("deco")
             base = medians[method]
@@ -307,6 +307,19 @@ def summarize(rows: list[dict], plan: BenchPlan) -> list[dict]:
                 "sg_over_a_t_comp": _median([(r.get("ratios") or {}).get("sg_over_a_t_comp") for r in sample]),
             })
     return table
+
+
+def median_time(times: list[float | None]) -> float | None:
+    """Median time to target over seeds, a seed that did not reach counting as infinitely slow.
+
+    None when the median itself did not reach (e.g. 1 of 3 seeds reached, or 1 of 2).
+    """
+    if not times:
+        return None
+    ordered = sorted(math.inf if t is None else t for t in times)
+    middle = len(ordered) // 2
+    value = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return None if math.isinf(value) else value
 
 
 def _median(values: list) -> float | None:

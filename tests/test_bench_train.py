@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from wanps.deploy.bench_train import CONDITIONS, QUICK, BenchPlan, deco_ratios, num_params_of, predicted_iter_s, summarize, write_traces
+from wanps.deploy.bench_train import (CONDITIONS, QUICK, BenchPlan, deco_ratios, median_time, num_params_of,
+                                      predicted_iter_s, summarize, write_traces)
 from wanps.deploy.linkem import LinkTrace
 
 
@@ -90,3 +91,11 @@ def test_deco_ratios_are_medians_over_the_tracked_estimates():
 def test_the_cnn_conditions_train_the_larger_model():
     assert {CONDITIONS["cnn-varying"].task, CONDITIONS["cnn-fixed-10M-50ms"].task} == {"mnist-cnn"}
     assert num_params_of("mnist-cnn") > 2 * num_params_of("mnist")
+
+
+def test_a_seed_that_did_not_reach_counts_as_infinitely_slow_in_the_median():
+    assert median_time([279.0, None, 118.7]) == 279.0  # not the median of the two that reached
+    assert median_time([40.0, None, None]) is None
+    assert median_time([40.0, 50.0]) == 45.0
+    assert median_time([40.0, None]) is None
+    assert median_time([]) is None
