@@ -157,8 +157,6 @@ def predicted_from_final_estimates(result: dict, num_params: int) -> float | Non
 
 
 def run_one(plan: BenchPlan, condition: Condition, method: str, seed: int, traces_dir: Path) -> dict:
-    from wanps.worker.tasks import get_task
-
     policy, tau, delta, controller_args = METHODS[method]
     out = Path(plan.out_dir) / "bench" / f"{condition.name}-{method}-{seed}"
     config = DemoConfig(workers=4, task=condition.task, policy=policy, tau=tau, delta=delta,
