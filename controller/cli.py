@@ -62,6 +62,10 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
     parser.add_argument("--max-workers", env="WANPS_CONTROLLER_MAX_WORKERS", type=int, default=defaults.max_workers,
                         help="Workers whose links are tracked at once (ids silent for --window-s make room).")
     add_server_security_flags(parser)
+    parser.add_argument("--overhead-max-ratio", env="WANPS_OVERHEAD_MAX_RATIO", type=float,
+                        default=policy.overhead_max_ratio,
+                        help="Cap of the measured per-round overhead DeCo adds to T_comp, in T_comps "
+                             "(0: no overhead term, the paper's model).")
     parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP")
     parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     args = parser.parse_args(argv)
@@ -76,7 +80,7 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
         metrics_host, metrics_port = split_host_port(args.metrics_listen)
     policy = PolicyConfig(name=args.policy, tau=args.tau, delta=args.delta, tau_max=args.tau_max,
                           bits_per_element=args.bits_per_element, every_rounds=args.every_rounds,
-                          change_threshold=args.change_threshold)
+                          change_threshold=args.change_threshold, overhead_max_ratio=args.overhead_max_ratio)
     estimator = EstimatorConfig(window_s=args.window_s)
     config = ControllerConfig(host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
                               policy=policy, estimator=estimator, use_uvloop=not args.no_uvloop,
@@ -95,11 +99,14 @@ def decide_main(argv: list[str]) -> int:
     parser.add_argument("--bits-per-element", type=float, default=DEFAULT_BITS_PER_ELEMENT,
                         help="Wire bits per sent element (64: uint32 index + float32 value; 32: the paper's model).")
     parser.add_argument("--tau-max", type=int, default=PolicyConfig().tau_max, help="Largest tau considered.")
+    parser.add_argument("--overhead-ms", type=float, default=0.0,
+                        help="Fixed cost per round beyond T_comp, ms (the controller measures it; 0: the paper).")
     args = parser.parse_args(argv)
     try:
         decision = deco(DecoInput(num_params=args.params, bandwidth_bps=args.bandwidth_mbit * 1e6,
                                   latency_s=args.latency_ms / 1e3, t_comp_s=args.t_comp_ms / 1e3,
-                                  bits_per_element=args.bits_per_element, tau_max=args.tau_max))
+                                  bits_per_element=args.bits_per_element, tau_max=args.tau_max,
+                                  overhead_s=args.overhead_ms / 1e3))
     except ValueError as exc:
         parser.error(str(exc))
     print(json.dumps(decision.as_dict(), indent=2))

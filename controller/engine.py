@@ -12,9 +12,13 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from wanps.controller.decisions import Decision, DecisionBook
+import numpy as np
+
+from wanps.controller.deco import DENSE_BITS_PER_ELEMENT, DENSE_FROM_DELTA, overhead_sample
+from wanps.controller.decisions import Decision, DecisionBook, decision_for_round
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
-from wanps.controller.policy import ClusterView, PolicyConfig, Proposal, differs_enough, estimates_moved, propose
+from wanps.controller.policy import (ClusterView, PolicyConfig, Proposal, deco_input, differs_enough, estimates_moved,
+                                     propose, slowest_link)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,11 @@ class ControllerCore:
         self._traffic: dict[int, deque[tuple[float, str, int]]] = {}
         # accordion: per interval of E rounds, (sum of gradient norms, count).
         self._norms: dict[int, list[float]] = {}
+        # Per-round overhead observations (deco.overhead_sample) for the decision in force,
+        # at most one a second (about the last minute).
+        self._residuals: deque[float] = deque(maxlen=64)
+        self._residual_at: float | None = None
+        self._history: deque[Decision] = deque(maxlen=256)  # the book is pruned; this is not
 
     # ------------------------------------------------------------------ inputs
 
@@ -69,6 +78,7 @@ class ControllerCore:
         estimate = estimator.estimate(now_s)
         if estimate is not None:
             self.estimates[report.worker_id] = estimate
+        self.sample_overhead(now_s)
         return self.maybe_decide(now_s)
 
     def forget(self, worker_id: int) -> None:
@@ -87,7 +97,77 @@ class ControllerCore:
 
     def view(self) -> ClusterView:
         return ClusterView(round=self.reported_round, num_params=self.num_params, estimates=dict(self.estimates),
-                           traffic_factor=self.traffic_factor(), grad_norm_change=self.grad_norm_change())
+                           traffic_factor=self.traffic_factor(), grad_norm_change=self.grad_norm_change(),
+                           overhead_s=self.overhead_s())
+
+    # ------------------------------------------------------------------ per-round overhead
+
+    def sample_overhead(self, now_s: float) -> None:
+        """One overhead observation over the last measurement window (about 10 s of reports).
+
+        What Theorem 3 does not model: decoding and applying deltas, encoding the push, the
+        RPCs, the server's aggregation, all on shared cores. Each decision in force during
+        the window gives deco.overhead_sample for the measured seconds per round; the
+        observation is their mean weighted by the rounds each covered. If a decision that
+        covered more than a fifth of the window waited on the link, o cannot be seen: no
+        observation. Errors of the link estimates still get in, which is why `overhead_s`
+        takes a quantile and caps it.
+        """
+        if self._residual_at is not None and now_s - self._residual_at < 1.0:
+            return
+        window = self._measurement_window()
+        if window is None or self.num_params is None or not self.estimates:
+            return
+        (t0, r0), (t1, r1) = window
+        bandwidth, latency, t_comp = slowest_link(self.estimates)
+        if t_comp is None:
+            return
+        self._residual_at = now_s
+        view = ClusterView(round=self.reported_round, num_params=self.num_params, estimates=self.estimates,
+                           traffic_factor=self.traffic_factor(), overhead_s=self.overhead_s())
+        x = deco_input(view, bandwidth, latency, t_comp, self.policy)
+        measured = (t1 - t0) / (r1 - r0)
+        total, weights = 0.0, 0.0
+        for decision, rounds in self._decisions_over(r0, r1):
+            delta = decision.delta
+            if delta >= DENSE_FROM_DELTA:  # dense rounds send every value and no index
+                delta = min(delta, DENSE_BITS_PER_ELEMENT / self.policy.bits_per_element)
+            sample = overhead_sample(measured, x, decision.tau, delta)
+            weight = rounds / (r1 - r0)
+            if sample is None:
+                if weight > 0.2:
+                    return  # the window waited on the link
+                continue
+            total += weight * sample
+            weights += weight
+        if weights > 0:
+            self._residuals.append(total / weights)
+
+    def _decisions_over(self, r0: int, r1: int) -> list[tuple[Decision, int]]:
+        """The decisions in force over rounds [r0, r1), with how many of those rounds each held."""
+        covered = []
+        starts = sorted({r0, *(d.from_round for d in self._history if r0 < d.from_round < r1)})
+        for begin, end in zip(starts, [*starts[1:], r1]):
+            decision = decision_for_round(self._history, begin)
+            if decision is not None and end > begin:
+                covered.append((decision, end - begin))
+        return covered
+
+    def overhead_s(self) -> float:
+        """The per-round overhead o DeCo adds to T_comp: a quantile of the observations.
+
+        An overestimated bandwidth only ever adds to an observation, so a low-to-middle
+        quantile (default the median) is taken, and the cap (a multiple of the slowest
+        T_comp) bounds what a bad estimate can feed back into the decision.
+        """
+        if (len(self._residuals) < max(1, self.policy.overhead_min_samples) or self.policy.overhead_max_ratio <= 0
+                or not self.estimates):
+            return 0.0
+        _, _, t_comp = slowest_link(self.estimates)
+        if t_comp is None:
+            return 0.0
+        value = float(np.quantile(np.fromiter(self._residuals, dtype=np.float64), self.policy.overhead_quantile))
+        return min(value, self.policy.overhead_max_ratio * t_comp)
 
     def grad_norm_change(self) -> float | None:
         """|mean norm of the last complete interval / the one before - 1| (None until two exist)."""
@@ -123,7 +203,11 @@ class ControllerCore:
                 return None  # E = infinity: the first measured decision stands
             due = self.reported_round - self._decided_at_round >= self.policy.every_rounds
             moved = estimates_moved(self._estimates_at_decision, self.estimates, self.policy.change_threshold)
-            if not (due or moved):
+            # A move does not replace a decision that has not taken effect yet: noisy
+            # estimates (a starved CPU, pings queued behind deltas) would otherwise publish
+            # a decision per report, each superseding the last before any worker used it.
+            pending = self.book.latest is not None and self.book.latest.from_round > self.reported_round
+            if not (due or (moved and not pending)):
                 return None
         # An adaptive switch must be scheduled ahead in time, which needs the training speed.
         speed_known = self.measured_iteration_s() is not None
@@ -148,8 +232,10 @@ class ControllerCore:
         fresh_cluster = self.book.latest is None and self.reported_round == 0
         from_round = 0 if fresh_cluster else self.switch_round()
         self.book.prune(self.reported_round)
-        return self.book.add(from_round, proposal.tau, proposal.delta, self.policy.name, proposal.reason,
-                             proposal.worker_delta, proposal.predicted_iter_s or 0.0)
+        decision = self.book.add(from_round, proposal.tau, proposal.delta, self.policy.name, proposal.reason,
+                                 proposal.worker_delta, proposal.predicted_iter_s or 0.0)
+        self._history.append(decision)
+        return decision
 
     def switch_round(self) -> int:
         """A round every worker reaches only after it has heard of a decision made now.
@@ -169,11 +255,19 @@ class ControllerCore:
 
     def measured_iteration_s(self, window_s: float = 10.0) -> float | None:
         """Seconds per round over the reports of the last `window_s` (None until two differ)."""
+        window = self._measurement_window(window_s)
+        if window is None:
+            return None
+        (t0, r0), (t1, r1) = window
+        return (t1 - t0) / (r1 - r0)
+
+    def _measurement_window(self, window_s: float = 10.0) -> tuple[tuple[float, int], tuple[float, int]] | None:
+        """(time, round) at the start and the end of the last `window_s` of reports."""
         if len(self._progress) < 2:
             return None
         t1, r1 = self._progress[-1]
         t0, r0 = next(((t, r) for t, r in self._progress if t >= t1 - window_s and r < r1), self._progress[-2])
-        return (t1 - t0) / (r1 - r0) if r1 > r0 else None
+        return ((t0, r0), (t1, r1)) if r1 > r0 else None
 
     def current(self) -> Decision | None:
         relevant = self.book.relevant(self.reported_round)

@@ -52,6 +52,13 @@ class PolicyConfig:
     # accordion: (heavy, light) compression deltas and the critical-regime threshold.
     accordion_deltas: tuple[float, float] = (0.01, 0.1)
     accordion_eta: float = 0.5
+    # The per-round overhead o added to T_comp (controller/engine.py estimates it): this
+    # quantile of the observations, capped at this many T_comps (0: no overhead term, the
+    # paper's model).
+    overhead_quantile: float = 0.5
+    overhead_max_ratio: float = 1.0
+    # ... once this many observations exist (the first seconds, with workers still starting, mislead).
+    overhead_min_samples: int = 5
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -60,6 +67,8 @@ class PolicyConfig:
             raise ValueError(f"need tau >= 0 and delta in (0, 1]; got tau {self.tau}, delta {self.delta}")
         if self.every_rounds < 0 or self.switch_margin_rounds < 1 or self.tau_max < 0:
             raise ValueError("every_rounds must be >= 0, switch_margin_rounds >= 1, tau_max >= 0")
+        if not 0.0 <= self.overhead_quantile <= 1.0 or not self.overhead_max_ratio >= 0.0:
+            raise ValueError("overhead_quantile must be in [0, 1] and overhead_max_ratio >= 0")
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,8 @@ class ClusterView:
     traffic_factor: float = 1.0  # bytes a worker downloads per round / bytes it pushes
     # accordion: relative change of the mean gradient norm between the last two intervals.
     grad_norm_change: float | None = None
+    # Measured fixed cost per round beyond T_comp (seconds), added to the step by DeCo.
+    overhead_s: float = 0.0
 
 
 def slowest_link(estimates: dict[int, LinkEstimate]) -> tuple[float, float, float | None]:
@@ -98,7 +109,7 @@ def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: floa
     # downloads is up to n times its own push (traffic_factor); fold it into S_g.
     return DecoInput(num_params=view.num_params, bandwidth_bps=bandwidth, latency_s=latency,
                      t_comp_s=max(t_comp, 1e-6), bits_per_element=config.bits_per_element * view.traffic_factor,
-                     tau_max=config.tau_max)
+                     tau_max=config.tau_max, overhead_s=view.overhead_s)
 
 
 def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
@@ -122,7 +133,7 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
         return None
     decision: DecoDecision = deco(deco_input(view, bandwidth, latency, t_comp, config))
     reason = (f"{decision.reason}: a {bandwidth / 1e6:.1f} Mbit/s, b {latency * 1e3:.0f} ms, "
-              f"T_comp {t_comp * 1e3:.1f} ms, traffic x{view.traffic_factor:.1f}")
+              f"T_comp {t_comp * 1e3:.1f} ms + overhead {view.overhead_s * 1e3:.1f} ms, traffic x{view.traffic_factor:.1f}")
     if config.name == "deco":
         return Proposal(decision.tau, decision.delta, reason, predicted_iter_s=decision.predicted_iter_s)
     # deco-hetero: shared tau, each worker the delta its own uplink carries at that tau, then
@@ -132,8 +143,8 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
     for worker_id, estimate in view.estimates.items():
         own = deco_input(view, estimate.bandwidth_bps, estimate.latency_s, estimate.t_comp_s or t_comp, config)
         scale = own.bandwidth_bps / own.gradient_bits
-        own_deltas[worker_id] = max(own.min_delta, min((decision.tau * own.t_comp_s - own.latency_s) * scale,
-                                                       own.t_comp_s * scale, 1.0))
+        own_deltas[worker_id] = max(own.min_delta, min((decision.tau * own.step_s - own.latency_s) * scale,
+                                                       own.step_s * scale, 1.0))
     budget = decision.delta * len(own_deltas)
     total = sum(own_deltas.values())
     shrink = min(1.0, budget / total) if total > 0 else 1.0

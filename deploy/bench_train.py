@@ -3,7 +3,9 @@
 Every run is a real cluster (`wanps demo`'s machinery: server, controller, a `wanps linkem`
 per worker, workers and an observer as processes on loopback). Conditions scale the DeCo
 paper's Table 1 (0.1/0.5 Gbit/s x 0.1/1.0 s) to this machine, plus a varying-bandwidth
-trace (its Fig. 6) and a heterogeneous case where one worker's link is 5x slower.
+trace (its Fig. 6) and a heterogeneous case where one worker's link is 5x slower, on the
+MNIST MLP; and the larger model (`mnist-cnn`, 1.1M parameters) on the varying trace and a
+fixed link, where latency/compute and transfer/compute sit in the paper's ranges.
 
 Methods (docs/benchmarks.md says where a baseline is simplified):
 - dsgd: tau 0, delta 1.
@@ -14,6 +16,7 @@ Methods (docs/benchmarks.md says where a baseline is simplified):
 - deco-hetero: DeCo's tau, a delta per worker.
 - accordion: tau 0; delta 0.1 in critical regimes (gradient norm changed >= 50% between
   intervals of 50 rounds), 0.01 otherwise.
+- deco-no-overhead (ablation): deco without the measured per-round overhead term.
 
 Writes results/bench.json (one row per condition x method x seed) and PNG plots, and prints
 a table with deco's speed-up over each baseline.
@@ -21,6 +24,8 @@ a table with deco's speed-up over each baseline.
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import sys
 import tempfile
@@ -38,6 +43,12 @@ class Condition:
     # (bandwidth Mbit/s, one-way delay ms) per worker; None = the shipped varying trace.
     links: tuple[tuple[float, float], ...] | None
     description: str
+    task: str = "mnist"
+    # None: the plan's target accuracy, time limit and learning rate; the demo's tau_max.
+    target_accuracy: float | None = None
+    time_limit_s: float | None = None
+    lr: float | None = None
+    tau_max: int | None = None
 
 
 def fixed(bandwidth: float, delay_ms: float, workers: int = 4) -> tuple[tuple[float, float], ...]:
@@ -51,6 +62,13 @@ CONDITIONS: dict[str, Condition] = {
     "fixed-5M-40ms": Condition("fixed-5M-40ms", fixed(5, 40), "5 Mbit/s, RTT 80 ms"),
     "varying": Condition("varying", None, "8-40 Mbit/s trace, RTT 100 ms (wan-varying.csv)"),
     "hetero": Condition("hetero", ((20, 25), (20, 25), (20, 25), (4, 25)), "3 x 20 Mbit/s + 1 x 4 Mbit/s, RTT 50 ms"),
+    # The larger model: a dense push (4.4 MB) takes 1-4.5 s on these links, a step 100-200 ms
+    # on an idle machine. lr 0.05 and tau <= 4: at lr 0.1 with tau 5-8 the CNN diverged
+    # (0.89 accuracy, then 0.27; docs/benchmarks.md). Target 95%, 360 s.
+    "cnn-varying": Condition("cnn-varying", None, "CNN, 8-40 Mbit/s trace, RTT 100 ms", task="mnist-cnn",
+                             target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4),
+    "cnn-fixed-10M-50ms": Condition("cnn-fixed-10M-50ms", fixed(10, 50), "CNN, 10 Mbit/s, RTT 100 ms",
+                                    task="mnist-cnn", target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4),
 }
 
 # method -> (policy, tau, delta, extra controller flags)
@@ -62,8 +80,10 @@ METHODS: dict[str, tuple[str, int, float, tuple[str, ...]]] = {
     "deco": ("deco", 2, 0.01, ()),
     "deco-hetero": ("deco-hetero", 2, 0.01, ()),
     "accordion": ("accordion", 0, 0.01, ("--every-rounds", "50")),
+    # Ablation: deco without the measured per-round overhead term (the paper's T_comp alone).
+    "deco-no-overhead": ("deco", 2, 0.01, ("--overhead-max-ratio", "0")),
 }
-ADAPTIVE = {"static", "deco", "deco-hetero", "accordion"}
+ADAPTIVE = {"static", "deco", "deco-hetero", "accordion", "deco-no-overhead"}
 
 
 @dataclass(frozen=True)
@@ -76,9 +96,11 @@ class BenchPlan:
     batch_size: int
     lr: float
     out_dir: str
+    controller_args: tuple[str, ...] = ()  # extra `wanps controller` flags for every run
 
 
-QUICK = BenchPlan(conditions=("varying",), methods=("dsgd", "static", "deco"), seeds=(0,), time_limit_s=300,
+# Minutes: a CI smoke test. D-SGD stops at the limit (it needs 15+ minutes to reach 97%).
+QUICK = BenchPlan(conditions=("varying",), methods=("dsgd", "static", "deco"), seeds=(0,), time_limit_s=150,
                   target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
 FULL = BenchPlan(conditions=tuple(CONDITIONS), methods=tuple(METHODS), seeds=(0, 1, 2), time_limit_s=300,
                  target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
@@ -135,23 +157,72 @@ def predicted_from_final_estimates(result: dict, num_params: int) -> float | Non
 
 
 def run_one(plan: BenchPlan, condition: Condition, method: str, seed: int, traces_dir: Path) -> dict:
-    from wanps.worker.tasks import get_task
-
     policy, tau, delta, controller_args = METHODS[method]
     out = Path(plan.out_dir) / "bench" / f"{condition.name}-{method}-{seed}"
-    config = DemoConfig(workers=4, task="mnist", policy=policy, tau=tau, delta=delta, lr=plan.lr,
-                        batch_size=plan.batch_size, target_accuracy=plan.target_accuracy,
-                        time_limit_s=plan.time_limit_s, worker_traces=write_traces(condition, traces_dir),
-                        controller_args=controller_args, out_dir=str(out), progress=False, seed=seed,
-                        track_links=method in ADAPTIVE)
-    return row_from_result(condition.name, method, seed, run_demo(config))
+    config = DemoConfig(workers=4, task=condition.task, policy=policy, tau=tau, delta=delta,
+                        lr=condition.lr if condition.lr is not None else plan.lr,
+                        tau_max=condition.tau_max if condition.tau_max is not None else DemoConfig.tau_max,
+                        batch_size=plan.batch_size, target_accuracy=target_of(plan, condition),
+                        time_limit_s=limit_of(plan, condition), worker_traces=write_traces(condition, traces_dir),
+                        controller_args=(*controller_args, *plan.controller_args), out_dir=str(out),
+                        progress=False, seed=seed, track_links=True)
+    load = os.getloadavg()[0]  # other jobs on the machine slow every method; the rows say how busy it was
+    result = run_demo(config)
+    (out / EXTRA_FILE).write_text(json.dumps({"load_1min_at_start": round(load, 2)}))
+    return row_from_result(condition.name, method, seed, result, extra_of(out))
 
 
-def row_from_result(condition: str, method: str, seed: int, result: dict) -> dict:
-    """One bench.json row from a run's demo.json."""
+EXTRA_FILE = "bench-extra.json"  # what a run's demo.json does not hold (the load at its start)
+
+
+def extra_of(run_dir: Path) -> dict:
+    path = run_dir / EXTRA_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def target_of(plan: BenchPlan, condition: Condition) -> float:
+    return condition.target_accuracy if condition.target_accuracy is not None else plan.target_accuracy
+
+
+def limit_of(plan: BenchPlan, condition: Condition) -> float:
+    return condition.time_limit_s if condition.time_limit_s is not None else plan.time_limit_s
+
+
+def num_params_of(task: str) -> int:
     from wanps.worker.tasks import get_task
 
-    num_params = sum(p.numel() for p in get_task("mnist").build_model(0).parameters())
+    return sum(p.numel() for p in get_task(task).build_model(0).parameters())
+
+
+def deco_ratios(result: dict, num_params: int) -> dict | None:
+    """The ratios that drive DeCo, from the controller's estimates over the run (medians).
+
+    b/T_comp and S_g/(a T_comp) with S_g the dense gradient at 32 bits per element, as the
+    paper defines it; a the slowest link, b the largest RTT, T_comp the slowest worker's.
+    """
+    snapshots = [t["links"] for t in result.get("link_track") or [] if t.get("links")]
+    if not snapshots:
+        links = (result.get("controller_state") or {}).get("links") or []
+        snapshots = [links] if links else []
+    b_over, s_over, t_comps = [], [], []
+    for links in snapshots:
+        t_comp = max(link.get("t_comp_s", 0.0) for link in links)
+        if t_comp <= 0:
+            continue
+        bandwidth = min(link["bandwidth_bps"] for link in links)
+        latency = max(link["latency_s"] for link in links)
+        t_comps.append(t_comp)
+        b_over.append(latency / t_comp)
+        s_over.append(num_params * 32 / (bandwidth * t_comp))
+    if not t_comps:
+        return None
+    return {"t_comp_s": round(statistics.median(t_comps), 4), "b_over_t_comp": round(statistics.median(b_over), 3),
+            "sg_over_a_t_comp": round(statistics.median(s_over), 2)}
+
+
+def row_from_result(condition: str, method: str, seed: int, result: dict, extra: dict | None = None) -> dict:
+    """One bench.json row from a run's demo.json (and its bench-extra.json)."""
+    num_params = num_params_of(CONDITIONS[condition].task if condition in CONDITIONS else "mnist")
     row = {
         "condition": condition,
         "method": method,
@@ -164,11 +235,17 @@ def row_from_result(condition: str, method: str, seed: int, result: dict) -> dic
         "final_accuracy": result["final_accuracy"],
         "measured_iter_s": result["measured_iter_s"],
         "predicted_iter_s": predicted_iter_s(result, num_params),
+        "task": result.get("task", "mnist"),
+        "target_accuracy": result.get("target_accuracy"),
+        "time_limit_s": (result.get("config") or {}).get("time_limit_s"),
+        "num_params": num_params,
+        "ratios": deco_ratios(result, num_params),
         "curve": [[r[1], r[4]] for r in result["per_round"] if r[4] is not None],
     }
     if method in ADAPTIVE:
         row["decision_trace"] = result["decisions"]
-        row["link_track"] = result["link_track"]
+    row["link_track"] = result.get("link_track") or []
+    row.update(extra or {})
     return row
 
 
@@ -177,12 +254,12 @@ def rows_from_runs(out_dir: Path) -> tuple[list[dict], BenchPlan]:
     rows = []
     for demo in sorted((out_dir / "bench").glob("*/demo.json")):
         name = demo.parent.name  # "{condition}-{method}-{seed}"
-        condition = next((c for c in CONDITIONS if name.startswith(c + "-")), None)
+        condition = max((c for c in CONDITIONS if name.startswith(c + "-")), key=len, default=None)
         rest = name[len(condition) + 1 :] if condition else ""
         method, _, seed = rest.rpartition("-")
         if condition is None or method not in METHODS or not seed.isdigit():
             continue
-        rows.append(row_from_result(condition, method, int(seed), json.loads(demo.read_text())))
+        rows.append(row_from_result(condition, method, int(seed), json.loads(demo.read_text()), extra_of(demo.parent)))
     limits = [json.loads(d.read_text())["config"]["time_limit_s"] for d in (out_dir / "bench").glob("*/demo.json")]
     plan = replace(FULL, conditions=tuple(dict.fromkeys(r["condition"] for r in rows)),
                    methods=tuple(dict.fromkeys(r["method"] for r in rows)),
@@ -195,23 +272,28 @@ def summarize(rows: list[dict], plan: BenchPlan) -> list[dict]:
     table = []
     for condition in plan.conditions:
         medians: dict[str, float | None] = {}
+        limits: dict[str, float] = {}
         for method in plan.methods:
             times = [r["time_to_target_s"] if r["reached_target"] else None
                      for r in rows if r["condition"] == condition and r["method"] == method]
-            reached = [t for t in times if t is not None]
-            medians[method] = statistics.median(reached) if reached and len(reached) * 2 > len(times) else None
+            limits[method] = max((r.get("time_limit_s") or plan.time_limit_s for r in rows
+                                  if r["condition"] == condition and r["method"] == method), default=plan.time_limit_s)
+            medians[method] = median_time(times)
         for method in plan.methods:
             deco_time = medians.get("deco")
             base = medians[method]
             if deco_time is not None and base is not None:
                 speedup = f"{base / deco_time:.2f}x"
             elif deco_time is not None:
-                speedup = f"> {plan.time_limit_s / deco_time:.2f}x (did not reach)"
+                speedup = f"> {limits[method] / deco_time:.2f}x (did not reach)"
             else:
                 speedup = "-"
             sample = [r for r in rows if r["condition"] == condition and r["method"] == method]
+            if not sample:
+                continue
             table.append({
                 "condition": condition, "method": method,
+                "reached": f"{sum(r['reached_target'] for r in sample)}/{len(sample)}",
                 "median_time_to_target_s": medians[method],
                 "deco_speedup_over_method": speedup,
                 "final_accuracy": statistics.median(r["final_accuracy"] for r in sample),
@@ -219,8 +301,23 @@ def summarize(rows: list[dict], plan: BenchPlan) -> list[dict]:
                 "measured_iter_s": _median([r["measured_iter_s"] for r in sample]),
                 "predicted_iter_s": _median([r["predicted_iter_s"] for r in sample]),
                 "mib_up": round(statistics.median(r["bytes_up"] for r in sample) / 2**20, 1),
+                "b_over_t_comp": _median([(r.get("ratios") or {}).get("b_over_t_comp") for r in sample]),
+                "sg_over_a_t_comp": _median([(r.get("ratios") or {}).get("sg_over_a_t_comp") for r in sample]),
             })
     return table
+
+
+def median_time(times: list[float | None]) -> float | None:
+    """Median time to target over seeds, a seed that did not reach counting as infinitely slow.
+
+    None when the median itself did not reach (e.g. 1 of 3 seeds reached, or 1 of 2).
+    """
+    if not times:
+        return None
+    ordered = sorted(math.inf if t is None else t for t in times)
+    middle = len(ordered) // 2
+    value = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return None if math.isinf(value) else value
 
 
 def _median(values: list) -> float | None:
@@ -229,14 +326,17 @@ def _median(values: list) -> float | None:
 
 
 def print_table(table: list[dict]) -> None:
-    header = ("condition", "method", "time to target (s)", "deco speed-up", "final acc", "rounds",
-              "iter s measured", "iter s Thm 3", "MiB up")
+    header = ("condition", "method", "reached", "time to target (s)", "deco speed-up", "final acc", "rounds",
+              "iter s measured", "iter s Thm 3", "Thm 3 err", "MiB up", "b/Tc", "Sg/(a Tc)")
     lines = [header]
     for t in table:
-        lines.append((t["condition"], t["method"],
+        measured, predicted = t["measured_iter_s"], t["predicted_iter_s"]
+        error = f"{predicted / measured - 1:+.0%}" if measured and predicted else "-"
+        lines.append((t["condition"], t["method"], t.get("reached", "-"),
                       "-" if t["median_time_to_target_s"] is None else f"{t['median_time_to_target_s']:.1f}",
                       t["deco_speedup_over_method"], f"{t['final_accuracy']:.4f}", f"{t['rounds']:.0f}",
-                      str(t["measured_iter_s"]), str(t["predicted_iter_s"]), f"{t['mib_up']}"))
+                      str(measured), str(predicted), error, f"{t['mib_up']}",
+                      str(t.get("b_over_t_comp")), str(t.get("sg_over_a_t_comp"))))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for n, line in enumerate(lines):
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)))
@@ -253,14 +353,15 @@ def plot(rows: list[dict], plan: BenchPlan, out_dir: Path) -> list[Path]:
     written = []
     for condition in plan.conditions:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for method in plan.methods:
-            runs = [r for r in rows if r["condition"] == condition and r["method"] == method]
-            if runs and runs[0]["curve"]:
-                times, accuracies = zip(*runs[0]["curve"])
-                ax.plot(times, accuracies, label=method)
-        ax.axhline(plan.target_accuracy, color="grey", linestyle="--")
+        for n, method in enumerate(plan.methods):
+            runs = [r for r in rows if r["condition"] == condition and r["method"] == method and r["curve"]]
+            for k, run in enumerate(runs):  # every seed, one colour per method
+                times, accuracies = zip(*run["curve"])
+                ax.plot(times, accuracies, color=f"C{n}", alpha=1.0 if k == 0 else 0.5,
+                        label=f"{method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if k == 0 else None)
+        ax.axhline(target_of(plan, CONDITIONS[condition]), color="grey", linestyle="--")
         ax.set(xlabel="wall time (s)", ylabel="test accuracy", title=f"{condition}: {CONDITIONS[condition].description}",
-               ylim=(0.8, 1.0))
+               ylim=(0.8 if CONDITIONS[condition].task == "mnist" else 0.5, 1.0))
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
         fig.tight_layout()
@@ -329,6 +430,10 @@ def run_bench(plan: BenchPlan) -> dict:
                           f"(Thm 3: {row['predicted_iter_s']})", flush=True)
                     rows.append(row)
                     (out_dir / "bench.json").write_text(json.dumps(rows, indent=1))  # progress survives a stop
+    return write_results(rows, plan, out_dir)
+
+
+def write_results(rows: list[dict], plan: BenchPlan, out_dir: Path) -> dict:
     table = summarize(rows, plan)
     (out_dir / "bench.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "bench-summary.json").write_text(json.dumps(table, indent=1))
@@ -342,28 +447,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conditions", default="", help=f"Comma-separated subset of {', '.join(CONDITIONS)}.")
     parser.add_argument("--methods", default="", help=f"Comma-separated subset of {', '.join(METHODS)}.")
     parser.add_argument("--seeds", type=int, default=0, help="Number of seeds (default: 1 quick, 3 full).")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="Seeds run from this one (to add seeds to an earlier --out; --summarize reads them all).")
     parser.add_argument("--time-limit", type=float, default=0.0, help="Seconds per run before giving up.")
     parser.add_argument("--out", default="results")
+    parser.add_argument("--controller-arg", action="append", default=[], metavar="FLAG",
+                        help="Extra `wanps controller` flag for every run, repeatable "
+                             "(e.g. --controller-arg=--overhead-max-ratio --controller-arg=0).")
     parser.add_argument("--summarize", metavar="DIR", default="",
-                        help="Run nothing: print the table for the runs already under DIR (an earlier --out), "
-                             "with the current Theorem 3 predictions.")
+                        help="Run nothing: from the runs already under DIR (earlier --out runs), rewrite DIR's "
+                             "bench.json, summary and plots and print the table.")
     args = parser.parse_args(argv)
     if args.summarize:
         rows, plan = rows_from_runs(Path(args.summarize))
         if not rows:
             parser.error(f"no runs under {args.summarize}/bench")
-        print_table(summarize(rows, plan))
+        # Every run under DIR (e.g. seeds added later with --first-seed): rewrite its results.
+        written = write_results(rows, plan, Path(args.summarize))
+        print_table(written["table"])
         return 0
     plan = QUICK if args.quick else FULL
     if args.conditions:
         plan = replace(plan, conditions=tuple(args.conditions.split(",")))
     if args.methods:
         plan = replace(plan, methods=tuple(args.methods.split(",")))
-    if args.seeds:
-        plan = replace(plan, seeds=tuple(range(args.seeds)))
+    if args.seeds or args.first_seed:
+        count = args.seeds or len(plan.seeds)
+        plan = replace(plan, seeds=tuple(range(args.first_seed, args.first_seed + count)))
     if args.time_limit:
         plan = replace(plan, time_limit_s=args.time_limit)
-    plan = replace(plan, out_dir=args.out)
+    plan = replace(plan, out_dir=args.out, controller_args=tuple(args.controller_arg))
     unknown = [c for c in plan.conditions if c not in CONDITIONS] + [m for m in plan.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown condition or method: {', '.join(unknown)}")

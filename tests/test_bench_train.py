@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from wanps.deploy.bench_train import CONDITIONS, QUICK, BenchPlan, predicted_iter_s, summarize, write_traces
+from wanps.deploy.bench_train import (CONDITIONS, QUICK, BenchPlan, deco_ratios, median_time, num_params_of,
+                                      predicted_iter_s, summarize, write_traces)
 from wanps.deploy.linkem import LinkTrace
 
 
@@ -24,6 +25,7 @@ def test_speedups_use_medians_and_say_when_a_baseline_never_got_there():
     assert table["static"]["deco_speedup_over_method"] == "2.00x"
     assert table["dsgd"]["median_time_to_target_s"] is None
     assert table["dsgd"]["deco_speedup_over_method"] == "> 6.67x (did not reach)"
+    assert (table["deco"]["reached"], table["dsgd"]["reached"]) == ("3/3", "0/3")
 
 
 def test_prediction_uses_the_slowest_link_and_the_last_decision():
@@ -66,8 +68,34 @@ def test_summarize_rebuilds_rows_from_run_folders(tmp_path):
     for name in ("fixed-20M-40ms-deco-hetero-1", "fixed-20M-40ms-dsgd-0", "not-a-run"):
         (tmp_path / "bench" / name).mkdir(parents=True)
         (tmp_path / "bench" / name / "demo.json").write_text(json.dumps(demo))
+    (tmp_path / "bench" / "fixed-20M-40ms-dsgd-0" / "bench-extra.json").write_text(json.dumps({"load_1min_at_start": 3.5}))
     rows, plan = rows_from_runs(tmp_path)
+    assert [r.get("load_1min_at_start") for r in rows] == [None, 3.5]
     assert sorted((r["condition"], r["method"], r["seed"]) for r in rows) == [
         ("fixed-20M-40ms", "deco-hetero", 1), ("fixed-20M-40ms", "dsgd", 0)]
     assert plan.time_limit_s == 150
     assert next(r for r in rows if r["method"] == "deco-hetero")["predicted_iter_s"] == pytest.approx(0.015)
+
+
+def test_deco_ratios_are_medians_over_the_tracked_estimates():
+    links = lambda bw, rtt, tc: [{"bandwidth_bps": bw, "latency_s": rtt, "t_comp_s": tc},
+                                 {"bandwidth_bps": 2 * bw, "latency_s": rtt / 2, "t_comp_s": tc / 2}]
+    result = {"link_track": [{"links": links(10e6, 0.1, 0.1)}, {"links": links(20e6, 0.1, 0.2)},
+                             {"links": links(40e6, 0.1, 0.1)}, {"links": []}]}
+    ratios = deco_ratios(result, 1_000_000)
+    # b/T_comp: 1.0, 0.5, 1.0; S_g/(a T_comp) at 32 bits: 32, 8, 8.
+    assert ratios == {"t_comp_s": 0.1, "b_over_t_comp": 1.0, "sg_over_a_t_comp": 8.0}
+    assert deco_ratios({"link_track": [], "controller_state": {}}, 10) is None
+
+
+def test_the_cnn_conditions_train_the_larger_model():
+    assert {CONDITIONS["cnn-varying"].task, CONDITIONS["cnn-fixed-10M-50ms"].task} == {"mnist-cnn"}
+    assert num_params_of("mnist-cnn") > 2 * num_params_of("mnist")
+
+
+def test_a_seed_that_did_not_reach_counts_as_infinitely_slow_in_the_median():
+    assert median_time([279.0, None, 118.7]) == 279.0  # not the median of the two that reached
+    assert median_time([40.0, None, None]) is None
+    assert median_time([40.0, 50.0]) == 45.0
+    assert median_time([40.0, None]) is None
+    assert median_time([]) is None

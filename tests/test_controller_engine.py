@@ -1,11 +1,13 @@
 """The controller's decision loop (ControllerCore) on synthetic reports: pure, no network."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from wanps.controller.deco import DecoInput, deco
 from wanps.controller.engine import ControllerCore, Report, with_policy
-from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH, Sample
+from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH, LinkEstimator, Sample
 from wanps.controller.policy import PolicyConfig
 
 D = 1_000_000
@@ -63,7 +65,9 @@ def test_deco_bootstraps_then_decides_from_the_slowest_link_ahead_of_the_reporte
 
 
 def test_noise_does_not_flap_and_a_real_change_does():
-    policy = PolicyConfig(name="deco", every_rounds=10, delta_hysteresis=0.2, change_threshold=0.2)
+    # No overhead term: the synthetic 10 rounds/s against a 20 ms T_comp would add one.
+    policy = PolicyConfig(name="deco", every_rounds=10, delta_hysteresis=0.2, change_threshold=0.2,
+                          overhead_max_ratio=0.0)
     core = ControllerCore(policy)
     core.maybe_decide(0.0)
     first = run(core, {1: (20e6, 0.1, 0.02)}, 12)
@@ -72,8 +76,22 @@ def test_noise_does_not_flap_and_a_real_change_does():
     assert changed and changed[-1].delta < first[0].delta
 
 
+def test_a_moved_estimate_does_not_replace_a_decision_before_it_takes_effect():
+    core = ControllerCore(PolicyConfig(name="deco", every_rounds=1000, change_threshold=0.2, switch_margin_rounds=50,
+                                       switch_margin_s=0.0, overhead_max_ratio=0.0))
+    core.maybe_decide(0.0)
+    first = run(core, {1: (20e6, 0.1, 0.02)}, 4)  # rounds 0-30: the decision holds from round >= 50
+    assert len(first) == 1 and first[0].from_round > core.reported_round
+    # The link halves while that decision is pending: no new decision yet.
+    assert run(core, {1: (5e6, 0.1, 0.02)}, 2, start_round=40, t0=4.0) == []
+    # Once the rounds pass its from_round, the move is acted on.
+    later = run(core, {1: (5e6, 0.1, 0.02)}, 3, start_round=first[0].from_round, t0=6.0)
+    assert later and later[0].delta < first[0].delta
+
+
 def test_traffic_factor_folds_the_download_into_the_gradient_size():
-    core = ControllerCore(PolicyConfig(name="deco"))
+    # No overhead term: the synthetic 10 rounds/s against a 20 ms T_comp would otherwise add one.
+    core = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0))
     core.maybe_decide(0.0)
     decisions = run(core, {1: (20e6, 0.1, 0.02), 2: (20e6, 0.1, 0.02)}, 6, download_factor=2.0)
     assert core.traffic_factor() == pytest.approx(2.0)
@@ -111,6 +129,60 @@ def test_e_infinite_decides_once_on_the_first_estimates():
     first = run(core, {1: (20e6, 0.1, 0.02)}, 4)
     assert len(first) == 1 and first[0].policy == "deco"
     assert run(core, {1: (2e6, 0.3, 0.02)}, 10, start_round=40, t0=4.0) == []  # the link changed: no new decision
+
+
+def test_measured_overhead_joins_t_comp_in_the_decision_and_its_prediction():
+    """25 rounds/s (40 ms) against a 20 ms T_comp on hidden links: o = 20 ms, T_step = 40 ms."""
+    policy = PolicyConfig(name="deco", tau=2, delta=0.001, every_rounds=20)
+    core = ControllerCore(policy)
+    core.maybe_decide(0.0)
+    decisions = run(core, {1: (20e6, 0.02, 0.02)}, 30, rounds_per_s=25)
+    assert core.overhead_s() == pytest.approx(0.02, rel=0.05)
+    expected = deco(DecoInput(num_params=D, bandwidth_bps=20e6, latency_s=0.02, t_comp_s=0.02, tau_max=8,
+                              overhead_s=core.overhead_s()))
+    last = decisions[-1]
+    assert (last.tau, last.delta) == (expected.tau, pytest.approx(expected.delta, rel=0.2))
+    assert last.predicted_iter_s == pytest.approx(0.04, rel=0.05)  # the measured 40 ms, not T_comp's 20
+    assert "overhead 2" in last.reason
+    # The paper's model (no overhead term) decides on T_comp alone.
+    plain = ControllerCore(dataclasses.replace(policy, overhead_max_ratio=0.0))
+    plain.maybe_decide(0.0)
+    assert plain.overhead_s() == 0.0
+    assert run(plain, {1: (20e6, 0.02, 0.02)}, 30, rounds_per_s=25)[-1].predicted_iter_s == pytest.approx(0.02)
+
+
+def test_overhead_is_capped_and_not_read_from_link_bound_rounds():
+    # 2 rounds/s against a 20 ms step: the cap (one T_comp) holds the overhead at 20 ms.
+    core = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001, overhead_min_samples=5))
+    core.maybe_decide(0.0)
+    run(core, {1: (20e6, 0.02, 0.02)}, 4, rounds_per_s=2)
+    assert 0 < len(core._residuals) < 5 and core.overhead_s() == 0.0  # too few observations yet
+    run(core, {1: (20e6, 0.02, 0.02)}, 16, rounds_per_s=2, start_round=8, t0=4.0)
+    assert core.overhead_s() == pytest.approx(0.02)
+    # static with a delta the link cannot carry in a step: the rounds wait on the link, no observation.
+    static = ControllerCore(PolicyConfig(name="static", tau=2, delta=0.4))
+    static.maybe_decide(0.0)
+    run(static, {1: (20e6, 0.02, 0.02)}, 20, rounds_per_s=2)
+    assert static.overhead_s() == 0.0 and not static._residuals
+
+
+def test_overhead_observations_span_decision_switches_weighted_by_rounds():
+    """Decisions switching every 20 rounds (as on a noisy link) still give observations."""
+    core = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001))
+    core.maybe_decide(0.0)
+    core.num_params = D
+    for t in range(20):
+        round_ = 25 * t  # 40 ms per round against a 20 ms T_comp: o = 20 ms
+        core._history.append(core.book.add(round_, 4, 0.001 * (1 + t % 2), "deco", "test"))
+        for sample in link_samples(float(t), 20e6, 0.02, 0.02):
+            core.estimators.setdefault(1, LinkEstimator()).add(sample)
+        core.estimates[1] = core.estimators[1].estimate(float(t))
+        core._progress.append((float(t), round_))
+        core.sample_overhead(float(t))
+    assert len(core._residuals) >= 15
+    assert core.overhead_s() == pytest.approx(0.02, rel=0.05)
+    spans = core._decisions_over(30, 80)
+    assert [rounds for _, rounds in spans] == [20, 25, 5] and sum(r for _, r in spans) == 50
 
 
 def norm_report(worker_id: int, round_: int, norm: float, t: float) -> Report:

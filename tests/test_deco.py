@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from wanps.controller.deco import DecoInput, deco, delta_for_tau, phi, predicted_iteration_time, tau_range
+from wanps.controller.deco import (DecoInput, deco, delta_for_tau, overhead_sample, phi, predicted_for,
+                                  predicted_iteration_time, tau_range)
 from wanps.deploy.processes import wanps_command
 
 
@@ -99,7 +100,8 @@ def test_wire_bits_make_delta_smaller_than_the_papers_32():
 
 @pytest.mark.parametrize("field, value", [("num_params", 0), ("bandwidth_bps", 0.0), ("latency_s", -1.0),
                                           ("t_comp_s", 0.0), ("bits_per_element", 0.0), ("tau_max", -1),
-                                          ("bandwidth_bps", float("inf"))])
+                                          ("bandwidth_bps", float("inf")), ("overhead_s", -0.001),
+                                          ("overhead_s", float("nan"))])
 def test_invalid_inputs_are_refused(field, value):
     args = dict(num_params=1000, bandwidth_bps=1e6, latency_s=0.1, t_comp_s=0.1)
     args[field] = value
@@ -119,3 +121,45 @@ def test_decide_cli_prints_the_decision_as_json():
                                        "--latency-ms", "1", "--t-comp-ms", "1"), capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "num_params" in bad.stderr
+
+
+def test_overhead_is_part_of_the_step_in_theorem3_and_in_algorithm1():
+    """o = 10 ms on a 40 ms step: T_step = 50 ms everywhere T_comp was; o = 0 is the paper."""
+    common = dict(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04)
+    plain, loaded = DecoInput(**common), DecoInput(**common, overhead_s=0.01)
+    same = DecoInput(**{**common, "t_comp_s": 0.05})
+    assert loaded.step_s == pytest.approx(0.05)
+    scale = 20e6 / 64e6
+    assert delta_for_tau(loaded, 3) == pytest.approx(min((3 * 0.05 - 0.1) * scale, 0.05 * scale))
+    assert tau_range(loaded) == tau_range(same) == (2, math.ceil((0.1 + 3.2) / 0.05))
+    assert tau_range(plain) == (3, math.ceil((0.1 + 3.2) / 0.04))
+    decision = deco(loaded)
+    assert (decision.tau, decision.delta) == (deco(same).tau, pytest.approx(deco(same).delta))
+    assert decision.delta > deco(plain).delta  # a longer step hides more bytes
+    assert decision.predicted_iter_s == pytest.approx(0.05)  # compute-bound at T_step, not T_comp
+    assert deco(plain).predicted_iter_s == pytest.approx(0.04)
+
+
+def test_prediction_for_any_decision_uses_the_step_and_the_transfer():
+    x = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04, overhead_s=0.01)
+    # D-SGD: (0.05 + 0.1 + 3.2) / 1; tau 2 delta 0.01: max{(0.05 + 0.1 + 0.032)/3, 0.032, 0.05}.
+    assert predicted_for(x, 0, 1.0) == pytest.approx(0.05 + 0.1 + 3.2)
+    assert predicted_for(x, 2, 0.01) == pytest.approx((0.05 + 0.1 + 0.032) / 3)
+    assert predicted_for(x, 8, 0.01) == pytest.approx(0.05)
+    with pytest.raises(ValueError):
+        predicted_for(x, 1, 0.0)
+
+
+def test_overhead_is_read_from_the_serial_term_and_not_from_link_bound_rounds():
+    x = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04)
+    # tau 8, delta 0.01 (transfer 32 ms): compute-bound, serial term 40 ms; measured 50 ms -> o = 10 ms.
+    assert overhead_sample(0.05, x, 8, 0.01) == pytest.approx(0.01)
+    # D-SGD: serial term T_comp + b + S_g/a = 3.34 s; measured 3.4 s -> 60 ms.
+    assert overhead_sample(3.4, x, 0, 1.0) == pytest.approx(0.06)
+    # Faster than the model: no negative overhead.
+    assert overhead_sample(0.03, x, 8, 0.01) == 0.0
+    # tau 8, delta 0.1 (transfer 320 ms >> 40 ms step): the round waits on the link, o is not visible.
+    assert overhead_sample(0.33, x, 8, 0.1) is None
+    # DeCo's boundary with o known: transfer = T_comp + o is still an observation.
+    known = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04, overhead_s=0.01)
+    assert overhead_sample(0.05, known, 8, 0.05 * 20e6 / 64e6) == pytest.approx(0.01)

@@ -20,6 +20,17 @@ def test_mnist_ships_in_a_package_and_the_mlp_has_the_papers_shape():
     assert 0.0 <= task.accuracy(model, limit=500) < 0.5  # untrained
 
 
+def test_the_cnn_takes_the_mnist_data_and_is_the_larger_model():
+    task = get_task("mnist-cnn")
+    model = task.build_model(0)
+    assert sum(p.numel() for p in model.parameters()) == 1_111_946
+    x, y = next(task.batches(0, 4, batch_size=8))
+    assert model(x).shape == (8, 10)  # flat 784-vectors go in unchanged
+    task.loss(model, x, y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert 0.0 <= task.accuracy(model, limit=500) < 0.5  # untrained
+
+
 def test_shards_are_disjoint_and_cover_the_data():
     task = get_task("synthetic")
     seen = []
