@@ -104,11 +104,19 @@ def test_server_killed_and_resumed_and_controller_restarted(tmp_path):
         # hears the current round first and schedules its first decision ahead of it.
         killed_at = wait_for_version(server.address, 20, workers)
         kill(controller)
-        controller = start_process("controller-2", wanps_command(
-            "controller", "--listen", controller.address, "--metrics-listen", "off", "--policy", "static",
-            "--tau", "2", "--delta", "0.2"), logs)
-        processes.append(controller)
-        controller.wait_ready(60)
+        # Workers are frozen (SIGSTOP) while the successor starts, so they cannot finish their
+        # rounds before it serves however slowly a Python process starts on a loaded machine.
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            controller = start_process("controller-2", wanps_command(
+                "controller", "--listen", controller.address, "--metrics-listen", "off", "--policy", "static",
+                "--tau", "2", "--delta", "0.2"), logs)
+            processes.append(controller)
+            controller.wait_ready(60)
+        finally:
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGCONT)
         with grpc.insecure_channel(controller.address) as channel:
             stub = pb_grpc.ControllerStub(channel)
             deadline = time.monotonic() + 30
