@@ -36,18 +36,25 @@ def train(cluster, rounds: int, per_round: dict, errors: list, seed: int, contro
         errors.append(exc)
 
 
-def test_all_workers_switch_at_the_decisions_round(make_cluster):
-    cluster = make_cluster(min_workers=2, tau_max=3, policy="static", tau=1, delta=0.2)
+def run_paused_workers(cluster, rounds: int, pause_at: int):
+    """Two workers that stop at round `pause_at` until `resume` is set; returns once both wait."""
     per_round: dict = {}
     errors: list = []
     paused = [threading.Event(), threading.Event()]
     resume = threading.Event()
-    threads = [threading.Thread(target=train, args=(cluster, 40, per_round, errors, seed, cluster.controller_address,
-                                                    10, resume, paused[seed])) for seed in (0, 1)]
+    threads = [threading.Thread(target=train, args=(cluster, rounds, per_round, errors, seed,
+                                                    cluster.controller_address, pause_at, resume, paused[seed]))
+               for seed in (0, 1)]
     for thread in threads:
         thread.start()
     for event in paused:
         assert event.wait(60)
+    return threads, per_round, errors, resume
+
+
+def test_all_workers_switch_at_the_decisions_round(make_cluster):
+    cluster = make_cluster(min_workers=2, tau_max=3, policy="static", tau=1, delta=0.2)
+    threads, per_round, errors, resume = run_paused_workers(cluster, 40, 10)
     service = cluster.controller.service
 
     async def decide():
@@ -144,16 +151,7 @@ def test_set_policy_and_status_through_the_cli(make_cluster):
 
     # Workers wait at round 20 while the CLI (a new Python process) switches the policy, so the
     # switch round lands within their 400 rounds however slowly the CLI starts.
-    per_round: dict = {}
-    errors: list = []
-    paused = [threading.Event(), threading.Event()]
-    resume = threading.Event()
-    threads = [threading.Thread(target=train, args=(cluster, 400, per_round, errors, seed, cluster.controller_address,
-                                                    20, resume, paused[seed])) for seed in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for event in paused:
-        assert event.wait(60)
+    threads, per_round, errors, resume = run_paused_workers(cluster, 400, 20)
     try:
         done = subprocess.run(wanps_command("controller", "set-policy", "--controller", cluster.controller_address,
                                             "--policy", "dsgd"), capture_output=True, text=True, timeout=60)
