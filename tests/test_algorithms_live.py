@@ -171,3 +171,22 @@ def test_simulation_trains_the_same_model_as_the_cluster(make_cluster, options: 
         assert cluster.core.version == rounds
     assert torch.equal(cluster.core.model, simulated.model)
     assert all(torch.equal(opt.replica, simulated.model) for opt in opts)
+
+
+def test_param_groups_with_their_own_learning_rates(make_cluster) -> None:
+    """Each group's gradient is scaled by its own lr: dense pushes (delta 1) show it exactly."""
+    cluster = make_cluster(min_workers=1, tau_max=0, policy=None)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    groups = [{"params": model[0].parameters(), "lr": 0.5}, {"params": model[1].parameters(), "lr": 2}]
+    opt = Optimizer(groups, server=cluster.server_address, controller=None, lr=0.1, tau=0, delta=1.0)
+    try:
+        before = opt.replica.clone()
+        opt.zero_grad()
+        model(torch.ones(1, 2)).sum().backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        opt.step()
+        first = sum(p.numel() for p in model[0].parameters())
+        scale = torch.cat([torch.full((first,), 0.5), torch.full((grads.numel() - first,), 2.0)])
+        assert torch.allclose(opt.replica, before - scale * grads)
+    finally:
+        opt.close()

@@ -120,6 +120,7 @@ class Optimizer(torch.optim.Optimizer):
                                compressor_seed=compressor_seed, error_feedback=error_feedback,
                                def_lambda=def_lambda, momentum=momentum, skip_rule=skip_rule)
         self._aux_grad = torch.zeros_like(self.replica) if skip_rule is not None else None
+        self._per_element_lr: tuple[tuple[float, ...], torch.Tensor] | None = None  # param groups with different lrs
         self._fallback = Decision(0, 0, tau, delta, "local", "no controller decision yet")
         self._seen_decisions: set[int] = set()
         # DEF: the clean replica while the parameters sit at the detached point x - lambda*e.
@@ -247,15 +248,18 @@ class Optimizer(torch.optim.Optimizer):
                 lrs.append((offset, n, group["lr"]))
                 offset += n
         if len({lr for _, _, lr in lrs}) <= 1:
-            return lrs[0][2] if lrs else self.defaults["lr"]
-        per_element = torch.empty_like(out)
-        for start, n, lr in lrs:
-            per_element[start : start + n] = lr
-        return per_element
+            return float(lrs[0][2] if lrs else self.defaults["lr"])
+        key = tuple(lr for _, _, lr in lrs)
+        if self._per_element_lr is None or self._per_element_lr[0] != key:  # rebuilt only when an lr changes
+            per_element = torch.empty_like(out)
+            for start, n, lr in lrs:
+                per_element[start : start + n] = lr
+            self._per_element_lr = (key, per_element)
+        return self._per_element_lr[1]
 
     @staticmethod
     def _norm_scale(lr: float | torch.Tensor) -> float:
-        return lr if isinstance(lr, float) else float(lr.mean())
+        return float(lr.mean()) if isinstance(lr, torch.Tensor) else float(lr)
 
     def _gradient_at_anchor(self, closure: Callable[[], float] | None) -> torch.Tensor:
         """SASG's auxiliary gradient: the closure re-run with the parameters bound to the anchor."""
