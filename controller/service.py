@@ -23,7 +23,6 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import MAX_PARAMS
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.deploy.auth import ServerSecurity
-from wanps.deploy.grpc_metrics import GrpcServerMetrics
 from wanps.deploy.runtime import RunningService, start_grpc_service
 from wanps.server.limits import ResourceExhausted, StreamLimiter
 
@@ -243,7 +242,7 @@ async def start_controller(config: ControllerConfig, registry: CollectorRegistry
         service, pb_grpc.add_ControllerServicer_to_server, pb.DESCRIPTOR.services_by_name["Controller"].full_name,
         host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
         metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
-        interceptors=[GrpcServerMetrics(registry), *config.security.interceptors()],  # metrics first: refusals are counted
+        interceptors=config.security.interceptors(),
         credentials=config.security.credentials(),
     )
     log.info("controller on %s:%d (metrics %s), policy %s, %s", config.host, running.port, running.metrics_port,

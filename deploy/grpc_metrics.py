@@ -1,12 +1,11 @@
 """Standard gRPC server metrics for every wanps service, as a grpc.aio server interceptor.
 
-    interceptor = GrpcServerMetrics(registry)
-    start_grpc_service(..., registry=registry, interceptors=[interceptor, ...])
+    start_grpc_service(..., registry=registry)   # adds GrpcServerMetrics(registry) first
 
 It counts started and handled RPCs by method and status code and times each call, for
 all four RPC shapes (unary and streaming requests and responses), including the health
-and reflection services. Put it FIRST in the interceptor list so that calls refused by a
-later interceptor (authentication) are counted too. Only methods the server implements
+and reflection services. It runs first, so calls refused by a later interceptor
+(authentication) are counted too. Only methods the server implements
 get a label (unknown methods are passed on uncounted), so label cardinality is bounded
 by the services' method count times the 17 status codes.
 """

@@ -20,6 +20,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from wanps.deploy.grpc_metrics import GrpcServerMetrics
 from wanps.deploy.guard import MalformedRequestGuard
 
 T = TypeVar("T")
@@ -197,11 +198,12 @@ async def start_grpc_service(
 ) -> RunningService[S]:
     """Bind, add health and reflection, start, and serve metrics: the common start of every service.
 
-    `interceptors` run on every RPC in order (metrics first, then auth, so refused calls are counted);
-    the malformed-message guard always runs last. `credentials`: serve TLS (deploy/auth.py).
+    Every RPC first meets the gRPC metrics interceptor (on `registry`, so calls a later
+    interceptor refuses are counted), then `interceptors` in order (authentication), then
+    the malformed-message guard. `credentials`: serve TLS (deploy/auth.py).
     """
     server = grpc.aio.server(options=grpc_channel_options(max_message_bytes),
-                             interceptors=[*interceptors, MalformedRequestGuard()])
+                             interceptors=[GrpcServerMetrics(registry), *interceptors, MalformedRequestGuard()])
     add_to_server(service, server)
     await add_health_and_reflection(server, service_full_name)
     address = f"{host}:{port}"

@@ -24,7 +24,6 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from wanps.deploy.auth import ServerSecurity
-from wanps.deploy.grpc_metrics import GrpcServerMetrics
 from wanps.deploy.runtime import RunningService, start_grpc_service
 
 from wanps.proto import codec
@@ -575,7 +574,7 @@ async def start_server(config: ServerConfig, registry: CollectorRegistry | None 
         service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
         host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
         metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
-        interceptors=[GrpcServerMetrics(registry), *config.security.interceptors()],  # metrics first: refusals are counted
+        interceptors=config.security.interceptors(),
         credentials=config.security.credentials(),
     )
     service.start_background()

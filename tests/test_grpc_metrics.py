@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from wanps.deploy.grpc_metrics import GrpcServerMetrics, split_method, status_name
+from wanps.deploy.grpc_metrics import split_method, status_name
 from wanps.deploy.runtime import start_grpc_service
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
@@ -146,7 +146,7 @@ def test_calls_refused_by_a_later_interceptor_are_counted(loop_thread):
     running = loop_thread.run(start_grpc_service(
         _NoService(), lambda service, server: None, "test.Nothing", host="127.0.0.1", port=0,
         max_message_bytes=1 << 20, metrics_host="127.0.0.1", metrics_port=-1, registry=registry,
-        interceptors=[GrpcServerMetrics(registry), _DenyAll()]))
+        interceptors=[_DenyAll()]))  # start_grpc_service puts the metrics interceptor first
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             with pytest.raises(grpc.RpcError) as refused:
