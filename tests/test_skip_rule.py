@@ -164,3 +164,13 @@ def test_alphas_from_spec() -> None:
     assert alphas_from_spec("7.5", 0.1, 3) == [7.5] * 3
     with pytest.raises(ValueError, match="alpha"):
         alphas_from_spec("lots", 0.1)
+
+
+def test_forgetting_the_upload_forces_the_next_one() -> None:
+    """After a rejoin the server holds no update of this worker: a skip would reuse nothing."""
+    rule = SkipRule([1e9] * 4, num_workers=1)
+    rule.record_model_step(1.0)
+    rule.uploaded(torch.zeros(2))
+    assert rule.should_skip(0.0)
+    rule.forget_upload()
+    assert rule.must_upload and not rule.should_skip(0.0)

@@ -311,6 +311,8 @@ class Optimizer(torch.optim.Optimizer):
         if recovery.rejoined:
             self.worker_id = self.session.worker_id
             self.round = recovery.first_round
+            if self.rule.skip_rule is not None:
+                self.rule.skip_rule.forget_upload()
         return recovery.rejoined
 
     @property

@@ -101,6 +101,12 @@ class SkipRule:
         self.staleness = 1
         self.uploads += 1
 
+    def forget_upload(self) -> None:
+        """The server no longer holds this worker's last update (it joined again under a new
+        id): the next round must upload, since a skip would reuse nothing."""
+        self.anchor = None
+        self.staleness = 1
+
     def skipped(self) -> None:
         self.staleness += 1
         self.skips += 1
