@@ -49,7 +49,8 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
                         help="Largest tau an adaptive policy picks (workers also clamp to the server's).")
     parser.add_argument("--bits-per-element", env="WANPS_BITS_PER_ELEMENT", type=float,
                         default=policy.bits_per_element,
-                        help="Wire bits per sent element in DeCo's model (64 = uint32 index + float32; 32 = paper).")
+                        help="Wire bits per sent element in DeCo's model. Default: measured from the workers' "
+                             "pushes (64 = uint32 index + float32 until the first push); 32 reproduces the paper.")
     parser.add_argument("--every-rounds", env="WANPS_DECIDE_EVERY", type=int, default=policy.every_rounds,
                         help="Recompute adaptive decisions every E rounds (0: decide once, on the first estimates).")
     parser.add_argument("--change-threshold", env="WANPS_CHANGE_THRESHOLD", type=float,
@@ -151,6 +152,7 @@ def status_main(argv: list[str]) -> int:
         "policy": state.policy,
         "reported_round": state.reported_round,
         "traffic_factor": state.traffic_factor,
+        "bits_per_element": state.bits_per_element,
         "decisions": [{"id": d.decision_id, "from_round": d.from_round, "tau": d.tau, "delta": d.delta,
                        "reason": d.reason, "worker_delta": dict(d.worker_delta)} for d in state.decisions],
         "links": [{"worker": w.worker_id, "bandwidth_mbit": w.bandwidth_bps / 1e6, "latency_ms": w.latency_s * 1e3,

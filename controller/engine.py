@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wanps.controller.deco import DENSE_BITS_PER_ELEMENT, DENSE_FROM_DELTA, overhead_sample
+from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DENSE_BITS_PER_ELEMENT, DENSE_FROM_DELTA, overhead_sample
 from wanps.controller.decisions import Decision, DecisionBook, decision_for_round
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
 from wanps.controller.policy import (ClusterView, PolicyConfig, Proposal, deco_input, differs_enough, estimates_moved,
@@ -27,6 +27,11 @@ class Report:
     round: int
     num_params: int
     samples: tuple[Sample, ...]
+
+
+# Bounds on a measured wire cost per element: a bad report cannot make DeCo price a push at ~0.
+MIN_MEASURED_BITS = 8.0
+MAX_MEASURED_BITS = 256.0
 
 
 class ControllerCore:
@@ -53,6 +58,8 @@ class ControllerCore:
         self._residuals: deque[float] = deque(maxlen=64)
         self._residual_at: float | None = None
         self._history: deque[Decision] = deque(maxlen=256)  # the book is pruned; this is not
+        # (bytes, elements) of the latest sparse pushes of all workers: the wire cost of a sent element.
+        self._wire_costs: deque[tuple[int, int]] = deque(maxlen=256)
 
     # ------------------------------------------------------------------ inputs
 
@@ -75,6 +82,10 @@ class ControllerCore:
                 bucket[1] += 1
             if sample.kind in (KIND_PUSH, KIND_DOWNLOAD):
                 traffic.append((sample.at_s, sample.kind, sample.nbytes))
+            # Dense pushes (every element, no index) are priced apart (DENSE_BITS_PER_ELEMENT).
+            if (sample.kind == KIND_PUSH and sample.elements > 0 and sample.nbytes > 0
+                    and (self.num_params is None or sample.elements < self.num_params)):
+                self._wire_costs.append((sample.nbytes, sample.elements))
         estimate = estimator.estimate(now_s)
         if estimate is not None:
             self.estimates[report.worker_id] = estimate
@@ -98,7 +109,23 @@ class ControllerCore:
     def view(self) -> ClusterView:
         return ClusterView(round=self.reported_round, num_params=self.num_params, estimates=dict(self.estimates),
                            traffic_factor=self.traffic_factor(), grad_norm_change=self.grad_norm_change(),
-                           overhead_s=self.overhead_s())
+                           overhead_s=self.overhead_s(), bits_per_element=self.bits_per_element())
+
+    def bits_per_element(self) -> float:
+        """Wire bits per sent element: the configured value, else measured from the pushes.
+
+        Measured as the recent sparse pushes' payload bytes over their elements, so the cost
+        is the codec's real one (uint32 index + float32 value = 64, + float16 = 48, a random
+        block 32 or 16), whichever compressor and value dtype the workers use. Workers may
+        differ: the sums weigh each by what it sent. Until the first push: DEFAULT_BITS_PER_ELEMENT.
+        """
+        if self.policy.bits_per_element is not None:
+            return self.policy.bits_per_element
+        if not self._wire_costs:
+            return DEFAULT_BITS_PER_ELEMENT
+        nbytes = sum(b for b, _ in self._wire_costs)
+        elements = sum(e for _, e in self._wire_costs)
+        return min(max(8.0 * nbytes / elements, MIN_MEASURED_BITS), MAX_MEASURED_BITS)
 
     # ------------------------------------------------------------------ per-round overhead
 
@@ -124,14 +151,15 @@ class ControllerCore:
             return
         self._residual_at = now_s
         view = ClusterView(round=self.reported_round, num_params=self.num_params, estimates=self.estimates,
-                           traffic_factor=self.traffic_factor(), overhead_s=self.overhead_s())
+                           traffic_factor=self.traffic_factor(), overhead_s=self.overhead_s(),
+                           bits_per_element=self.bits_per_element())
         x = deco_input(view, bandwidth, latency, t_comp, self.policy)
         measured = (t1 - t0) / (r1 - r0)
         total, weights = 0.0, 0.0
         for decision, rounds in self._decisions_over(r0, r1):
             delta = decision.delta
             if delta >= DENSE_FROM_DELTA:  # dense rounds send every value and no index
-                delta = min(delta, DENSE_BITS_PER_ELEMENT / self.policy.bits_per_element)
+                delta = min(delta, DENSE_BITS_PER_ELEMENT / view.bits_per_element)
             sample = overhead_sample(measured, x, decision.tau, delta)
             weight = rounds / (r1 - r0)
             if sample is None:

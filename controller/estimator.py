@@ -41,6 +41,7 @@ class Sample:
     at_s: float  # the time the sample was taken, seconds on any monotonic clock
     round: int = 0
     grad_norm: float = 0.0  # KIND_COMPUTE: ||lr * g|| of that round
+    elements: int = 0  # KIND_PUSH: elements the push carried (0: a skip, or not reported)
 
 
 @dataclass(frozen=True)

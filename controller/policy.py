@@ -40,7 +40,8 @@ class PolicyConfig:
     tau: int = 2  # static
     delta: float = 0.01  # static
     tau_max: int = 8
-    bits_per_element: float = DEFAULT_BITS_PER_ELEMENT
+    # Wire bits per sent element; None: measured from the workers' pushes (ControllerCore).
+    bits_per_element: float | None = None
     every_rounds: int = 20  # E; 0 = infinite: decide once, on the first estimates, then never again
     change_threshold: float = 0.2
     delta_hysteresis: float = 0.2
@@ -67,6 +68,8 @@ class PolicyConfig:
             raise ValueError(f"need tau >= 0 and delta in (0, 1]; got tau {self.tau}, delta {self.delta}")
         if self.every_rounds < 0 or self.switch_margin_rounds < 1 or self.tau_max < 0:
             raise ValueError("every_rounds must be >= 0, switch_margin_rounds >= 1, tau_max >= 0")
+        if self.bits_per_element is not None and not (0.0 < self.bits_per_element < math.inf):
+            raise ValueError(f"bits_per_element must be > 0 and finite; got {self.bits_per_element}")
         if not 0.0 <= self.overhead_quantile <= 1.0 or not self.overhead_max_ratio >= 0.0:
             raise ValueError("overhead_quantile must be in [0, 1] and overhead_max_ratio >= 0")
 
@@ -94,6 +97,8 @@ class ClusterView:
     grad_norm_change: float | None = None
     # Measured fixed cost per round beyond T_comp (seconds), added to the step by DeCo.
     overhead_s: float = 0.0
+    # Wire bits per sent element (measured or configured; ControllerCore.bits_per_element).
+    bits_per_element: float = DEFAULT_BITS_PER_ELEMENT
 
 
 def slowest_link(estimates: dict[int, LinkEstimate]) -> tuple[float, float, float | None]:
@@ -108,7 +113,7 @@ def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: floa
     # The round's binding transfer is the bigger direction: the aggregated delta a worker
     # downloads is up to n times its own push (traffic_factor); fold it into S_g.
     return DecoInput(num_params=view.num_params, bandwidth_bps=bandwidth, latency_s=latency,
-                     t_comp_s=max(t_comp, 1e-6), bits_per_element=config.bits_per_element * view.traffic_factor,
+                     t_comp_s=max(t_comp, 1e-6), bits_per_element=view.bits_per_element * view.traffic_factor,
                      tau_max=config.tau_max, overhead_s=view.overhead_s)
 
 
@@ -133,7 +138,8 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
         return None
     decision: DecoDecision = deco(deco_input(view, bandwidth, latency, t_comp, config))
     reason = (f"{decision.reason}: a {bandwidth / 1e6:.1f} Mbit/s, b {latency * 1e3:.0f} ms, "
-              f"T_comp {t_comp * 1e3:.1f} ms + overhead {view.overhead_s * 1e3:.1f} ms, traffic x{view.traffic_factor:.1f}")
+              f"T_comp {t_comp * 1e3:.1f} ms + overhead {view.overhead_s * 1e3:.1f} ms, traffic x{view.traffic_factor:.1f}, "
+              f"{view.bits_per_element:.1f} bits/element")
     if config.name == "deco":
         return Proposal(decision.tau, decision.delta, reason, predicted_iter_s=decision.predicted_iter_s)
     # deco-hetero: shared tau, each worker the delta its own uplink carries at that tau, then

@@ -74,6 +74,9 @@ class ControllerMetrics:
                                          registry=registry)
         self.measured_iteration = Gauge("wanps_controller_measured_iteration_seconds",
                                         "Seconds per round over the recent reports.", registry=registry)
+        self.bits_per_element = Gauge("wanps_controller_bits_per_element",
+                                      "Wire bits per sent element DeCo prices a push at (measured or configured).",
+                                      registry=registry)
 
 
 def decision_message(decision: Decision) -> pb.Decision:
@@ -174,8 +177,10 @@ class ControllerService(pb_grpc.ControllerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a sample needs a kind and seconds >= 0")
             if not math.isfinite(sample.grad_norm) or sample.grad_norm < 0:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "grad_norm must be finite and >= 0")
+            if sample.elements > MAX_PARAMS:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a push carries at most {MAX_PARAMS} elements")
             samples.append(Sample(kind=kind, nbytes=sample.bytes, seconds=sample.seconds, at_s=now, round=sample.round,
-                                  grad_norm=sample.grad_norm))
+                                  grad_norm=sample.grad_norm, elements=sample.elements))
         for sample in samples:
             self.metrics.samples.labels(kind=sample.kind).inc()
         self._last_report[request.worker_id] = now
@@ -206,6 +211,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             self.metrics.latency.labels(worker=str(worker_id)).set(estimate.latency_s)
             if estimate.t_comp_s is not None:
                 self.metrics.t_comp.labels(worker=str(worker_id)).set(estimate.t_comp_s)
+        self.metrics.bits_per_element.set(self.core.bits_per_element())
         measured = self.core.measured_iteration_s()
         if measured is not None:
             self.metrics.measured_iteration.set(measured)
@@ -229,7 +235,8 @@ class ControllerService(pb_grpc.ControllerServicer):
                                method=e.method) for w, e in sorted(core.estimates.items())]
         return pb.ControllerState(policy=core.policy.name, reported_round=core.reported_round,
                                   decisions=[decision_message(d) for d in core.book.relevant(core.reported_round)],
-                                  links=links, traffic_factor=core.traffic_factor())
+                                  links=links, traffic_factor=core.traffic_factor(),
+                                  bits_per_element=core.bits_per_element())
 
 
 RunningController = RunningService[ControllerService]

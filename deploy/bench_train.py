@@ -150,8 +150,9 @@ def predicted_from_final_estimates(result: dict, num_params: int) -> float | Non
     latency = max(link["latency_s"] for link in links)
     t_comp = max(link.get("t_comp_s", 0.0) for link in links)
     traffic = state.get("traffic_factor") or 1.0
+    bits = state.get("bits_per_element") or DEFAULT_BITS_PER_ELEMENT  # what the controller measured
     # From delta 0.5 on, workers send dense: 32 bits per element, every element.
-    sent_bits = num_params * 32 if 2 * delta >= 1 else delta * num_params * DEFAULT_BITS_PER_ELEMENT
+    sent_bits = num_params * 32 if 2 * delta >= 1 else delta * num_params * bits
     transfer = sent_bits * traffic / bandwidth
     return round(predicted_iteration_time(t_comp, latency, transfer, tau), 5)
 

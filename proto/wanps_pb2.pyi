@@ -274,7 +274,7 @@ class Decision(_message.Message):
     def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., worker_delta: _Optional[_Mapping[int, float]] = ..., predicted_iter_s: _Optional[float] = ...) -> None: ...
 
 class LinkSample(_message.Message):
-    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm")
+    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm", "elements")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[LinkSample.Kind]
@@ -293,13 +293,15 @@ class LinkSample(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     kind: LinkSample.Kind
     bytes: int
     seconds: float
     round: int
     unix_ns: int
     grad_norm: float
-    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ...) -> None: ...
+    elements: int
+    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ..., elements: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("worker_id", "round", "samples", "num_params")
@@ -356,15 +358,17 @@ class WorkerLink(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., bandwidth_bps: _Optional[float] = ..., latency_s: _Optional[float] = ..., t_comp_s: _Optional[float] = ..., push_samples: _Optional[int] = ..., ping_samples: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
 
 class ControllerState(_message.Message):
-    __slots__ = ("policy", "reported_round", "decisions", "links", "traffic_factor")
+    __slots__ = ("policy", "reported_round", "decisions", "links", "traffic_factor", "bits_per_element")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REPORTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_ELEMENT_FIELD_NUMBER: _ClassVar[int]
     policy: str
     reported_round: int
     decisions: _containers.RepeatedCompositeFieldContainer[Decision]
     links: _containers.RepeatedCompositeFieldContainer[WorkerLink]
     traffic_factor: float
-    def __init__(self, policy: _Optional[str] = ..., reported_round: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[WorkerLink, _Mapping]]] = ..., traffic_factor: _Optional[float] = ...) -> None: ...
+    bits_per_element: float
+    def __init__(self, policy: _Optional[str] = ..., reported_round: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[WorkerLink, _Mapping]]] = ..., traffic_factor: _Optional[float] = ..., bits_per_element: _Optional[float] = ...) -> None: ...

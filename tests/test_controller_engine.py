@@ -215,3 +215,50 @@ def test_grad_norm_buckets_behind_the_window_are_pruned_before_use():
     assert core.grad_norm_change() is None
     assert all(b >= 28 for b in core._norms)  # older ones pruned
     assert 10**6 not in core._norms  # far ahead of every reported round: not counted
+
+
+def pushes_of(t: float, bandwidth: float, rtt: float, t_comp: float, bytes_per_element: float,
+              elements=(2_000, 5_000, 10_000)) -> tuple[Sample, ...]:
+    """A round's samples whose pushes carry `elements` at `bytes_per_element` (payload bytes, as workers report)."""
+    samples = [Sample(KIND_PING, 0, rtt, t), Sample(KIND_COMPUTE, 0, t_comp, t)]
+    for count in elements:
+        size = int(count * bytes_per_element)
+        samples.append(Sample(KIND_PUSH, size, rtt + 8 * size / bandwidth, t, elements=count))
+    return tuple(samples)
+
+
+def test_deco_prices_a_sent_element_at_its_measured_wire_cost():
+    # float16 values with uint32 indices: 6 bytes, 48 bits per element.
+    core = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0))
+    core.maybe_decide(0.0)
+    assert core.bits_per_element() == 64  # nothing pushed yet: uint32 index + float32 value
+    decisions = []
+    for s in range(6):
+        decision = core.report(Report(1, s * 10, D, pushes_of(float(s), 20e6, 0.1, 0.02, 6.0)), float(s))
+        decisions += [decision] if decision else []
+    assert core.bits_per_element() == pytest.approx(48)
+    expected = deco(DecoInput(num_params=D, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.02,
+                              bits_per_element=core.bits_per_element(), tau_max=8))
+    assert decisions[-1].delta == pytest.approx(expected.delta, rel=1e-6)
+    assert f"{core.bits_per_element():.1f} bits/element" in decisions[-1].reason
+    # A cheaper codec lets the same link carry more elements per round.
+    fp32 = deco(DecoInput(num_params=D, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.02, tau_max=8))
+    assert decisions[-1].delta > fp32.delta
+
+
+def test_dense_pushes_and_skips_do_not_count_as_the_sparse_wire_cost():
+    core = ControllerCore(PolicyConfig(name="deco"))
+    dense = Sample(KIND_PUSH, 4 * D, 1.0, 0.0, elements=D)  # every element, no index: 32 bits
+    skip = Sample(KIND_PUSH, 40, 0.1, 0.0, elements=0)
+    core.report(Report(1, 0, D, (dense, skip)), 0.0)
+    assert core.bits_per_element() == 64
+    core.report(Report(1, 1, D, (Sample(KIND_PUSH, 4 * 1000, 0.1, 1.0, elements=1000),)), 1.0)  # a random block
+    assert core.bits_per_element() == pytest.approx(32)
+
+
+def test_a_configured_wire_cost_overrides_the_measured_one():
+    core = ControllerCore(PolicyConfig(name="deco", bits_per_element=32))
+    core.report(Report(1, 0, D, pushes_of(0.0, 20e6, 0.1, 0.02, 6.0)), 0.0)
+    assert core.bits_per_element() == 32
+    with pytest.raises(ValueError):
+        PolicyConfig(name="deco", bits_per_element=0.0)

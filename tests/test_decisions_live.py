@@ -15,11 +15,13 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def train(cluster, rounds: int, per_round: dict, errors: list, seed: int, controller: str,
-          pause_at: int | None = None, resume: threading.Event | None = None, paused: threading.Event | None = None):
+          pause_at: int | None = None, resume: threading.Event | None = None, paused: threading.Event | None = None,
+          value_dtype: str = "float32", compressor: str = "topk"):
     try:
         task = get_task("synthetic")
         model = task.build_model(seed)
-        opt = Optimizer(model.parameters(), server=cluster.server_address, controller=controller, lr=0.1)
+        opt = Optimizer(model.parameters(), server=cluster.server_address, controller=controller, lr=0.1,
+                        value_dtype=value_dtype, compressor=compressor)
         batches = task.batches(opt.rank, opt.world_size, 16, seed)
         for _ in range(rounds):
             if pause_at is not None and opt.round == pause_at:
@@ -169,3 +171,21 @@ def test_set_policy_and_status_through_the_cli(make_cluster):
                             capture_output=True, text=True, timeout=60)
     state = json.loads(status.stdout)
     assert state["policy"] == "dsgd" and state["reported_round"] > 0
+
+
+# 64 bits (uint32 index + float32 value) is what the controller assumes before any push.
+@pytest.mark.parametrize(("value_dtype", "compressor", "bits"),
+                         [("float16", "topk", 48), ("float32", "random-block", 32), ("float16", "random-block", 16)])
+def test_the_controller_prices_a_sent_element_at_the_workers_wire_cost(make_cluster, value_dtype, compressor, bits):
+    cluster = make_cluster(min_workers=2, tau_max=2, policy="static", tau=1, delta=0.2)
+    per_round: dict = {}
+    errors: list = []
+    threads = [threading.Thread(target=train, args=(cluster, 30, per_round, errors, seed, cluster.controller_address),
+                                kwargs={"value_dtype": value_dtype, "compressor": compressor}) for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(100)
+    assert not errors, errors
+    # The push sample's bytes are the payload (indices + values), so the cost is exact.
+    assert cluster.controller.service.core.bits_per_element() == pytest.approx(bits)

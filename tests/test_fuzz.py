@@ -571,12 +571,13 @@ def link_samples(draw) -> pb.LinkSample:
         round=draw(st.one_of(st.integers(0, 100), st.integers(0, U64))),
         unix_ns=draw(st.integers(-(2**63), 2**63 - 1)),
         grad_norm=draw(st.one_of(st.floats(0, 100), weird)),
+        elements=draw(st.one_of(st.integers(0, 10**6), st.integers(0, U64))),
     )
 
 
 def sample_is_valid(s: pb.LinkSample) -> bool:
     return (s.kind in (1, 2, 3, 4) and math.isfinite(s.seconds) and s.seconds >= 0
-            and math.isfinite(s.grad_norm) and s.grad_norm >= 0)
+            and math.isfinite(s.grad_norm) and s.grad_norm >= 0 and s.elements <= MAX_PARAMS)
 
 
 def fuzz_controller(examples: int) -> None:

@@ -390,9 +390,10 @@ class WorkerSession:
             self._count_sent(len(padding))
             self._sample(pb.LinkSample.KIND_PING, len(padding), time.monotonic() - started, self._reported_round)
 
-    def _sample(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
+    def _sample(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0,
+                elements: int = 0) -> None:
         self._samples.append(pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
-                                           unix_ns=time.time_ns(), grad_norm=grad_norm))
+                                           unix_ns=time.time_ns(), grad_norm=grad_norm, elements=elements))
 
     def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
         self._loop.call_soon_threadsafe(self._sample, pb.LinkSample.KIND_COMPUTE, 0, seconds, round_, grad_norm)
@@ -447,7 +448,8 @@ class WorkerSession:
                 return pb.PushReply()
             raise
         seconds = time.monotonic() - started
-        self._sample(pb.LinkSample.KIND_PUSH, logged.nbytes, seconds, logged.round)
+        elements = 0 if logged.update is None else logged.update.count
+        self._sample(pb.LinkSample.KIND_PUSH, logged.nbytes, seconds, logged.round, elements=elements)
         if self.metrics is not None:
             self.metrics.push_seconds.observe(seconds)
         self._forget_durable(reply.durable_version)
