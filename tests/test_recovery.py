@@ -10,6 +10,7 @@ import torch
 from wanps.proto.codec import model_crc32
 from wanps.server.service import ServerConfig, start_server
 from wanps.worker import Optimizer
+from wanps.worker.observer import Observer
 from wanps.worker.tasks import get_task
 
 
@@ -41,12 +42,26 @@ def test_a_server_restarted_empty_is_reseeded_by_the_workers(loop_thread):
         except BaseException as exc:
             errors.append(exc)
 
+    observers: list[Observer] = []
+
+    def observe() -> None:  # joins once the cluster has started (its pull waits for that)
+        try:
+            observers.append(Observer(task.build_model(0), f"127.0.0.1:{port}"))
+        except BaseException as exc:
+            errors.append(exc)
+
     threads = [threading.Thread(target=work, args=(seed,)) for seed in (1, 2)]
     for thread in threads:
         thread.start()
+    observer_thread = threading.Thread(target=observe)
+    observer_thread.start()
     try:
+        observer_thread.join(60)
+        assert observers, errors
+        observer = observers[0]
         while server.service.core.version < first_life and not errors:
             threads[0].join(0.02)
+        observer.poll()
         loop_thread.run(server.stop(0))
         server = loop_thread.run(start_server(ServerConfig(port=port, **config)))
         restarted.set()
@@ -60,7 +75,14 @@ def test_a_server_restarted_empty_is_reseeded_by_the_workers(loop_thread):
         for version, values, worker_id in results.values():
             assert version == core.version and model_crc32(values) == model_crc32(core.model)
             assert worker_id in (1, 2)  # the new server numbers its members from 1 again
+        # The observer lost its server too: it rejoins as an observer (not a member) and follows again.
+        assert observer.wait_for_version(core.version, timeout_s=30) == core.version
+        assert model_crc32(observer.replica.values) == model_crc32(core.model)
+        assert observer.session.recoveries >= 1
+        assert observer.worker_id in core.observers and observer.worker_id not in core.members
     finally:
+        for observer in observers:
+            observer.close()
         loop_thread.run(server.stop(0))
 
 

@@ -13,14 +13,15 @@ import torch
 from wanps.worker.optimizer import bind_to_flat, model_fingerprint
 from wanps.worker.replica import Replica
 from wanps.deploy.auth import ClientSecurity
-from wanps.worker.session import WorkerSession
+from wanps.worker.session import ConnectionLost, WorkerSession
 
 
 class Observer:
     def __init__(self, model: torch.nn.Module, server: str, *, controller: str | None = None, name: str | None = None,
                  keep_deltas: bool = False, join_timeout_s: float = 600.0, use_uvloop: bool = True,
-                 security: ClientSecurity | None = None) -> None:
+                 security: ClientSecurity | None = None, recover_timeout_s: float = 600.0) -> None:
         self.model = model
+        self.recover_timeout_s = recover_timeout_s  # poll() gives up reconnecting after this
         params = list(model.parameters())
         flat = bind_to_flat(params)
         self.fingerprint = model_fingerprint(params)
@@ -48,11 +49,31 @@ class Observer:
         return self.replica.version
 
     def poll(self) -> int:
-        """Apply every delta received so far. Returns the version."""
-        return self.replica.catch_up(self.session.deltas, 0)
+        """Apply every delta received so far. Returns the version.
+
+        A lost connection is recovered first, as a worker does (docs/operations.md), except
+        that an observer has no pushes to send again and rejoins as an observer."""
+        while True:
+            try:
+                return self.replica.catch_up(self.session.deltas, 0)
+            except ConnectionLost:
+                self._recover(self.recover_timeout_s)
 
     def wait_for_version(self, version: int, timeout_s: float) -> int:
-        return self.replica.catch_up(self.session.deltas, version, deadline=time.monotonic() + timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.replica.catch_up(self.session.deltas, version, deadline=deadline)
+            except ConnectionLost:
+                self._recover(max(1.0, deadline - time.monotonic()))
+
+    def _recover(self, timeout_s: float) -> None:
+        def wait_for(version: int) -> None:
+            self.replica.catch_up(self.session.deltas, version)
+
+        recovery = self.session.recover(self.replica, wait_for, tau_max=0, next_round=0, timeout=timeout_s)
+        if recovery.rejoined:
+            self.worker_id = self.session.worker_id
 
     def close(self) -> None:
         try:

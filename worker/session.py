@@ -167,7 +167,7 @@ class WorkerSession:
         self._generation = 0
         self.late_updates: deque[codec.SparseUpdate] = deque()
         self.recoveries = 0
-        self._join_args: tuple[int, bytes, str] | None = None
+        self._join_args: tuple[int, bytes, str, bool] | None = None  # (num_params, fingerprint, name, observer)
         self._loop = event_loop_factory(use_uvloop)()
         self._thread = threading.Thread(target=self._loop.run_forever, name="wanps-worker-io", daemon=True)
         self._thread.start()
@@ -214,7 +214,7 @@ class WorkerSession:
         if self.metrics is not None:
             self.metrics.worker_id.set(reply.worker_id)
         self.incarnation = reply.incarnation
-        self._join_args = (num_params, fingerprint, name)
+        self._join_args = (num_params, fingerprint, name, observer)
         # Report the round this worker starts at, not 0: a restarted controller schedules from it.
         self._reported_round = max(self._reported_round, reply.first_round)
         return reply
@@ -596,8 +596,9 @@ class WorkerSession:
         """Join again as a new member: seed the model if the server lost it, pull, follow."""
         assert self._join_args is not None
         old_id = self.worker_id
-        num_params, fingerprint, name = self._join_args
-        reply = self.join(num_params, fingerprint, name, timeout=max(1.0, deadline - time.monotonic()))
+        num_params, fingerprint, name, observer = self._join_args
+        reply = self.join(num_params, fingerprint, name, observer=observer,
+                          timeout=max(1.0, deadline - time.monotonic()))
         if reply.must_seed:
             self.seed(replica.values)
         pulled = self.pull(timeout=max(1.0, deadline - time.monotonic()))
