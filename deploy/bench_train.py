@@ -138,8 +138,16 @@ def predicted_iter_s(result: dict, num_params: int) -> float | None:
     return predicted_from_final_estimates(result, num_params)
 
 
-def predicted_from_final_estimates(result: dict, num_params: int) -> float | None:
-    """Theorem 3 for the decision in force at the end, on the controller's final estimates."""
+def predicted_from_final_estimates(result: dict, num_params: int, serial_transfers: bool = False) -> float | None:
+    """Theorem 3 for the decision in force at the end, on the controller's final estimates.
+
+    `serial_transfers`: the parameter-server form (`predicted_ps_iter_s`). Theorem 3 counts
+    one transfer per round; in a parameter server a round's push goes up, is aggregated,
+    and its delta comes down, so its serial term holds both transfers:
+    max{(T_comp + b + tr_up + tr_down)/(tau + 1), max(tr_up, tr_down), T_comp}. With tau = 0
+    (D-SGD, sparse EF, Accordion) nothing overlaps them and the plain form counts half of
+    a dense round's traffic.
+    """
     state = result.get("controller_state") or {}
     links = state.get("links") or []
     used = [r for r in result["per_round"] if r[2] is not None]
@@ -154,7 +162,20 @@ def predicted_from_final_estimates(result: dict, num_params: int) -> float | Non
     # From delta 0.5 on, workers send dense: 32 bits per element, every element.
     sent_bits = num_params * 32 if 2 * delta >= 1 else delta * num_params * bits
     transfer = sent_bits * traffic / bandwidth
+    if serial_transfers:
+        upload = sent_bits / bandwidth  # `transfer` is the larger direction: the download
+        serial = (t_comp + latency + upload + transfer) / (tau + 1)
+        return round(max(serial, transfer, t_comp), 5)
     return round(predicted_iteration_time(t_comp, latency, transfer, tau), 5)
+
+
+def predicted_ps_iter_s(result: dict, num_params: int) -> float | None:
+    """The parameter-server form of Theorem 3 (predicted_from_final_estimates), for runs whose
+    prediction comes from the final estimates: the methods whose decisions carry none."""
+    decisions = result.get("decisions") or []
+    if any(d.get("predicted_iter_s", 0) > 0 for d in decisions):
+        return None
+    return predicted_from_final_estimates(result, num_params, serial_transfers=True)
 
 
 def run_one(plan: BenchPlan, condition: Condition, method: str, seed: int, traces_dir: Path) -> dict:
@@ -236,6 +257,7 @@ def row_from_result(condition: str, method: str, seed: int, result: dict, extra:
         "final_accuracy": result["final_accuracy"],
         "measured_iter_s": result["measured_iter_s"],
         "predicted_iter_s": predicted_iter_s(result, num_params),
+        "predicted_ps_iter_s": predicted_ps_iter_s(result, num_params),
         "task": result.get("task", "mnist"),
         "target_accuracy": result.get("target_accuracy"),
         "time_limit_s": (result.get("config") or {}).get("time_limit_s"),
@@ -301,6 +323,7 @@ def summarize(rows: list[dict], plan: BenchPlan) -> list[dict]:
                 "rounds": statistics.median(r["rounds"] for r in sample),
                 "measured_iter_s": _median([r["measured_iter_s"] for r in sample]),
                 "predicted_iter_s": _median([r["predicted_iter_s"] for r in sample]),
+                "predicted_ps_iter_s": _median([r.get("predicted_ps_iter_s") for r in sample]),
                 "mib_up": round(statistics.median(r["bytes_up"] for r in sample) / 2**20, 1),
                 "b_over_t_comp": _median([(r.get("ratios") or {}).get("b_over_t_comp") for r in sample]),
                 "sg_over_a_t_comp": _median([(r.get("ratios") or {}).get("sg_over_a_t_comp") for r in sample]),
@@ -328,15 +351,17 @@ def _median(values: list) -> float | None:
 
 def print_table(table: list[dict]) -> None:
     header = ("condition", "method", "reached", "time to target (s)", "deco speed-up", "final acc", "rounds",
-              "iter s measured", "iter s Thm 3", "Thm 3 err", "MiB up", "b/Tc", "Sg/(a Tc)")
+              "iter s measured", "iter s Thm 3", "Thm 3 err", "PS err", "MiB up", "b/Tc", "Sg/(a Tc)")
     lines = [header]
     for t in table:
         measured, predicted = t["measured_iter_s"], t["predicted_iter_s"]
         error = f"{predicted / measured - 1:+.0%}" if measured and predicted else "-"
+        ps = t.get("predicted_ps_iter_s")
+        ps_error = f"{ps / measured - 1:+.0%}" if measured and ps else "-"
         lines.append((t["condition"], t["method"], t.get("reached", "-"),
                       "-" if t["median_time_to_target_s"] is None else f"{t['median_time_to_target_s']:.1f}",
                       t["deco_speedup_over_method"], f"{t['final_accuracy']:.4f}", f"{t['rounds']:.0f}",
-                      str(measured), str(predicted), error, f"{t['mib_up']}",
+                      str(measured), str(predicted), error, ps_error, f"{t['mib_up']}",
                       str(t.get("b_over_t_comp")), str(t.get("sg_over_a_t_comp"))))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for n, line in enumerate(lines):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from wanps.deploy.bench_train import (CONDITIONS, QUICK, BenchPlan, deco_ratios, median_time, num_params_of,
-                                      predicted_iter_s, summarize, write_traces)
+                                      predicted_iter_s, predicted_ps_iter_s, summarize, write_traces)
 from wanps.deploy.linkem import LinkTrace
 
 
@@ -52,6 +52,20 @@ def test_prediction_for_dense_rounds_counts_values_only():
                                                                      "t_comp_s": 0.02}]}}
     transfer = 1000 * 32 / 10e6
     assert predicted_iter_s(result, 1000) == pytest.approx(0.02 + 0.1 + transfer, abs=1e-5)
+    # The parameter-server form: the push goes up and the delta comes down, in series at tau 0.
+    assert predicted_ps_iter_s(result, 1000) == pytest.approx(0.02 + 0.1 + 2 * transfer, abs=1e-5)
+
+
+def test_the_parameter_server_form_counts_both_directions_and_only_replaces_final_estimate_predictions():
+    links = [{"bandwidth_bps": 10e6, "latency_s": 0.1, "t_comp_s": 0.03}]
+    result = {"per_round": [[0, 0.1, 2, 0.01, None]], "decisions": [],
+              "controller_state": {"traffic_factor": 3.0, "bits_per_element": 48.0, "links": links}}
+    upload = 0.01 * 1000 * 48 / 10e6  # the measured wire cost, not the 64-bit default
+    download = 3.0 * upload
+    assert predicted_ps_iter_s(result, 1000) == pytest.approx(max((0.03 + 0.1 + upload + download) / 3, download, 0.03),
+                                                              abs=1e-5)
+    adaptive = dict(result, decisions=[{"id": 1, "from_round": 0, "tau": 2, "delta": 0.01, "predicted_iter_s": 0.05}])
+    assert predicted_ps_iter_s(adaptive, 1000) is None  # its decisions carry their own prediction
 
 
 def test_summarize_rebuilds_rows_from_run_folders(tmp_path):
