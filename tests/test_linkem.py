@@ -11,7 +11,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import TypeVar
 
@@ -191,6 +192,21 @@ async def start_echo_server(
     return server, server.sockets[0].getsockname()[1]
 
 
+@asynccontextmanager
+async def echo_through_link(trace: LinkTrace, on_connect: Callable[[int], str] = lambda n: "echo",
+                            ) -> AsyncIterator[tuple[LinkEmulator, int]]:
+    """An echo server behind a started LinkEmulator: yields (emulator, the link's port); closes both."""
+    server, target_port = await start_echo_server(on_connect)
+    emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, target_port, trace)
+    port = await emulator.start()
+    try:
+        yield emulator, port
+    finally:
+        await emulator.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def push(port: int, total: int, stop: Callable[[], bool] = lambda: False) -> int:
     """Send `total` bytes (or until `stop()`) to `port`, then half-close. Returns bytes sent."""
     _, writer = await asyncio.open_connection(LOCALHOST, port)
@@ -283,10 +299,7 @@ def test_round_trip_time_is_twice_the_delay() -> None:
     delay_ms = 80.0
 
     async def scenario() -> list[float]:
-        server, target_port = await start_echo_server()
-        emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, target_port, LinkTrace.fixed(1000, delay_ms))
-        port = await emulator.start()
-        try:
+        async with echo_through_link(LinkTrace.fixed(1000, delay_ms)) as (_, port):
             reader, writer = await asyncio.open_connection(LOCALHOST, port)
             rtts = []
             for i in range(5):
@@ -298,10 +311,6 @@ def test_round_trip_time_is_twice_the_delay() -> None:
                 rtts.append((time.monotonic() - started) * 1e3)
             writer.close()
             return rtts
-        finally:
-            await emulator.close()
-            server.close()
-            await server.wait_closed()
 
     rtts = run(scenario(), timeout_s=10)
     print("RTTs ms:", ", ".join(f"{r:.1f}" for r in rtts))
@@ -345,10 +354,7 @@ def test_half_close_carries_all_data_both_ways() -> None:
     payload = os.urandom(1_000_000 + 123)
 
     async def scenario() -> tuple[bytes, LinkEmulator]:
-        server, target_port = await start_echo_server()
-        emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, target_port, LinkTrace.fixed(400, 5))
-        port = await emulator.start()
-        try:
+        async with echo_through_link(LinkTrace.fixed(400, 5)) as (emulator, port):
             reader, writer = await asyncio.open_connection(LOCALHOST, port)
 
             async def send() -> None:
@@ -361,10 +367,6 @@ def test_half_close_carries_all_data_both_ways() -> None:
             await sending
             writer.close()
             return echoed, emulator
-        finally:
-            await emulator.close()
-            server.close()
-            await server.wait_closed()
 
     echoed, emulator = run(scenario(), timeout_s=10)
     assert echoed == payload
@@ -402,10 +404,8 @@ def test_failing_connections_do_not_kill_the_emulator() -> None:
             refusing.close()
 
         # A target that resets the first connection mid-stream, then echoes.
-        server, target_port = await start_echo_server(lambda n: "reset" if n == 1 else "echo")
-        emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, target_port, LinkTrace.fixed(100, 1))
-        port = await emulator.start()
-        try:
+        reset_first = lambda n: "reset" if n == 1 else "echo"  # noqa: E731
+        async with echo_through_link(LinkTrace.fixed(100, 1), reset_first) as (_, port):
             await expect_closed(port)
             reader, writer = await asyncio.open_connection(LOCALHOST, port)
             writer.write(b"still alive")
@@ -413,10 +413,6 @@ def test_failing_connections_do_not_kill_the_emulator() -> None:
             answer = await reader.read()
             writer.close()
             return answer
-        finally:
-            await emulator.close()
-            server.close()
-            await server.wait_closed()
 
     assert run(scenario(), timeout_s=10) == b"still alive"
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from wanps.deploy.linkem import Fault, LinkEmulator, LinkTrace, parse_faults
+from wanps.deploy.linkem import Fault, LinkTrace, parse_faults
 
-from test_linkem import LOCALHOST, run, start_echo_server
+from test_linkem import LOCALHOST, echo_through_link, run
 
 
 async def echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: bytes) -> float:
@@ -21,10 +21,7 @@ async def echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 
 def test_reset_aborts_every_connection_and_new_ones_work() -> None:
     async def scenario() -> None:
-        server, target_port = await start_echo_server()
-        emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, target_port, LinkTrace.fixed(1000, 1))
-        port = await emulator.start()
-        try:
+        async with echo_through_link(LinkTrace.fixed(1000, 1)) as (emulator, port):
             connections = [await asyncio.open_connection(LOCALHOST, port) for _ in range(2)]
             for reader, writer in connections:
                 await echo_once(reader, writer, b"hello")
@@ -38,30 +35,19 @@ def test_reset_aborts_every_connection_and_new_ones_work() -> None:
             reader, writer = await asyncio.open_connection(LOCALHOST, port)
             await echo_once(reader, writer, b"after the reset")
             writer.close()
-        finally:
-            await emulator.close()
-            server.close()
-            await server.wait_closed()
 
     run(scenario(), timeout_s=10)
 
 
 def test_stall_holds_every_byte_for_its_duration() -> None:
     async def scenario() -> tuple[float, float]:
-        server, target_port = await start_echo_server()
-        emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, target_port, LinkTrace.fixed(1000, 1))
-        port = await emulator.start()
-        try:
+        async with echo_through_link(LinkTrace.fixed(1000, 1)) as (emulator, port):
             reader, writer = await asyncio.open_connection(LOCALHOST, port)
             before = await echo_once(reader, writer, b"x" * 100)
             emulator.stall(0.5)
             during = await echo_once(reader, writer, b"y" * 100)
             writer.close()
             return before, during
-        finally:
-            await emulator.close()
-            server.close()
-            await server.wait_closed()
 
     before, during = run(scenario(), timeout_s=10)
     assert before < 0.1
@@ -70,17 +56,10 @@ def test_stall_holds_every_byte_for_its_duration() -> None:
 
 def test_scheduled_faults_run_at_their_times() -> None:
     async def scenario() -> tuple[int, int]:
-        server, target_port = await start_echo_server()
-        emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, target_port, LinkTrace.fixed(1000, 1))
-        await emulator.start()
-        try:
+        async with echo_through_link(LinkTrace.fixed(1000, 1)) as (emulator, _):
             emulator.schedule_faults(parse_faults("reset@0.05,stall@0.1:0.2"))
             await asyncio.sleep(0.5)  # the schedule's own clock: the faults are due by then
             return emulator.resets, emulator.stalls
-        finally:
-            await emulator.close()
-            server.close()
-            await server.wait_closed()
 
     assert run(scenario(), timeout_s=10) == (1, 1)
 
