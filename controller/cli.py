@@ -16,14 +16,15 @@ from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, deco
 from wanps.controller.estimator import EstimatorConfig
 from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
-from wanps.deploy.auth import (
+from wanps.rpc.auth import (
     add_client_security_flags,
     add_server_security_flags,
     client_security_from_args,
     server_security_from_args,
     sync_channel,
 )
-from wanps.deploy.runtime import EnvDefaultsParser, serve_main, setup_logging, split_host_port
+from wanps.rpc.config import EnvDefaultsParser, setup_logging, split_host_port
+from wanps.rpc.serving import serve_main
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 

@@ -1,50 +1,7 @@
-"""Decisions (tau, delta) and the policies that make them. Pure: no network code.
-
-A decision holds from its `from_round` until a later decision's `from_round`, so every
-worker switches at the same round whatever the moment it hears of the decision.
-"""
+"""The decisions a controller has made (the type itself is the contract's: wanps.proto.decisions). Pure."""
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-
-
-@dataclass(frozen=True)
-class Decision:
-    decision_id: int
-    from_round: int
-    tau: int
-    delta: float
-    policy: str
-    reason: str
-    # deco-hetero: per-worker deltas; a worker not listed uses `delta`.
-    worker_delta: dict[int, float] = field(default_factory=dict, compare=False)
-    predicted_iter_s: float = 0.0
-
-    def delta_for(self, worker_id: int | None) -> float:
-        return self.worker_delta.get(worker_id, self.delta) if worker_id is not None else self.delta
-
-    def __post_init__(self) -> None:
-        if self.tau < 0:
-            raise ValueError(f"tau must be >= 0, got {self.tau}")
-        if not 0.0 < self.delta <= 1.0:
-            raise ValueError(f"delta must be in (0, 1], got {self.delta}")
-        if self.from_round < 0:
-            raise ValueError(f"from_round must be >= 0, got {self.from_round}")
-        for worker_id, delta in self.worker_delta.items():
-            if not 0.0 < delta <= 1.0:
-                raise ValueError(f"delta of worker {worker_id} must be in (0, 1], got {delta}")
-
-
-def decision_for_round(decisions: Iterable[Decision], round_: int) -> Decision | None:
-    """The decision in force at `round_`: the latest from_round <= round_ (newest id on ties)."""
-    best: Decision | None = None
-    for decision in decisions:
-        if decision.from_round <= round_ and (
-            best is None or (decision.from_round, decision.decision_id) > (best.from_round, best.decision_id)
-        ):
-            best = decision
-    return best
+from wanps.proto.decisions import Decision, decision_for_round
 
 
 class DecisionBook:

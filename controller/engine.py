@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DENSE_BITS_PER_ELEMENT, DENSE_FROM_DELTA, overhead_sample
-from wanps.controller.decisions import Decision, DecisionBook, decision_for_round
+from wanps.proto.decisions import Decision, decision_for_round
+from wanps.controller.decisions import DecisionBook
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
 from wanps.controller.policy import (ClusterView, PolicyConfig, Proposal, deco_input, differs_enough, estimates_moved,
                                      propose, slowest_link)

@@ -15,16 +15,18 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from wanps.controller.decisions import Decision
+from wanps.proto.decisions import Decision, decision_to_message
 from wanps.controller.engine import ControllerCore, Report, with_policy
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH, EstimatorConfig, Sample
 from wanps.controller.policy import PolicyConfig
 from wanps.proto import wanps_pb2 as pb
-from wanps.proto.codec import MAX_PARAMS
+from wanps.proto.wire import MAX_PARAMS
 from wanps.proto import wanps_pb2_grpc as pb_grpc
-from wanps.deploy.auth import ServerSecurity
-from wanps.deploy.runtime import RunningService, start_grpc_service
-from wanps.server.limits import ResourceExhausted, StreamLimiter
+from wanps.rpc.auth import ServerSecurity
+from wanps.rpc.serving import RunningService, start_grpc_service
+from wanps.rpc.errors import InvalidArgument, OutOfRange, ResourceExhausted
+from wanps.rpc.limits import StreamLimiter
+from wanps.rpc.status import mapped_errors
 
 log = logging.getLogger("wanps.controller")
 
@@ -48,7 +50,7 @@ class ControllerConfig:
     max_streams_per_worker: int = 8
     # Workers with link estimates at once; a new id past it evicts ids silent for window_s, or is refused.
     max_workers: int = 1024
-    security: ServerSecurity = ServerSecurity()  # token and TLS (deploy/auth.py); default: neither
+    security: ServerSecurity = ServerSecurity()  # token and TLS (wanps.rpc.auth); default: neither
 
 
 class ControllerMetrics:
@@ -77,19 +79,6 @@ class ControllerMetrics:
         self.bits_per_element = Gauge("wanps_controller_bits_per_element",
                                       "Wire bits per sent element DeCo prices a push at (measured or configured).",
                                       registry=registry)
-
-
-def decision_message(decision: Decision) -> pb.Decision:
-    return pb.Decision(
-        decision_id=decision.decision_id,
-        from_round=decision.from_round,
-        tau=decision.tau,
-        delta=decision.delta,
-        policy=decision.policy,
-        reason=decision.reason,
-        worker_delta=decision.worker_delta,
-        predicted_iter_s=decision.predicted_iter_s,
-    )
 
 
 _SAMPLE_KINDS = {
@@ -140,10 +129,8 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     async def Decisions(self, request: pb.DecisionsRequest, context) -> AsyncIterator[pb.Decision]:
         sent: set[int] = set()
-        try:
+        async with mapped_errors(context):
             self._streams.acquire(request.worker_id, "Decisions")
-        except ResourceExhausted as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self.metrics.subscribers.inc()
         try:
             while not self._closing:
@@ -151,43 +138,47 @@ class ControllerService(pb_grpc.ControllerServicer):
                 for decision in self.core.book.relevant(self.core.reported_round):
                     if decision.decision_id not in sent:
                         sent.add(decision.decision_id)
-                        yield decision_message(decision)
+                        yield decision_to_message(decision)
                 await changed.wait()
         finally:
             self.metrics.subscribers.dec()
             self._streams.release(request.worker_id)
 
     async def Report(self, request: pb.ReportRequest, context) -> pb.ReportReply:
-        if len(request.samples) > self.config.max_samples_per_report:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"at most {self.config.max_samples_per_report} samples per report")
-        if request.round > MAX_ROUND or any(sample.round > MAX_ROUND for sample in request.samples):
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"rounds are limited to {MAX_ROUND}")
-        if request.num_params > MAX_PARAMS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_params must be <= {MAX_PARAMS}")
         now = time.monotonic()
-        if request.worker_id not in self._last_report and not self._make_room(now):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the controller tracks at most {self.config.max_workers} workers' links "
-                                f"(--max-workers); none has been silent for {self.config.estimator.window_s:g} s")
-        samples = []
-        for sample in request.samples:
-            kind = _SAMPLE_KINDS.get(sample.kind)
-            if kind is None or not sample.seconds >= 0 or not math.isfinite(sample.seconds):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a sample needs a kind and seconds >= 0")
-            if not math.isfinite(sample.grad_norm) or sample.grad_norm < 0:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "grad_norm must be finite and >= 0")
-            if sample.elements > MAX_PARAMS:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a push carries at most {MAX_PARAMS} elements")
-            samples.append(Sample(kind=kind, nbytes=sample.bytes, seconds=sample.seconds, at_s=now, round=sample.round,
-                                  grad_norm=sample.grad_norm, elements=sample.elements))
+        async with mapped_errors(context):
+            samples = self._accept_report(request, now)
         for sample in samples:
             self.metrics.samples.labels(kind=sample.kind).inc()
-        self._last_report[request.worker_id] = now
         decision = self.core.report(Report(request.worker_id, request.round, request.num_params, tuple(samples)), now)
         self._publish(decision)
         self._refresh_gauges()
         return pb.ReportReply()
+
+    def _accept_report(self, request: pb.ReportRequest, now: float) -> list[Sample]:
+        """Validate a report whole (a refused one changes nothing) and decode its samples."""
+        if len(request.samples) > self.config.max_samples_per_report:
+            raise ResourceExhausted(f"at most {self.config.max_samples_per_report} samples per report")
+        if request.round > MAX_ROUND or any(sample.round > MAX_ROUND for sample in request.samples):
+            raise OutOfRange(f"rounds are limited to {MAX_ROUND}")
+        if request.num_params > MAX_PARAMS:
+            raise InvalidArgument(f"num_params must be <= {MAX_PARAMS}")
+        samples = []
+        for sample in request.samples:
+            kind = _SAMPLE_KINDS.get(sample.kind)
+            if kind is None or not sample.seconds >= 0 or not math.isfinite(sample.seconds):
+                raise InvalidArgument("a sample needs a kind and seconds >= 0")
+            if not math.isfinite(sample.grad_norm) or sample.grad_norm < 0:
+                raise InvalidArgument("grad_norm must be finite and >= 0")
+            if sample.elements > MAX_PARAMS:
+                raise InvalidArgument(f"a push carries at most {MAX_PARAMS} elements")
+            samples.append(Sample(kind=kind, nbytes=sample.bytes, seconds=sample.seconds, at_s=now, round=sample.round,
+                                  grad_norm=sample.grad_norm, elements=sample.elements))
+        if request.worker_id not in self._last_report and not self._make_room(now):
+            raise ResourceExhausted(f"the controller tracks at most {self.config.max_workers} workers' links "
+                                    f"(--max-workers); none has been silent for {self.config.estimator.window_s:g} s")
+        self._last_report[request.worker_id] = now
+        return samples
 
     def _make_room(self, now: float) -> bool:
         """Room for one more worker's estimates: forget those silent for a whole window if full."""
@@ -217,16 +208,17 @@ class ControllerService(pb_grpc.ControllerServicer):
             self.metrics.measured_iteration.set(measured)
 
     async def SetPolicy(self, request: pb.SetPolicyRequest, context) -> pb.SetPolicyReply:
-        try:
-            policy = with_policy(self.core.policy, request.policy,
-                                 request.tau if request.policy == "static" else None,
-                                 request.delta if request.policy == "static" else None)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        async with mapped_errors(context):
+            try:
+                policy = with_policy(self.core.policy, request.policy,
+                                     request.tau if request.policy == "static" else None,
+                                     request.delta if request.policy == "static" else None)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
         decision = self.core.set_policy(policy, time.monotonic())
         self._publish(decision)
         log.info("policy switched to %s", policy.name)
-        return pb.SetPolicyReply(decision=decision_message(decision)) if decision else pb.SetPolicyReply()
+        return pb.SetPolicyReply(decision=decision_to_message(decision)) if decision else pb.SetPolicyReply()
 
     async def GetState(self, request: pb.GetStateRequest, context) -> pb.ControllerState:
         core = self.core
@@ -234,7 +226,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                                t_comp_s=e.t_comp_s or 0.0, push_samples=e.push_samples, ping_samples=e.ping_samples,
                                method=e.method) for w, e in sorted(core.estimates.items())]
         return pb.ControllerState(policy=core.policy.name, reported_round=core.reported_round,
-                                  decisions=[decision_message(d) for d in core.book.relevant(core.reported_round)],
+                                  decisions=[decision_to_message(d) for d in core.book.relevant(core.reported_round)],
                                   links=links, traffic_factor=core.traffic_factor(),
                                   bits_per_element=core.bits_per_element())
 

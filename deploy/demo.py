@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from wanps.controller.decisions import decision_for_round
+from wanps.proto.decisions import decision_for_round
 from wanps.controller.policy import POLICIES
-from wanps.deploy.auth import ClientSecurity, add_client_security_flags, client_security_env, client_security_from_args
+from wanps.rpc.auth import ClientSecurity, add_client_security_flags, client_security_env, client_security_from_args
 from wanps.deploy.processes import ManagedProcess, start_process, stop_all, wanps_command
-from wanps.deploy.runtime import EnvDefaultsParser, setup_logging
+from wanps.rpc.config import EnvDefaultsParser, setup_logging
 
 log = logging.getLogger("wanps.demo")
 
@@ -57,7 +57,7 @@ class DemoConfig:
 
 
 def default_trace() -> str:
-    return str(resources.files("wanps.deploy") / "traces" / "wan-varying.csv")
+    return str(resources.files("wanps.linkem") / "traces" / "wan-varying.csv")
 
 
 def scrape(port: int | None) -> dict[str, float]:
@@ -227,7 +227,7 @@ def fetch_controller_state(address: str, security: ClientSecurity | None = None)
     """The controller's policy, decisions in force and link estimates (GetState), as a dict."""
     from google.protobuf.json_format import MessageToDict
 
-    from wanps.deploy.auth import sync_channel
+    from wanps.rpc.auth import sync_channel
 
     from wanps.proto import wanps_pb2 as pb
     from wanps.proto import wanps_pb2_grpc as pb_grpc

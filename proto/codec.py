@@ -26,14 +26,11 @@ import numpy as np
 import torch
 
 from wanps.proto import wanps_pb2 as pb
+from wanps.proto.wire import CHUNK_ELEMENTS, MAX_PARAMS, WireError
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("wanps's zero-copy codec assumes a little-endian host")
 
-# 128Ki elements per chunk: 512 KiB of indices + 512 KiB of float32 values.
-CHUNK_ELEMENTS = 128 * 1024
-# Indices are viewed as int32, so a model must stay below this many parameters.
-MAX_PARAMS = 2**31 - 1
 
 _VALUE_DTYPES: dict[int, torch.dtype] = {
     pb.VALUE_DTYPE_FLOAT32: torch.float32,
@@ -45,10 +42,6 @@ _WIRE_DTYPE_OF: dict[torch.dtype, int] = {dtype: wire for wire, dtype in _VALUE_
 # What this build decodes.
 SUPPORTED_VALUE_DTYPES = frozenset(_VALUE_DTYPES)
 SUPPORTED_CODECS = frozenset({pb.CODEC_SPARSE, pb.CODEC_DENSE, pb.CODEC_RANDOM_BLOCK})
-
-
-class WireError(ValueError):
-    """A payload that breaks the wire rules. The message says which rule and why."""
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ import warnings
 
 import torch
 
-from wanps.deploy.auth import add_server_security_flags, server_security_from_args
-from wanps.deploy.runtime import EnvDefaultsParser, serve_main, setup_logging, split_host_port
+from wanps.rpc.auth import add_server_security_flags, server_security_from_args
+from wanps.rpc.config import EnvDefaultsParser, setup_logging, split_host_port
+from wanps.rpc.serving import serve_main
 from wanps.server.checkpoint import checkpoint_path
-from wanps.server.limits import Limits
+from wanps.rpc.limits import Limits
 from wanps.server.service import ServerConfig, start_server
 
 

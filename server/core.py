@@ -42,30 +42,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wanps.proto.codec import MAX_PARAMS, SparseUpdate, apply_delta, model_crc32
+from wanps.proto.codec import SparseUpdate, apply_delta, model_crc32
+from wanps.proto.wire import MAX_PARAMS
+# Refusals are the rpc layer's plain exceptions (no gRPC in them); the servicer maps them to status codes.
+from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound
 
 CHECKPOINT_FORMAT = 1
 # Rounds a member remembers having missed at a deadline (to answer a very late push `late`).
 MISSED_ROUNDS_KEPT = 4096
-
-
-# ------------------------------------------------------------------------------- errors
-
-
-class CoreError(Exception):
-    """A refused request. Subclasses name the gRPC status the servicer maps them to."""
-
-
-class InvalidArgument(CoreError):
-    pass
-
-
-class FailedPrecondition(CoreError):
-    pass
-
-
-class NotFound(CoreError):
-    pass
 
 
 # ------------------------------------------------------------------------------- state

@@ -2,7 +2,7 @@
 
 Every call into `ServerCore` runs on one dedicated thread (`_core_thread`), which keeps
 heavy tensor work off the event loop and makes the core's rules sequential without locks.
-Errors are mapped to gRPC status codes in one place (`_STATUS_FOR`).
+Refusals are mapped to gRPC status codes in one place for every servicer (wanps.rpc.status).
 """
 from __future__ import annotations
 
@@ -23,46 +23,23 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
-from wanps.deploy.auth import ServerSecurity
-from wanps.deploy.runtime import RunningService, start_grpc_service
+from wanps.rpc.auth import ServerSecurity
+from wanps.rpc.serving import RunningService, start_grpc_service
 
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.server.checkpoint import read_checkpoint, write_checkpoint
-from wanps.server.core import (
-    ClosedRound,
-    CoreConfig,
-    CoreError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PushResult,
-    ServerCore,
-)
-from wanps.server.limits import Limits, ResourceExhausted, StreamLimiter, TokenBucket
+from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from wanps.rpc.limits import Limits, StreamLimiter, TokenBucket
+from wanps.rpc.status import REFUSALS, mapped_errors, status_for
+from wanps.server.core import ClosedRound, CoreConfig, PushResult, ServerCore
 from wanps.server.metrics import ServerMetrics
 
 log = logging.getLogger("wanps.server")
 T = TypeVar("T")
 
 MAX_PING_PADDING = 1024 * 1024
-
-_STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    codec.WireError: grpc.StatusCode.INVALID_ARGUMENT,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
-
-def status_for(exc: Exception) -> grpc.StatusCode:
-    for kind, code in _STATUS_FOR.items():
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -82,7 +59,7 @@ class ServerConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     use_uvloop: bool = True
     limits: Limits = Limits()
-    security: ServerSecurity = ServerSecurity()  # token and TLS (deploy/auth.py); default: neither
+    security: ServerSecurity = ServerSecurity()  # token and TLS (wanps.rpc.auth); default: neither
     # Faults (docs/operations.md). A worker silent this long leaves at the next round boundary (0: never).
     lease_s: float = 30.0
     # Close a round without its stragglers this long after its first push (0: wait for everyone).
@@ -269,7 +246,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     # ------------------------------------------------------------------ RPCs
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
-        async with _mapped_errors(context):
+        async with mapped_errors(context):
             self._joins.take("join")  # before any other work: a join flood costs next to nothing
             if request.role not in (pb.ROLE_WORKER, pb.ROLE_OBSERVER):
                 raise InvalidArgument("role must be ROLE_WORKER or ROLE_OBSERVER")
@@ -297,7 +274,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             )
 
     async def SeedModel(self, request_iterator: AsyncIterator[pb.ModelChunk], context) -> pb.SeedModelReply:
-        async with _mapped_errors(context):
+        async with mapped_errors(context):
             num_params = self.core.num_params
             if num_params is None:
                 raise FailedPrecondition("join before seeding")
@@ -331,7 +308,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             return pb.SeedModelReply(version=self.core.version, model_crc32=crc)
 
     async def PullModel(self, request: pb.PullModelRequest, context) -> AsyncIterator[pb.ModelChunk]:
-        async with _mapped_errors(context):
+        async with mapped_errors(context):
             worker_id = request.worker_id
             if not self.core.is_known(worker_id):
                 raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
@@ -370,7 +347,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 update = await loop.run_in_executor(self._decode_pool, decode_push, header, index_parts, value_parts,
                                                     self.core.num_params or 0)
             result = await self._on_core(self._push_on_core_thread, header, update)
-        except (CoreError, codec.WireError) as exc:
+        except REFUSALS as exc:
             code = status_for(exc)
             self.metrics.push_rejected.labels(code=code.name).inc()
             await context.abort(code, str(exc))
@@ -451,7 +428,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.metrics.members.set(len(self.core.expected_workers(self.core.version)))
 
     async def Updates(self, request: pb.UpdatesRequest, context) -> AsyncIterator[pb.DeltaChunk]:
-        async with _mapped_errors(context):
+        async with mapped_errors(context):
             self.core.touch(request.worker_id)
             if not self.core.is_known(request.worker_id):
                 raise NotFound(f"worker {request.worker_id} is not a member of this cluster (join first)")
@@ -466,8 +443,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
         # Padding lets workers probe bandwidth; it is bounded so a ping stays cheap.
-        if len(request.padding) > MAX_PING_PADDING:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"ping padding is limited to {MAX_PING_PADDING} bytes")
+        async with mapped_errors(context):
+            if len(request.padding) > MAX_PING_PADDING:
+                raise ResourceExhausted(f"ping padding is limited to {MAX_PING_PADDING} bytes")
         self.metrics.received_bytes.inc(len(request.padding))
         # The heartbeat: renewing a lease is one float store, safe off the core thread, and
         # keeps pings (RTT samples) from queueing behind a round's aggregation.
@@ -475,13 +453,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.core.version)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
-        async with _mapped_errors(context):
+        async with mapped_errors(context):
             last_round, closed = await self._on_core(self._leave_on_core_thread, request.worker_id)
             log.info("leave: worker %d after round %d", request.worker_id, last_round)
             return pb.LeaveReply(last_round=max(last_round, 0))
 
     async def Resume(self, request: pb.ResumeRequest, context) -> pb.ResumeReply:
-        async with _mapped_errors(context):
+        async with mapped_errors(context):
             info = await self._on_core(self.core.resume_info, request.worker_id)
             self.metrics.resumes.labels(outcome="member" if info.member else "gone").inc()
             log.info("resume: worker %d %s at version %d, holding rounds %s", request.worker_id,
@@ -527,21 +505,6 @@ def encode_round(closed: ClosedRound) -> tuple[pb.DeltaChunk, ...]:
         last.has_model_crc32 = True
         last.model_crc32 = closed.model_crc32
     return tuple(chunks)
-
-
-class _mapped_errors:
-    """`async with _mapped_errors(context)`: a refused request becomes its gRPC status."""
-
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
-        self._context = context
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and isinstance(exc, (CoreError, codec.WireError)):
-            await self._context.abort(status_for(exc), str(exc))
-        return False
 
 
 # ---------------------------------------------------------------------------- process

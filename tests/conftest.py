@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
-from wanps.deploy.auth import ServerSecurity
-from wanps.deploy.runtime import event_loop_factory
-from wanps.server.limits import Limits
+from wanps.rpc.auth import ServerSecurity
+from wanps.rpc.config import event_loop_factory
+from wanps.rpc.limits import Limits
 from wanps.server.service import ServerConfig, start_server
 
 

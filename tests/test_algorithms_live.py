@@ -156,7 +156,7 @@ def test_def_output_is_x_minus_the_mean_residual_and_def_a_is_x(make_cluster, mo
 ], ids=["ef-momentum", "sasg", "def-random-block"])
 def test_simulation_trains_the_same_model_as_the_cluster(make_cluster, options: dict) -> None:
     """The in-process simulation runs the same UpdateRule and ServerCore: bit-identical models."""
-    from wanps.deploy.simulate import SimulationConfig, simulate
+    from wanps.bench.simulate import SimulationConfig, simulate
 
     rounds, lr = 12, 0.1
     config = SimulationConfig(num_workers=2, batch_size=16, lr=lr, rounds=rounds, eval_every=rounds, **options)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from wanps.deploy.bench_algorithms import main
+from wanps.bench.algorithms import main
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from wanps.deploy.bench_estimate import SETUP_BANDWIDTH_MBIT, DeferredTrace, Poll, main, settle_time
-from wanps.deploy.linkem import LinkTrace, TracePoint
+from wanps.bench.estimate import SETUP_BANDWIDTH_MBIT, DeferredTrace, Poll, main, settle_time
+from wanps.linkem.proxy import LinkTrace, TracePoint
 
 
 def _poll(t: float, mbit: float | None) -> Poll:

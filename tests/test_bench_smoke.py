@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from wanps.deploy.bench import PAYLOAD_BYTES_PER_ELEMENT, main, serialized_push
+from wanps.bench.cli import PAYLOAD_BYTES_PER_ELEMENT, main, serialized_push
 from wanps.proto.codec import CHUNK_ELEMENTS
 
 

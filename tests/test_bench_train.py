@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from wanps.deploy.bench_train import (CONDITIONS, QUICK, BenchPlan, deco_ratios, median_time, num_params_of,
+from wanps.bench.train import (CONDITIONS, QUICK, BenchPlan, deco_ratios, median_time, num_params_of,
                                       predicted_iter_s, predicted_ps_iter_s, summarize, write_traces)
-from wanps.deploy.linkem import LinkTrace
+from wanps.linkem.proxy import LinkTrace
 
 
 def row(method, seed, time_s, reached=True):
@@ -71,7 +71,7 @@ def test_the_parameter_server_form_counts_both_directions_and_only_replaces_fina
 def test_summarize_rebuilds_rows_from_run_folders(tmp_path):
     import json
 
-    from wanps.deploy.bench_train import rows_from_runs
+    from wanps.bench.train import rows_from_runs
 
     demo = {"reached_target": True, "time_to_target_s": 40.0, "rounds": 100, "bytes_up": 1, "bytes_down": 2,
             "final_accuracy": 0.97, "measured_iter_s": 0.02, "config": {"time_limit_s": 150},

@@ -356,7 +356,7 @@ def test_optimizer_trains_with_a_configured_compressor_and_dtype(make_cluster) -
 def test_bench_compress_smoke(tmp_path, capsys) -> None:
     import json
 
-    from wanps.deploy import bench_compress
+    from wanps.bench import compressors as bench_compress
 
     out = tmp_path / "bench.json"
     assert bench_compress.main(["--sizes", "200000", "--repeats", "1", "--json", str(out)]) == 0

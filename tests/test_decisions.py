@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from wanps.controller.decisions import (
-    Decision,
-    DecisionBook,
-    decision_for_round,
-)
+from wanps.proto.decisions import Decision, decision_for_round
+from wanps.controller.decisions import DecisionBook
 
 
 def dec(decision_id: int, from_round: int, tau: int = 1, delta: float = 0.1) -> Decision:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from compose_harness import compose_binary
-from wanps.deploy import health
+from wanps.rpc import health
 from wanps.deploy.cli import main as wanps_main
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"

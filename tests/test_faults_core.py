@@ -12,7 +12,8 @@ from wanps.controller.policy import PolicyConfig
 from wanps.proto.codec import SparseUpdate, model_crc32
 from wanps.server.checkpoint import read_checkpoint, write_checkpoint
 from wanps.worker.compress import ErrorFeedback
-from wanps.server.core import CoreConfig, NotFound, ServerCore
+from wanps.rpc.errors import NotFound
+from wanps.server.core import CoreConfig, ServerCore
 
 from test_server_core import FP, D, sp, state
 

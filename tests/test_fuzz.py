@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 from conftest import Cluster, LoopThread
 from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import MAX_ROUND, ControllerConfig
-from wanps.deploy.auth import sync_channel
+from wanps.rpc.auth import sync_channel
 from wanps.proto.codec import MAX_PARAMS
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
-from wanps.server.limits import Limits
+from wanps.rpc.limits import Limits
 from wanps.server.service import MAX_PING_PADDING, ServerConfig
 
 from wire import FINGERPRINT, RawClient

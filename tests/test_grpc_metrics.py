@@ -10,8 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from wanps.deploy.grpc_metrics import split_method, status_name
-from wanps.deploy.runtime import start_grpc_service
+from wanps.rpc.metrics import split_method, status_name
+from wanps.rpc.serving import start_grpc_service
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 

@@ -7,10 +7,10 @@ import grpc
 import pytest
 import torch
 
-from wanps.deploy.auth import sync_channel
+from wanps.rpc.auth import sync_channel
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
-from wanps.server.limits import Limits, ResourceExhausted, StreamLimiter, TokenBucket
+from wanps.rpc.limits import Limits, ResourceExhausted, StreamLimiter, TokenBucket
 from wanps.server.service import MAX_PING_PADDING
 
 from wire import RawClient

@@ -1,7 +1,7 @@
 """Tests of `wanps linkem`, the user-space WAN link emulator.
 
 All traffic stays on 127.0.0.1 with ports picked by the kernel (port 0). Coroutines run on
-the production event loop (uvloop, via `wanps.deploy.runtime.run_async`), each under a time bound.
+the production event loop (uvloop, via `wanps.rpc.config.run_async`), each under a time bound.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import TypeVar
 
 import pytest
 
-from wanps.deploy.linkem import DEFAULT_QUEUE_MS, SEGMENT_BYTES, LinkEmulator, LinkTrace, TracePoint, main
-from wanps.deploy.runtime import run_async
+from wanps.linkem.proxy import DEFAULT_QUEUE_MS, SEGMENT_BYTES, LinkEmulator, LinkTrace, TracePoint, main
+from wanps.rpc.config import run_async
 
 T = TypeVar("T")
 LOCALHOST = "127.0.0.1"
@@ -479,7 +479,7 @@ def test_cli_subprocess_forwards_and_exits_cleanly(stop_signal: signal.Signals, 
         env["WANPS_LINKEM_TARGET"] = f"{LOCALHOST}:{target_port}"  # the env fallback of --target
         env["WANPS_LINKEM_TRACE"] = str(slow_trace)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wanps.deploy.linkem",
+            sys.executable, "-m", "wanps.linkem.proxy",
             "--listen", f"{LOCALHOST}:0", "--bandwidth-mbit", "200", "--delay-ms", "5",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
         )
@@ -563,7 +563,7 @@ def test_grpc_through_cli_is_fast_on_a_fast_link() -> None:
         target_port = server.add_insecure_port(f"{LOCALHOST}:0")
         await server.start()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wanps.deploy.linkem",
+            sys.executable, "-m", "wanps.linkem.proxy",
             "--listen", f"{LOCALHOST}:0", "--target", f"{LOCALHOST}:{target_port}",
             "--bandwidth-mbit", "10000", "--delay-ms", "1",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,

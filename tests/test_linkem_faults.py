@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from wanps.deploy.linkem import Fault, LinkTrace, parse_faults
+from wanps.linkem.proxy import Fault, LinkTrace, parse_faults
 
 from test_linkem import LOCALHOST, echo_through_link, run
 

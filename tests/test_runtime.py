@@ -1,9 +1,9 @@
-"""Unit tests of the process-edge helpers in wanps.deploy.runtime: config parsing, addresses."""
+"""Unit tests of the process-edge helpers in wanps.rpc.config: config parsing, addresses."""
 from __future__ import annotations
 
 import pytest
 
-from wanps.deploy.runtime import EnvDefaultsParser, split_host_port
+from wanps.rpc.config import EnvDefaultsParser, split_host_port
 
 PORT, RATE, NAME, VERBOSE, MODE = "WANPS_TEST_PORT", "WANPS_TEST_RATE", "WANPS_TEST_NAME", "WANPS_TEST_VERBOSE", "WANPS_TEST_MODE"
 

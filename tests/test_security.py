@@ -17,7 +17,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from wanps.controller import cli as controller_cli
-from wanps.deploy.auth import (
+from wanps.rpc.auth import (
     REFUSAL_MESSAGE,
     ClientSecurity,
     SecurityConfigError,

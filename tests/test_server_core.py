@@ -13,14 +13,8 @@ import pytest
 import torch
 
 from wanps.proto.codec import MAX_PARAMS, SparseUpdate, apply_delta, fingerprint_of, model_crc32
-from wanps.server.core import (
-    CoreConfig,
-    CoreError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ServerCore,
-)
+from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, RequestError
+from wanps.server.core import CoreConfig, ServerCore
 from wanps.worker.replica import Replica
 from wanps.worker.session import ReceivedDelta
 
@@ -89,7 +83,7 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
             assert a == b, key
 
 
-def assert_refused(core: ServerCore, error: type[CoreError], match: str, call: Callable[..., Any], *args: Any) -> None:
+def assert_refused(core: ServerCore, error: type[RequestError], match: str, call: Callable[..., Any], *args: Any) -> None:
     before = state(core)
     with pytest.raises(error, match=match):
         call(*args)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from wanps.deploy.bench_soak import SoakConfig, run_soak
+from wanps.bench.soak import SoakConfig, run_soak
 
 
 @pytest.mark.timeout(300)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from wanps.deploy.auth import ClientSecurity, sync_channel
+from wanps.rpc.auth import ClientSecurity, sync_channel
 from wanps.proto import codec
 from wanps.proto.codec import fingerprint_of
 from wanps.proto import wanps_pb2 as pb

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from wanps.deploy.auth import add_client_security_flags, client_security_from_args
-from wanps.deploy.runtime import EnvDefaultsParser, setup_logging, start_metrics_endpoint
+from wanps.rpc.auth import add_client_security_flags, client_security_from_args
+from wanps.rpc.config import EnvDefaultsParser, setup_logging
+from wanps.rpc.serving import start_metrics_endpoint
 from wanps.worker.compress import VALUE_DTYPES
 from wanps.worker.compressors import COMPRESSORS
 from wanps.worker.optimizer import Optimizer

@@ -12,7 +12,7 @@ import torch
 
 from wanps.worker.optimizer import bind_to_flat, model_fingerprint
 from wanps.worker.replica import Replica
-from wanps.deploy.auth import ClientSecurity
+from wanps.rpc.auth import ClientSecurity
 from wanps.worker.session import ConnectionLost, WorkerSession
 
 

@@ -24,8 +24,8 @@ from concurrent.futures import Future
 import torch
 from prometheus_client import CollectorRegistry
 
-from wanps.controller.decisions import Decision, decision_for_round
-from wanps.deploy.auth import ClientSecurity
+from wanps.proto.decisions import Decision, decision_for_round
+from wanps.rpc.auth import ClientSecurity
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
 from wanps.worker.metrics import WorkerMetrics

@@ -36,9 +36,9 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from wanps.controller.decisions import Decision
-from wanps.deploy.auth import ClientSecurity, aio_channel
-from wanps.deploy.runtime import event_loop_factory
+from wanps.proto.decisions import Decision, decision_from_message
+from wanps.rpc.auth import ClientSecurity, aio_channel
+from wanps.rpc.config import event_loop_factory
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
@@ -183,7 +183,7 @@ class WorkerSession:
     # ------------------------------------------------------------------ plumbing
 
     async def _make_channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        # Token and TLS as configured (deploy/auth.py); called on the I/O loop.
+        # Token and TLS as configured (wanps.rpc.auth); called on the I/O loop.
         return aio_channel(address, self._security, max_message_bytes=self._max_message_bytes, options=options)
 
     def _submit(self, make: Callable[[], Awaitable[T]]) -> concurrent.futures.Future[T]:
@@ -345,9 +345,7 @@ class WorkerSession:
                                                     wait_for_ready=True)
                 async for message in stream:
                     delays = backoff_delays()
-                    decision = Decision(message.decision_id, message.from_round, message.tau, message.delta,
-                                        message.policy, message.reason, dict(message.worker_delta),
-                                        message.predicted_iter_s)
+                    decision = decision_from_message(message)
                     with self._decisions_lock:
                         self._decisions[decision.decision_id] = decision
                     self._decision_event.set()

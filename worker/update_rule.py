@@ -7,7 +7,7 @@ One `UpdateRule` composes, by configuration:
 - SASG's skip rule (worker/skip_rule.py): skip the upload when the gradient barely moved.
 
 The networked `wanps.worker.Optimizer` and the in-process simulation
-(`wanps.deploy.simulate`) both drive this same object, so the benchmarks of the
+(`wanps.bench.simulate`) both drive this same object, so the benchmarks of the
 algorithms measure the code that trains over the network.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ Three studies, written together to results/algorithms.json:
   differ only in the output, so one DEF run gives both rows.
 - `compressors`: exact top-k, sampled top-k and random block at 1M/10M/25M elements.
 
-The simulation (wanps.deploy.simulate) runs the workers' UpdateRule and the real
+The simulation (wanps.bench.simulate) runs the workers' UpdateRule and the real
 ServerCore without sockets; the networked path of the same code is tested elsewhere.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wanps.deploy.bench_compress import measure
-from wanps.deploy.simulate import SimulationConfig, SimulationResult, simulate
+from wanps.bench.compressors import measure
+from wanps.bench.simulate import SimulationConfig, SimulationResult, simulate
 from wanps.worker.skip_rule import alphas_from_spec
 from wanps.worker.tasks import get_task
 

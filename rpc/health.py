@@ -11,7 +11,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from wanps.deploy.runtime import EnvDefaultsParser
+from wanps.rpc.config import EnvDefaultsParser
 
 # Exit codes: 0 SERVING, 1 answered but not SERVING (or the service is unknown there),
 # 2 bad usage (argparse), 3 no answer (nothing listening, timeout).

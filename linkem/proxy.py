@@ -48,7 +48,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from wanps.deploy.runtime import EnvDefaultsParser, run_async, setup_logging, split_host_port
+from wanps.rpc.config import EnvDefaultsParser, run_async, setup_logging, split_host_port
 
 log = logging.getLogger(__name__)
 

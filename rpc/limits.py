@@ -1,7 +1,8 @@
 """Resource limits of the services: what one caller may make a service hold or do.
 
-Pure bookkeeping, no network code. Each refusal is a `ResourceExhausted`, which the
-servicers map to RESOURCE_EXHAUSTED with the message (the limit, its value, what to change).
+Pure bookkeeping, no network code. Each refusal is a `ResourceExhausted` (wanps.rpc.errors),
+which every servicer maps to RESOURCE_EXHAUSTED with the message (the limit, its value,
+what to change).
 """
 from __future__ import annotations
 
@@ -10,11 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from wanps.server.core import CoreError
-
-
-class ResourceExhausted(CoreError):
-    """A request over one of the configured limits; retrying later or a smaller request may pass."""
+from wanps.rpc.errors import ResourceExhausted
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, predicted_iteration_time
 from wanps.deploy.demo import DemoConfig, default_trace, run_demo
-from wanps.deploy.runtime import EnvDefaultsParser
+from wanps.rpc.config import EnvDefaultsParser
 
 
 @dataclass(frozen=True)
@@ -405,7 +405,7 @@ def plot_decisions(row: dict, condition: str, out_dir: Path) -> Path:
     """Like the paper's Fig. 6: set vs estimated bandwidth, and delta (tau) over time."""
     import matplotlib.pyplot as plt
 
-    from wanps.deploy.linkem import LinkTrace
+    from wanps.linkem.proxy import LinkTrace
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     track = row["link_track"]

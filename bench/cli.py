@@ -43,8 +43,9 @@ import grpc
 import numpy as np
 import torch
 
-from wanps.deploy.auth import aio_channel
-from wanps.deploy.runtime import EnvDefaultsParser, grpc_channel_options, run_async
+from wanps.rpc.auth import aio_channel
+from wanps.rpc.config import EnvDefaultsParser, run_async
+from wanps.rpc.options import grpc_channel_options
 from wanps.proto import codec
 from wanps.proto.codec import fingerprint_of
 from wanps.proto import wanps_pb2 as pb
@@ -799,37 +800,37 @@ def _main_wire(argv: list[str]) -> int:
 
 
 def _main_estimate(argv: list[str]) -> int:
-    from wanps.deploy.bench_estimate import main as estimate_main
+    from wanps.bench.estimate import main as estimate_main
 
     return estimate_main(argv)
 
 
 def _main_compressors(argv: list[str]) -> int:
-    from wanps.deploy.bench_compress import main as compressors_main
+    from wanps.bench.compressors import main as compressors_main
 
     return compressors_main(argv)
 
 
 def _main_algorithms(argv: list[str]) -> int:
-    from wanps.deploy.bench_algorithms import main as algorithms_main
+    from wanps.bench.algorithms import main as algorithms_main
 
     return algorithms_main(argv)
 
 
 def _main_scrape(argv: list[str]) -> int:
-    from wanps.deploy.bench_scrape import main as scrape_main
+    from wanps.bench.scrape import main as scrape_main
 
     return scrape_main(argv)
 
 
 def _main_soak(argv: list[str]) -> int:
-    from wanps.deploy.bench_soak import main as soak_main
+    from wanps.bench.soak import main as soak_main
 
     return soak_main(argv)
 
 
 def _main_train(argv: list[str]) -> int:
-    from wanps.deploy.bench_train import main as train_main
+    from wanps.bench.train import main as train_main
 
     return train_main(argv)
 

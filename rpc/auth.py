@@ -31,7 +31,8 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from wanps.deploy.runtime import DEFAULT_MAX_MESSAGE_BYTES, EnvDefaultsParser, grpc_channel_options
+from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_channel_options
+from wanps.rpc.config import EnvDefaultsParser
 
 log = logging.getLogger("wanps.auth")
 

@@ -58,9 +58,9 @@ from prometheus_client import CollectorRegistry
 from wanps.controller.estimator import EstimatorConfig, LinkEstimate
 from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, RunningController, start_controller
-from wanps.deploy.bench import _table
-from wanps.deploy.linkem import LinkEmulator, LinkTrace, TracePoint
-from wanps.deploy.runtime import EnvDefaultsParser, run_async
+from wanps.bench.cli import _table
+from wanps.linkem.proxy import LinkEmulator, LinkTrace, TracePoint
+from wanps.rpc.config import EnvDefaultsParser, run_async
 from wanps.proto import codec
 from wanps.proto.codec import fingerprint_of
 from wanps.server.service import RunningServer, ServerConfig, start_server
@@ -463,7 +463,7 @@ def settle_time(polls: Sequence[Poll], step_at_s: float, target_mbit: float, tol
 
 
 async def run_estimate_bench(config: EstimateBenchConfig) -> dict[str, Any]:
-    from wanps.deploy.bench import machine_info
+    from wanps.bench.cli import machine_info
 
     machine = machine_info()
     runs = []

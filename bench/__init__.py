@@ -1,0 +1,1 @@
+"""Benchmarks and the in-process simulation: `wanps bench NAME` (docs/benchmarks.md)."""

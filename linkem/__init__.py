@@ -1,0 +1,1 @@
+"""The user-space WAN link emulator: `wanps linkem` (delay, bandwidth traces, faults)."""

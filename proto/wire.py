@@ -1,0 +1,12 @@
+"""Wire rules every wanps process agrees on that need no tensors (torch-free: the controller
+and the rpc layer import this, not the codec)."""
+from __future__ import annotations
+
+# 128Ki elements per chunk: 512 KiB of indices + 512 KiB of float32 values.
+CHUNK_ELEMENTS = 128 * 1024
+# Indices are viewed as int32, so a model must stay below this many parameters.
+MAX_PARAMS = 2**31 - 1
+
+
+class WireError(ValueError):
+    """A payload that breaks the wire rules. The message says which rule and why."""
