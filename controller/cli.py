@@ -16,28 +16,18 @@ from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, deco
 from wanps.controller.estimator import EstimatorConfig
 from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
-from wanps.rpc.auth import (
-    add_client_security_flags,
-    add_server_security_flags,
-    client_security_from_args,
-    server_security_from_args,
-    sync_channel,
-)
-from wanps.rpc.config import EnvDefaultsParser, setup_logging, split_host_port
-from wanps.rpc.serving import serve_main
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
+from wanps.rpc.auth import add_client_security_flags, client_security_from_args, sync_channel
+from wanps.rpc.config import EnvDefaultsParser
+from wanps.rpc.serving import add_serve_flags, serve_main, serve_settings_from_args
 
 
-def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
+def parse_config(argv: list[str] | None) -> ControllerConfig:
     defaults = ControllerConfig()
     policy, estimator = defaults.policy, defaults.estimator
     parser = EnvDefaultsParser(prog="wanps controller", description="Run the wanps controller.")
-    parser.add_argument("--listen", env="WANPS_CONTROLLER_LISTEN", default=f"{defaults.host}:{defaults.port}",
-                        help="HOST:PORT for gRPC (port 0 = any free port).")
-    parser.add_argument("--metrics-listen", env="WANPS_CONTROLLER_METRICS_LISTEN",
-                        default=f"{defaults.metrics_host}:{defaults.metrics_port}",
-                        help="HOST:PORT for Prometheus metrics (port 0 = any free port, 'off' = none).")
+    add_serve_flags(parser, defaults, env_prefix="WANPS_CONTROLLER", max_message_env="WANPS_CONTROLLER_MAX_MESSAGE_MB")
     parser.add_argument("--policy", env="WANPS_POLICY", choices=POLICIES, default=policy.name,
                         help="dsgd: tau 0, delta 1. static: --tau and --delta. deco: DeCo on the slowest link. "
                              "deco-hetero: DeCo's tau, each worker its own delta. accordion: tau 0, delta by "
@@ -63,32 +53,21 @@ def parse_config(argv: list[str] | None) -> tuple[ControllerConfig, str]:
                         default=defaults.max_streams_per_worker, help="Open Decisions streams per worker id.")
     parser.add_argument("--max-workers", env="WANPS_CONTROLLER_MAX_WORKERS", type=int, default=defaults.max_workers,
                         help="Workers whose links are tracked at once (ids silent for --window-s make room).")
-    add_server_security_flags(parser)
     parser.add_argument("--overhead-max-ratio", env="WANPS_OVERHEAD_MAX_RATIO", type=float,
                         default=policy.overhead_max_ratio,
                         help="Cap of the measured per-round overhead DeCo adds to T_comp, in T_comps "
                              "(0: no overhead term, the paper's model).")
-    parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP")
-    parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     args = parser.parse_args(argv)
+    serve = serve_settings_from_args(parser, args)
     try:
-        security = server_security_from_args(args)
+        policy = PolicyConfig(name=args.policy, tau=args.tau, delta=args.delta, tau_max=args.tau_max,
+                              bits_per_element=args.bits_per_element, every_rounds=args.every_rounds,
+                              change_threshold=args.change_threshold, overhead_max_ratio=args.overhead_max_ratio)
+        estimator = EstimatorConfig(window_s=args.window_s)
     except ValueError as exc:
         parser.error(str(exc))
-    host, port = split_host_port(args.listen)
-    if args.metrics_listen == "off":
-        metrics_host, metrics_port = "127.0.0.1", -1
-    else:
-        metrics_host, metrics_port = split_host_port(args.metrics_listen)
-    policy = PolicyConfig(name=args.policy, tau=args.tau, delta=args.delta, tau_max=args.tau_max,
-                          bits_per_element=args.bits_per_element, every_rounds=args.every_rounds,
-                          change_threshold=args.change_threshold, overhead_max_ratio=args.overhead_max_ratio)
-    estimator = EstimatorConfig(window_s=args.window_s)
-    config = ControllerConfig(host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
-                              policy=policy, estimator=estimator, use_uvloop=not args.no_uvloop,
-                              max_streams_per_worker=args.max_streams_per_worker, max_workers=args.max_workers,
-                              security=security)
-    return config, args.log_level
+    return ControllerConfig(**serve, policy=policy, estimator=estimator,
+                            max_streams_per_worker=args.max_streams_per_worker, max_workers=args.max_workers)
 
 
 def decide_main(argv: list[str]) -> int:
@@ -170,6 +149,5 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ADMIN_COMMANDS:
         return ADMIN_COMMANDS[argv[0]](argv[1:])
-    config, log_level = parse_config(argv)
-    setup_logging(log_level)
-    return serve_main(lambda: start_controller(config), config.host, config.use_uvloop)
+    config = parse_config(argv)
+    return serve_main(lambda: start_controller(config), config)

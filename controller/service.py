@@ -22,8 +22,7 @@ from wanps.controller.policy import PolicyConfig
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.wire import MAX_PARAMS
 from wanps.proto import wanps_pb2_grpc as pb_grpc
-from wanps.rpc.auth import ServerSecurity
-from wanps.rpc.serving import RunningService, start_grpc_service
+from wanps.rpc.serving import RunningService, ServeConfig, start_grpc_service
 from wanps.rpc.errors import InvalidArgument, OutOfRange, ResourceExhausted
 from wanps.rpc.limits import StreamLimiter
 from wanps.rpc.status import mapped_errors
@@ -36,21 +35,20 @@ MAX_ROUND = 2**62
 
 
 @dataclass(frozen=True)
-class ControllerConfig:
-    host: str = "127.0.0.1"
+class ControllerConfig(ServeConfig):
+    """The controller's settings: how it serves (ServeConfig) and how it estimates and decides."""
+
     port: int = 50052
-    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9101
+    # Reports and decisions are small; the largest message is a report of max_samples_per_report samples.
+    max_message_bytes: int = 4 * 1024 * 1024
     policy: PolicyConfig = PolicyConfig()
     estimator: EstimatorConfig = EstimatorConfig()
     max_samples_per_report: int = 512
-    max_message_bytes: int = 4 * 1024 * 1024
-    use_uvloop: bool = True
     # Open Decisions streams per worker id (a worker needs one; reconnects briefly overlap).
     max_streams_per_worker: int = 8
     # Workers with link estimates at once; a new id past it evicts ids silent for window_s, or is refused.
     max_workers: int = 1024
-    security: ServerSecurity = ServerSecurity()  # token and TLS (wanps.rpc.auth); default: neither
 
 
 class ControllerMetrics:
@@ -239,11 +237,7 @@ async def start_controller(config: ControllerConfig, registry: CollectorRegistry
     service = ControllerService(config, ControllerMetrics(registry))
     running = await start_grpc_service(
         service, pb_grpc.add_ControllerServicer_to_server, pb.DESCRIPTOR.services_by_name["Controller"].full_name,
-        host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
-        metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
-        interceptors=config.security.interceptors(),
-        credentials=config.security.credentials(),
-    )
+        config, registry)
     log.info("controller on %s:%d (metrics %s), policy %s, %s", config.host, running.port, running.metrics_port,
              config.policy.name, config.security.describe())
     return running

@@ -1,11 +1,12 @@
-"""Serving a wanps gRPC service: bind, interceptors, health and reflection, metrics endpoint,
-readiness line, graceful stop on SIGINT/SIGTERM."""
+"""Serving a wanps gRPC service: its typed config (`ServeConfig`, shared by the server and the
+controller) and the flags that fill it; bind, interceptors, health and reflection, metrics
+endpoint, readiness line, graceful stop on SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
@@ -14,10 +15,76 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from wanps.rpc.config import run_async
+from wanps.rpc.auth import ServerSecurity, add_server_security_flags, server_security_from_args
+from wanps.rpc.config import EnvDefaultsParser, event_loop_factory, run_async, setup_logging, split_host_port
 from wanps.rpc.guard import MalformedRequestGuard
 from wanps.rpc.metrics import GrpcServerMetrics
-from wanps.rpc.options import grpc_channel_options
+from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_channel_options
+
+# --metrics-listen's value that serves no metrics endpoint (metrics_port -1).
+METRICS_OFF = "off"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How a wanps service serves, as one typed object (uvicorn's `Config` is the model).
+
+    `ServerConfig` and `ControllerConfig` extend it with their own settings; the flags that
+    fill it (`add_serve_flags`) read environment-variable fallbacks when parsing, never at
+    import. Ports: 0 = any free port; metrics_port -1 = no metrics endpoint.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = -1
+    # Limits set on purpose, on the server and on every channel: tensors travel in chunks well below them.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    use_uvloop: bool = True
+    log_level: str = "INFO"
+    security: ServerSecurity = field(default_factory=ServerSecurity)  # token and TLS; default: neither
+
+    def loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop]:
+        return event_loop_factory(self.use_uvloop)
+
+
+def add_serve_flags(parser: EnvDefaultsParser, defaults: ServeConfig, *, env_prefix: str,
+                    max_message_env: str) -> None:
+    """The flags every service takes: --listen, --metrics-listen, --max-message-mb, token and
+    TLS, --no-uvloop, --log-level. `env_prefix` names the address variables
+    (WANPS_SERVER -> WANPS_SERVER_LISTEN, WANPS_SERVER_METRICS_LISTEN)."""
+    parser.add_argument("--listen", env=f"{env_prefix}_LISTEN", default=f"{defaults.host}:{defaults.port}",
+                        help="HOST:PORT for gRPC (port 0 = any free port).")
+    metrics_default = (METRICS_OFF if defaults.metrics_port < 0
+                       else f"{defaults.metrics_host}:{defaults.metrics_port}")
+    parser.add_argument("--metrics-listen", env=f"{env_prefix}_METRICS_LISTEN", default=metrics_default,
+                        help=f"HOST:PORT for Prometheus metrics (port 0 = any free port, '{METRICS_OFF}' = none).")
+    parser.add_argument("--max-message-mb", env=max_message_env, type=int,
+                        default=defaults.max_message_bytes // 2**20, help="gRPC message size limit (MiB).")
+    add_server_security_flags(parser)
+    parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP",
+                        help="Use the default asyncio loop.")
+    parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default=defaults.log_level,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), type=str.upper)
+
+
+def serve_settings_from_args(parser: EnvDefaultsParser, args: Any) -> dict[str, Any]:
+    """`ServeConfig`'s fields from parsed `add_serve_flags` flags; a bad value is a one-line
+    usage error (parser.error), never a traceback."""
+    try:
+        host, port = split_host_port(args.listen)
+        if args.metrics_listen == METRICS_OFF:
+            metrics_host, metrics_port = "127.0.0.1", -1
+        else:
+            metrics_host, metrics_port = split_host_port(args.metrics_listen)
+        security = server_security_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.max_message_mb < 1:
+        parser.error(f"--max-message-mb must be >= 1, got {args.max_message_mb}")
+    return dict(host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port,
+                max_message_bytes=args.max_message_mb * 2**20, use_uvloop=not args.no_uvloop,
+                log_level=args.log_level, security=security)
 
 
 async def serve_until_signalled(start: Callable[[], Any], ready_line: Callable[[Any], str]) -> None:
@@ -83,39 +150,36 @@ async def start_grpc_service(
     service: S,
     add_to_server: Callable[[S, grpc.aio.Server], None],
     service_full_name: str,
-    *,
-    host: str,
-    port: int,
-    max_message_bytes: int,
-    metrics_host: str,
-    metrics_port: int,
+    config: ServeConfig,
     registry: CollectorRegistry,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningService[S]:
     """Bind, add health and reflection, start, and serve metrics: the common start of every service.
 
     Every RPC first meets the gRPC metrics interceptor (on `registry`, so calls a later
-    interceptor refuses are counted), then `interceptors` in order (authentication), then
-    the malformed-message guard. `credentials`: serve TLS (wanps.rpc.auth).
+    interceptor refuses are counted), then the token check of `config.security`, then the
+    malformed-message guard. TLS when `config.security` has a certificate (wanps.rpc.auth).
     """
-    server = grpc.aio.server(options=grpc_channel_options(max_message_bytes),
-                             interceptors=[GrpcServerMetrics(registry), *interceptors, MalformedRequestGuard()])
+    credentials = config.security.credentials()
+    server = grpc.aio.server(options=grpc_channel_options(config.max_message_bytes),
+                             interceptors=[GrpcServerMetrics(registry), *config.security.interceptors(),
+                                           MalformedRequestGuard()])
     add_to_server(service, server)
     await add_health_and_reflection(server, service_full_name)
-    address = f"{host}:{port}"
+    address = f"{config.host}:{config.port}"
     bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
-        raise RuntimeError(f"could not bind {host}:{port}")
+        raise RuntimeError(f"could not bind {address}")
     await server.start()
-    httpd, bound_metrics = start_metrics_endpoint(metrics_host, metrics_port, registry)
+    httpd, bound_metrics = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
     return RunningService(server=server, service=service, port=bound, metrics_port=bound_metrics, metrics_httpd=httpd)
 
 
-def serve_main(start: Callable[[], Any], host: str, use_uvloop: bool) -> int:
+def serve_main(start: Callable[[], Any], config: ServeConfig) -> int:
     """Run a service until SIGINT/SIGTERM, announcing `LISTENING host:port METRICS port`."""
+    setup_logging(config.log_level)
     run_async(
-        serve_until_signalled(start, lambda running: f"LISTENING {host}:{running.port} METRICS {running.metrics_port}"),
-        use_uvloop=use_uvloop,
+        serve_until_signalled(start, lambda running: f"LISTENING {config.host}:{running.port} "
+                                                     f"METRICS {running.metrics_port}"),
+        use_uvloop=config.use_uvloop,
     )
     return 0

@@ -5,11 +5,10 @@ import warnings
 
 import torch
 
-from wanps.rpc.auth import add_server_security_flags, server_security_from_args
-from wanps.rpc.config import EnvDefaultsParser, setup_logging, split_host_port
-from wanps.rpc.serving import serve_main
-from wanps.server.checkpoint import checkpoint_path
+from wanps.rpc.config import EnvDefaultsParser
 from wanps.rpc.limits import Limits
+from wanps.rpc.serving import add_serve_flags, serve_main, serve_settings_from_args
+from wanps.server.checkpoint import checkpoint_path
 from wanps.server.service import ServerConfig, start_server
 
 
@@ -22,15 +21,11 @@ def checksum_every(text: str | int | None) -> int | None:
     return value
 
 
-def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
+def parse_config(argv: list[str] | None) -> ServerConfig:
     defaults = ServerConfig()
     limits = defaults.limits
     parser = EnvDefaultsParser(prog="wanps server", description="Run the wanps parameter server.")
-    parser.add_argument("--listen", env="WANPS_SERVER_LISTEN", default=f"{defaults.host}:{defaults.port}",
-                        help="HOST:PORT for gRPC (port 0 = any free port).")
-    parser.add_argument("--metrics-listen", env="WANPS_SERVER_METRICS_LISTEN",
-                        default=f"{defaults.metrics_host}:{defaults.metrics_port}",
-                        help="HOST:PORT for Prometheus metrics (port 0 = any free port, 'off' = none).")
+    add_serve_flags(parser, defaults, env_prefix="WANPS_SERVER", max_message_env="WANPS_MAX_MESSAGE_MB")
     parser.add_argument("--tau-max", env="WANPS_TAU_MAX", type=int, default=defaults.tau_max,
                         help="Widest stale window accepted (open rounds = tau_max + 1).")
     parser.add_argument("--min-workers", env="WANPS_MIN_WORKERS", type=int, default=defaults.min_workers,
@@ -41,8 +36,6 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
                         help="torch intra-op threads for aggregation.")
     parser.add_argument("--history-rounds", env="WANPS_HISTORY_ROUNDS", type=int, default=defaults.history_rounds,
                         help="Closed rounds kept for followers that reconnect or lag.")
-    parser.add_argument("--max-message-mb", env="WANPS_MAX_MESSAGE_MB", type=int,
-                        default=defaults.max_message_bytes // 2**20, help="gRPC message size limit (MiB).")
     parser.add_argument("--max-payload-elements", env="WANPS_MAX_PAYLOAD_ELEMENTS", type=int,
                         default=limits.max_payload_elements,
                         help="Largest model (parameters) and push (elements) accepted.")
@@ -53,7 +46,6 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
                         help="Joins per second accepted over time (token bucket).")
     parser.add_argument("--join-burst", env="WANPS_JOIN_BURST", type=int, default=limits.join_burst,
                         help="Joins accepted at once (the bucket's size).")
-    add_server_security_flags(parser)
     parser.add_argument("--lease-s", env="WANPS_LEASE_S", type=float, default=defaults.lease_s,
                         help="A worker silent this long (no push, ping or other call) leaves at the next round "
                              "boundary (0 = never).")
@@ -71,38 +63,29 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, str]:
     parser.add_argument("--audit", env="WANPS_AUDIT", action="store_true",
                         help="Record the initial model, the sum of applied deltas and the applied round ids "
                              "(in checkpoints; for conservation checks; 12 bytes per parameter).")
-    parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP", help="Use the default asyncio loop.")
-    parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
     args = parser.parse_args(argv)
-    host, port = split_host_port(args.listen)
-    if args.metrics_listen == "off":
-        metrics_host, metrics_port = "127.0.0.1", -1
-    else:
-        metrics_host, metrics_port = split_host_port(args.metrics_listen)
+    serve = serve_settings_from_args(parser, args)
     try:
         limits = Limits(max_payload_elements=args.max_payload_elements, max_streams_per_worker=args.max_streams_per_worker,
                         join_rate_per_s=args.join_rate, join_burst=args.join_burst)
-        security = server_security_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     config = ServerConfig(
-        host=host, port=port, metrics_host=metrics_host, metrics_port=metrics_port, tau_max=args.tau_max,
-        min_workers=args.min_workers, checksum_every=checksum_every(args.checksum_every), torch_threads=args.torch_threads, history_rounds=args.history_rounds,
-        max_message_bytes=args.max_message_mb * 2**20, use_uvloop=not args.no_uvloop, limits=limits, security=security,
-        lease_s=args.lease_s, round_deadline_s=args.round_deadline_s, checkpoint_dir=args.checkpoint_dir,
+        **serve, tau_max=args.tau_max, min_workers=args.min_workers, checksum_every=checksum_every(args.checksum_every),
+        torch_threads=args.torch_threads, history_rounds=args.history_rounds, limits=limits, lease_s=args.lease_s,
+        round_deadline_s=args.round_deadline_s, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume_dir=args.resume, audit=args.audit,
     )
     if config.lease_s < 0 or config.round_deadline_s < 0 or config.checkpoint_every < 0:
         parser.error("--lease-s, --round-deadline-s and --checkpoint-every must be >= 0")
     if config.resume_dir is not None and not checkpoint_path(config.resume_dir).is_file():
         parser.error(f"--resume: no checkpoint at {checkpoint_path(config.resume_dir)}")
-    return config, args.log_level
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, log_level = parse_config(argv)
-    setup_logging(log_level)
+    config = parse_config(argv)
     torch.set_num_threads(max(1, config.torch_threads))
     # Received tensors are zero-copy, read-only views of the message bytes; torch warns once about that.
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
-    return serve_main(lambda: start_server(config), config.host, config.use_uvloop)
+    return serve_main(lambda: start_server(config), config)

@@ -23,8 +23,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
-from wanps.rpc.auth import ServerSecurity
-from wanps.rpc.serving import RunningService, start_grpc_service
+from wanps.rpc.serving import RunningService, ServeConfig, start_grpc_service
 
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
@@ -42,24 +41,20 @@ T = TypeVar("T")
 MAX_PING_PADDING = 1024 * 1024
 
 @dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
+class ServerConfig(ServeConfig):
+    """The parameter server's settings: how it serves (ServeConfig) and what it holds and decides."""
+
     port: int = 50051
-    metrics_host: str = "127.0.0.1"
-    # 0 = any free port; -1 = no metrics endpoint.
     metrics_port: int = 9100
     tau_max: int = 8
     min_workers: int = 1
     checksum_every: int | None = None  # None: automatic, see CoreConfig
     # torch intra-op threads for the core's tensor work. One: the gRPC and event-loop threads
-    # need the other core(s); two torch threads there made rounds 1.8x slower under load.
+    # need the other core(s), and a second torch thread competing with them slows rounds down.
     torch_threads: int = 1
     # Closed rounds kept for Updates replays (a reconnecting or slow follower catches up from them).
     history_rounds: int = 64
-    max_message_bytes: int = 8 * 1024 * 1024
-    use_uvloop: bool = True
     limits: Limits = Limits()
-    security: ServerSecurity = ServerSecurity()  # token and TLS (wanps.rpc.auth); default: neither
     # Faults (docs/operations.md). A worker silent this long leaves at the next round boundary (0: never).
     lease_s: float = 30.0
     # Close a round without its stragglers this long after its first push (0: wait for everyone).
@@ -535,11 +530,7 @@ async def start_server(config: ServerConfig, registry: CollectorRegistry | None 
                                      sweep_interval_s=config.sweep_interval_s())
     running = await start_grpc_service(
         service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
-        host=config.host, port=config.port, max_message_bytes=config.max_message_bytes,
-        metrics_host=config.metrics_host, metrics_port=config.metrics_port, registry=registry,
-        interceptors=config.security.interceptors(),
-        credentials=config.security.credentials(),
-    )
+        config, registry)
     service.start_background()
     service.metrics.model_version.set(service.core.version)
     log.info("parameter server on %s:%d (metrics %s), tau_max %d, min workers %d, %s",

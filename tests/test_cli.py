@@ -30,16 +30,17 @@ def test_each_subcommand_has_help(name):
     assert "usage: wanps" in done.stdout
 
 
-def test_flags_override_environment(monkeypatch):
+def test_flags_override_environment(monkeypatch, capsys):
     monkeypatch.setenv("WANPS_MIN_WORKERS", "3")
     monkeypatch.setenv("WANPS_TAU_MAX", "5")
-    config, _ = server_config(["--tau-max", "6", "--listen", "0.0.0.0:7000", "--metrics-listen", "off"])
+    config = server_config(["--tau-max", "6", "--listen", "0.0.0.0:7000", "--metrics-listen", "off"])
     assert (config.min_workers, config.tau_max, config.host, config.port, config.metrics_port) == (3, 6, "0.0.0.0",
                                                                                                   7000, -1)
     monkeypatch.setenv("WANPS_POLICY", "dsgd")
-    assert controller_config([])[0].policy.name == "dsgd"
-    with pytest.raises(ValueError, match="delta in"):
+    assert controller_config([]).policy.name == "dsgd"
+    with pytest.raises(SystemExit) as exited:  # a one-line usage error, not a traceback
         controller_config(["--policy", "static", "--delta", "0"])
+    assert exited.value.code == 2 and "delta in" in capsys.readouterr().err
 
 
 def test_server_process_starts_and_stops_on_sigterm(tmp_path):

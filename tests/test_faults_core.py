@@ -206,7 +206,7 @@ def test_a_late_update_goes_back_into_the_residual_exactly(delta):
 def test_server_flags_for_faults(tmp_path, capsys):
     from wanps.server.cli import parse_config
 
-    config, _ = parse_config(["--lease-s", "5", "--round-deadline-s", "0.5", "--checkpoint-dir", str(tmp_path),
+    config = parse_config(["--lease-s", "5", "--round-deadline-s", "0.5", "--checkpoint-dir", str(tmp_path),
                               "--checkpoint-every", "7", "--audit"])
     assert (config.lease_s, config.round_deadline_s, config.checkpoint_every, config.audit) == (5, 0.5, 7, True)
     assert config.core_config().lease_s == 5 and config.sweep_interval_s() == 0.05

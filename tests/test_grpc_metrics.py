@@ -11,7 +11,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from wanps.rpc.metrics import split_method, status_name
-from wanps.rpc.serving import start_grpc_service
+from wanps.rpc.auth import ServerSecurity
+from wanps.rpc.serving import ServeConfig, start_grpc_service
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 
@@ -125,16 +126,6 @@ def test_names_and_codes():
     assert status_name(999) == "UNKNOWN"
 
 
-class _DenyAll(grpc.aio.ServerInterceptor):
-    """An interceptor that refuses every call, as an authentication interceptor refuses a bad token."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no token")
-
-        return grpc.unary_unary_rpc_method_handler(deny)
-
-
 class _NoService:
     def begin_shutdown(self) -> None: ...
 
@@ -144,9 +135,11 @@ class _NoService:
 def test_calls_refused_by_a_later_interceptor_are_counted(loop_thread):
     registry = CollectorRegistry()
     running = loop_thread.run(start_grpc_service(
-        _NoService(), lambda service, server: None, "test.Nothing", host="127.0.0.1", port=0,
-        max_message_bytes=1 << 20, metrics_host="127.0.0.1", metrics_port=-1, registry=registry,
-        interceptors=[_DenyAll()]))  # start_grpc_service puts the metrics interceptor first
+        _NoService(), lambda service, server: None, "test.Nothing",
+        # The token check refuses every call (health checks are not exempt here); start_grpc_service
+        # puts the metrics interceptor before it.
+        ServeConfig(max_message_bytes=1 << 20, security=ServerSecurity(token="cluster-token", auth_exempt=())),
+        registry))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             with pytest.raises(grpc.RpcError) as refused:

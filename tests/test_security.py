@@ -243,7 +243,7 @@ def test_unusable_token_files_are_refused_without_echoing_them(text):
 
 def test_the_token_stays_out_of_configs_and_help(monkeypatch, token_file, capsys):
     monkeypatch.setenv("WANPS_TOKEN", TOKEN)
-    config, _ = server_cli.parse_config(["--listen", "127.0.0.1:0"])
+    config = server_cli.parse_config(["--listen", "127.0.0.1:0"])
     assert config.security.token == TOKEN and config.security.has_token
     assert TOKEN not in repr(config) and TOKEN not in config.security.describe()
     with pytest.raises(SystemExit):
