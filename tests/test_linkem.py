@@ -116,7 +116,7 @@ def test_trace_fixed_validates() -> None:
 
 
 def test_shipped_wan_varying_trace() -> None:
-    text = resources.files("wanps.deploy").joinpath("traces/wan-varying.csv").read_text()
+    text = resources.files("wanps.linkem").joinpath("traces/wan-varying.csv").read_text()
     trace = LinkTrace.parse(text, source="wan-varying.csv")
     assert trace.period_s is not None and 60 <= trace.period_s <= 120
     bandwidths = [p.bandwidth_mbit for p in trace.points]
