@@ -1,6 +1,6 @@
 """Compressors: which elements of p = lr*g + e a worker sends. Pure tensor code, no network.
 
-A compressor only selects; `ErrorFeedback` (worker/compress.py) takes the values, rounds
+A compressor only selects; `ErrorFeedback` (worker/error_feedback.py) takes the values, rounds
 them to the wire dtype and keeps the rest as the residual. Adding one is one class here:
 
     @register

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from wanps.proto.codec import SparseUpdate
-from wanps.worker.compress import ErrorFeedback
+from wanps.worker.error_feedback import ErrorFeedback
 from wanps.worker.skip_rule import SkipRule, gradient_gap
 
 #: "def" outputs DEF's y_T = x_T - mean(e_T) (a final residual flush); "def-a" outputs x_T.
