@@ -30,7 +30,8 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
 from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.replica import Replica
-from wanps.worker.session import ConnectionLost, ReceivedDelta, WorkerSession
+from wanps.worker.recovery import ConnectionLost
+from wanps.worker.session import ReceivedDelta, WorkerSession
 from wanps.worker.skip_rule import SkipRule, step_squared_norm
 from wanps.worker.update_rule import UpdateConfig, UpdateRule
 
