@@ -33,6 +33,7 @@ from wanps.bench.compressors import measure
 from wanps.bench.simulate import SimulationConfig, SimulationResult, simulate
 from wanps.worker.skip_rule import alphas_from_spec
 from wanps.worker.tasks import get_task
+from wanps.worker.update_rule import UpdateConfig
 
 SASG_METHODS = ("sgd", "sparse", "lasg", "sasg")
 DEF_METHODS = ("ef", "def", "def-a")
@@ -103,9 +104,9 @@ def sasg_config(method: str, args: argparse.Namespace) -> SimulationConfig:
     skip = tuple(alphas_from_spec(args.sasg_alpha, args.sasg_lr, args.sasg_max_delay))
     base = SimulationConfig(num_workers=args.sasg_workers, batch_size=args.sasg_batch, lr=args.sasg_lr,
                             rounds=args.sasg_max_rounds, seed=args.seed, eval_every=args.sasg_eval_every,
-                            eval_limit=args.eval_limit,
+                            eval_limit=args.eval_limit, update=UpdateConfig(compressor_seed=args.seed),
                             target_accuracy=args.sasg_target, stop_at_target=True)
-    compressed = dict(delta=args.sasg_delta, compressor="topk")
+    compressed = dict(delta=args.sasg_delta, update=replace(base.update, compressor="topk"))
     return {
         "sgd": base,
         "sparse": replace(base, **compressed),
@@ -153,16 +154,18 @@ def def_study(args: argparse.Namespace) -> list[dict]:
     task = get_task("mnist")
     rows = []
     base = SimulationConfig(num_workers=args.def_workers, batch_size=args.def_batch, lr=args.def_lr,
-                            momentum=args.def_momentum, rounds=args.def_rounds, seed=args.seed,
-                            eval_every=args.def_rounds, eval_limit=args.eval_limit, compressor="random-block",
-                            def_lambda=args.def_lambda)
+                            rounds=args.def_rounds, seed=args.seed, eval_every=args.def_rounds,
+                            eval_limit=args.eval_limit,
+                            update=UpdateConfig(compressor="random-block", compressor_seed=args.seed,
+                                                momentum=args.def_momentum, def_lambda=args.def_lambda))
     reference = simulate(task, base, small_cnn)  # ratio 1: SGD with momentum, no compression
     rows.append({"method": "sgd", "ratio": 1, "final_accuracy": reference.final_accuracy})
     _log(f"def   sgd     ratio    1  final {reference.final_accuracy:.4f}")
     for ratio in (int(r) for r in args.def_ratios.split(",")):
         runs: dict[str, SimulationResult] = {}
         for mode in ("ef", "def"):
-            runs[mode] = simulate(task, replace(base, delta=1.0 / ratio, error_feedback=mode), small_cnn)
+            runs[mode] = simulate(task, replace(base, delta=1.0 / ratio,
+                                                    update=replace(base.update, error_feedback=mode)), small_cnn)
         outputs = {
             "ef": runs["ef"].final_accuracy,
             "def": runs["def"].flushed_accuracy,  # y_T

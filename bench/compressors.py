@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from wanps.worker.compress import elements_for
+from wanps.worker.error_feedback import elements_for
 from wanps.worker.compressors import COMPRESSORS, make_compressor
 
 DEFAULT_SIZES = (1_000_000, 10_000_000, 25_000_000)

@@ -23,7 +23,7 @@ from wanps.server.core import CoreConfig, ServerCore
 from wanps.worker.optimizer import bind_to_flat, model_fingerprint
 from wanps.worker.skip_rule import SkipRule, step_squared_norm
 from wanps.worker.tasks import Task
-from wanps.worker.update_rule import UpdateRule
+from wanps.worker.update_rule import UpdateConfig, UpdateRule
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,9 @@ class SimulationConfig:
     lr: float = 0.1
     rounds: int = 1000
     delta: float = 1.0
-    compressor: str = "topk"
-    value_dtype: str = "float32"
-    error_feedback: str = "ef"
-    def_lambda: float = 0.3
-    momentum: float = 0.0
-    # SASG: alpha_d for d = 1..D (None: never skip).
+    # Every worker's algorithm options (compressor, value dtype, EF/DEF, momentum), as Optimizer takes them.
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    # SASG: alpha_d for d = 1..D (None: never skip); each worker gets its own SkipRule from them.
     skip_alphas: tuple[float, ...] | None = None
     seed: int = 0
     eval_every: int = 50
@@ -90,9 +87,7 @@ def simulate(task: Task, config: SimulationConfig, model_factory: Callable[[int]
         if joined.must_seed:
             core.seed(joined.worker_id, flat.clone())
         skip = SkipRule(config.skip_alphas, config.num_workers) if config.skip_alphas else None
-        rule = UpdateRule(num_params, compressor=config.compressor, value_dtype=config.value_dtype,
-                          compressor_seed=config.seed, error_feedback=config.error_feedback,
-                          def_lambda=config.def_lambda, momentum=config.momentum, skip_rule=skip)
+        rule = UpdateRule(num_params, config.update, skip)
         workers.append((joined.worker_id, rule, task.batches(rank, config.num_workers, config.batch_size, config.seed)))
     result = SimulationResult()
     grad = torch.empty(num_params)
@@ -145,7 +140,7 @@ def simulate(task: Task, config: SimulationConfig, model_factory: Callable[[int]
     if not result.trace or result.trace[-1].round != result.rounds:
         evaluate(result.rounds)
     result.final_accuracy = result.trace[-1].accuracy
-    if config.error_feedback == "def":
+    if config.update.error_feedback == "def":
         # DEF's output step, as Optimizer.close() does it: every worker pushes its residual once.
         version = core.version
         for worker_id, rule, _ in workers:

@@ -10,6 +10,7 @@ import torch
 from wanps.worker import Optimizer
 from wanps.worker.skip_rule import SkipRule
 from wanps.worker.tasks import get_task
+from wanps.worker.update_rule import UpdateConfig
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -159,7 +160,9 @@ def test_simulation_trains_the_same_model_as_the_cluster(make_cluster, options: 
     from wanps.bench.simulate import SimulationConfig, simulate
 
     rounds, lr = 12, 0.1
-    config = SimulationConfig(num_workers=2, batch_size=16, lr=lr, rounds=rounds, eval_every=rounds, **options)
+    update = UpdateConfig(**{k: v for k, v in options.items() if k not in ("delta", "skip_alphas")})
+    config = SimulationConfig(num_workers=2, batch_size=16, lr=lr, rounds=rounds, eval_every=rounds,
+                              delta=options["delta"], skip_alphas=options.get("skip_alphas"), update=update)
     simulated = simulate(get_task("synthetic"), config)
 
     delta = options["delta"]

@@ -1,4 +1,4 @@
-"""Unit tests of top-k compression with error feedback (wanps.worker.compress): pure tensor code."""
+"""Unit tests of top-k compression with error feedback (wanps.worker.error_feedback): pure tensor code."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from wanps.proto.codec import SparseUpdate
-from wanps.worker.compress import ErrorFeedback, elements_for, topk_exact
+from wanps.worker.compressors import topk_exact
+from wanps.worker.error_feedback import ErrorFeedback, elements_for
 
 
 def densify(update: SparseUpdate, d: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.server.core import CoreConfig, ServerCore
 from wanps.worker import cli as worker_cli
-from wanps.worker.compress import ErrorFeedback
+from wanps.worker.error_feedback import ErrorFeedback
 from wanps.worker.compressors import (
     COMPRESSORS,
     ExactTopK,

@@ -11,7 +11,7 @@ from wanps.controller.engine import ControllerCore, Report
 from wanps.controller.policy import PolicyConfig
 from wanps.proto.codec import SparseUpdate, model_crc32
 from wanps.server.checkpoint import read_checkpoint, write_checkpoint
-from wanps.worker.compress import ErrorFeedback
+from wanps.worker.error_feedback import ErrorFeedback
 from wanps.rpc.errors import NotFound
 from wanps.server.core import CoreConfig, ServerCore
 

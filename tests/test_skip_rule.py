@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from wanps.worker.skip_rule import SkipRule, gradient_gap, paper_alphas, step_squared_norm
-from wanps.worker.update_rule import UpdateRule
+from wanps.worker.update_rule import UpdateConfig, UpdateRule
 
 
 def test_threshold_weights_the_newest_step_with_alpha_1() -> None:
@@ -80,7 +80,7 @@ def test_gap_and_step_norm_by_hand() -> None:
 def test_skip_leaves_error_feedback_and_momentum_untouched() -> None:
     """Algorithm 1, line 10: e^{t+1} = e^t on a skip; the update rule returns None (a skip record)."""
     skip = SkipRule([1e9] * 4, num_workers=1)  # a huge threshold: skip whenever allowed
-    rule = UpdateRule(4, error_feedback="ef", momentum=0.5, skip_rule=skip)
+    rule = UpdateRule(4, UpdateConfig(error_feedback="ef", momentum=0.5), skip_rule=skip)
     params = torch.zeros(4)
     sent = rule.update(torch.tensor([1.0, 2.0, 3.0, 4.0]), 1.0, 0.25, 0, params=params)
     assert sent is not None and sent.indices.tolist() == [3] and sent.values.tolist() == [4.0]
@@ -96,7 +96,7 @@ def test_skip_leaves_error_feedback_and_momentum_untouched() -> None:
 
 def test_upload_when_the_gradient_moved_more_than_the_threshold() -> None:
     skip = SkipRule([1.0] * 4, num_workers=2)
-    rule = UpdateRule(2, skip_rule=skip)
+    rule = UpdateRule(2, UpdateConfig(), skip_rule=skip)
     rule.update(torch.tensor([1.0, 1.0]), 0.1, 1.0, 0, params=torch.zeros(2))
     skip.record_model_step(4.0)  # threshold = 1 * 4 / 2^2 = 1
     moved = rule.update(torch.tensor([3.0, 1.0]), 0.1, 1.0, 1, params=torch.ones(2), aux_grad=torch.tensor([1.0, 1.0]))
@@ -106,7 +106,7 @@ def test_upload_when_the_gradient_moved_more_than_the_threshold() -> None:
 
 def test_momentum_matches_eq_11_by_hand() -> None:
     """m = mu*m + g; p = lr*m + e; dense (delta 1) so C(p) = p and e stays 0."""
-    rule = UpdateRule(2, momentum=0.9)
+    rule = UpdateRule(2, UpdateConfig(momentum=0.9))
     first = rule.update(torch.tensor([1.0, 2.0]), 0.1, 1.0, 0)
     second = rule.update(torch.tensor([1.0, 0.0]), 0.1, 1.0, 1)
     assert torch.allclose(first.values, torch.tensor([0.1, 0.2]))
@@ -116,7 +116,7 @@ def test_momentum_matches_eq_11_by_hand() -> None:
 def test_ef_invariant_with_momentum_and_top_k() -> None:
     """sum(pushed) + e == sum(lr * m_t) after any number of steps."""
     torch.manual_seed(0)
-    rule = UpdateRule(50, momentum=0.5)
+    rule = UpdateRule(50, UpdateConfig(momentum=0.5))
     pushed = torch.zeros(50)
     m = torch.zeros(50)
     expected = torch.zeros(50)
@@ -130,7 +130,7 @@ def test_ef_invariant_with_momentum_and_top_k() -> None:
 
 
 def test_def_detached_point_and_final_residual() -> None:
-    rule = UpdateRule(5, error_feedback="def", def_lambda=0.3)
+    rule = UpdateRule(5, UpdateConfig(error_feedback="def", def_lambda=0.3))
     rule.update(torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0]), 1.0, 0.4, 0)  # k = 2: sends -2 and 1, keeps 0.5
     assert torch.equal(rule.residual, torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0]))
     x = torch.full((5,), 10.0)
@@ -141,17 +141,28 @@ def test_def_detached_point_and_final_residual() -> None:
     assert torch.count_nonzero(rule.residual) == 0 and rule.final_residual().values.abs().sum() == 0
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(error_feedback="bogus"), dict(error_feedback="def", def_lambda=1.5), dict(momentum=1.0),
-    dict(momentum=-0.1), dict(error_feedback="def", skip_rule=SkipRule([1.0])),
+@pytest.mark.parametrize(("options", "skip_rule"), [
+    (dict(error_feedback="bogus"), None), (dict(error_feedback="def", def_lambda=1.5), None),
+    (dict(momentum=1.0), None), (dict(momentum=-0.1), None), (dict(error_feedback="def"), SkipRule([1.0])),
 ])
-def test_update_rule_refuses_bad_configuration(kwargs: dict) -> None:
+def test_update_rule_refuses_bad_configuration(options: dict, skip_rule: SkipRule | None) -> None:
     with pytest.raises(ValueError):
-        UpdateRule(4, **kwargs)
+        UpdateRule(4, UpdateConfig(**options), skip_rule)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(compressor="nope"), "unknown compressor 'nope'"),
+    (dict(value_dtype="float8"), "value_dtype must be one of"),
+    (dict(compressor="random-block", compressor_seed=-1), "seed must be >= 0"),
+])
+def test_update_config_refuses_what_the_compressor_and_error_feedback_would(options: dict, message: str) -> None:
+    """The config fails on its own, before any UpdateRule (or a cluster join) is attempted."""
+    with pytest.raises(ValueError, match=message):
+        UpdateConfig(**options)
 
 
 def test_upload_without_params_is_refused_when_skipping_is_on() -> None:
-    rule = UpdateRule(2, skip_rule=SkipRule([1.0]))
+    rule = UpdateRule(2, UpdateConfig(), skip_rule=SkipRule([1.0]))
     with pytest.raises(ValueError):
         rule.update(torch.ones(2), 0.1, 1.0, 0)
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from wanps.rpc.auth import add_client_security_flags, client_security_from_args
 from wanps.rpc.config import EnvDefaultsParser, setup_logging
 from wanps.rpc.serving import start_metrics_endpoint
-from wanps.worker.compress import VALUE_DTYPES
+from wanps.worker.error_feedback import VALUE_DTYPES
 from wanps.worker.compressors import COMPRESSORS
 from wanps.worker.optimizer import Optimizer
 from wanps.worker.skip_rule import SkipRule, alphas_from_spec

@@ -1,6 +1,6 @@
 """Compressors: which elements of p = lr*g + e a worker sends. Pure tensor code, no network.
 
-A compressor only selects; `ErrorFeedback` (worker/compress.py) takes the values, rounds
+A compressor only selects; `ErrorFeedback` (worker/error_feedback.py) takes the values, rounds
 them to the wire dtype and keeps the rest as the residual. Adding one is one class here:
 
     @register
@@ -97,9 +97,9 @@ class SampledTopK:
     `tolerance` above k, an exact top-k over the few candidates trims it to k; if more than
     `tolerance` below, one refinement pass with a lower threshold (then a trim). The |p| and
     mask buffers are d-sized and reused across calls: only k-sized tensors are allocated.
-    The d-sized passes run in numpy over the same memory: its compare and flatnonzero are
-    3x and 5x faster than torch's ge and nonzero on one thread (10M elements: 2 vs 6.6 ms,
-    2.1 vs 11 ms), which is what takes this past 10x of exact top-k.
+    The d-sized passes run in numpy over the same memory: on one thread its compare and
+    flatnonzero are faster than torch's ge and nonzero, and those two passes are most of
+    this compressor's time (docs/benchmarks.md, "Compressors: selection time").
     """
 
     name = "topk-sampled"

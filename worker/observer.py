@@ -13,7 +13,8 @@ import torch
 from wanps.worker.optimizer import bind_to_flat, model_fingerprint
 from wanps.worker.replica import Replica
 from wanps.rpc.auth import ClientSecurity
-from wanps.worker.session import ConnectionLost, WorkerSession
+from wanps.worker.recovery import ConnectionLost
+from wanps.worker.session import WorkerSession
 
 
 class Observer:

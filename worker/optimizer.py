@@ -30,9 +30,10 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
 from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.replica import Replica
-from wanps.worker.session import ConnectionLost, ReceivedDelta, WorkerSession
+from wanps.worker.recovery import ConnectionLost
+from wanps.worker.session import ReceivedDelta, WorkerSession
 from wanps.worker.skip_rule import SkipRule, step_squared_norm
-from wanps.worker.update_rule import UpdateRule
+from wanps.worker.update_rule import UpdateConfig, UpdateRule
 
 log = logging.getLogger("wanps.worker")
 
@@ -116,9 +117,9 @@ class Optimizer(torch.optim.Optimizer):
         self.num_params = self.replica.numel()
         self._grad = torch.zeros_like(self.replica)
         # Built before joining: a bad compressor name or mode fails here, not after seeding the cluster.
-        self.rule = UpdateRule(self.num_params, compressor=compressor, value_dtype=value_dtype,
-                               compressor_seed=compressor_seed, error_feedback=error_feedback,
-                               def_lambda=def_lambda, momentum=momentum, skip_rule=skip_rule)
+        config = UpdateConfig(compressor=compressor, value_dtype=value_dtype, compressor_seed=compressor_seed,
+                              error_feedback=error_feedback, def_lambda=def_lambda, momentum=momentum)
+        self.rule = UpdateRule(self.num_params, config, skip_rule)
         self._aux_grad = torch.zeros_like(self.replica) if skip_rule is not None else None
         self._per_element_lr: tuple[tuple[float, ...], torch.Tensor] | None = None  # param groups with different lrs
         self._fallback = Decision(0, 0, tau, delta, "local", "no controller decision yet")
@@ -363,7 +364,7 @@ class Optimizer(torch.optim.Optimizer):
                 self._replica.catch_up(self.session.deltas, 0, on_idle=self._raise_failed_pushes)
             except ConnectionLost:
                 self._recover(timeout_s=max(1.0, timeout / 2))
-            if self.rule.error_feedback == "def":
+            if self.rule.config.error_feedback == "def":
                 self._flush_residual(deadline)
             for future in self._in_flight:
                 future.result(max(0.0, deadline - time.monotonic()))

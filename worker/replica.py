@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 
 from wanps.proto import codec
-from wanps.worker.session import ConnectionLost, ReceivedDelta, ReplicaDiverged
+from wanps.worker.recovery import ConnectionLost
+from wanps.worker.session import ReceivedDelta, ReplicaDiverged
 
 
 class Replica:

@@ -106,9 +106,10 @@ class MnistMLP(Task):
 class MnistCNN(MnistMLP):
     """conv5x5(32)-pool-conv5x5(64)-pool-fc1024-fc10 on MNIST: 1,111,946 parameters.
 
-    The benchmarks' larger model: a step costs about 50 ms on one core at batch 64 (about
-    3x the MLP's), and a dense push is 4.4 MB, seconds on the emulated links, which puts
-    latency/compute and transfer/compute where the DeCo paper's experiments sit.
+    The benchmarks' larger model: its step costs several times the MLP's, and a dense push
+    is 4.4 MB (1.1M float32), seconds on the emulated links, which puts latency/compute and
+    transfer/compute where the DeCo paper's experiments sit (docs/benchmarks.md has the
+    measured step time).
     """
 
     name = "mnist-cnn"

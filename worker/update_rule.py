@@ -1,6 +1,6 @@
 """What a worker sends each round, from its gradients. Pure tensor code, no network.
 
-One `UpdateRule` composes, by configuration:
+One `UpdateRule` composes, by its `UpdateConfig` (and an optional skip rule):
 - momentum (the DEF paper's eq. (11): m = mu*m + g; p = lr*m + e; mu = 0 is plain SGD),
 - error feedback: "ef" (plain), "def" / "def-a" (detached: gradients taken at x - lambda*e),
 - a compressor (worker/compressors.py) with its wire value dtype,
@@ -12,44 +12,58 @@ algorithms measure the code that trains over the network.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from wanps.proto.codec import SparseUpdate
-from wanps.worker.compress import ErrorFeedback
+from wanps.worker.compressors import make_compressor
+from wanps.worker.error_feedback import ErrorFeedback, wire_value_dtype
 from wanps.worker.skip_rule import SkipRule, gradient_gap
 
 #: "def" outputs DEF's y_T = x_T - mean(e_T) (a final residual flush); "def-a" outputs x_T.
 ERROR_FEEDBACK_MODES = ("ef", "def", "def-a")
 
 
+@dataclass(frozen=True)
+class UpdateConfig:
+    """The algorithm options of a worker's updates, checked once, here.
+
+    SASG's skip rule is not among them: a `SkipRule` is one worker's state (its anchor,
+    staleness and the last model steps), not an option, while this is a value that many
+    workers may share (the simulation gives all its workers one). `UpdateRule` takes it
+    beside the config.
+    """
+
+    compressor: str = "topk"
+    value_dtype: str = "float32"
+    compressor_seed: int = 0
+    error_feedback: str = "ef"
+    def_lambda: float = 0.3
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.error_feedback not in ERROR_FEEDBACK_MODES:
+            raise ValueError(f"error_feedback must be one of {', '.join(ERROR_FEEDBACK_MODES)}, "
+                             f"got {self.error_feedback!r}")
+        if self.error_feedback != "ef" and not 0.0 <= self.def_lambda <= 1.0:
+            raise ValueError(f"def_lambda must be in [0, 1], got {self.def_lambda}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        make_compressor(self.compressor, self.compressor_seed)  # a compressor checks its own name and seed
+        wire_value_dtype(self.value_dtype)
+
+
 class UpdateRule:
-    def __init__(
-        self,
-        num_params: int,
-        *,
-        compressor: str = "topk",
-        value_dtype: str = "float32",
-        compressor_seed: int = 0,
-        error_feedback: str = "ef",
-        def_lambda: float = 0.3,
-        momentum: float = 0.0,
-        skip_rule: SkipRule | None = None,
-    ) -> None:
-        if error_feedback not in ERROR_FEEDBACK_MODES:
-            raise ValueError(f"error_feedback must be one of {', '.join(ERROR_FEEDBACK_MODES)}, got {error_feedback!r}")
-        if error_feedback != "ef" and not 0.0 <= def_lambda <= 1.0:
-            raise ValueError(f"def_lambda must be in [0, 1], got {def_lambda}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if skip_rule is not None and error_feedback != "ef":
+    def __init__(self, num_params: int, config: UpdateConfig, skip_rule: SkipRule | None = None) -> None:
+        if skip_rule is not None and config.error_feedback != "ef":
             # Both move the point gradients are taken at; their combination is in neither paper.
             raise ValueError("the SASG skip rule works with plain error feedback ('ef') only")
         self.num_params = num_params
-        self.ef = ErrorFeedback(num_params, compressor, value_dtype, seed=compressor_seed)
-        self.error_feedback = error_feedback
-        self.def_lambda = def_lambda if error_feedback != "ef" else 0.0
-        self.momentum = momentum
-        self._momentum_buffer = torch.zeros(num_params) if momentum else None
+        self.config = config
+        self.ef = ErrorFeedback(num_params, config.compressor, config.value_dtype, seed=config.compressor_seed)
+        self.def_lambda = config.def_lambda if config.error_feedback != "ef" else 0.0
+        self._momentum_buffer = torch.zeros(num_params) if config.momentum else None
         self.skip_rule = skip_rule
 
     # -------------------------------------------------------------- where to take gradients
@@ -91,7 +105,7 @@ class UpdateRule:
                 raise ValueError("the skip rule needs the parameters an uploaded gradient was taken at")
             rule.uploaded(params)
         if self._momentum_buffer is not None:
-            self._momentum_buffer.mul_(self.momentum).add_(grad)
+            self._momentum_buffer.mul_(self.config.momentum).add_(grad)
             grad.copy_(self._momentum_buffer)
         grad.mul_(lr)
         return self.ef.compress(grad, delta, round_)

@@ -1,7 +1,6 @@
 """Error feedback around a compressor, in update space. Pure tensor code, no network.
 
-The compressors (which elements to send) live in worker/compressors.py; `topk_exact` is
-re-exported from there for existing callers.
+The compressors (which elements to send) live in worker/compressors.py.
 
 Workers push updates already scaled by their learning rate: p = lr * g + e, push C(p),
 keep e = p - C(p) (the SASG and DEF papers' form). The invariant after any number of
@@ -15,7 +14,7 @@ from decimal import Decimal
 import torch
 
 from wanps.proto.codec import SparseUpdate
-from wanps.worker.compressors import Compressor, make_compressor, topk_exact
+from wanps.worker.compressors import Compressor, make_compressor
 
 
 def elements_for(delta: float, num_params: int) -> int:
@@ -27,6 +26,17 @@ def elements_for(delta: float, num_params: int) -> int:
 
 
 VALUE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def wire_value_dtype(value_dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype sparse values travel in, from its name or itself; anything else is refused."""
+    if isinstance(value_dtype, str):
+        if value_dtype not in VALUE_DTYPES:
+            raise ValueError(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {value_dtype!r}")
+        value_dtype = VALUE_DTYPES[value_dtype]
+    if value_dtype not in VALUE_DTYPES.values():
+        raise ValueError(f"value_dtype must be float32, float16 or bfloat16, got {value_dtype}")
+    return value_dtype
 
 
 def quantize(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -50,13 +60,7 @@ class ErrorFeedback:
                  value_dtype: str | torch.dtype = "float32", seed: int = 0) -> None:
         self.residual = torch.zeros(num_params, dtype=torch.float32)
         self.compressor = make_compressor(compressor, seed) if isinstance(compressor, str) else compressor
-        if isinstance(value_dtype, str):
-            if value_dtype not in VALUE_DTYPES:
-                raise ValueError(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {value_dtype!r}")
-            value_dtype = VALUE_DTYPES[value_dtype]
-        if value_dtype not in VALUE_DTYPES.values():
-            raise ValueError(f"value_dtype must be float32, float16 or bfloat16, got {value_dtype}")
-        self.value_dtype = value_dtype
+        self.value_dtype = wire_value_dtype(value_dtype)
 
     def compress(self, scaled_grad: torch.Tensor, delta: float, round_: int = 0) -> SparseUpdate:
         """Take lr*g, return C(lr*g + e) to push; keep the rest as the new residual."""
