@@ -59,7 +59,8 @@ from wanps.controller.estimator import EstimatorConfig, LinkEstimate
 from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, RunningController, start_controller
 from wanps.bench.cli import _table
-from wanps.linkem.proxy import LinkEmulator, LinkTrace, TracePoint
+from wanps.linkem.proxy import LinkEmulator
+from wanps.linkem.trace import LinkTrace, TracePoint
 from wanps.rpc.config import EnvDefaultsParser, run_async
 from wanps.proto import codec
 from wanps.proto.codec import fingerprint_of

@@ -405,7 +405,7 @@ def plot_decisions(row: dict, condition: str, out_dir: Path) -> Path:
     """Like the paper's Fig. 6: set vs estimated bandwidth, and delta (tau) over time."""
     import matplotlib.pyplot as plt
 
-    from wanps.linkem.proxy import LinkTrace
+    from wanps.linkem.trace import LinkTrace
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     track = row["link_track"]
