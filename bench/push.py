@@ -50,7 +50,8 @@ class PushBenchConfig:
     clients: int = 8
     pairs: int = 100_000
     rounds: int = 30
-    # The echo is ~10x faster: more rounds keep its timed phases from being a few hundred ms.
+    # The echo runs rounds much faster than the full path (docs/benchmarks.md): more rounds
+    # keep its timed phases long enough to time.
     echo_rounds: int = 150
     warmup_rounds: int = 2
     repeat: int = 3
