@@ -23,8 +23,6 @@ from wanps.rpc.config import EnvDefaultsParser, run_async, setup_logging, split_
 log = logging.getLogger(__name__)
 
 
-
-
 def build_parser() -> EnvDefaultsParser:
     parser = EnvDefaultsParser(
         prog="wanps linkem",
