@@ -9,16 +9,13 @@ the wire encoding cost the same for every sparse compressor.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
+from wanps.bench.report import load_summary, machine_info, text_table, write_json
 from wanps.worker.error_feedback import elements_for
 from wanps.worker.compressors import COMPRESSORS, make_compressor
 
@@ -63,13 +60,12 @@ def measure(name: str, d: int, ratio: float, repeats: int, seed: int) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     exact_ms = {r["d"]: r["ms_median"] for r in rows if r["compressor"] == "topk"}
-    lines = [f"{'compressor':<14} {'d':>11} {'k':>9} {'ms_median':>10} {'ms_min':>9} {'speedup':>8} "
-             f"{'selected_over_k':>16} {'worst':>7}"]
+    cells = []
     for r in rows:
         speedup = f"{exact_ms[r['d']] / r['ms_median']:.1f}x" if r["d"] in exact_ms and r["ms_median"] else "-"
-        lines.append(f"{r['compressor']:<14} {r['d']:>11,} {r['k']:>9,} {r['ms_median']:>10.2f} {r['ms_min']:>9.2f} "
-                     f"{speedup:>8} {r['selected_over_k']:>16.4f} {r['selected_over_k_worst']:>7.4f}")
-    return "\n".join(lines)
+        cells.append((r["compressor"], f"{r['d']:,}", f"{r['k']:,}", f"{r['ms_median']:.2f}", f"{r['ms_min']:.2f}",
+                      speedup, f"{r['selected_over_k']:.4f}", f"{r['selected_over_k_worst']:.4f}"))
+    return text_table(("compressor", "d", "k", "ms_median", "ms_min", "speedup", "selected_over_k", "worst"), cells)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,12 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     rows = [measure(name, d, args.ratio, args.repeats, args.seed) for d in args.sizes for name in args.compressors]
     print(format_table(rows))
-    load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs, torch threads {args.threads}")
+    machine = machine_info()
+    print(f"{load_summary(machine)}, torch threads {args.threads}")
     if args.json:
-        report = {"ratio": args.ratio, "threads": args.threads, "repeats": args.repeats, "loadavg": load,
-                  "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__, "rows": rows}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, {"ratio": args.ratio, "threads": args.threads, "repeats": args.repeats,
+                               "machine": machine, "rows": rows})
     return 0
 
 

@@ -38,7 +38,6 @@ Results, and what they say about the estimator: docs/benchmarks.md.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import queue
 import statistics
@@ -48,20 +47,20 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
+from wanps.bench.payload import random_update
+from wanps.bench.report import machine_info, text_table, write_json
 from wanps.controller.estimator import EstimatorConfig, LinkEstimate
 from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, RunningController, start_controller
-from wanps.bench.cli import _table
-from wanps.linkem.proxy import LinkEmulator, LinkTrace, TracePoint
+from wanps.linkem.proxy import LinkEmulator
+from wanps.linkem.trace import LinkTrace, TracePoint
 from wanps.rpc.config import EnvDefaultsParser, run_async
-from wanps.proto import codec
 from wanps.proto.codec import fingerprint_of
 from wanps.server.service import RunningServer, ServerConfig, start_server
 from wanps.worker.session import ReceivedDelta, WorkerSession
@@ -167,13 +166,6 @@ class WorkerStats:
     error: str | None = None
 
 
-def sparse_update(rng: np.random.Generator, num_params: int, k: int) -> codec.SparseUpdate:
-    """k sorted unique indices (uint32 on the wire) with small float32 values."""
-    indices = np.sort(rng.choice(num_params, size=k, replace=False)).astype(np.int32)
-    values = (rng.standard_normal(k, dtype=np.float32) * 1e-3).astype(np.float32)
-    return codec.SparseUpdate(values=torch.from_numpy(values), indices=torch.from_numpy(indices))
-
-
 class BenchWorker:
     """One training-like worker on its own thread, for `duration_s` after its first push."""
 
@@ -226,7 +218,7 @@ class BenchWorker:
                     break
                 step_started = time.monotonic()
                 time.sleep(c.compute_ms / 1e3)  # the forward/backward pass this bench does not run
-                update = sparse_update(self.rng, c.params, int(self.rng.integers(lo, hi + 1)))
+                update = random_update(c.params, int(self.rng.integers(lo, hi + 1)), self.rng)
                 session.record_compute(time.monotonic() - step_started, round_)
                 in_flight.append(session.push(round_, version, update))
                 self.stats.pushes += 1
@@ -463,8 +455,6 @@ def settle_time(polls: Sequence[Poll], step_at_s: float, target_mbit: float, tol
 
 
 async def run_estimate_bench(config: EstimateBenchConfig) -> dict[str, Any]:
-    from wanps.bench.cli import machine_info
-
     machine = machine_info()
     runs = []
     for condition in conditions_of(config):
@@ -485,7 +475,7 @@ def format_result(result: dict[str, Any], series: bool = False) -> str:
     out = [f"wanps bench estimate: 1 worker, {c['params']:,} params, pushes of {c['push_elements']:,} "
            f"+-{c['vary']:.0%} elements, compute {c['compute_ms']:g} ms/step, tau {c['tau']}, "
            f"link queue {c['queue_ms']:g} ms, delay {c['delay_ms']:g} ms one way (RTT {2 * c['delay_ms']:g} ms)",
-           f"machine: {m['cpus']} CPUs, load {m['loadavg_1m']:.2f} before the run"]
+           f"machine: {m['cpus']} CPUs, load {m['loadavg'][0]:.2f} before the run"]
     fixed = [r for r in result["runs"] if r["step_at_s"] is None]
     if fixed:
         rows = []
@@ -501,8 +491,8 @@ def format_result(result: dict[str, Any], series: bool = False) -> str:
         out += ["", f"fixed links: estimate at t = {c['check_at_s']:g} s after the first push "
                 f"(target: bandwidth within {c['bandwidth_tolerance']:.0%}, RTT within "
                 f"{c['latency_tolerance_ms']:g} ms)",
-                _table(["cond", "Mbit/s", "window s", "rep", "first est s", "est Mbit/s", "err", "est RTT ms",
-                        "err ms", "later Mbit/s", "pushes/s", "met"], rows)]
+                text_table(["cond", "Mbit/s", "window s", "rep", "first est s", "est Mbit/s", "err", "est RTT ms",
+                            "err ms", "later Mbit/s", "pushes/s", "met"], rows)]
     steps = [r for r in result["runs"] if r["step_at_s"] is not None]
     if steps:
         rows = []
@@ -517,8 +507,8 @@ def format_result(result: dict[str, Any], series: bool = False) -> str:
         out += ["", f"step change at t = {c['step_at_s']:g} s: time until the estimate is within "
                 f"{c['bandwidth_tolerance']:.0%} of the new bandwidth and stays there (>= {c['stable_s']:g} s; "
                 f"target < {c['settle_target_s']:g} s)",
-                _table(["cond", "Mbit/s", "window s", "rep", "before step", "first within", "settled after",
-                        "end Mbit/s", "end RTT ms", "pushes/s", "met"], rows)]
+                text_table(["cond", "Mbit/s", "window s", "rep", "before step", "first within", "settled after",
+                            "end Mbit/s", "end RTT ms", "pushes/s", "met"], rows)]
     if series:
         for r in result["runs"]:
             out += ["", f"{r['condition']} window {r['window_s']:g} s rep {r['repeat']}: t s, estimate Mbit/s "
@@ -614,9 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_async(run_estimate_bench(config))
     print(format_result(result, series=args.series))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 

@@ -18,7 +18,6 @@ with up to cpu_per_scrape of scrape work; that is shown against the round time m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from wanps.bench.payload import random_update
+from wanps.bench.report import load_summary, machine_info, text_table, write_json
 from wanps.deploy.processes import ManagedProcess, start_process, wanps_command
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
@@ -72,10 +73,7 @@ def drive_traffic(address: str, workers: int, params: int, delta: float, rounds:
         stub.SeedModel(iter([pb.ModelChunk(worker_id=ids[0], num_params=params, offset=o, values=v)
                              for o, v in codec.iter_model_chunks(raw)]), timeout=60)
         # One update per worker, encoded once: scraping cost does not depend on the values.
-        updates = []
-        for _ in ids:
-            indices = torch.from_numpy(np.sort(generator.choice(params, k, replace=False)).astype(np.int32))
-            updates.append(codec.SparseUpdate(values=torch.full((k,), 1e-6), indices=indices))
+        updates = [random_update(params, k, generator) for _ in ids]
         round_times = []
         for round_ in range(rounds):
             started = time.perf_counter()
@@ -150,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             server.stop()
     rows = summarize(scrape, round_s)
-    load = os.getloadavg()
+    machine = machine_info()
     print(f"server registry after {args.rounds} rounds of {args.workers} workers (d {args.params:,}, "
           f"delta {args.delta:g}): {scrape['samples']} samples, {scrape['exposition_bytes']:,} bytes")
     print(f"scrape latency median {scrape['latency_ms_median']:.2f} ms, p95 {scrape['latency_ms_p95']:.2f} ms; "
@@ -159,16 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"round time here (loopback, sequential pushes) {1000 * round_s:.1f} ms; a round a scrape lands in "
           f"shares the server's CPU with {scrape['server_cpu_ms_per_scrape']:.2f} ms of scrape work "
           f"(at most {100 * scrape['server_cpu_ms_per_scrape'] / 1000 / round_s:.1f}% longer)")
-    print(f"{'interval':>9} {'scrapes/round':>14} {'server CPU/round':>17} {'of round time':>14}  target < 1%")
-    for row in rows:
-        print(f"{row['interval_s']:>8.0f}s {row['scrapes_per_round']:>14.4f} "
-              f"{row['server_cpu_ms_per_round']:>14.4f} ms {100 * row['fraction_of_round']:>13.3f}%  "
-              f"{'met' if row['target_met'] else 'NOT met'}")
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    target = f"target < {TARGET_FRACTION:.0%}"
+    print(text_table(("interval", "scrapes/round", "server CPU/round", "of round time", target),
+                     [(f"{row['interval_s']:.0f}s", f"{row['scrapes_per_round']:.4f}",
+                       f"{row['server_cpu_ms_per_round']:.4f} ms", f"{100 * row['fraction_of_round']:.3f}%",
+                       "met" if row["target_met"] else "NOT met") for row in rows]))
+    print(load_summary(machine))
     if args.json:
-        result = {"benchmark": "scrape", "config": vars(args), "round_s": round_s, "scrape": scrape,
-                  "intervals": rows, "loadavg": load, "cpus": os.cpu_count()}
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, {"benchmark": "scrape", "config": vars(args), "round_s": round_s, "scrape": scrape,
+                               "intervals": rows, "machine": machine})
     return 0
 
 

@@ -1,6 +1,6 @@
 """In-process simulation: many workers on one core, the real worker and server cores, no sockets.
 
-For studies that need more workers than 2 cores can run as processes (SASG's rounds and
+For studies that need more workers than a few cores can run as processes (SASG's rounds and
 bits to target, DEF's accuracy at high compression). Each simulated worker owns an
 `UpdateRule` (momentum, EF/DEF, compressor, SASG skip rule: the very object
 `wanps.worker.Optimizer` drives) and pushes into a real `ServerCore`; the round's mean is

@@ -12,16 +12,16 @@ RSS after the first tenth of the run against its peak (bounded memory: they stay
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from wanps.bench.report import write_json
 from wanps.deploy.processes import start_process, wanps_command
 from wanps.proto.codec import model_crc32
 from wanps.server.checkpoint import read_checkpoint
@@ -199,5 +199,5 @@ def main(argv: list[str] | None = None) -> int:
         result = run_soak(config, Path(work_dir))
     print_soak(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(asdict(result), indent=2))
+        write_json(args.json, result)
     return 0 if result.invariants == "ok" else 1

@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from wanps.bench.report import text_table, write_json
 from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, predicted_iteration_time
 from wanps.deploy.demo import DemoConfig, default_trace, run_demo
 from wanps.rpc.config import EnvDefaultsParser
@@ -62,9 +63,10 @@ CONDITIONS: dict[str, Condition] = {
     "fixed-5M-40ms": Condition("fixed-5M-40ms", fixed(5, 40), "5 Mbit/s, RTT 80 ms"),
     "varying": Condition("varying", None, "8-40 Mbit/s trace, RTT 100 ms (wan-varying.csv)"),
     "hetero": Condition("hetero", ((20, 25), (20, 25), (20, 25), (4, 25)), "3 x 20 Mbit/s + 1 x 4 Mbit/s, RTT 50 ms"),
-    # The larger model: a dense push (4.4 MB) takes 1-4.5 s on these links, a step 100-200 ms
-    # on an idle machine. lr 0.05 and tau <= 4: at lr 0.1 with tau 5-8 the CNN diverged
-    # (0.89 accuracy, then 0.27; docs/benchmarks.md). Target 95%, 360 s.
+    # The larger model: a dense push (4.4 MB) takes seconds on these links, many times a step,
+    # which puts latency/compute and transfer/compute in the paper's ranges. lr 0.05 and
+    # tau <= 4: with lr 0.1 and the default cap DeCo chose large taus on inflated latency
+    # estimates and the CNN diverged (docs/benchmarks.md, "Capping tau"). Target 95%, 360 s.
     "cnn-varying": Condition("cnn-varying", None, "CNN, 8-40 Mbit/s trace, RTT 100 ms", task="mnist-cnn",
                              target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4),
     "cnn-fixed-10M-50ms": Condition("cnn-fixed-10M-50ms", fixed(10, 50), "CNN, 10 Mbit/s, RTT 100 ms",
@@ -99,7 +101,7 @@ class BenchPlan:
     controller_args: tuple[str, ...] = ()  # extra `wanps controller` flags for every run
 
 
-# Minutes: a CI smoke test. D-SGD stops at the limit (it needs 15+ minutes to reach 97%).
+# Minutes: a CI smoke test. D-SGD stops at the limit (it needs far longer to reach 97%; docs/benchmarks.md).
 QUICK = BenchPlan(conditions=("varying",), methods=("dsgd", "static", "deco"), seeds=(0,), time_limit_s=150,
                   target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
 FULL = BenchPlan(conditions=tuple(CONDITIONS), methods=tuple(METHODS), seeds=(0, 1, 2), time_limit_s=300,
@@ -190,7 +192,7 @@ def run_one(plan: BenchPlan, condition: Condition, method: str, seed: int, trace
                         progress=False, seed=seed, track_links=True)
     load = os.getloadavg()[0]  # other jobs on the machine slow every method; the rows say how busy it was
     result = run_demo(config)
-    (out / EXTRA_FILE).write_text(json.dumps({"load_1min_at_start": round(load, 2)}))
+    write_json(out / EXTRA_FILE, {"load_1min_at_start": round(load, 2)}, announce=False)
     return row_from_result(condition.name, method, seed, result, extra_of(out))
 
 
@@ -352,22 +354,18 @@ def _median(values: list) -> float | None:
 def print_table(table: list[dict]) -> None:
     header = ("condition", "method", "reached", "time to target (s)", "deco speed-up", "final acc", "rounds",
               "iter s measured", "iter s Thm 3", "Thm 3 err", "PS err", "MiB up", "b/Tc", "Sg/(a Tc)")
-    lines = [header]
+    rows = []
     for t in table:
         measured, predicted = t["measured_iter_s"], t["predicted_iter_s"]
         error = f"{predicted / measured - 1:+.0%}" if measured and predicted else "-"
         ps = t.get("predicted_ps_iter_s")
         ps_error = f"{ps / measured - 1:+.0%}" if measured and ps else "-"
-        lines.append((t["condition"], t["method"], t.get("reached", "-"),
-                      "-" if t["median_time_to_target_s"] is None else f"{t['median_time_to_target_s']:.1f}",
-                      t["deco_speedup_over_method"], f"{t['final_accuracy']:.4f}", f"{t['rounds']:.0f}",
-                      str(measured), str(predicted), error, ps_error, f"{t['mib_up']}",
-                      str(t.get("b_over_t_comp")), str(t.get("sg_over_a_t_comp"))))
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    for n, line in enumerate(lines):
-        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+        rows.append((t["condition"], t["method"], t.get("reached", "-"),
+                     "-" if t["median_time_to_target_s"] is None else f"{t['median_time_to_target_s']:.1f}",
+                     t["deco_speedup_over_method"], f"{t['final_accuracy']:.4f}", f"{t['rounds']:.0f}",
+                     str(measured), str(predicted), error, ps_error, f"{t['mib_up']}",
+                     str(t.get("b_over_t_comp")), str(t.get("sg_over_a_t_comp"))))
+    print(text_table(header, rows, left_aligned=True))
 
 
 def plot(rows: list[dict], plan: BenchPlan, out_dir: Path) -> list[Path]:
@@ -405,7 +403,7 @@ def plot_decisions(row: dict, condition: str, out_dir: Path) -> Path:
     """Like the paper's Fig. 6: set vs estimated bandwidth, and delta (tau) over time."""
     import matplotlib.pyplot as plt
 
-    from wanps.linkem.proxy import LinkTrace
+    from wanps.linkem.trace import LinkTrace
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     track = row["link_track"]
@@ -455,14 +453,14 @@ def run_bench(plan: BenchPlan) -> dict:
                           f"{row['rounds']} rounds, iter {row['measured_iter_s']} s "
                           f"(Thm 3: {row['predicted_iter_s']})", flush=True)
                     rows.append(row)
-                    (out_dir / "bench.json").write_text(json.dumps(rows, indent=1))  # progress survives a stop
+                    write_json(out_dir / "bench.json", rows, announce=False)  # progress survives a stop
     return write_results(rows, plan, out_dir)
 
 
 def write_results(rows: list[dict], plan: BenchPlan, out_dir: Path) -> dict:
     table = summarize(rows, plan)
-    (out_dir / "bench.json").write_text(json.dumps(rows, indent=1))
-    (out_dir / "bench-summary.json").write_text(json.dumps(table, indent=1))
+    write_json(out_dir / "bench.json", rows, announce=False)
+    write_json(out_dir / "bench-summary.json", table, announce=False)
     plots = plot(rows, plan, out_dir)
     return {"rows": rows, "table": table, "plots": [str(p) for p in plots]}
 

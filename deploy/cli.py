@@ -8,7 +8,7 @@ SUBCOMMANDS = {
     "server": ("wanps.server.cli", "run the parameter server"),
     "controller": ("wanps.controller.cli", "run the controller"),
     "worker": ("wanps.worker.cli", "train a built-in task through a cluster"),
-    "linkem": ("wanps.linkem.proxy", "emulate a WAN link (TCP proxy with delay and bandwidth)"),
+    "linkem": ("wanps.linkem.cli", "emulate a WAN link (TCP proxy with delay and bandwidth)"),
     "demo": ("wanps.deploy.demo", "run a local cluster over emulated WAN links and report"),
     "bench": ("wanps.bench.cli", "run a benchmark"),
     "health": ("wanps.rpc.health", "check a service's gRPC health (exit 0 when SERVING)"),

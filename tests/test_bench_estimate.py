@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from wanps.bench.estimate import SETUP_BANDWIDTH_MBIT, DeferredTrace, Poll, main, settle_time
-from wanps.linkem.proxy import LinkTrace, TracePoint
+from wanps.linkem.trace import LinkTrace, TracePoint
 
 
 def _poll(t: float, mbit: float | None) -> Poll:

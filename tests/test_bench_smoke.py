@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from wanps.bench.cli import PAYLOAD_BYTES_PER_ELEMENT, main, serialized_push
+from wanps.bench.cli import main
+from wanps.bench.payload import PAYLOAD_BYTES_PER_ELEMENT
+from wanps.bench.wire import serialized_push
 from wanps.proto.codec import CHUNK_ELEMENTS
 
 

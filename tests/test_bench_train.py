@@ -5,7 +5,7 @@ import pytest
 
 from wanps.bench.train import (CONDITIONS, QUICK, BenchPlan, deco_ratios, median_time, num_params_of,
                                       predicted_iter_s, predicted_ps_iter_s, summarize, write_traces)
-from wanps.linkem.proxy import LinkTrace
+from wanps.linkem.trace import LinkTrace
 
 
 def row(method, seed, time_s, reached=True):

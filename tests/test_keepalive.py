@@ -14,7 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from wanps.linkem.proxy import LinkEmulator, LinkTrace
+from wanps.linkem.proxy import LinkEmulator
+from wanps.linkem.trace import LinkTrace
 from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, Keepalive, grpc_channel_options
 
 from test_linkem import LOCALHOST, run

@@ -18,7 +18,10 @@ from typing import TypeVar
 
 import pytest
 
-from wanps.linkem.proxy import DEFAULT_QUEUE_MS, SEGMENT_BYTES, LinkEmulator, LinkTrace, TracePoint, main
+from wanps.linkem.cli import main
+from wanps.linkem.proxy import LinkEmulator
+from wanps.linkem.shaper import DEFAULT_QUEUE_MS, SEGMENT_BYTES
+from wanps.linkem.trace import LinkTrace, TracePoint
 from wanps.rpc.config import run_async
 
 T = TypeVar("T")
@@ -479,7 +482,7 @@ def test_cli_subprocess_forwards_and_exits_cleanly(stop_signal: signal.Signals, 
         env["WANPS_LINKEM_TARGET"] = f"{LOCALHOST}:{target_port}"  # the env fallback of --target
         env["WANPS_LINKEM_TRACE"] = str(slow_trace)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wanps.linkem.proxy",
+            sys.executable, "-m", "wanps.linkem.cli",
             "--listen", f"{LOCALHOST}:0", "--bandwidth-mbit", "200", "--delay-ms", "5",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
         )
@@ -563,7 +566,7 @@ def test_grpc_through_cli_is_fast_on_a_fast_link() -> None:
         target_port = server.add_insecure_port(f"{LOCALHOST}:0")
         await server.start()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wanps.linkem.proxy",
+            sys.executable, "-m", "wanps.linkem.cli",
             "--listen", f"{LOCALHOST}:0", "--target", f"{LOCALHOST}:{target_port}",
             "--bandwidth-mbit", "10000", "--delay-ms", "1",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,

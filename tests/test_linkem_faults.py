@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from wanps.linkem.proxy import Fault, LinkTrace, parse_faults
+from wanps.linkem.faults import Fault, parse_faults
+from wanps.linkem.trace import LinkTrace
 
 from test_linkem import LOCALHOST, echo_through_link, run
 
