@@ -27,6 +27,8 @@ Faults (docs/operations.md):
   (model, version, membership, stored updates, open rounds), so a resumed server
   continues exactly where the checkpoint was taken.
 
+The mean over a round is `aggregate()` (server/aggregate.py); the core decides what it counts.
+
 Time comes from an injected clock (`clock`, monotonic seconds), so the rules stay testable.
 
 Memory: the model (d floats), at most tau_max + 1 open rounds each holding one sparse
@@ -46,6 +48,7 @@ from wanps.proto.codec import SparseUpdate, apply_delta, model_crc32
 from wanps.proto.wire import MAX_PARAMS
 # Refusals are the rpc layer's plain exceptions (no gRPC in them); the servicer maps them to status codes.
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound
+from wanps.server.aggregate import aggregate
 
 CHECKPOINT_FORMAT = 1
 # Rounds a member remembers having missed at a deadline (to answer a very late push `late`).
@@ -442,7 +445,7 @@ class ServerCore:
                 member.last_update = open_round.updates[worker_id]
             if member.last_update is not None:
                 contributions.append(member.last_update)
-        delta = self._mean(contributions, len(expected))
+        delta = aggregate(contributions, len(expected))
         apply_delta(self.model, delta)
         if self.applied_sum is not None:
             if delta.indices is None:
@@ -468,39 +471,6 @@ class ServerCore:
             staleness=tuple(round_ - open_round.computed_at[w] for w in sorted(open_round.updates)),
             model_crc32=crc,
         )
-
-    def _mean(self, contributions: list[SparseUpdate], n: int) -> SparseUpdate:
-        """sum(contributions) / n as a sparse delta (dense if any contribution is dense)."""
-        if any(c.indices is None for c in contributions):
-            assert self.num_params is not None
-            total = torch.zeros(self.num_params, dtype=torch.float32)
-            for c in contributions:
-                if c.indices is None:
-                    total.add_(c.values)
-                else:
-                    total.index_add_(0, c.indices, c.values)
-            return SparseUpdate(values=total.div_(n), indices=None)
-        if not contributions:
-            return SparseUpdate(values=torch.empty(0, dtype=torch.float32), indices=torch.empty(0, dtype=torch.int32))
-        if len(contributions) == 1:
-            only = contributions[0]
-            return SparseUpdate(values=only.values.to(torch.float32) / n, indices=only.indices)
-        first = contributions[0]
-        if first.block_start is not None and all(
-            c.block_start == first.block_start and c.count == first.count for c in contributions
-        ):
-            # Random blocks from one shared seed: same indices, so the mean is a plain sum of values.
-            total = torch.zeros(first.count, dtype=torch.float32)
-            for c in contributions:  # in worker order, like the general path
-                total.add_(c.values)
-            return SparseUpdate(values=total.div_(n), indices=first.indices, block_start=first.block_start)
-        # Sort-based: the union of indices and each pair's slot in it, then a scatter-add into
-        # a buffer the size of the union. 2x faster than scatter-adding into a dense d-sized
-        # scratch (random access over 4d bytes) at d = 10M, 8 x 100K pairs, and needs no scratch.
-        union, slot = torch.unique(torch.cat([c.indices for c in contributions]), sorted=True, return_inverse=True)
-        values = torch.zeros(union.numel(), dtype=torch.float32)
-        values.index_add_(0, slot, torch.cat([c.values for c in contributions]))  # in worker order
-        return SparseUpdate(values=values.div_(n), indices=union.to(torch.int32))
 
     # ------------------------------------------------------------------ reads
 
