@@ -54,7 +54,8 @@ class ServerConfig:
     min_workers: int = 1
     checksum_every: int | None = None  # None: automatic, see CoreConfig
     # torch intra-op threads for the core's tensor work. One: the gRPC and event-loop threads
-    # need the other core(s); two torch threads there made rounds 1.8x slower under load.
+    # need the other core(s), and a second torch thread competes with them for it under load
+    # (docs/benchmarks.md, `wanps bench push --torch-threads`).
     torch_threads: int = 1
     # Closed rounds kept for Updates replays (a reconnecting or slow follower catches up from them).
     history_rounds: int = 64
