@@ -12,8 +12,8 @@ size (bit), T_comp = compute time per step (s), tau = staleness, delta = compres
 
 Where wanps departs from the paper (docs/controller.md says why):
 - A measured per-round overhead o (applying deltas, encoding and sending the push, the
-  server's aggregation: fixed work per round that Theorem 3 leaves out, and which on a
-  shared 2-core machine is a large fraction of a 15-150 ms step) is added to the step:
+  server's aggregation: fixed work per round that Theorem 3 leaves out, and which on
+  shared cores can be a large fraction of a short step) is added to the step:
   T_step = T_comp + o replaces T_comp in Theorem 3 and in Algorithm 1. The overhead is
   CPU work, so transfers overlap it as they overlap compute. o = 0 is the paper's model.
 - S_g = d * bits_per_element: the real wire cost of one *sent* element (uint32 index +

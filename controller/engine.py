@@ -56,8 +56,8 @@ class ControllerCore:
         self._norms: dict[int, list[float]] = {}
         # Per-round overhead observations (deco.overhead_sample) for the decision in force,
         # at most one a second (about the last minute).
-        self._residuals: deque[float] = deque(maxlen=64)
-        self._residual_at: float | None = None
+        self._overhead_samples: deque[float] = deque(maxlen=64)
+        self._overhead_sampled_at: float | None = None
         self._history: deque[Decision] = deque(maxlen=256)  # the book is pruned; this is not
         # (bytes, elements) of the latest sparse pushes of all workers: the wire cost of a sent element.
         self._wire_costs: deque[tuple[int, int]] = deque(maxlen=256)
@@ -89,6 +89,7 @@ class ControllerCore:
                 self._wire_costs.append((sample.nbytes, sample.elements))
         estimate = estimator.estimate(now_s)
         if estimate is not None:
+            estimator.forget_before(estimate.window_start_s)
             self.estimates[report.worker_id] = estimate
         self.sample_overhead(now_s)
         return self.maybe_decide(now_s)
@@ -141,7 +142,7 @@ class ControllerCore:
         observation. Errors of the link estimates still get in, which is why `overhead_s`
         takes a quantile and caps it.
         """
-        if self._residual_at is not None and now_s - self._residual_at < 1.0:
+        if self._overhead_sampled_at is not None and now_s - self._overhead_sampled_at < 1.0:
             return
         window = self._measurement_window()
         if window is None or self.num_params is None or not self.estimates:
@@ -150,7 +151,7 @@ class ControllerCore:
         bandwidth, latency, t_comp = slowest_link(self.estimates)
         if t_comp is None:
             return
-        self._residual_at = now_s
+        self._overhead_sampled_at = now_s
         view = ClusterView(round=self.reported_round, num_params=self.num_params, estimates=self.estimates,
                            traffic_factor=self.traffic_factor(), overhead_s=self.overhead_s(),
                            bits_per_element=self.bits_per_element())
@@ -170,7 +171,7 @@ class ControllerCore:
             total += weight * sample
             weights += weight
         if weights > 0:
-            self._residuals.append(total / weights)
+            self._overhead_samples.append(total / weights)
 
     def _decisions_over(self, r0: int, r1: int) -> list[tuple[Decision, int]]:
         """The decisions in force over rounds [r0, r1), with how many of those rounds each held."""
@@ -189,13 +190,13 @@ class ControllerCore:
         quantile (default the median) is taken, and the cap (a multiple of the slowest
         T_comp) bounds what a bad estimate can feed back into the decision.
         """
-        if (len(self._residuals) < max(1, self.policy.overhead_min_samples) or self.policy.overhead_max_ratio <= 0
+        if (len(self._overhead_samples) < max(1, self.policy.overhead_min_samples) or self.policy.overhead_max_ratio <= 0
                 or not self.estimates):
             return 0.0
         _, _, t_comp = slowest_link(self.estimates)
         if t_comp is None:
             return 0.0
-        value = float(np.quantile(np.fromiter(self._residuals, dtype=np.float64), self.policy.overhead_quantile))
+        value = float(np.quantile(np.fromiter(self._overhead_samples, dtype=np.float64), self.policy.overhead_quantile))
         return min(value, self.policy.overhead_max_ratio * t_comp)
 
     def grad_norm_change(self) -> float | None:

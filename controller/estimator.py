@@ -19,6 +19,9 @@ controller keeps its last decision); pushes so small that the transfer is lost i
 jitter -> bandwidth is noisy (the estimate reports how many pushes it used and the
 spread); bursts that queue behind each other -> bandwidth underestimated (the upper
 quantile limits this); a link whose latency changes -> the window forgets in `window_s`.
+
+`LinkEstimator.estimate` only reads the samples; the caller drops the ones an estimate no
+longer needs with `forget_before(estimate.window_start_s)`.
 """
 from __future__ import annotations
 
@@ -52,6 +55,9 @@ class LinkEstimate:
     push_samples: int
     ping_samples: int
     method: str  # "theil-sen" or "per-push-rate"
+    # The oldest sample time this estimate reads: the window's start, or the recent window's
+    # when the link changed. Older samples count for no later estimate either.
+    window_start_s: float
 
 
 @dataclass(frozen=True)
@@ -114,24 +120,27 @@ class LinkEstimator:
             raise ValueError("samples need seconds >= 0 and bytes >= 0")
         self._samples.append(sample)
 
-    def _window(self, now_s: float) -> list[Sample]:
-        start = now_s - self.config.window_s
-        return [s for s in self._samples if s.at_s >= start]
+    def _since(self, start_s: float) -> list[Sample]:
+        return [s for s in self._samples if s.at_s >= start_s]
 
     def estimate(self, now_s: float) -> LinkEstimate | None:
-        full = self._estimate(self._window(now_s))
+        """The estimate from the samples of the last `window_s`; from the last `change_window_s`
+        only when those disagree with the whole window (the link changed). Changes nothing."""
         c = self.config
-        recent = self._estimate([s for s in self._samples if s.at_s >= now_s - c.change_window_s])
+        full = self._estimate(self._since(now_s - c.window_s), now_s - c.window_s)
+        recent = self._estimate(self._since(now_s - c.change_window_s), now_s - c.change_window_s)
         if full is not None and recent is not None:
             ratio = recent.bandwidth_bps / full.bandwidth_bps
             if abs(ratio - 1.0) > c.change_ratio:
-                # The link changed: forget what came before the recent window.
-                start = now_s - c.change_window_s
-                self._samples = deque((s for s in self._samples if s.at_s >= start), maxlen=c.max_samples)
                 return recent
         return full
 
-    def _estimate(self, samples: list[Sample]) -> LinkEstimate | None:
+    def forget_before(self, start_s: float) -> None:
+        """Drop the samples taken before `start_s`: after a change, what came before it must
+        not pull later estimates back towards the old link."""
+        self._samples = deque(self._since(start_s), maxlen=self.config.max_samples)
+
+    def _estimate(self, samples: list[Sample], window_start_s: float) -> LinkEstimate | None:
         # Padded pings (bandwidth probes) are points on the same line as pushes.
         pushes = [s for s in samples if s.nbytes > 0 and s.kind in (KIND_PUSH, KIND_PING)]
         pings = [s for s in samples if s.kind == KIND_PING and s.nbytes == 0]
@@ -160,4 +169,5 @@ class LinkEstimator:
             bandwidth = float(np.quantile(rates, c.rate_quantile))
         t_comp = float(np.median(computes)) if computes else None
         return LinkEstimate(bandwidth_bps=bandwidth, latency_s=latency, t_comp_s=t_comp,
-                            push_samples=len(pushes), ping_samples=len(pings), method=method)
+                            push_samples=len(pushes), ping_samples=len(pings), method=method,
+                            window_start_s=window_start_s)

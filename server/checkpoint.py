@@ -1,19 +1,119 @@
-"""Checkpoint files of the parameter server: written atomically, read back for `--resume`.
+"""Checkpoints of the parameter server: the core's state as plain data, the files, and when to write them.
 
-A checkpoint is `ServerCore.state_dict()` saved with `torch.save` to `DIR/checkpoint.pt`.
-It is written to a temporary file in the same directory, flushed and fsynced, renamed over
-the previous one, and the directory is fsynced, so a crash at any moment leaves either the
-old checkpoint or the new one, never a torn file.
+A checkpoint is `core_state(core)` saved with `torch.save` to `DIR/checkpoint.pt`; `restore_core`
+turns it back into a core. It is written to a temporary file in the same directory, flushed
+and fsynced, renamed over the previous one, and the directory is fsynced, so a crash at any
+moment leaves either the old checkpoint or the new one, never a torn file.
+
+`CheckpointScheduler` decides when: every `every` rounds a snapshot taken on the core thread
+is written on a writer thread of its own, so the core never waits for the disk.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from wanps.proto.codec import SparseUpdate
+from wanps.server.core import ClosedRound, CoreConfig, Member, OpenRound, ServerCore
+from wanps.server.metrics import ServerMetrics
+
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+log = logging.getLogger("wanps.server")
+
+
+# ------------------------------------------------------------------ the core's state as plain data
+
+
+def _update_data(update: SparseUpdate | None) -> dict | None:
+    if update is None:
+        return None
+    return {"values": update.values, "indices": update.indices, "block_start": update.block_start}
+
+
+def _update_of(data: dict | None) -> SparseUpdate | None:
+    if data is None:
+        return None
+    return SparseUpdate(values=data["values"], indices=data["indices"], block_start=data["block_start"])
+
+
+def core_state(core: ServerCore) -> dict:
+    """Everything needed to resume, as tensors and plain data (for `torch.save`).
+
+    Call on the core thread; the model and audit tensors are copied, stored updates are
+    shared (they are never changed in place), so writing can happen on another thread.
+    """
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": core.version,
+        "num_params": core.num_params,
+        "fingerprint": core.fingerprint.hex() if core.fingerprint is not None else None,
+        "started": core.started,
+        "seeder": core.seeder_id,
+        "next_id": core.next_worker_id,
+        "model": None if core.model is None else core.model.clone(),
+        "members": [
+            {"worker_id": m.worker_id, "name": m.name, "first_round": m.first_round, "last_round": m.last_round,
+             "highest_round_sent": m.highest_round_sent, "missed_rounds": sorted(m.missed_rounds),
+             "last_update": _update_data(m.last_update)}
+            for m in core.members.values()
+        ],
+        "open_rounds": [
+            {"round": r, "skips": sorted(o.skips),
+             "updates": [{"worker_id": w, "computed_at": o.computed_at[w], "update": _update_data(u)}
+                         for w, u in o.updates.items()]}
+            for r, o in sorted(core.open_rounds.items())
+        ],
+        "audit": None if core.applied_sum is None else {
+            "initial_model": core.initial_model, "applied_sum": core.applied_sum.clone(),
+            "applied_rounds": list(core.applied_rounds)},
+    }
+
+
+def restore_core(state: dict, config: CoreConfig, clock: Callable[[], float] = time.monotonic) -> ServerCore:
+    """A core continuing from a checkpoint. Every lease restarts now, so members have a
+    full lease to reconnect; observers are not kept (they join again)."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"unsupported checkpoint format {state.get('format')!r} (expected {CHECKPOINT_FORMAT})")
+    core = ServerCore(config, clock)  # its current round's wait starts now
+    now = clock()
+    core.version = int(state["version"])
+    core.num_params = state["num_params"]
+    core.fingerprint = bytes.fromhex(state["fingerprint"]) if state["fingerprint"] is not None else None
+    core.started = bool(state["started"])
+    core.seeder_id = state["seeder"]
+    core.next_worker_id = int(state["next_id"])
+    core.model = state["model"]
+    if core.model is not None and (core.model.dtype != torch.float32 or core.model.numel() != core.num_params):
+        raise ValueError("checkpoint model does not match its num_params")
+    for m in state["members"]:
+        core.members[m["worker_id"]] = Member(
+            worker_id=m["worker_id"], name=m["name"], first_round=m["first_round"], last_round=m["last_round"],
+            last_update=_update_of(m["last_update"]), highest_round_sent=m["highest_round_sent"],
+            last_seen=now, missed_rounds=set(m["missed_rounds"]))
+    for o in state["open_rounds"]:
+        open_round = OpenRound(skips=set(o["skips"]), first_push_at=now)
+        for entry in o["updates"]:
+            open_round.updates[entry["worker_id"]] = _update_of(entry["update"])
+            open_round.computed_at[entry["worker_id"]] = entry["computed_at"]
+        core.open_rounds[o["round"]] = open_round
+    audit = state.get("audit")
+    if audit is not None and config.audit:
+        core.initial_model = audit["initial_model"]
+        core.applied_sum = audit["applied_sum"]
+        core.applied_rounds = list(audit["applied_rounds"])
+    return core
+
+
+# ------------------------------------------------------------------ files
 
 
 def checkpoint_path(directory: str | Path) -> Path:
@@ -52,3 +152,59 @@ def read_checkpoint(directory: str | Path) -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     # weights_only: a checkpoint is tensors and plain data; nothing in it is executed.
     return torch.load(path, weights_only=True)
+
+
+# ------------------------------------------------------------------ cadence
+
+
+class CheckpointScheduler:
+    """Checkpoints of one core into one directory: every `every` rounds (0: only the final one).
+
+    `after_close` runs on the core thread; the write runs on the scheduler's writer thread.
+    A snapshot that falls due while the previous one is still being written is skipped (the
+    next due round takes one). A failed write is logged and leaves `durable_version` as it was.
+    """
+
+    def __init__(self, core: ServerCore, directory: str | Path, every: int, metrics: ServerMetrics) -> None:
+        self.core = core
+        self.directory = directory
+        self.every = every
+        self.metrics = metrics
+        # Rounds below this survive a crash: the last checkpoint's version (PushReply.durable_version).
+        self.durable_version = core.version
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-checkpoint")
+        self._pending: Future | None = None
+
+    def after_close(self, closed: Sequence[ClosedRound]) -> None:
+        """On the core thread, after rounds closed: snapshot if one of them is due and hand it to the writer."""
+        if self.every <= 0 or not any(c.version % self.every == 0 for c in closed):
+            return
+        if self._pending is not None and not self._pending.done():
+            return
+        self._pending = self._writer.submit(self._write, core_state(self.core))
+
+    def wait(self) -> None:
+        """Until the write in progress (if any) is done."""
+        if self._pending is not None:
+            self._pending.result()
+
+    def write_final(self, state: dict) -> None:
+        """After the write in progress, write `state` (taken on the core thread) here."""
+        self.wait()
+        self._write(state)
+
+    def _write(self, state: dict) -> None:
+        started = time.monotonic()
+        try:
+            path = write_checkpoint(self.directory, state)
+        except Exception:  # any failure, not only the disk's: a lost checkpoint must be seen
+            log.exception("checkpoint at version %d failed", state["version"])
+            return
+        self.durable_version = max(self.durable_version, state["version"])
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_duration.observe(time.monotonic() - started)
+        self.metrics.checkpoint_version.set(state["version"])
+        log.info("checkpoint at version %d written to %s", state["version"], path)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)

@@ -23,9 +23,11 @@ Faults (docs/operations.md):
   once it has waited that long after its first push; the missing workers are not counted
   in its mean. A late push for such a round is acknowledged as `late` and changes nothing
   (the worker puts it back into its error-feedback residual, so no gradient is lost).
-- Checkpoints: `state_dict()` / `ServerCore.from_state_dict()` hold everything above
-  (model, version, membership, stored updates, open rounds), so a resumed server
+- Checkpoints: `core_state()` / `restore_core()` in server/checkpoint.py hold everything
+  above (model, version, membership, stored updates, open rounds), so a resumed server
   continues exactly where the checkpoint was taken.
+
+The mean over a round is `aggregate()` (server/aggregate.py); the core decides what it counts.
 
 Time comes from an injected clock (`clock`, monotonic seconds), so the rules stay testable.
 
@@ -46,8 +48,8 @@ from wanps.proto.codec import SparseUpdate, apply_delta, model_crc32
 from wanps.proto.wire import MAX_PARAMS
 # Refusals are the rpc layer's plain exceptions (no gRPC in them); the servicer maps them to status codes.
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound
+from wanps.server.aggregate import aggregate
 
-CHECKPOINT_FORMAT = 1
 # Rounds a member remembers having missed at a deadline (to answer a very late push `late`).
 MISSED_ROUNDS_KEPT = 4096
 
@@ -64,8 +66,8 @@ class CoreConfig:
     # Round 0 starts once this many workers have joined (and the model is seeded).
     min_workers: int = 1
     # Send the model CRC-32 every this many rounds (0: never); replicas compare against it.
-    # None: every ceil(d / 1M) rounds, which keeps the CRC's cost near 1 ms per round
-    # (zlib.crc32 runs at ~3 GB/s here: 12.6 ms for a 10M-parameter model).
+    # None: every ceil(d / 1M) rounds. The CRC reads the whole model, so spacing it out in
+    # proportion to the model's size keeps its cost per round about the same for any model.
     checksum_every: int | None = None
     # A member silent (no call at all) for this long leaves at the next round boundary; 0: never.
     lease_s: float = 30.0
@@ -181,9 +183,9 @@ class ServerCore:
         self.members: dict[int, Member] = {}
         self.observers: set[int] = set()
         self.open_rounds: dict[int, OpenRound] = {}
-        self._seeder: int | None = None
-        self._next_id = 1
-        self._current_since = 0.0  # clock time at which round `version` became the current one
+        self.seeder_id: int | None = None  # the member asked to seed the model, until it is seeded
+        self.next_worker_id = 1
+        self._current_since = clock()  # clock time at which round `version` became the current one
         # audit (config.audit): initial model, float64 sum of applied deltas, applied round ids.
         self.initial_model: torch.Tensor | None = None
         self.applied_sum: torch.Tensor | None = None
@@ -212,8 +214,8 @@ class ServerCore:
             raise FailedPrecondition(f"model has {num_params} parameters; this cluster trains {self.num_params}")
         if self.fingerprint is not None and fingerprint != self.fingerprint:
             raise FailedPrecondition("model structure (fingerprint) differs from the cluster's model")
-        worker_id = self._next_id
-        self._next_id += 1
+        worker_id = self.next_worker_id
+        self.next_worker_id += 1
         if self.num_params is None:
             self.num_params, self.fingerprint = num_params, fingerprint
         must_seed = False
@@ -224,8 +226,8 @@ class ServerCore:
             first_round = self._next_unpushed_round() if self.started else 0
             self.members[worker_id] = Member(worker_id=worker_id, name=name, first_round=first_round,
                                              last_seen=self.clock())
-            if self._seeder is None and not self.seeded:
-                self._seeder, must_seed = worker_id, True
+            if self.seeder_id is None and not self.seeded:
+                self.seeder_id, must_seed = worker_id, True
             self._maybe_start()
         return JoinResult(
             worker_id=worker_id,
@@ -238,7 +240,7 @@ class ServerCore:
 
     def seed(self, worker_id: int, model: torch.Tensor) -> int:
         """Install the initial parameters uploaded by the worker told to seed."""
-        if worker_id != self._seeder:
+        if worker_id != self.seeder_id:
             raise FailedPrecondition(f"worker {worker_id} was not asked to seed the model")
         if self.seeded:
             raise FailedPrecondition("the model is already seeded")
@@ -275,8 +277,8 @@ class ServerCore:
             member.last_round = max(self.version - 1, member.highest_round_sent, member.first_round - 1)
         if member.last_round < self.version:
             del self.members[worker_id]
-        if self._seeder == worker_id and not self.seeded:
-            self._seeder = None  # the next joiner seeds instead
+        if self.seeder_id == worker_id and not self.seeded:
+            self.seeder_id = None  # the next joiner seeds instead
         return member.last_round, self._close_ready_rounds()
 
     def _member(self, worker_id: int) -> Member:
@@ -305,8 +307,8 @@ class ServerCore:
             open_round.computed_at.pop(worker_id, None)
             open_round.skips.discard(worker_id)
         del self.members[worker_id]  # its stored update goes with it
-        if self._seeder == worker_id and not self.seeded:
-            self._seeder = None
+        if self.seeder_id == worker_id and not self.seeded:
+            self.seeder_id = None
         return self._close_ready_rounds()
 
     def sweep(self) -> SweepResult:
@@ -442,7 +444,7 @@ class ServerCore:
                 member.last_update = open_round.updates[worker_id]
             if member.last_update is not None:
                 contributions.append(member.last_update)
-        delta = self._mean(contributions, len(expected))
+        delta = aggregate(contributions, len(expected))
         apply_delta(self.model, delta)
         if self.applied_sum is not None:
             if delta.indices is None:
@@ -469,39 +471,6 @@ class ServerCore:
             model_crc32=crc,
         )
 
-    def _mean(self, contributions: list[SparseUpdate], n: int) -> SparseUpdate:
-        """sum(contributions) / n as a sparse delta (dense if any contribution is dense)."""
-        if any(c.indices is None for c in contributions):
-            assert self.num_params is not None
-            total = torch.zeros(self.num_params, dtype=torch.float32)
-            for c in contributions:
-                if c.indices is None:
-                    total.add_(c.values)
-                else:
-                    total.index_add_(0, c.indices, c.values)
-            return SparseUpdate(values=total.div_(n), indices=None)
-        if not contributions:
-            return SparseUpdate(values=torch.empty(0, dtype=torch.float32), indices=torch.empty(0, dtype=torch.int32))
-        if len(contributions) == 1:
-            only = contributions[0]
-            return SparseUpdate(values=only.values.to(torch.float32) / n, indices=only.indices)
-        first = contributions[0]
-        if first.block_start is not None and all(
-            c.block_start == first.block_start and c.count == first.count for c in contributions
-        ):
-            # Random blocks from one shared seed: same indices, so the mean is a plain sum of values.
-            total = torch.zeros(first.count, dtype=torch.float32)
-            for c in contributions:  # in worker order, like the general path
-                total.add_(c.values)
-            return SparseUpdate(values=total.div_(n), indices=first.indices, block_start=first.block_start)
-        # Sort-based: the union of indices and each pair's slot in it, then a scatter-add into
-        # a buffer the size of the union. 2x faster than scatter-adding into a dense d-sized
-        # scratch (random access over 4d bytes) at d = 10M, 8 x 100K pairs, and needs no scratch.
-        union, slot = torch.unique(torch.cat([c.indices for c in contributions]), sorted=True, return_inverse=True)
-        values = torch.zeros(union.numel(), dtype=torch.float32)
-        values.index_add_(0, slot, torch.cat([c.values for c in contributions]))  # in worker order
-        return SparseUpdate(values=values.div_(n), indices=union.to(torch.int32))
-
     # ------------------------------------------------------------------ reads
 
     def snapshot(self) -> tuple[int, bytes, int]:
@@ -510,84 +479,3 @@ class ServerCore:
             raise FailedPrecondition("the model has not been seeded yet")
         raw = self.model.numpy().tobytes()
         return self.version, raw, model_crc32(self.model)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume, as tensors and plain data (for `torch.save`).
-
-        Call on the core thread; the model and audit tensors are copied, stored updates are
-        shared (they are never changed in place), so writing can happen on another thread.
-        """
-        def update_dict(update: SparseUpdate | None) -> dict | None:
-            if update is None:
-                return None
-            return {"values": update.values, "indices": update.indices, "block_start": update.block_start}
-
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": self.version,
-            "num_params": self.num_params,
-            "fingerprint": self.fingerprint.hex() if self.fingerprint is not None else None,
-            "started": self.started,
-            "seeder": self._seeder,
-            "next_id": self._next_id,
-            "model": None if self.model is None else self.model.clone(),
-            "members": [
-                {"worker_id": m.worker_id, "name": m.name, "first_round": m.first_round, "last_round": m.last_round,
-                 "highest_round_sent": m.highest_round_sent, "missed_rounds": sorted(m.missed_rounds),
-                 "last_update": update_dict(m.last_update)}
-                for m in self.members.values()
-            ],
-            "open_rounds": [
-                {"round": r, "skips": sorted(o.skips),
-                 "updates": [{"worker_id": w, "computed_at": o.computed_at[w], "update": update_dict(u)}
-                             for w, u in o.updates.items()]}
-                for r, o in sorted(self.open_rounds.items())
-            ],
-            "audit": None if self.applied_sum is None else {
-                "initial_model": self.initial_model, "applied_sum": self.applied_sum.clone(),
-                "applied_rounds": list(self.applied_rounds)},
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict, config: CoreConfig, clock: Callable[[], float] = time.monotonic) -> ServerCore:
-        """A core continuing from a checkpoint. Every lease restarts now, so members have a
-        full lease to reconnect; observers are not kept (they join again)."""
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unsupported checkpoint format {state.get('format')!r} (expected {CHECKPOINT_FORMAT})")
-
-        def update_of(data: dict | None) -> SparseUpdate | None:
-            if data is None:
-                return None
-            return SparseUpdate(values=data["values"], indices=data["indices"], block_start=data["block_start"])
-
-        core = cls(config, clock)
-        now = clock()
-        core.version = int(state["version"])
-        core.num_params = state["num_params"]
-        core.fingerprint = bytes.fromhex(state["fingerprint"]) if state["fingerprint"] is not None else None
-        core.started = bool(state["started"])
-        core._seeder = state["seeder"]
-        core._next_id = int(state["next_id"])
-        core.model = state["model"]
-        if core.model is not None and (core.model.dtype != torch.float32 or core.model.numel() != core.num_params):
-            raise ValueError("checkpoint model does not match its num_params")
-        for m in state["members"]:
-            core.members[m["worker_id"]] = Member(
-                worker_id=m["worker_id"], name=m["name"], first_round=m["first_round"], last_round=m["last_round"],
-                last_update=update_of(m["last_update"]), highest_round_sent=m["highest_round_sent"],
-                last_seen=now, missed_rounds=set(m["missed_rounds"]))
-        for o in state["open_rounds"]:
-            open_round = OpenRound(skips=set(o["skips"]), first_push_at=now)
-            for entry in o["updates"]:
-                open_round.updates[entry["worker_id"]] = update_of(entry["update"])
-                open_round.computed_at[entry["worker_id"]] = entry["computed_at"]
-            core.open_rounds[o["round"]] = open_round
-        audit = state.get("audit")
-        if audit is not None and config.audit:
-            core.initial_model = audit["initial_model"]
-            core.applied_sum = audit["applied_sum"]
-            core.applied_rounds = list(audit["applied_rounds"])
-        core._current_since = now
-        return core

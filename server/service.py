@@ -3,6 +3,8 @@
 Every call into `ServerCore` runs on one dedicated thread (`_core_thread`), which keeps
 heavy tensor work off the event loop and makes the core's rules sequential without locks.
 Refusals are mapped to gRPC status codes in one place for every servicer (wanps.rpc.status).
+Closed rounds go to the broadcast history (server/history.py) and, when due, to a
+checkpoint (server/checkpoint.py, `CheckpointScheduler`).
 """
 from __future__ import annotations
 
@@ -11,10 +13,9 @@ import functools
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from contextlib import ExitStack
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,11 +29,12 @@ from wanps.rpc.serving import RunningService, ServeConfig, start_grpc_service
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
-from wanps.server.checkpoint import read_checkpoint, write_checkpoint
+from wanps.server.checkpoint import CheckpointScheduler, core_state, read_checkpoint, restore_core
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from wanps.rpc.limits import Limits, StreamLimiter, TokenBucket
 from wanps.rpc.status import REFUSALS, mapped_errors, status_for
 from wanps.server.core import ClosedRound, CoreConfig, PushResult, ServerCore
+from wanps.server.history import RoundHistory, encode_round
 from wanps.server.metrics import ServerMetrics
 
 log = logging.getLogger("wanps.server")
@@ -50,7 +52,8 @@ class ServerConfig(ServeConfig):
     min_workers: int = 1
     checksum_every: int | None = None  # None: automatic, see CoreConfig
     # torch intra-op threads for the core's tensor work. One: the gRPC and event-loop threads
-    # need the other core(s), and a second torch thread competing with them slows rounds down.
+    # need the other core(s), and a second torch thread competes with them for it under load
+    # (docs/benchmarks.md, `wanps bench push --torch-threads`).
     torch_threads: int = 1
     # Closed rounds kept for Updates replays (a reconnecting or slow follower catches up from them).
     history_rounds: int = 64
@@ -77,51 +80,6 @@ class ServerConfig(ServeConfig):
         return min(1.0, max(0.01, min(periods) / 10)) if periods else 1.0
 
 
-class RoundHistory:
-    """Encoded deltas of the last closed rounds, and a wake-up for followers of new ones.
-
-    It knows only what has been published to it (on the event loop), never the core's
-    version, which runs ahead on the core thread until the publication lands.
-    """
-
-    def __init__(self, keep: int) -> None:
-        self._keep = max(1, keep)
-        self._rounds: OrderedDict[int, tuple[pb.DeltaChunk, ...]] = OrderedDict()
-        self._changed = asyncio.Event()
-        self.published_through = -1  # the newest round published
-        self.closed = False
-
-    def publish(self, round_: int, chunks: tuple[pb.DeltaChunk, ...]) -> None:
-        self._rounds[round_] = chunks
-        self.published_through = round_
-        while len(self._rounds) > self._keep:
-            self._rounds.popitem(last=False)
-        self._wake()
-
-    def close(self) -> None:
-        self.closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    async def follow(self, from_round: int) -> AsyncIterator[pb.DeltaChunk]:
-        next_round = from_round
-        while not self.closed:
-            chunks = self._rounds.get(next_round)
-            if chunks is not None:
-                for chunk in chunks:
-                    yield chunk
-                next_round += 1
-                continue
-            if next_round <= self.published_through:
-                raise FailedPrecondition(
-                    f"round {next_round} is no longer in the server's history; pull the model again"
-                )
-            await self._changed.wait()
-
-
 class ParameterServerService(pb_grpc.ParameterServerServicer):
     def __init__(self, core: ServerCore, metrics: ServerMetrics, history_rounds: int,
                  limits: Limits | None = None, *, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
@@ -140,16 +98,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self._seeded = asyncio.Event()
         self._started = asyncio.Event()
         self._last_close_time: float | None = None
-        self._checkpoint_dir = checkpoint_dir
-        self._checkpoint_every = checkpoint_every
-        self._checkpoint_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-checkpoint")
-        self._checkpoint_pending: Future | None = None
+        self.checkpoints = (CheckpointScheduler(core, checkpoint_dir, checkpoint_every, metrics)
+                            if checkpoint_dir is not None else None)
         self._sweep_interval_s = sweep_interval_s
         self._sweeper: asyncio.Task | None = None
         # Which process a worker's replica was synced with (see ResumeReply.incarnation).
         self.incarnation = secrets.randbits(63) or 1
-        # Rounds below this survive a crash: the last checkpoint's version (PushReply.durable_version).
-        self._durable_version = core.version if checkpoint_dir is not None else 0
         self._refresh_events()
 
     def start_background(self) -> None:
@@ -199,44 +153,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def close(self) -> None:
         """After the gRPC server stopped: write the final checkpoint, release the threads."""
         try:
-            if self._checkpoint_dir is not None and self.core.seeded:
-                state = self._core_thread.submit(self.core.state_dict).result()
-                if self._checkpoint_pending is not None:
-                    self._checkpoint_pending.result()
-                self._write_checkpoint(state)
+            if self.checkpoints is not None and self.core.seeded:
+                self.checkpoints.write_final(self._core_thread.submit(core_state, self.core).result())
         finally:
             self._core_thread.shutdown(wait=True, cancel_futures=True)
             self._decode_pool.shutdown(wait=True, cancel_futures=True)
-            self._checkpoint_writer.shutdown(wait=True)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _maybe_checkpoint(self, closed: tuple[ClosedRound, ...]) -> None:
-        """On the core thread, after rounds closed: snapshot every `checkpoint_every` rounds and
-        write it on the writer thread (the core does not wait for the disk; a snapshot taken
-        while the previous one is still being written waits for the next due round)."""
-        if self._checkpoint_dir is None or self._checkpoint_every <= 0:
-            return
-        if not any(c.version % self._checkpoint_every == 0 for c in closed):
-            return
-        if self._checkpoint_pending is not None and not self._checkpoint_pending.done():
-            return
-        state = self.core.state_dict()
-        self._checkpoint_pending = self._checkpoint_writer.submit(self._write_checkpoint, state)
-
-    def _write_checkpoint(self, state: dict) -> None:
-        assert self._checkpoint_dir is not None
-        started = time.monotonic()
-        try:
-            path = write_checkpoint(self._checkpoint_dir, state)
-        except OSError:
-            log.exception("checkpoint at version %d failed", state["version"])
-            return
-        self._durable_version = max(self._durable_version, state["version"])
-        self.metrics.checkpoints.inc()
-        self.metrics.checkpoint_duration.observe(time.monotonic() - started)
-        self.metrics.checkpoint_version.set(state["version"])
-        log.info("checkpoint at version %d written to %s", state["version"], path)
+            if self.checkpoints is not None:
+                self.checkpoints.close()
 
     # ------------------------------------------------------------------ RPCs
 
@@ -350,7 +273,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             open_stream.close()
         kind = "late" if result.late else "duplicate" if result.duplicate else ("skip" if header.skip else "update")
         self.metrics.pushes.labels(kind=kind).inc()
-        durable = self._durable_version if self._checkpoint_dir is not None else result.version
+        durable = self.checkpoints.durable_version if self.checkpoints is not None else result.version
         return pb.PushReply(duplicate=result.duplicate, version=result.version, late=result.late,
                             durable_version=durable)
 
@@ -399,7 +322,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         """Encode closed rounds here (off the loop) and hand them to the loop in order."""
         if not closed:
             return
-        self._maybe_checkpoint(closed)
+        if self.checkpoints is not None:
+            self.checkpoints.after_close(closed)
         encoded = [(c, encode_round(c)) for c in closed]
         assert self._loop is not None
         # Two hops: the acknowledgement of the push that closed the round goes out before the
@@ -477,31 +401,6 @@ def decode_push(header: pb.PushHeader, index_parts: list[bytes], value_parts: li
                                codec.join_chunks(value_parts), num_params, block_start=header.block_start)
 
 
-def encode_round(closed: ClosedRound) -> tuple[pb.DeltaChunk, ...]:
-    delta = closed.delta
-    dense = delta.indices is None
-    chunks = []
-    for index_raw, value_raw in codec.iter_chunks(delta.values, delta.indices):
-        chunks.append(
-            pb.DeltaChunk(
-                round=closed.round,
-                version=closed.version,
-                total_count=delta.count,
-                indices=index_raw,
-                values=value_raw,
-                pushed=closed.pushed,
-                skipped=closed.skipped,
-                dense=dense,
-            )
-        )
-    last = chunks[-1]
-    last.last = True
-    if closed.model_crc32 is not None:
-        last.has_model_crc32 = True
-        last.model_crc32 = closed.model_crc32
-    return tuple(chunks)
-
-
 # ---------------------------------------------------------------------------- process
 
 
@@ -513,7 +412,7 @@ def build_core(config: ServerConfig) -> ServerCore:
     if config.resume_dir is None:
         return ServerCore(config.core_config())
     state = read_checkpoint(config.resume_dir)
-    core = ServerCore.from_state_dict(state, config.core_config())
+    core = restore_core(state, config.core_config())
     log.info("resumed from %s: version %d, %d members, %d open rounds", config.resume_dir, core.version,
              len(core.members), len(core.open_rounds))
     return core

@@ -12,7 +12,7 @@ import torch
 
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
-from wanps.server.core import CoreConfig, ServerCore
+from wanps.server.aggregate import aggregate
 from wanps.worker import cli as worker_cli
 from wanps.worker.error_feedback import ErrorFeedback
 from wanps.worker.compressors import (
@@ -224,21 +224,20 @@ def test_random_block_travels_as_values_only_and_decodes_to_its_range() -> None:
     assert decoded.values.dtype == torch.float32
 
 
-def test_core_sums_shared_blocks_directly_and_matches_the_general_path() -> None:
-    core = ServerCore(CoreConfig())
+def test_aggregate_sums_shared_blocks_directly_and_matches_the_general_path() -> None:
     a = codec.SparseUpdate(values=torch.tensor([1.0, 2.0, 3.0]), indices=torch.arange(4, 7, dtype=torch.int32),
                            block_start=4)
     b = codec.SparseUpdate(values=torch.tensor([3.0, 0.5, -3.0]), indices=torch.arange(4, 7, dtype=torch.int32),
                            block_start=4)
-    mean = core._mean([a, b], 2)
+    mean = aggregate([a, b], 2)
     assert mean.block_start == 4 and mean.indices.tolist() == [4, 5, 6]
     assert mean.values.tolist() == [2.0, 1.25, 0.0]
     as_sparse = [codec.SparseUpdate(values=u.values, indices=u.indices) for u in (a, b)]
-    assert torch.equal(core._mean(as_sparse, 2).values, mean.values)
+    assert torch.equal(aggregate(as_sparse, 2).values, mean.values)
     # Blocks at different starts go through the general union path.
     c = codec.SparseUpdate(values=torch.tensor([1.0, 1.0]), indices=torch.arange(5, 7, dtype=torch.int32),
                            block_start=5)
-    mixed = core._mean([a, c], 2)
+    mixed = aggregate([a, c], 2)
     assert mixed.block_start is None and mixed.indices.tolist() == [4, 5, 6]
     assert mixed.values.tolist() == [0.5, 1.5, 2.0]
 

@@ -76,6 +76,16 @@ def test_noise_does_not_flap_and_a_real_change_does():
     assert changed and changed[-1].delta < first[0].delta
 
 
+def test_after_a_link_change_the_estimator_keeps_only_the_samples_its_estimate_reads():
+    core = ControllerCore(PolicyConfig(name="static", tau=1, delta=0.1))
+    run(core, {1: (20e6, 0.1, 0.02)}, 12)
+    run(core, {1: (5e6, 0.1, 0.02)}, 3, start_round=120, t0=12.0)  # the change shows at t = 14
+    estimate = core.estimates[1]
+    assert estimate.bandwidth_bps == pytest.approx(5e6, rel=1e-3)
+    assert estimate.window_start_s == 14.0 - core.estimator_config.change_window_s
+    assert min(s.at_s for s in core.estimators[1]._samples) >= estimate.window_start_s
+
+
 def test_a_moved_estimate_does_not_replace_a_decision_before_it_takes_effect():
     core = ControllerCore(PolicyConfig(name="deco", every_rounds=1000, change_threshold=0.2, switch_margin_rounds=50,
                                        switch_margin_s=0.0, overhead_max_ratio=0.0))
@@ -156,14 +166,14 @@ def test_overhead_is_capped_and_not_read_from_link_bound_rounds():
     core = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001, overhead_min_samples=5))
     core.maybe_decide(0.0)
     run(core, {1: (20e6, 0.02, 0.02)}, 4, rounds_per_s=2)
-    assert 0 < len(core._residuals) < 5 and core.overhead_s() == 0.0  # too few observations yet
+    assert 0 < len(core._overhead_samples) < 5 and core.overhead_s() == 0.0  # too few observations yet
     run(core, {1: (20e6, 0.02, 0.02)}, 16, rounds_per_s=2, start_round=8, t0=4.0)
     assert core.overhead_s() == pytest.approx(0.02)
     # static with a delta the link cannot carry in a step: the rounds wait on the link, no observation.
     static = ControllerCore(PolicyConfig(name="static", tau=2, delta=0.4))
     static.maybe_decide(0.0)
     run(static, {1: (20e6, 0.02, 0.02)}, 20, rounds_per_s=2)
-    assert static.overhead_s() == 0.0 and not static._residuals
+    assert static.overhead_s() == 0.0 and not static._overhead_samples
 
 
 def test_overhead_observations_span_decision_switches_weighted_by_rounds():
@@ -179,7 +189,7 @@ def test_overhead_observations_span_decision_switches_weighted_by_rounds():
         core.estimates[1] = core.estimators[1].estimate(float(t))
         core._progress.append((float(t), round_))
         core.sample_overhead(float(t))
-    assert len(core._residuals) >= 15
+    assert len(core._overhead_samples) >= 15
     assert core.overhead_s() == pytest.approx(0.02, rel=0.05)
     spans = core._decisions_over(30, 80)
     assert [rounds for _, rounds in spans] == [20, 25, 5] and sum(r for _, r in spans) == 50

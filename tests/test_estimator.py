@@ -75,6 +75,24 @@ def test_a_step_change_is_followed_within_the_window():
     assert est.estimate(25.0).bandwidth_bps == pytest.approx(10 * MBIT, rel=0.05)
 
 
+def test_estimate_changes_no_sample_and_forget_before_drops_what_a_change_left_behind():
+    config = EstimatorConfig(window_s=10.0, change_window_s=3.0)
+    est = LinkEstimator(config)
+    feed(est, bandwidth=40 * MBIT, rtt=0.05, t0=0, t1=20, sizes=[50_000, 100_000, 200_000])
+    steady = est.estimate(20.0)
+    assert steady.window_start_s == 20.0 - config.window_s
+    feed(est, bandwidth=10 * MBIT, rtt=0.05, t0=20, t1=25, sizes=[50_000, 100_000, 200_000])
+    samples = list(est._samples)
+    changed = est.estimate(25.0)
+    assert changed.bandwidth_bps == pytest.approx(10 * MBIT, rel=0.05)
+    assert changed.window_start_s == 25.0 - config.change_window_s
+    assert list(est._samples) == samples and est.estimate(25.0) == changed  # nothing was dropped
+    est.forget_before(changed.window_start_s)
+    assert est._samples and all(s.at_s >= changed.window_start_s for s in est._samples)
+    assert len(est._samples) == sum(s.at_s >= changed.window_start_s for s in samples)
+    assert est.estimate(25.0).bandwidth_bps == pytest.approx(10 * MBIT, rel=0.05)
+
+
 def test_too_few_samples_give_no_estimate():
     est = LinkEstimator()
     assert est.estimate(0.0) is None

@@ -10,7 +10,7 @@ import torch
 from wanps.controller.engine import ControllerCore, Report
 from wanps.controller.policy import PolicyConfig
 from wanps.proto.codec import SparseUpdate, model_crc32
-from wanps.server.checkpoint import read_checkpoint, write_checkpoint
+from wanps.server.checkpoint import core_state, read_checkpoint, restore_core, write_checkpoint
 from wanps.worker.error_feedback import ErrorFeedback
 from wanps.rpc.errors import NotFound
 from wanps.server.core import CoreConfig, ServerCore
@@ -131,8 +131,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     core.sweep()  # round 2 closes at its deadline without c
     assert core.version == 3 and 2 in core.members[c].missed_rounds
     core.push(a, 3, 3, sp([7], [2.0]))
-    write_checkpoint(tmp_path, core.state_dict())
-    restored = ServerCore.from_state_dict(read_checkpoint(tmp_path), core.config, clock=clock)
+    write_checkpoint(tmp_path, core_state(core))
+    restored = restore_core(read_checkpoint(tmp_path), core.config, clock=clock)
     assert torch.equal(restored.model, core.model) and restored.version == core.version
     assert sorted(restored.members) == sorted(core.members)
     for w, m in core.members.items():
@@ -159,12 +159,12 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
 
 def test_checkpoint_write_is_atomic_and_a_bad_format_is_refused(tmp_path):
     core, _, _ = started_core()
-    write_checkpoint(tmp_path, core.state_dict())
+    write_checkpoint(tmp_path, core_state(core))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
     state_dict = read_checkpoint(tmp_path)
     state_dict["format"] = 99
     with pytest.raises(ValueError, match="format"):
-        ServerCore.from_state_dict(state_dict, core.config)
+        restore_core(state_dict, core.config)
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / "missing")
 

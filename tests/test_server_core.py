@@ -60,7 +60,7 @@ def state(core: ServerCore) -> dict[str, Any]:
         "num_params": core.num_params,
         "fingerprint": core.fingerprint,
         "started": core.started,
-        "seeder": core._seeder,
+        "seeder": core.seeder_id,
         "observers": set(core.observers),
         "members": {
             w: (m.name, m.first_round, m.last_round, id(m.last_update), m.highest_round_sent)
