@@ -10,7 +10,7 @@ from wanps.proto import codec
 PAYLOAD_BYTES_PER_ELEMENT = 8
 
 
-def random_update(num_params: int, pairs: int, seed: int | np.random.Generator) -> codec.SparseUpdate:
+def random_update(num_params: int, pairs: int, seed: int | np.random.Generator) -> codec.Update:
     """`pairs` sorted unique indices below `num_params`, small finite float32 values.
 
     `seed` may be a generator, which then advances (successive updates differ).
@@ -18,4 +18,4 @@ def random_update(num_params: int, pairs: int, seed: int | np.random.Generator) 
     rng = np.random.default_rng(seed)
     indices = np.sort(rng.choice(num_params, size=pairs, replace=False)).astype(np.int32)
     values = (rng.standard_normal(pairs, dtype=np.float32) * 1e-3).astype(np.float32)
-    return codec.SparseUpdate(values=torch.from_numpy(values), indices=torch.from_numpy(indices))
+    return codec.Update(values=torch.from_numpy(values), indices=torch.from_numpy(indices))

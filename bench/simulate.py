@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from wanps.proto.codec import SparseUpdate
+from wanps.proto.codec import Update
 from wanps.server.core import CoreConfig, ServerCore
 from wanps.worker.optimizer import bind_to_flat, model_fingerprint
 from wanps.worker.skip_rule import SkipRule, step_squared_norm
@@ -69,7 +69,7 @@ class SimulationResult:
         return next((c for c in self.trace if c.accuracy >= target), None)
 
 
-def update_bits(update: SparseUpdate | None) -> int:
+def update_bits(update: Update | None) -> int:
     """Payload bits of a push as it travels (a skip record carries no payload)."""
     return 0 if update is None else 8 * update.nbytes
 

@@ -20,7 +20,7 @@ from wanps.controller.engine import ControllerCore, Report, with_policy
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH, EstimatorConfig, Sample
 from wanps.controller.policy import PolicyConfig
 from wanps.proto import wanps_pb2 as pb
-from wanps.proto.wire import MAX_PARAMS
+from wanps.proto.wire import MAX_PARAMS, MAX_SAMPLES_PER_REPORT
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.rpc.serving import RunningService, ServeConfig, start_grpc_service
 from wanps.rpc.errors import InvalidArgument, OutOfRange, ResourceExhausted
@@ -44,7 +44,7 @@ class ControllerConfig(ServeConfig):
     max_message_bytes: int = 4 * 1024 * 1024
     policy: PolicyConfig = PolicyConfig()
     estimator: EstimatorConfig = EstimatorConfig()
-    max_samples_per_report: int = 512
+    max_samples_per_report: int = MAX_SAMPLES_PER_REPORT
     # Open Decisions streams per worker id (a worker needs one; reconnects briefly overlap).
     max_streams_per_worker: int = 8
     # Workers with link estimates at once; a new id past it evicts ids silent for window_s, or is refused.

@@ -45,8 +45,9 @@ SUPPORTED_CODECS = frozenset({pb.CODEC_SPARSE, pb.CODEC_DENSE, pb.CODEC_RANDOM_B
 
 
 @dataclass(frozen=True)
-class SparseUpdate:
-    """An update. `indices` is None for a dense update (every element, in order).
+class Update:
+    """One update or delta on the wire: sparse (sorted unique `indices` with their `values`),
+    dense (`indices` None: every element, in order) or a random block.
 
     `values` is float32 once decoded; a worker's update may hold float16/bfloat16 values,
     which is the dtype they travel in. A random-block update sets `block_start` and keeps
@@ -112,7 +113,7 @@ def iter_chunks(values: torch.Tensor, indices: torch.Tensor | None) -> Iterator[
             return
 
 
-def push_messages(header: pb.PushHeader, update: SparseUpdate | None) -> tuple[list[pb.PushMessage], int]:
+def push_messages(header: pb.PushHeader, update: Update | None) -> tuple[list[pb.PushMessage], int]:
     """The message stream of one push (header, then chunks) and its payload bytes.
 
     `update` None is a skip record. Fills the header's codec, dtype, count and block start
@@ -200,7 +201,7 @@ def decode_update(
     value_raw: bytes,
     num_params: int,
     block_start: int = 0,
-) -> SparseUpdate:
+) -> Update:
     """Validate and decode one update's joined bytes. Raises WireError, changes nothing."""
     if codec not in SUPPORTED_CODECS:
         name = pb.Codec.Name(codec) if codec in pb.Codec.values() else str(codec)
@@ -214,7 +215,7 @@ def decode_update(
         values = decode_values(value_raw, count, value_dtype)
         # The core aggregates it as a sparse update; arange is k-sized, like a sparse push's indices.
         indices = torch.arange(block_start, block_start + count, dtype=torch.int32)
-        return SparseUpdate(values=values, indices=indices, block_start=block_start)
+        return Update(values=values, indices=indices, block_start=block_start)
     if block_start:
         raise WireError(f"block_start is only meaningful for CODEC_RANDOM_BLOCK, got {block_start}")
     if codec == pb.CODEC_DENSE:
@@ -222,15 +223,15 @@ def decode_update(
             raise WireError(f"dense update: count {count} != model size {num_params}")
         if index_raw:
             raise WireError("dense update: must carry no indices")
-        return SparseUpdate(values=decode_values(value_raw, count, value_dtype), indices=None)
+        return Update(values=decode_values(value_raw, count, value_dtype), indices=None)
     if count > num_params:
         raise WireError(f"sparse update: count {count} exceeds model size {num_params}")
     indices = decode_indices(index_raw, count, num_params)
     values = decode_values(value_raw, count, value_dtype)
-    return SparseUpdate(values=values, indices=indices)
+    return Update(values=values, indices=indices)
 
 
-def decode_delta(index_raw: bytes, value_raw: bytes, count: int, num_params: int, dense: bool) -> SparseUpdate:
+def decode_delta(index_raw: bytes, value_raw: bytes, count: int, num_params: int, dense: bool) -> Update:
     """A round's aggregated delta from the server (validated too: a replica trusts no one)."""
     return decode_update(
         pb.CODEC_DENSE if dense else pb.CODEC_SPARSE,
@@ -253,7 +254,7 @@ def fingerprint_of(named_shapes: list[tuple[str, tuple[int, ...], str]]) -> byte
     return digest.digest()
 
 
-def apply_delta(model: torch.Tensor, delta: SparseUpdate) -> None:
+def apply_delta(model: torch.Tensor, delta: Update) -> None:
     """model -= delta, in place. The one definition every replica and the server share."""
     if delta.indices is None:
         model.sub_(delta.values)

@@ -6,6 +6,8 @@ from __future__ import annotations
 CHUNK_ELEMENTS = 128 * 1024
 # Indices are viewed as int32, so a model must stay below this many parameters.
 MAX_PARAMS = 2**31 - 1
+# The most link samples one ReportRequest carries: workers send no more, the controller refuses more.
+MAX_SAMPLES_PER_REPORT = 512
 
 
 class WireError(ValueError):

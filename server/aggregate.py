@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from wanps.proto.codec import SparseUpdate
+from wanps.proto.codec import Update
 
 
-def aggregate(updates: Sequence[SparseUpdate], divisor: int) -> SparseUpdate:
+def aggregate(updates: Sequence[Update], divisor: int) -> Update:
     """sum(updates) / divisor as a sparse delta over the union of their indices.
 
     Dense if any update is dense; an empty sparse delta for no updates. A shared random
@@ -35,12 +35,12 @@ def aggregate(updates: Sequence[SparseUpdate], divisor: int) -> SparseUpdate:
                 total.add_(u.values)
             else:
                 total.index_add_(0, u.indices, u.values)
-        return SparseUpdate(values=total.div_(divisor), indices=None)
+        return Update(values=total.div_(divisor), indices=None)
     if not updates:
-        return SparseUpdate(values=torch.empty(0, dtype=torch.float32), indices=torch.empty(0, dtype=torch.int32))
+        return Update(values=torch.empty(0, dtype=torch.float32), indices=torch.empty(0, dtype=torch.int32))
     if len(updates) == 1:
         only = updates[0]
-        return SparseUpdate(values=only.values.to(torch.float32) / divisor, indices=only.indices)
+        return Update(values=only.values.to(torch.float32) / divisor, indices=only.indices)
     first = updates[0]
     if first.block_start is not None and all(
         u.block_start == first.block_start and u.count == first.count for u in updates
@@ -49,11 +49,11 @@ def aggregate(updates: Sequence[SparseUpdate], divisor: int) -> SparseUpdate:
         total = torch.zeros(first.count, dtype=torch.float32)
         for u in updates:
             total.add_(u.values)
-        return SparseUpdate(values=total.div_(divisor), indices=first.indices, block_start=first.block_start)
+        return Update(values=total.div_(divisor), indices=first.indices, block_start=first.block_start)
     # Sort-based: the union of indices and each pair's slot in it, then one scatter-add into a
     # buffer the size of the union. It needs no d-sized scratch, whose random access over the
     # whole model cost more than the sort (docs/benchmarks.md, the `wanps bench push` table).
     union, slot = torch.unique(torch.cat([u.indices for u in updates]), sorted=True, return_inverse=True)
     values = torch.zeros(union.numel(), dtype=torch.float32)
     values.index_add_(0, slot, torch.cat([u.values for u in updates]))
-    return SparseUpdate(values=values.div_(divisor), indices=union.to(torch.int32))
+    return Update(values=values.div_(divisor), indices=union.to(torch.int32))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from wanps.proto.codec import SparseUpdate
+from wanps.proto.codec import Update
 from wanps.server.core import ClosedRound, CoreConfig, Member, OpenRound, ServerCore
 from wanps.server.metrics import ServerMetrics
 
@@ -33,16 +33,16 @@ log = logging.getLogger("wanps.server")
 # ------------------------------------------------------------------ the core's state as plain data
 
 
-def _update_data(update: SparseUpdate | None) -> dict | None:
+def _update_data(update: Update | None) -> dict | None:
     if update is None:
         return None
     return {"values": update.values, "indices": update.indices, "block_start": update.block_start}
 
 
-def _update_of(data: dict | None) -> SparseUpdate | None:
+def _update_of(data: dict | None) -> Update | None:
     if data is None:
         return None
-    return SparseUpdate(values=data["values"], indices=data["indices"], block_start=data["block_start"])
+    return Update(values=data["values"], indices=data["indices"], block_start=data["block_start"])
 
 
 def core_state(core: ServerCore) -> dict:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wanps.proto.codec import SparseUpdate, apply_delta, model_crc32
+from wanps.proto.codec import Update, apply_delta, model_crc32
 from wanps.proto.wire import MAX_PARAMS
 # Refusals are the rpc layer's plain exceptions (no gRPC in them); the servicer maps them to status codes.
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -101,7 +101,7 @@ class Member:
     first_round: int
     last_round: int | None = None  # set by a leave
     # The last update of this worker that was applied: what a skip reuses.
-    last_update: SparseUpdate | None = None
+    last_update: Update | None = None
     highest_round_sent: int = -1
     last_seen: float = 0.0  # clock time of the last call from this worker (the lease)
     missed_rounds: set[int] = field(default_factory=set)  # closed at a deadline without it
@@ -112,7 +112,7 @@ class Member:
 
 @dataclass
 class OpenRound:
-    updates: dict[int, SparseUpdate] = field(default_factory=dict)
+    updates: dict[int, Update] = field(default_factory=dict)
     computed_at: dict[int, int] = field(default_factory=dict)
     skips: set[int] = field(default_factory=set)
     first_push_at: float | None = None  # clock time; the round deadline counts from here
@@ -135,7 +135,7 @@ class JoinResult:
 class ClosedRound:
     round: int
     version: int  # after applying
-    delta: SparseUpdate  # the mean that was subtracted
+    delta: Update  # the mean that was subtracted
     pushed: int
     skipped: int
     members: int
@@ -394,7 +394,7 @@ class ServerCore:
             )
         return False
 
-    def push(self, worker_id: int, round_: int, computed_at_version: int, update: SparseUpdate | None) -> PushResult:
+    def push(self, worker_id: int, round_: int, computed_at_version: int, update: Update | None) -> PushResult:
         """Store one worker's update (None = skip) for a round and close what is complete."""
         if self.check_push(worker_id, round_, computed_at_version):
             member = self.members[worker_id]
@@ -437,7 +437,7 @@ class ServerCore:
 
     def _close(self, round_: int, expected: list[int], open_round: OpenRound) -> ClosedRound:
         assert self.model is not None
-        contributions: list[SparseUpdate] = []
+        contributions: list[Update] = []
         for worker_id in expected:  # sorted by id: a deterministic summation order
             member = self.members[worker_id]
             if worker_id in open_round.updates:

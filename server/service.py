@@ -311,7 +311,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.metrics.received_bytes.inc(received)
         return header, index_parts, value_parts
 
-    def _push_on_core_thread(self, header: pb.PushHeader, update: codec.SparseUpdate | None) -> PushResult:
+    def _push_on_core_thread(self, header: pb.PushHeader, update: codec.Update | None) -> PushResult:
         """Runs on the core thread: `core.push` applies the round rules to the current state
         (the pre-check on the event loop may be stale), stores, and closes what is complete."""
         result = self.core.push(header.worker_id, header.round, header.computed_at_version, update)
@@ -394,7 +394,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
 
 def decode_push(header: pb.PushHeader, index_parts: list[bytes], value_parts: list[bytes], num_params: int
-                ) -> codec.SparseUpdate:
+                ) -> codec.Update:
     if not index_parts and not value_parts:
         index_parts, value_parts = [b""], [b""]
     return codec.decode_update(header.codec, header.value_dtype, header.count, codec.join_chunks(index_parts),

@@ -12,22 +12,22 @@ import numpy as np
 import pytest
 import torch
 
-from wanps.proto.codec import SparseUpdate, apply_delta, fingerprint_of
+from wanps.proto.codec import Update, apply_delta, fingerprint_of
 from wanps.server.aggregate import aggregate
 from wanps.server.core import CoreConfig, ServerCore
 
 D = 64
 
 
-def sp(indices: list[int], values: list[float]) -> SparseUpdate:
-    return SparseUpdate(values=torch.tensor(values, dtype=torch.float32), indices=torch.tensor(indices, dtype=torch.int32))
+def sp(indices: list[int], values: list[float]) -> Update:
+    return Update(values=torch.tensor(values, dtype=torch.float32), indices=torch.tensor(indices, dtype=torch.int32))
 
 
-def dn(values: list[float]) -> SparseUpdate:
-    return SparseUpdate(values=torch.tensor(values, dtype=torch.float32), indices=None)
+def dn(values: list[float]) -> Update:
+    return Update(values=torch.tensor(values, dtype=torch.float32), indices=None)
 
 
-def reference(updates: list[SparseUpdate], divisor: int, d: int = D) -> tuple[np.ndarray, np.ndarray | None]:
+def reference(updates: list[Update], divisor: int, d: int = D) -> tuple[np.ndarray, np.ndarray | None]:
     """(values, indices or None for dense) of sum(updates) / divisor, element by element in float32."""
     total = np.zeros(d, dtype=np.float32)
     touched = np.zeros(d, dtype=bool)
@@ -41,7 +41,7 @@ def reference(updates: list[SparseUpdate], divisor: int, d: int = D) -> tuple[np
     return total[where] / np.float32(divisor), where
 
 
-def assert_is_reference(delta: SparseUpdate, updates: list[SparseUpdate], divisor: int) -> None:
+def assert_is_reference(delta: Update, updates: list[Update], divisor: int) -> None:
     values, indices = reference(updates, divisor)
     assert delta.values.dtype == torch.float32
     assert torch.equal(delta.values, torch.from_numpy(values))
@@ -51,17 +51,17 @@ def assert_is_reference(delta: SparseUpdate, updates: list[SparseUpdate], diviso
         assert delta.indices.dtype == torch.int32 and delta.indices.tolist() == indices.tolist()
 
 
-def random_update(g: torch.Generator, kind: str, block_start: int = 0) -> SparseUpdate:
+def random_update(g: torch.Generator, kind: str, block_start: int = 0) -> Update:
     # Magnitudes from 1e-3 to 1e7 in one update: float32 sums of them depend on the order.
     scale = 10.0 ** torch.randint(-3, 8, (D,), generator=g).float()
     if kind == "dense":
-        return SparseUpdate(values=torch.randn(D, generator=g) * scale, indices=None)
+        return Update(values=torch.randn(D, generator=g) * scale, indices=None)
     if kind == "block":
         indices = torch.arange(block_start, block_start + 8, dtype=torch.int32)
-        return SparseUpdate(values=torch.randn(8, generator=g) * scale[:8], indices=indices, block_start=block_start)
+        return Update(values=torch.randn(8, generator=g) * scale[:8], indices=indices, block_start=block_start)
     k = int(torch.randint(1, D // 2, (1,), generator=g))
     indices = torch.randperm(D, generator=g)[:k].sort().values.to(torch.int32)
-    return SparseUpdate(values=torch.randn(k, generator=g) * scale[:k], indices=indices)
+    return Update(values=torch.randn(k, generator=g) * scale[:k], indices=indices)
 
 
 # ------------------------------------------------------------------------------ the function
@@ -106,7 +106,7 @@ def test_values_are_summed_in_the_order_given_in_float32() -> None:
     # The dense path and the shared-block path keep the same order.
     assert aggregate([dn([big]), dn([-big]), sp([0], [one])], 1).values.tolist() == [1.0]
     assert aggregate([dn([big]), sp([0], [one]), dn([-big])], 1).values.tolist() == [0.0]
-    blocks = [SparseUpdate(values=torch.tensor([v]), indices=torch.tensor([0], dtype=torch.int32), block_start=0)
+    blocks = [Update(values=torch.tensor([v]), indices=torch.tensor([0], dtype=torch.int32), block_start=0)
               for v in (big, -big, one)]
     assert aggregate(blocks, 1).values.tolist() == [1.0]
 
@@ -158,7 +158,7 @@ def test_server_core_applies_the_mean_of_pushes_and_reused_updates_bit_for_bit(s
     ids = [core.join(D, fp).worker_id for _ in range(workers)]
     replica = torch.randn(D, generator=g) * 100
     core.seed(ids[0], replica.clone())
-    last: dict[int, SparseUpdate] = {}
+    last: dict[int, Update] = {}
     for round_ in range(12):
         pushed = {}
         for worker_id in ids:

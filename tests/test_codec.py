@@ -11,7 +11,7 @@ from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import (
     CHUNK_ELEMENTS,
-    SparseUpdate,
+    Update,
     WireError,
     apply_delta,
     decode_delta,
@@ -44,7 +44,7 @@ def encode(values: torch.Tensor, indices: torch.Tensor | None) -> tuple[list[byt
     return [c[0] for c in chunks], [c[1] for c in chunks]
 
 
-def roundtrip(values: torch.Tensor, indices: torch.Tensor | None, num_params: int) -> SparseUpdate:
+def roundtrip(values: torch.Tensor, indices: torch.Tensor | None, num_params: int) -> Update:
     index_parts, value_parts = encode(values, indices)
     return decode_update(
         DENSE if indices is None else SPARSE,
@@ -278,7 +278,7 @@ def test_wire_error_is_a_value_error() -> None:
 
 def test_apply_delta_sparse() -> None:
     model = torch.arange(6, dtype=torch.float32)  # [0, 1, 2, 3, 4, 5]
-    delta = SparseUpdate(values=torch.tensor([0.5, -2.0]), indices=torch.tensor([1, 4], dtype=torch.int32))
+    delta = Update(values=torch.tensor([0.5, -2.0]), indices=torch.tensor([1, 4], dtype=torch.int32))
     apply_delta(model, delta)
     assert model.tolist() == [0.0, 0.5, 2.0, 3.0, 6.0, 5.0]
 
@@ -292,7 +292,7 @@ def test_apply_delta_sparse_from_wire_bytes() -> None:
 
 def test_apply_delta_dense() -> None:
     model = torch.tensor([1.0, 2.0, 3.0])
-    apply_delta(model, SparseUpdate(values=torch.tensor([0.5, -1.0, 3.0]), indices=None))
+    apply_delta(model, Update(values=torch.tensor([0.5, -1.0, 3.0]), indices=None))
     assert model.tolist() == [0.5, 3.0, 0.0]
 
 

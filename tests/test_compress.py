@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from wanps.proto.codec import SparseUpdate
+from wanps.proto.codec import Update
 from wanps.worker.compressors import topk_exact
 from wanps.worker.error_feedback import ErrorFeedback, elements_for
 
 
-def densify(update: SparseUpdate, d: int) -> torch.Tensor:
+def densify(update: Update, d: int) -> torch.Tensor:
     out = torch.zeros(d, dtype=update.values.dtype)
     if update.indices is None:
         return out + update.values

@@ -30,7 +30,7 @@ from wire import RawClient
 DTYPES = ["float32", "float16", "bfloat16"]
 
 
-def densify(update: codec.SparseUpdate, d: int) -> torch.Tensor:
+def densify(update: codec.Update, d: int) -> torch.Tensor:
     """The float32 vector a push adds (what the server sees after decoding)."""
     out = torch.zeros(d, dtype=torch.float32)
     values = update.values.to(torch.float32)
@@ -39,7 +39,7 @@ def densify(update: codec.SparseUpdate, d: int) -> torch.Tensor:
     return out.index_put_((update.indices.long(),), values)
 
 
-def decode_pushed(update: codec.SparseUpdate, num_params: int) -> tuple[pb.PushHeader, codec.SparseUpdate]:
+def decode_pushed(update: codec.Update, num_params: int) -> tuple[pb.PushHeader, codec.Update]:
     """Encode exactly as a worker does, then decode exactly as the server does."""
     messages, _ = codec.push_messages(pb.PushHeader(worker_id=1, round=0), update)
     header = messages[0].header
@@ -225,17 +225,17 @@ def test_random_block_travels_as_values_only_and_decodes_to_its_range() -> None:
 
 
 def test_aggregate_sums_shared_blocks_directly_and_matches_the_general_path() -> None:
-    a = codec.SparseUpdate(values=torch.tensor([1.0, 2.0, 3.0]), indices=torch.arange(4, 7, dtype=torch.int32),
+    a = codec.Update(values=torch.tensor([1.0, 2.0, 3.0]), indices=torch.arange(4, 7, dtype=torch.int32),
                            block_start=4)
-    b = codec.SparseUpdate(values=torch.tensor([3.0, 0.5, -3.0]), indices=torch.arange(4, 7, dtype=torch.int32),
+    b = codec.Update(values=torch.tensor([3.0, 0.5, -3.0]), indices=torch.arange(4, 7, dtype=torch.int32),
                            block_start=4)
     mean = aggregate([a, b], 2)
     assert mean.block_start == 4 and mean.indices.tolist() == [4, 5, 6]
     assert mean.values.tolist() == [2.0, 1.25, 0.0]
-    as_sparse = [codec.SparseUpdate(values=u.values, indices=u.indices) for u in (a, b)]
+    as_sparse = [codec.Update(values=u.values, indices=u.indices) for u in (a, b)]
     assert torch.equal(aggregate(as_sparse, 2).values, mean.values)
     # Blocks at different starts go through the general union path.
-    c = codec.SparseUpdate(values=torch.tensor([1.0, 1.0]), indices=torch.arange(5, 7, dtype=torch.int32),
+    c = codec.Update(values=torch.tensor([1.0, 1.0]), indices=torch.arange(5, 7, dtype=torch.int32),
                            block_start=5)
     mixed = aggregate([a, c], 2)
     assert mixed.block_start is None and mixed.indices.tolist() == [4, 5, 6]
@@ -272,7 +272,7 @@ def two_workers(make_cluster):
     client.close()
 
 
-def push_update(client: RawClient, worker_id: int, round_: int, update: codec.SparseUpdate) -> pb.PushReply:
+def push_update(client: RawClient, worker_id: int, round_: int, update: codec.Update) -> pb.PushReply:
     header = pb.PushHeader(worker_id=worker_id, round=round_, computed_at_version=round_)
     messages, _ = codec.push_messages(header, update)
     return client.stub.Push(iter(messages), timeout=10)

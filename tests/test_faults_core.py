@@ -9,7 +9,7 @@ import torch
 
 from wanps.controller.engine import ControllerCore, Report
 from wanps.controller.policy import PolicyConfig
-from wanps.proto.codec import SparseUpdate, model_crc32
+from wanps.proto.codec import Update, model_crc32
 from wanps.server.checkpoint import core_state, read_checkpoint, restore_core, write_checkpoint
 from wanps.worker.error_feedback import ErrorFeedback
 from wanps.rpc.errors import NotFound
@@ -123,7 +123,7 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
         core.push(w, 0, 0, sp([i], [1.0]))
     core.push(a, 1, 1, sp([3, 4], [0.5, 0.25]))
     core.push(b, 1, 1, None)  # a skip
-    core.push(a, 2, 1, SparseUpdate(values=torch.ones(D), indices=None))  # dense, queued
+    core.push(a, 2, 1, Update(values=torch.ones(D), indices=None))  # dense, queued
     clock.now += 2
     core.push(c, 1, 1, sp([5], [1.0]))
     core.push(b, 2, 1, sp([6], [1.0]))

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from wanps.proto.codec import MAX_PARAMS, SparseUpdate, apply_delta, fingerprint_of, model_crc32
+from wanps.proto.codec import MAX_PARAMS, Update, apply_delta, fingerprint_of, model_crc32
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, RequestError
 from wanps.server.core import CoreConfig, ServerCore
 from wanps.worker.replica import Replica
@@ -22,15 +22,15 @@ D = 10
 FP = fingerprint_of([("w", (D,), "torch.float32")])
 
 
-def sp(indices: list[int], values: list[float]) -> SparseUpdate:
-    return SparseUpdate(values=torch.tensor(values, dtype=torch.float32), indices=torch.tensor(indices, dtype=torch.int32))
+def sp(indices: list[int], values: list[float]) -> Update:
+    return Update(values=torch.tensor(values, dtype=torch.float32), indices=torch.tensor(indices, dtype=torch.int32))
 
 
-def dn(values: list[float]) -> SparseUpdate:
-    return SparseUpdate(values=torch.tensor(values, dtype=torch.float32), indices=None)
+def dn(values: list[float]) -> Update:
+    return Update(values=torch.tensor(values, dtype=torch.float32), indices=None)
 
 
-def dense_of(update: SparseUpdate, d: int = D) -> torch.Tensor:
+def dense_of(update: Update, d: int = D) -> torch.Tensor:
     out = torch.zeros(d, dtype=torch.float64)
     if update.indices is None:
         out += update.values.double()
@@ -90,7 +90,7 @@ def assert_refused(core: ServerCore, error: type[RequestError], match: str, call
     assert_same_state(before, state(core))
 
 
-def push_ok(core: ServerCore, worker: int, round_: int, update: SparseUpdate | None, computed_at: int | None = None):
+def push_ok(core: ServerCore, worker: int, round_: int, update: Update | None, computed_at: int | None = None):
     result = core.push(worker, round_, core.version if computed_at is None else computed_at, update)
     assert not result.duplicate
     return result
@@ -599,12 +599,12 @@ def test_snapshot() -> None:
 # ------------------------------------------------------------------------------ randomized conservation
 
 
-def random_update(rng: random.Random, d: int) -> SparseUpdate | None:
+def random_update(rng: random.Random, d: int) -> Update | None:
     kind = rng.random()
     if kind < 0.2:
         return None
     if kind < 0.3:
-        return SparseUpdate(values=torch.tensor([rng.uniform(-1, 1) for _ in range(d)], dtype=torch.float32),
+        return Update(values=torch.tensor([rng.uniform(-1, 1) for _ in range(d)], dtype=torch.float32),
                             indices=None)
     k = rng.randint(0, d)
     indices = sorted(rng.sample(range(d), k))
@@ -628,8 +628,8 @@ def test_random_rounds_conserve_the_model(seed: int) -> None:
     first = {w: 0 for w in ids}
     last: dict[int, int | None] = {w: None for w in ids}
     next_round = {w: 0 for w in ids}
-    pushed: dict[int, dict[int, SparseUpdate | None]] = {}
-    ref_last: dict[int, SparseUpdate | None] = {w: None for w in ids}
+    pushed: dict[int, dict[int, Update | None]] = {}
+    ref_last: dict[int, Update | None] = {w: None for w in ids}
     closed_all = []
     left = joined = False
 

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import torch
 
-from wanps.proto.codec import SparseUpdate
+from wanps.proto.codec import Update
 from wanps.worker.compressors import Compressor, make_compressor
 
 
@@ -62,14 +62,14 @@ class ErrorFeedback:
         self.compressor = make_compressor(compressor, seed) if isinstance(compressor, str) else compressor
         self.value_dtype = wire_value_dtype(value_dtype)
 
-    def compress(self, scaled_grad: torch.Tensor, delta: float, round_: int = 0) -> SparseUpdate:
+    def compress(self, scaled_grad: torch.Tensor, delta: float, round_: int = 0) -> Update:
         """Take lr*g, return C(lr*g + e) to push; keep the rest as the new residual."""
         p = self.residual.add_(scaled_grad)  # p = lr*g + e, in place
         k = elements_for(delta, p.numel())
         # From half the elements on, dense is smaller on the wire (values only, no indices)
         # and sends more: use it (in float32, as before).
         if 2 * k >= p.numel():
-            update = SparseUpdate(values=p.clone(), indices=None)
+            update = Update(values=p.clone(), indices=None)
             p.zero_()
             return update
         selection = self.compressor.select(p, k, round_)
@@ -79,7 +79,7 @@ class ErrorFeedback:
             values = quantize(block, self.value_dtype).clone()
             self._keep_rest(block, values)
             indices = torch.arange(start, stop, dtype=torch.int32)
-            return SparseUpdate(values=values, indices=indices, block_start=start)
+            return Update(values=values, indices=indices, block_start=start)
         indices = selection.indices
         assert indices is not None
         selected = p.index_select(0, indices)
@@ -89,9 +89,9 @@ class ErrorFeedback:
         else:
             self._keep_rest(selected, values)
             p.index_copy_(0, indices, selected)
-        return SparseUpdate(values=values, indices=indices.to(torch.int32))
+        return Update(values=values, indices=indices.to(torch.int32))
 
-    def restore(self, update: SparseUpdate) -> None:
+    def restore(self, update: Update) -> None:
         """Put an update the server did not apply back into the residual (e += update), so
         it goes out again in a later push and no gradient is lost."""
         values = update.values.to(torch.float32)

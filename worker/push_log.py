@@ -23,7 +23,7 @@ PUSH_LOG_MAX_BYTES = 64 * 1024 * 1024
 class LoggedPush:
     round: int
     computed_at_version: int
-    update: codec.SparseUpdate | None  # None: a skip record
+    update: codec.Update | None  # None: a skip record
     messages: list[pb.PushMessage]  # as sent: a replay sends the same bytes
     nbytes: int
 

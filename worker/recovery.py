@@ -110,7 +110,7 @@ def recover(session: WorkerSession, replica: Replica, wait_for_version: Callable
         if logged is None:
             # Not in the log (older than its cap): an empty update keeps the round closing.
             wait_for_version(round_ - tau_max)
-            empty = codec.SparseUpdate(values=torch.empty(0), indices=torch.empty(0, dtype=torch.int32))
+            empty = codec.Update(values=torch.empty(0), indices=torch.empty(0, dtype=torch.int32))
             logged = session.log_push(round_, replica.version, empty)
         else:
             wait_for_version(logged.computed_at_version)

@@ -30,6 +30,7 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.proto.decisions import Decision, decision_from_message
 from wanps.rpc.auth import ClientSecurity, aio_channel
+from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES
 from wanps.worker import recovery
 from wanps.worker.io_loop import IoLoop
 from wanps.worker.metrics import WorkerMetrics
@@ -51,7 +52,7 @@ class ReplicaDiverged(RuntimeError):
 class ReceivedDelta:
     round: int
     version: int
-    delta: codec.SparseUpdate
+    delta: codec.Update
     model_crc32: int | None
     nbytes: int
     members: int = 0  # workers counted in the round (pushed + skipped); 0 = unknown
@@ -73,7 +74,7 @@ class WorkerSession:
         server: str,
         controller: str | None = None,
         *,
-        max_message_bytes: int = 8 * 1024 * 1024,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         use_uvloop: bool = True,
         security: ClientSecurity | None = None,
         metrics: WorkerMetrics | None = None,
@@ -97,7 +98,7 @@ class WorkerSession:
         self.incarnation: int | None = None
         self._lost = False
         self._generation = 0
-        self.late_updates: deque[codec.SparseUpdate] = deque()
+        self.late_updates: deque[codec.Update] = deque()
         self.recoveries = 0
         self._join_args: tuple[int, bytes, str, bool] | None = None  # (num_params, fingerprint, name, observer)
         self._io = IoLoop(use_uvloop)
@@ -307,7 +308,7 @@ class WorkerSession:
 
     # ------------------------------------------------------------------ pushes
 
-    def push(self, round_: int, computed_at_version: int, update: codec.SparseUpdate | None
+    def push(self, round_: int, computed_at_version: int, update: codec.Update | None
              ) -> concurrent.futures.Future[pb.PushReply]:
         """Send one round's update (None = skip record). Encoding happens on the calling thread.
 
@@ -323,7 +324,7 @@ class WorkerSession:
             return done
         return self.send(logged)
 
-    def log_push(self, round_: int, computed_at_version: int, update: codec.SparseUpdate | None) -> LoggedPush:
+    def log_push(self, round_: int, computed_at_version: int, update: codec.Update | None) -> LoggedPush:
         """Encode one round's push and keep it in the push log, without sending it."""
         header = pb.PushHeader(worker_id=self.worker_id, round=round_, computed_at_version=computed_at_version)
         messages, nbytes = codec.push_messages(header, update)
@@ -370,7 +371,7 @@ class WorkerSession:
         if self.metrics is not None:
             self.metrics.received_bytes.inc(nbytes)
 
-    def take_late_updates(self) -> list[codec.SparseUpdate]:
+    def take_late_updates(self) -> list[codec.Update]:
         """Updates the server acknowledged as late (their round closed at its deadline)."""
         taken = []
         while self.late_updates:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from wanps.proto import wanps_pb2 as pb
+from wanps.proto.wire import MAX_SAMPLES_PER_REPORT
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.worker.io_loop import IoLoop
 
@@ -24,11 +25,9 @@ log = logging.getLogger("wanps.worker")
 
 REPORT_INTERVAL_S = 1.0
 REPORT_TIMEOUT_S = 5.0
-# The most samples one report carries: the controller refuses more (its
-# max_samples_per_report). It also bounds the queue: a report sends the newest samples, so
-# older ones beyond this would never be sent, and a worker whose reports fail or have not
-# started yet keeps no more than one report's worth.
-MAX_SAMPLES_PER_REPORT = 512
+# The sample queue holds at most one report's worth (MAX_SAMPLES_PER_REPORT, the contract's
+# limit): a report sends the newest samples, so older ones beyond it would never be sent, and
+# a worker whose reports fail or have not started yet keeps no more than that.
 # A ping every PING_INTERVAL_S (enough unqueued RTTs for a low quantile in a few seconds);
 # every PROBE_EVERY-th carries PROBE_BYTES of padding, so the controller sees the link's
 # bandwidth even when pushes are tiny (a small delta): 32 KiB every 4 s is 64 kbit/s,

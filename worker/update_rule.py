@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wanps.proto.codec import SparseUpdate
+from wanps.proto.codec import Update
 from wanps.worker.compressors import make_compressor
 from wanps.worker.error_feedback import ErrorFeedback, wire_value_dtype
 from wanps.worker.skip_rule import SkipRule, gradient_gap
@@ -92,7 +92,7 @@ class UpdateRule:
         *,
         params: torch.Tensor | None = None,
         aux_grad: torch.Tensor | None = None,
-    ) -> SparseUpdate | None:
+    ) -> Update | None:
         """C(lr * m + e) to push, or None to skip (SASG). `grad` is the raw gradient (it is
         overwritten: the rule uses it as its working buffer). `params` are the parameters the
         gradient was taken at (SASG's next anchor); `aux_grad` the gradient at the anchor."""
@@ -110,14 +110,14 @@ class UpdateRule:
         grad.mul_(lr)
         return self.ef.compress(grad, delta, round_)
 
-    def final_residual(self) -> SparseUpdate:
+    def final_residual(self) -> Update:
         """DEF's output step: push e densely once, so the server's mean gives y_T = x_T - mean(e_T).
 
         The residual leaves the worker (it is zero afterwards): calling this twice sends nothing twice.
         """
         values = self.ef.residual.clone()
         self.ef.residual.zero_()
-        return SparseUpdate(values=values, indices=None)
+        return Update(values=values, indices=None)
 
     @property
     def residual(self) -> torch.Tensor:
