@@ -131,13 +131,18 @@ def assert_common_switches(per_round: dict, rounds: int) -> list[tuple[int, tupl
 
 
 def test_deco_switches_every_worker_at_the_same_round(make_cluster):
-    cluster = make_cluster(min_workers=2, tau_max=4, policy="deco", tau=1, delta=0.1, switch_margin_s=1.0,
+    # A decision holds from a round scheduled switch_margin_s of measured rounds ahead; rounds on
+    # loopback take milliseconds, so a short margin and enough rounds keep the switch inside the run
+    # however fast this machine makes them.
+    cluster = make_cluster(min_workers=2, tau_max=4, policy="deco", tau=1, delta=0.1, switch_margin_s=0.25,
                            switch_margin_rounds_cold=50)
-    threads, per_round, errors = run_workers(cluster, 400)
+    rounds = 1200
+    threads, per_round, errors = run_workers(cluster, rounds)
     for thread in threads:
         thread.join(100)
+        assert not thread.is_alive()
     assert not errors, errors
-    switches = assert_common_switches(per_round, 400)
+    switches = assert_common_switches(per_round, rounds)
     assert switches[0] == (0, (1, 0.1))  # the bootstrap decision
     assert len(switches) >= 2, "DeCo never took over from the bootstrap decision"
     assert switches[1][0] > 0
