@@ -1,6 +1,8 @@
 """`wanps linkem`: a user-space WAN link emulator (a shaping TCP proxy) from the command line.
 
-`--trace FILE` (or a fixed `--bandwidth-mbit` and `--delay-ms`) sets the link,
+`--trace FILE` (or a fixed `--bandwidth-mbit` and `--delay-ms`) sets the link; the
+`--down-*` flags give the downlink (target -> client) its own trace or rates, for an
+asymmetric line (without them both directions follow the same link);
 `--faults "reset@5,stall@8:3"` schedules faults (seconds after start), and SIGUSR1 resets /
 SIGUSR2 stalls for `--stall-s` at any moment. Prints `LISTENING HOST:PORT` once ready.
 """
@@ -35,7 +37,13 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--trace", env="WANPS_LINKEM_TRACE", help="CSV trace file (time_s,bandwidth_mbit,delay_ms)")
     parser.add_argument("--bandwidth-mbit", env="WANPS_LINKEM_BANDWIDTH_MBIT", type=float, help="fixed link bandwidth, Mbit/s")
     parser.add_argument("--delay-ms", env="WANPS_LINKEM_DELAY_MS", type=float, help="fixed one-way delay, ms")
-    parser.add_argument("--no-loop", action="store_true", help="play the trace once, then hold its last row")
+    parser.add_argument("--down-trace", env="WANPS_LINKEM_DOWN_TRACE",
+                        help="CSV trace of the downlink (target -> client) alone; default: the link's")
+    parser.add_argument("--down-bandwidth-mbit", env="WANPS_LINKEM_DOWN_BANDWIDTH_MBIT", type=float,
+                        help="fixed downlink bandwidth, Mbit/s (default: --bandwidth-mbit)")
+    parser.add_argument("--down-delay-ms", env="WANPS_LINKEM_DOWN_DELAY_MS", type=float,
+                        help="fixed downlink one-way delay, ms (default: --delay-ms)")
+    parser.add_argument("--no-loop", action="store_true", help="play the trace(s) once, then hold the last row")
     parser.add_argument("--queue-ms", env="WANPS_LINKEM_QUEUE_MS", type=float, default=DEFAULT_QUEUE_MS,
                         help="link queue (router buffer) in ms of transmit time")
     parser.add_argument("--faults", env="WANPS_LINKEM_FAULTS", default="",
@@ -74,13 +82,40 @@ def _trace_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     raise AssertionError("unreachable")  # parser.error exits
 
 
+def _downlink_trace_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                              uplink: LinkTrace) -> LinkTrace | None:
+    """The downlink's own trace, or None when both directions follow the uplink's."""
+    fixed = args.down_bandwidth_mbit is not None or args.down_delay_ms is not None
+    if args.down_trace is not None and fixed:
+        parser.error("give either --down-trace or --down-bandwidth-mbit/--down-delay-ms, not both")
+    if args.down_trace is not None:
+        try:
+            return LinkTrace.from_csv(args.down_trace, loop=not args.no_loop)
+        except (OSError, ValueError) as exc:
+            parser.error(f"bad --down-trace: {exc}")
+    if not fixed:
+        return None
+    # A fixed downlink takes the rate it does not name from the (fixed) uplink's.
+    now = uplink.at(0.0)
+    bandwidth = args.down_bandwidth_mbit if args.down_bandwidth_mbit is not None else now.bandwidth_mbit
+    delay = args.down_delay_ms if args.down_delay_ms is not None else now.delay_ms
+    if uplink.period_s is not None and (args.down_bandwidth_mbit is None or args.down_delay_ms is None):
+        parser.error("under --trace, a fixed downlink needs both --down-bandwidth-mbit and --down-delay-ms")
+    try:
+        return LinkTrace.fixed(bandwidth, delay)
+    except ValueError as exc:
+        parser.error(f"downlink: {exc}")
+    raise AssertionError("unreachable")  # parser.error exits
+
+
 def _format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _serve(listen: tuple[str, int], target: tuple[str, int], trace: LinkTrace, queue_ms: float,
-                 faults: Sequence[Fault] = (), stall_s: float = 3.0) -> int:
-    emulator = LinkEmulator(listen[0], listen[1], target[0], target[1], trace, queue_ms=queue_ms)
+                 faults: Sequence[Fault] = (), stall_s: float = 3.0, downlink_trace: LinkTrace | None = None) -> int:
+    emulator = LinkEmulator(listen[0], listen[1], target[0], target[1], trace, downlink_trace=downlink_trace,
+                            queue_ms=queue_ms)
     try:
         port = await emulator.start()
     except OSError as exc:
@@ -123,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.queue_ms < 0:
         parser.error("--queue-ms must be >= 0")
     trace = _trace_from_args(parser, args, argv)
+    downlink_trace = _downlink_trace_from_args(parser, args, trace)
     try:
         faults = parse_faults(args.faults)
     except ValueError as exc:
@@ -130,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (math.isfinite(args.stall_s) and args.stall_s > 0):
         parser.error("--stall-s must be > 0")
     setup_logging(args.log_level)
-    return run_async(_serve(listen, target, trace, args.queue_ms, faults, args.stall_s))
+    return run_async(_serve(listen, target, trace, args.queue_ms, faults, args.stall_s, downlink_trace))
 
 
 if __name__ == "__main__":

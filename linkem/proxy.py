@@ -174,7 +174,9 @@ class _Pipe:
 class LinkEmulator:
     """A TCP proxy from `listen_host:listen_port` to `target_host:target_port` shaped by `trace`.
 
-    The trace clock starts at `start()`. Both directions use the same trace, each with its own
+    The trace clock starts at `start()`. The uplink (client -> target) follows `trace`, the
+    downlink (target -> client) `downlink_trace` when given (an asymmetric line: a consumer
+    line or an egress-limited site), else the same trace. Each direction has its own
     serializer shared by all connections (one full-duplex link).
     """
 
@@ -186,6 +188,7 @@ class LinkEmulator:
         target_port: int,
         trace: LinkTrace,
         *,
+        downlink_trace: LinkTrace | None = None,
         queue_ms: float = DEFAULT_QUEUE_MS,
     ) -> None:
         if queue_ms < 0:
@@ -195,6 +198,7 @@ class LinkEmulator:
         self.target_host = target_host
         self.target_port = target_port
         self.trace = trace
+        self.downlink_trace = downlink_trace if downlink_trace is not None else trace
         self.queue_s = queue_ms / 1e3
         self.connections_accepted = 0
         self._server: asyncio.Server | None = None
@@ -207,8 +211,8 @@ class LinkEmulator:
         self.stalls = 0
         self._closing = False
         self.epoch = time.monotonic()
-        self._uplink = LinkDirection(trace, self.epoch, self.queue_s)
-        self._downlink = LinkDirection(trace, self.epoch, self.queue_s)
+        self._uplink = LinkDirection(self.trace, self.epoch, self.queue_s)
+        self._downlink = LinkDirection(self.downlink_trace, self.epoch, self.queue_s)
 
     @property
     def bound_port(self) -> int:
@@ -242,13 +246,13 @@ class LinkEmulator:
             raise RuntimeError("LinkEmulator already started")
         self.epoch = time.monotonic()
         self._uplink = LinkDirection(self.trace, self.epoch, self.queue_s)
-        self._downlink = LinkDirection(self.trace, self.epoch, self.queue_s)
+        self._downlink = LinkDirection(self.downlink_trace, self.epoch, self.queue_s)
         self._server = await asyncio.start_server(self._handle, self.listen_host, self.listen_port)
         # A name resolving to several addresses binds several sockets; report the first.
         self._bound_port = self._server.sockets[0].getsockname()[1]
         log.info(
-            "linkem %s:%d -> %s:%d trace=%r",
-            self.listen_host, self._bound_port, self.target_host, self.target_port, self.trace,
+            "linkem %s:%d -> %s:%d trace=%r downlink=%r",
+            self.listen_host, self._bound_port, self.target_host, self.target_port, self.trace, self.downlink_trace,
         )
         return self._bound_port
 

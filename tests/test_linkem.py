@@ -543,6 +543,65 @@ def test_cli_rejects_bad_arguments(monkeypatch: pytest.MonkeyPatch, capsys: pyte
         assert message in capsys.readouterr().err, argv
 
 
+def test_asymmetric_link_gives_each_direction_its_own_trace() -> None:
+    up, down = LinkTrace.fixed(5, 20), LinkTrace.fixed(50, 10)
+    asymmetric = LinkEmulator(LOCALHOST, 0, LOCALHOST, 1, up, downlink_trace=down)
+    symmetric = LinkEmulator(LOCALHOST, 0, LOCALHOST, 1, up)
+    assert asymmetric.downlink_trace is down and symmetric.downlink_trace is up
+
+    async def admitted(emulator: LinkEmulator) -> tuple[float, float]:
+        # The serializer's own accounting (no clock in the assertion): one segment admitted
+        # at once in each direction reserves size * 8 / bandwidth of transmit time.
+        before_up, before_down = emulator._uplink.tx_end, emulator._downlink.tx_end
+        await emulator._uplink.admit(SEGMENT_BYTES)
+        await emulator._downlink.admit(SEGMENT_BYTES)
+        return emulator._uplink.tx_end - before_up, emulator._downlink.tx_end - before_down
+
+    up_s, down_s = run(admitted(asymmetric), timeout_s=5)
+    assert up_s >= SEGMENT_BYTES * 8 / 5e6 and down_s < up_s
+    assert SEGMENT_BYTES * 8 / 50e6 <= down_s < SEGMENT_BYTES * 8 / 5e6
+
+
+def test_cli_downlink_flags(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    from wanps.linkem.cli import _downlink_trace_from_args, _trace_from_args, build_parser
+
+    for name in list(os.environ):
+        if name.startswith("WANPS_LINKEM_"):
+            monkeypatch.delenv(name)
+    parser = build_parser()
+
+    def traces(*argv: str) -> tuple[LinkTrace, LinkTrace | None]:
+        args = parser.parse_args(list(argv))
+        uplink = _trace_from_args(parser, args, list(argv))
+        return uplink, _downlink_trace_from_args(parser, args, uplink)
+
+    up, down = traces("--bandwidth-mbit", "5", "--delay-ms", "20")
+    assert down is None  # symmetric: the downlink follows the link
+    up, down = traces("--bandwidth-mbit", "5", "--delay-ms", "20", "--down-bandwidth-mbit", "50")
+    assert (up.bandwidth_bps(0), down.bandwidth_bps(0), down.delay_s(0)) == (5e6, 50e6, 0.020)
+    path = tmp_path / "down.csv"
+    path.write_text("time_s,bandwidth_mbit,delay_ms\n0,40,10\n5,20,10\n")
+    up, down = traces("--bandwidth-mbit", "5", "--delay-ms", "20", "--down-trace", str(path))
+    assert down.period_s == 10 and down.bandwidth_bps(6) == 20e6
+    monkeypatch.setenv("WANPS_LINKEM_DOWN_BANDWIDTH_MBIT", "30")
+    up, down = traces("--bandwidth-mbit", "5", "--delay-ms", "20")
+    assert down.bandwidth_bps(0) == 30e6  # the environment fallback
+    monkeypatch.delenv("WANPS_LINKEM_DOWN_BANDWIDTH_MBIT")
+    uplink_trace = tmp_path / "up.csv"
+    uplink_trace.write_text("time_s,bandwidth_mbit,delay_ms\n0,10,10\n5,20,10\n")
+    cases = [
+        (["--bandwidth-mbit", "5", "--delay-ms", "1", "--down-trace", str(path), "--down-delay-ms", "3"], "not both"),
+        (["--trace", str(uplink_trace), "--down-bandwidth-mbit", "50"], "needs both --down-bandwidth-mbit"),
+        (["--bandwidth-mbit", "5", "--delay-ms", "1", "--down-bandwidth-mbit", "0"], "downlink:"),
+        (["--bandwidth-mbit", "5", "--delay-ms", "1", "--down-trace", "/nonexistent/d.csv"], "bad --down-trace"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc_info:
+            traces(*argv)
+        assert exc_info.value.code == 2
+        assert message in capsys.readouterr().err, argv
+
+
 # --------------------------------------------------------------------------- gRPC over the link
 
 
