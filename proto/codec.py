@@ -136,7 +136,8 @@ def iter_chunks(values: torch.Tensor, indices: torch.Tensor | None) -> Iterator[
     if not on_device:
         yield from _host_chunks(values, indices)
         return
-    host_values, host_indices = host_tensors(_wire_values(values), None if indices is None else indices.to(torch.int32))
+    wire_indices = None if indices is None else indices.to(torch.int32)
+    host_values, host_indices = host_tensors(_wire_values(values), wire_indices)
     assert host_values is not None
     yield from list(_host_chunks(host_values, host_indices))
 

@@ -27,7 +27,8 @@ from wanps.proto import wanps_pb2 as pb
 
 @dataclass(frozen=True)
 class Selection:
-    """Either sorted unique indices (int64, on p's device) or one contiguous block [block_start, block_start + count)."""
+    """Either sorted unique indices (int64, on p's device) or one contiguous block
+    [block_start, block_start + count)."""
 
     indices: torch.Tensor | None = None
     block_start: int | None = None
@@ -147,7 +148,7 @@ class SampledTopK:
         d = p.numel()
         if k >= d or d <= self.sample_size:  # small tensors: exact is as fast
             return Selection.of_indices(topk_exact(p, k))
-        if p.device != self.device:
+        if p.device.type != self.device.type or self.device.index not in (None, p.device.index):
             raise ValueError(f"this compressor was built for {self.device}, p is on {p.device}")
         magnitude, mask = self._buffers(d)
         if self.use_numpy:
