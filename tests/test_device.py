@@ -261,6 +261,7 @@ def test_every_worker_buffer_is_on_the_parameters_device(make_cluster) -> None:
         train(opt, model, batches(device, 1), 4)
         assert opt.skip_rule.skips > 0  # the auxiliary gradient was computed
         assert_all_on(device, opt, {"replica", "grad buffer", "residual", "momentum", "SASG aux grad", "SASG anchor"})
+        opt._wait_until_fresh(opt.round)  # tau 1: the last round may still be closing
         assert torch.equal(opt.replica, cluster.core.model)
     finally:
         opt.close()
