@@ -13,6 +13,7 @@ BENCHMARKS = {
                  "link estimation accuracy through the link emulator (fixed link, step change)"),
     "train": ("wanps.bench.train", "time to accuracy of DeCo against D-SGD and static baselines over emulated WANs"),
     "compressors": ("wanps.bench.compressors", "exact vs sampled top-k vs random block: selection time and count"),
+    "checksum": ("wanps.bench.checksum", "the device-side model checksum against zlib's CRC-32: time per model"),
     "algorithms": ("wanps.bench.algorithms",
                    "SASG rounds/bits to target, DEF vs EF at high compression, compressor speed"),
     "scrape": ("wanps.bench.scrape", "the server's CPU per Prometheus scrape, as a fraction of a round's time"),

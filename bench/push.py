@@ -403,7 +403,7 @@ def build_parser() -> EnvDefaultsParser:
                         help="client processes the clients are spread over")
     parser.add_argument("--inflight", type=int, default=d.inflight, help="unacknowledged pushes per client")
     parser.add_argument("--checksum-every", type=checksum_every, default="auto",
-                        help="server model CRC-32 every N rounds (0: never; auto: the server default)")
+                        help="server model checksum every N rounds (0: never; auto: the server default)")
     parser.add_argument("--torch-threads", type=int, default=d.torch_threads,
                         help="torch intra-op threads in the server process (0: torch's default, one per core)")
     parser.add_argument("--seed", type=int, default=d.seed)

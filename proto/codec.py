@@ -13,6 +13,11 @@ is an index dtype torch accepts directly, so no conversion pass is needed.
 
 `apply_delta` is the single definition of how a round's delta changes a model; the
 server and every replica call it, which is what keeps replicas bit-identical.
+
+Models may live on a GPU (docs/architecture.md, "Device placement"): the encoders accept
+device tensors and copy only what is sent to the host (proto/staging.py), decoding stays on
+the host, and `update_to_device` moves a decoded delta to the model's device in one copy.
+`model_checksum` (proto/checksum.py) is computed where the model lives.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import numpy as np
 import torch
 
 from wanps.proto import wanps_pb2 as pb
+from wanps.proto.checksum import checksum_part, combine_checksums, model_checksum  # noqa: F401 (re-exported)
+from wanps.proto.staging import DeviceStaging, host_tensors
 from wanps.proto.wire import CHUNK_ELEMENTS, MAX_PARAMS, WireError
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
@@ -86,22 +93,56 @@ class Update:
 
 
 def index_bytes(indices: torch.Tensor) -> bytes:
-    """int32/int64 indices (each < 2**31) -> uint32 LE bytes."""
-    return indices.to(torch.int32).contiguous().numpy().tobytes()
+    """int32/int64 indices (each < 2**31) -> uint32 LE bytes (device tensors: staged, see iter_chunks)."""
+    return _raw(_on_host(indices.to(torch.int32)))
 
 
 def value_bytes(values: torch.Tensor) -> bytes:
     """float16/bfloat16 values as they are (numpy has no bfloat16: viewed as int16), anything else as float32."""
-    if values.dtype in (torch.float16, torch.bfloat16):
-        return values.contiguous().view(torch.int16).numpy().tobytes()
-    return values.to(torch.float32).contiguous().numpy().tobytes()
+    return _raw(_on_host(_wire_values(values)))
+
+
+def _wire_values(values: torch.Tensor) -> torch.Tensor:
+    """The values in the dtype they travel as (on their device; no copy when already so)."""
+    return values if values.dtype in (torch.float16, torch.bfloat16) else values.to(torch.float32)
+
+
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type == "cpu":
+        return tensor  # the CPU path: no copy before the bytes
+    (host,) = host_tensors(tensor)
+    assert host is not None
+    return host
+
+
+def _raw(host: torch.Tensor) -> bytes:
+    """A host tensor's bytes (its one copy, into the `bytes` object)."""
+    host = host.contiguous()
+    if host.dtype in (torch.float16, torch.bfloat16):
+        host = host.view(torch.int16)
+    return host.numpy().tobytes()
 
 
 def iter_chunks(values: torch.Tensor, indices: torch.Tensor | None) -> Iterator[tuple[bytes, bytes]]:
     """(index_bytes, value_bytes) pairs of at most CHUNK_ELEMENTS elements each.
 
     Always yields at least one pair, so an empty update is still one (empty) chunk.
+    CPU tensors are read in place, as they are. Tensors on a device (a GPU model's
+    selection) are converted to their wire dtypes there, copied to the host once (all of
+    them, into reusable pinned memory: non-blocking copies, one synchronize) and their
+    chunks' bytes taken at once, before the staging memory can be reused.
     """
+    on_device = values.device.type != "cpu" or (indices is not None and indices.device.type != "cpu")
+    if not on_device:
+        yield from _host_chunks(values, indices)
+        return
+    wire_indices = None if indices is None else indices.to(torch.int32)
+    host_values, host_indices = host_tensors(_wire_values(values), wire_indices)
+    assert host_values is not None
+    yield from list(_host_chunks(host_values, host_indices))
+
+
+def _host_chunks(values: torch.Tensor, indices: torch.Tensor | None) -> Iterator[tuple[bytes, bytes]]:
     total = int(values.numel())
     start = 0
     while True:
@@ -262,8 +303,21 @@ def apply_delta(model: torch.Tensor, delta: Update) -> None:
         model.index_add_(0, delta.indices, delta.values, alpha=-1.0)
 
 
+def update_to_device(update: Update, staging: DeviceStaging) -> Update:
+    """A decoded update (host tensors over the received bytes) on `staging`'s device, in one
+    host -> device copy (indices and values packed together). On the CPU: `update` itself."""
+    if staging.device.type == "cpu":
+        return update
+    if update.indices is None:
+        (values,) = staging.to_device([update.values])
+        return Update(values=values, indices=None, block_start=update.block_start)
+    indices, values = staging.to_device([update.indices, update.values])
+    return Update(values=values, indices=indices, block_start=update.block_start)
+
+
 def model_crc32(model: torch.Tensor) -> int:
-    """CRC-32 of the model's float32 bytes: equal checksums at a version = identical replicas."""
+    """zlib's CRC-32 of a CPU model's float32 bytes. No longer on the wire (replicas compare
+    `model_checksum`, computed where the model lives); kept as the benchmark's baseline."""
     return zlib.crc32(model.detach().contiguous().numpy().view("u1")) & 0xFFFFFFFF
 
 

@@ -71,7 +71,7 @@ class JoinReply(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., version: _Optional[int] = ..., must_seed: _Optional[bool] = ..., tau_max: _Optional[int] = ..., first_round: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
-    __slots__ = ("worker_id", "version", "num_params", "offset", "values", "rank", "world_size", "first_round", "model_crc32")
+    __slots__ = ("worker_id", "version", "num_params", "offset", "values", "rank", "world_size", "first_round", "model_checksum")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -80,7 +80,7 @@ class ModelChunk(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
-    MODEL_CRC32_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     version: int
     num_params: int
@@ -89,16 +89,16 @@ class ModelChunk(_message.Message):
     rank: int
     world_size: int
     first_round: int
-    model_crc32: int
-    def __init__(self, worker_id: _Optional[int] = ..., version: _Optional[int] = ..., num_params: _Optional[int] = ..., offset: _Optional[int] = ..., values: _Optional[bytes] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., first_round: _Optional[int] = ..., model_crc32: _Optional[int] = ...) -> None: ...
+    model_checksum: int
+    def __init__(self, worker_id: _Optional[int] = ..., version: _Optional[int] = ..., num_params: _Optional[int] = ..., offset: _Optional[int] = ..., values: _Optional[bytes] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., first_round: _Optional[int] = ..., model_checksum: _Optional[int] = ...) -> None: ...
 
 class SeedModelReply(_message.Message):
-    __slots__ = ("version", "model_crc32")
+    __slots__ = ("version", "model_checksum")
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    MODEL_CRC32_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     version: int
-    model_crc32: int
-    def __init__(self, version: _Optional[int] = ..., model_crc32: _Optional[int] = ...) -> None: ...
+    model_checksum: int
+    def __init__(self, version: _Optional[int] = ..., model_checksum: _Optional[int] = ...) -> None: ...
 
 class PullModelRequest(_message.Message):
     __slots__ = ("worker_id",)
@@ -163,15 +163,15 @@ class UpdatesRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., from_version: _Optional[int] = ...) -> None: ...
 
 class DeltaChunk(_message.Message):
-    __slots__ = ("round", "version", "total_count", "indices", "values", "last", "has_model_crc32", "model_crc32", "pushed", "skipped", "dense")
+    __slots__ = ("round", "version", "total_count", "indices", "values", "last", "has_model_checksum", "model_checksum", "pushed", "skipped", "dense")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_COUNT_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
-    HAS_MODEL_CRC32_FIELD_NUMBER: _ClassVar[int]
-    MODEL_CRC32_FIELD_NUMBER: _ClassVar[int]
+    HAS_MODEL_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     PUSHED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
@@ -181,12 +181,12 @@ class DeltaChunk(_message.Message):
     indices: bytes
     values: bytes
     last: bool
-    has_model_crc32: bool
-    model_crc32: int
+    has_model_checksum: bool
+    model_checksum: int
     pushed: int
     skipped: int
     dense: bool
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_crc32: _Optional[bool] = ..., model_crc32: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_checksum: _Optional[bool] = ..., model_checksum: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("worker_id", "sent_unix_ns", "padding")
@@ -225,20 +225,20 @@ class ResumeRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
 
 class ResumeReply(_message.Message):
-    __slots__ = ("member", "version", "model_crc32", "held_rounds", "first_round", "incarnation")
+    __slots__ = ("member", "version", "model_checksum", "held_rounds", "first_round", "incarnation")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    MODEL_CRC32_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     HELD_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     member: bool
     version: int
-    model_crc32: int
+    model_checksum: int
     held_rounds: _containers.RepeatedScalarFieldContainer[int]
     first_round: int
     incarnation: int
-    def __init__(self, member: _Optional[bool] = ..., version: _Optional[int] = ..., model_crc32: _Optional[int] = ..., held_rounds: _Optional[_Iterable[int]] = ..., first_round: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    def __init__(self, member: _Optional[bool] = ..., version: _Optional[int] = ..., model_checksum: _Optional[int] = ..., held_rounds: _Optional[_Iterable[int]] = ..., first_round: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class DecisionsRequest(_message.Message):
     __slots__ = ("worker_id",)

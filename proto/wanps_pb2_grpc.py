@@ -135,7 +135,7 @@ class ParameterServerServicer:
 
     def Resume(self, request, context):
         """A worker reconnecting (lost connection, server restart): is it still a member, the
-        model's version and CRC to reconcile its replica, and which rounds the server holds
+        model's version and checksum to reconcile its replica, and which rounds the server holds
         from it (pushes it must not send again). Renews its lease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -31,7 +31,7 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
     parser.add_argument("--min-workers", env="WANPS_MIN_WORKERS", type=int, default=defaults.min_workers,
                         help="Round 0 starts once this many workers have joined.")
     parser.add_argument("--checksum-every", env="WANPS_CHECKSUM_EVERY", type=checksum_every, default="auto",
-                        help="Send the model CRC-32 every N rounds (0 = never; auto = every ceil(params / 1M) rounds).")
+                        help="Send the model checksum every N rounds (0 = never; auto = every ceil(params / 1M) rounds).")
     parser.add_argument("--torch-threads", env="WANPS_TORCH_THREADS", type=int, default=defaults.torch_threads,
                         help="torch intra-op threads for aggregation.")
     parser.add_argument("--history-rounds", env="WANPS_HISTORY_ROUNDS", type=int, default=defaults.history_rounds,

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wanps.proto.codec import Update, apply_delta, model_crc32
+from wanps.proto.codec import Update, apply_delta, model_checksum
 from wanps.proto.wire import MAX_PARAMS
 # Refusals are the rpc layer's plain exceptions (no gRPC in them); the servicer maps them to status codes.
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -65,8 +65,8 @@ class CoreConfig:
     tau_max: int = 8
     # Round 0 starts once this many workers have joined (and the model is seeded).
     min_workers: int = 1
-    # Send the model CRC-32 every this many rounds (0: never); replicas compare against it.
-    # None: every ceil(d / 1M) rounds. The CRC reads the whole model, so spacing it out in
+    # Send the model checksum every this many rounds (0: never); replicas compare against it.
+    # None: every ceil(d / 1M) rounds. The checksum reads the whole model, so spacing it out in
     # proportion to the model's size keeps its cost per round about the same for any model.
     checksum_every: int | None = None
     # A member silent (no call at all) for this long leaves at the next round boundary; 0: never.
@@ -140,7 +140,7 @@ class ClosedRound:
     skipped: int
     members: int
     staleness: tuple[int, ...]  # round - computed_at_version of each applied push
-    model_crc32: int | None
+    model_checksum: int | None
 
 
 @dataclass(frozen=True)
@@ -162,11 +162,11 @@ class SweepResult:
 @dataclass(frozen=True)
 class ResumeInfo:
     """What a reconnecting worker needs to reconcile: is it still a member, the model's
-    version and CRC, and which open rounds already hold its push (not to be sent again)."""
+    version and checksum, and which open rounds already hold its push (not to be sent again)."""
 
     member: bool
     version: int
-    model_crc32: int
+    model_checksum: int
     held_rounds: tuple[int, ...]
     first_round: int
 
@@ -253,7 +253,7 @@ class ServerCore:
             self.initial_model = model.clone()
             self.applied_sum = torch.zeros(model.numel(), dtype=torch.float64)
         self._maybe_start()
-        return model_crc32(self.model)
+        return model_checksum(self.model)
 
     def _maybe_start(self) -> None:
         if not self.started and self.seeded and len(self.members) >= self.config.min_workers:
@@ -354,13 +354,13 @@ class ServerCore:
         A server that has no model (restarted without --resume) knows nobody: the worker
         joins again and, being first, seeds the model with its replica."""
         if self.model is None:
-            return ResumeInfo(member=False, version=0, model_crc32=0, held_rounds=(), first_round=0)
+            return ResumeInfo(member=False, version=0, model_checksum=0, held_rounds=(), first_round=0)
         member = self.members.get(worker_id)
         if member is not None:
             member.last_seen = self.clock()
         held = tuple(sorted(r for r, o in self.open_rounds.items() if member is not None and o.has(worker_id)))
         return ResumeInfo(member=member is not None and (member.last_round is None or member.last_round >= self.version),
-                          version=self.version, model_crc32=model_crc32(self.model), held_rounds=held,
+                          version=self.version, model_checksum=model_checksum(self.model), held_rounds=held,
                           first_round=member.first_round if member is not None else self.version)
 
     # ------------------------------------------------------------------ pushes
@@ -459,7 +459,7 @@ class ServerCore:
         for worker_id in [w for w, m in self.members.items() if m.last_round is not None and m.last_round < self.version]:
             del self.members[worker_id]
         every = self.config.checksum_period(self.model.numel())
-        crc = model_crc32(self.model) if every and self.version % every == 0 else None
+        checksum = model_checksum(self.model) if every and self.version % every == 0 else None
         return ClosedRound(
             round=round_,
             version=self.version,
@@ -468,14 +468,14 @@ class ServerCore:
             skipped=len(open_round.skips),
             members=len(expected),
             staleness=tuple(round_ - open_round.computed_at[w] for w in sorted(open_round.updates)),
-            model_crc32=crc,
+            model_checksum=checksum,
         )
 
     # ------------------------------------------------------------------ reads
 
     def snapshot(self) -> tuple[int, bytes, int]:
-        """(version, model bytes, CRC-32) at one instant, for PullModel."""
+        """(version, model bytes, model checksum) at one instant, for PullModel."""
         if self.model is None:
             raise FailedPrecondition("the model has not been seeded yet")
         raw = self.model.numpy().tobytes()
-        return self.version, raw, model_crc32(self.model)
+        return self.version, raw, model_checksum(self.model)

@@ -12,7 +12,7 @@ from wanps.server.core import ClosedRound
 
 
 def encode_round(closed: ClosedRound) -> tuple[pb.DeltaChunk, ...]:
-    """A closed round's delta as the DeltaChunks every follower receives; the last one carries the model CRC."""
+    """A closed round's delta as the DeltaChunks every follower receives; the last one carries the model checksum."""
     delta = closed.delta
     dense = delta.indices is None
     chunks = []
@@ -31,9 +31,9 @@ def encode_round(closed: ClosedRound) -> tuple[pb.DeltaChunk, ...]:
         )
     last = chunks[-1]
     last.last = True
-    if closed.model_crc32 is not None:
-        last.has_model_crc32 = True
-        last.model_crc32 = closed.model_crc32
+    if closed.model_checksum is not None:
+        last.has_model_checksum = True
+        last.model_checksum = closed.model_checksum
     return tuple(chunks)
 
 

@@ -219,11 +219,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             if worker_id is None or filled != len(buffer):
                 raise InvalidArgument(f"seed carried {filled // 4} of {num_params} parameters")
             model = torch.frombuffer(buffer, dtype=torch.float32)
-            crc = await self._on_core(self.core.seed, worker_id, model)
+            checksum = await self._on_core(self.core.seed, worker_id, model)
             self._refresh_events()
             self.metrics.received_bytes.inc(len(buffer))
-            log.info("model seeded by worker %d: %d parameters, crc32 %08x", worker_id, num_params, crc)
-            return pb.SeedModelReply(version=self.core.version, model_crc32=crc)
+            log.info("model seeded by worker %d: %d parameters, checksum %08x", worker_id, num_params, checksum)
+            return pb.SeedModelReply(version=self.core.version, model_checksum=checksum)
 
     async def PullModel(self, request: pb.PullModelRequest, context) -> AsyncIterator[pb.ModelChunk]:
         async with mapped_errors(context):
@@ -239,13 +239,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         await self._seeded.wait()
         if worker_id in self.core.members:
             await self._started.wait()
-        version, raw, crc = await self._on_core(self.core.snapshot)
+        version, raw, checksum = await self._on_core(self.core.snapshot)
         member = self.core.members.get(worker_id)
         first = True
         for offset, values in codec.iter_model_chunks(raw):
             chunk = pb.ModelChunk(version=version, num_params=len(raw) // 4, offset=offset, values=values)
             if first:
-                chunk.model_crc32 = crc
+                chunk.model_checksum = checksum
                 chunk.rank = max(self.core.rank_of(worker_id), 0)
                 chunk.world_size = len(self.core.active_workers())
                 chunk.first_round = member.first_round if member else version
@@ -383,7 +383,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             self.metrics.resumes.labels(outcome="member" if info.member else "gone").inc()
             log.info("resume: worker %d %s at version %d, holding rounds %s", request.worker_id,
                      "is a member" if info.member else "is no longer a member", info.version, list(info.held_rounds))
-            return pb.ResumeReply(member=info.member, version=info.version, model_crc32=info.model_crc32,
+            return pb.ResumeReply(member=info.member, version=info.version, model_checksum=info.model_checksum,
                                   held_rounds=info.held_rounds, first_round=info.first_round,
                                   incarnation=self.incarnation)
 

@@ -9,7 +9,7 @@ import torch
 
 from wanps.controller.engine import ControllerCore, Report
 from wanps.controller.policy import PolicyConfig
-from wanps.proto.codec import Update, model_crc32
+from wanps.proto.codec import Update, model_checksum
 from wanps.server.checkpoint import core_state, read_checkpoint, restore_core, write_checkpoint
 from wanps.worker.error_feedback import ErrorFeedback
 from wanps.rpc.errors import NotFound
@@ -175,7 +175,7 @@ def test_resume_info_tells_a_worker_what_the_server_holds():
     core.push(a, 1, 0, sp([0], [1.0]))
     info = core.resume_info(a)
     assert info.member and info.version == 0 and info.held_rounds == (0, 1)
-    assert info.model_crc32 == model_crc32(core.model)
+    assert info.model_checksum == model_checksum(core.model)
     clock.now += 2
     core.touch(a)
     core.touch(b)

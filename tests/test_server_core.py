@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from wanps.proto.codec import MAX_PARAMS, Update, apply_delta, fingerprint_of, model_crc32
+from wanps.proto.codec import MAX_PARAMS, Update, apply_delta, fingerprint_of, model_checksum
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, RequestError
 from wanps.server.core import CoreConfig, ServerCore
 from wanps.worker.replica import Replica
@@ -126,8 +126,8 @@ def test_join_seed_start_with_min_workers() -> None:
     )
     assert not core.started and not core.seeded
     init = torch.arange(D, dtype=torch.float32)
-    crc = core.seed(first.worker_id, init)
-    assert crc == model_crc32(init)
+    checksum = core.seed(first.worker_id, init)
+    assert checksum == model_checksum(init)
     assert core.seeded and not core.started  # 1 member < min_workers 2
     init.add_(100.0)  # the core keeps its own copy
     assert torch.equal(core.model, torch.arange(D, dtype=torch.float32))
@@ -250,7 +250,7 @@ def test_mean_over_expected_workers_with_union_of_sparse_indices() -> None:
     expected = init.clone()
     expected[[0, 1, 3, 5, 9]] -= torch.tensor([-1.0, 1.0, 3.25, 4.0, 0.5])
     assert torch.equal(core.model, expected)
-    assert closed.model_crc32 == model_crc32(expected)
+    assert closed.model_checksum == model_checksum(expected)
     assert core.open_rounds == {}
 
 
@@ -473,7 +473,7 @@ def test_every_worker_skipping_with_nothing_stored_still_advances() -> None:
     assert closed.version == 1 and closed.delta.count == 0
     assert closed.delta.indices is not None and closed.delta.indices.numel() == 0
     assert torch.equal(core.model, init)
-    assert closed.model_crc32 == model_crc32(init)
+    assert closed.model_checksum == model_checksum(init)
 
 
 # ------------------------------------------------------------------------------ membership changes
@@ -577,11 +577,11 @@ def test_unknown_worker_is_not_found() -> None:
 
 def test_checksum_every_n_rounds() -> None:
     core, (a,), _ = make_core(workers=1, checksum_every=3)
-    crcs = [push_ok(core, a, r, sp([r], [1.0])).closed[0].model_crc32 for r in range(7)]
-    assert [c is not None for c in crcs] == [False, False, True, False, False, True, False]
-    assert crcs[5] == model_crc32(core.model - torch.tensor([0, 0, 0, 0, 0, 0, -1.0, 0, 0, 0]))
+    checksums = [push_ok(core, a, r, sp([r], [1.0])).closed[0].model_checksum for r in range(7)]
+    assert [c is not None for c in checksums] == [False, False, True, False, False, True, False]
+    assert checksums[5] == model_checksum(core.model - torch.tensor([0, 0, 0, 0, 0, 0, -1.0, 0, 0, 0]))
     never, (b,), _ = make_core(workers=1, checksum_every=0)
-    assert push_ok(never, b, 0, sp([0], [1.0])).closed[0].model_crc32 is None
+    assert push_ok(never, b, 0, sp([0], [1.0])).closed[0].model_checksum is None
 
 
 def test_snapshot() -> None:
@@ -590,10 +590,10 @@ def test_snapshot() -> None:
         core.snapshot()
     core, (a,), _ = make_core(workers=1, init=torch.arange(D, dtype=torch.float32))
     push_ok(core, a, 0, sp([9], [1.0]))
-    version, raw, crc = core.snapshot()
+    version, raw, checksum = core.snapshot()
     assert version == 1
     assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.float32), core.model)
-    assert crc == model_crc32(core.model)
+    assert checksum == model_checksum(core.model)
 
 
 # ------------------------------------------------------------------------------ randomized conservation
@@ -722,8 +722,8 @@ def test_random_rounds_conserve_the_model(seed: int) -> None:
     # A replica fed the same deltas agrees with every checksum the server published.
     replica = Replica(init.clone(), 0)
     for c in closed_all:
-        replica.apply(ReceivedDelta(round=c.round, version=c.version, delta=c.delta, model_crc32=c.model_crc32,
+        replica.apply(ReceivedDelta(round=c.round, version=c.version, delta=c.delta, model_checksum=c.model_checksum,
                                     nbytes=c.delta.nbytes))
-        assert c.model_crc32 == model_crc32(replica.values)
+        assert c.model_checksum == model_checksum(replica.values)
     assert replica.version == core.version
     assert torch.equal(replica.values, core.model)

@@ -150,7 +150,7 @@ def test_updates_stream_replays_and_follows(two_workers):
     stream = client.stub.Updates(pb.UpdatesRequest(worker_id=a, from_version=0), timeout=10)
     first = next(stream)
     assert (first.round, first.version, first.last) == (0, 1, True)
-    assert first.has_model_crc32
+    assert first.has_model_checksum
     client.push(a, 1, [4], [2.0])
     client.push(b, 1, [5], [2.0])
     second = next(stream)

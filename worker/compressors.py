@@ -7,8 +7,12 @@ them to the wire dtype and keeps the rest as the residual. Adding one is one cla
     class MyCompressor:
         name = "my-name"                # what --compressor and Optimizer(compressor=...) take
         codec = pb.CODEC_SPARSE         # how its selection travels (a real, decodable Codec)
-        def __init__(self, seed: int = 0) -> None: ...
+        def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None: ...
         def select(self, p: torch.Tensor, k: int, round_: int) -> Selection: ...
+
+A compressor is built for the device p lives on (the model's: CPU or GPU) and keeps any
+scratch memory there; its selection (indices) is on that device too, so selecting moves
+nothing to the host.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from wanps.proto import wanps_pb2 as pb
 
 @dataclass(frozen=True)
 class Selection:
-    """Either sorted unique indices (int64) or one contiguous block [block_start, block_start + count)."""
+    """Either sorted unique indices (int64, on p's device) or one contiguous block
+    [block_start, block_start + count)."""
 
     indices: torch.Tensor | None = None
     block_start: int | None = None
@@ -58,18 +63,18 @@ def register(cls: T) -> T:
     return cls
 
 
-def make_compressor(name: str, seed: int = 0) -> Compressor:
+def make_compressor(name: str, seed: int = 0, device: torch.device | str = "cpu") -> Compressor:
     try:
         cls = COMPRESSORS[name]
     except KeyError:
         raise ValueError(f"unknown compressor {name!r} (known: {', '.join(sorted(COMPRESSORS))})") from None
-    return cls(seed=seed)
+    return cls(seed=seed, device=device)
 
 
 def topk_exact(update: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (int64) of the k largest-magnitude elements, sorted ascending (the wire order)."""
+    """Indices (int64, on update's device) of the k largest-magnitude elements, sorted ascending (the wire order)."""
     if k >= update.numel():
-        return torch.arange(update.numel())
+        return torch.arange(update.numel(), device=update.device)
     _, indices = torch.topk(update.abs(), k, sorted=False)
     return torch.sort(indices).values
 
@@ -81,8 +86,9 @@ class ExactTopK:
     name = "topk"
     codec = pb.CODEC_SPARSE
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
         del seed  # deterministic
+        self.device = torch.device(device)  # no scratch memory: nothing to place
 
     def select(self, p: torch.Tensor, k: int, round_: int = 0) -> Selection:
         return Selection.of_indices(topk_exact(p, k))
@@ -96,27 +102,32 @@ class SampledTopK:
     compare + nonzero over p selects (sorted and unique for free). If the count is more than
     `tolerance` above k, an exact top-k over the few candidates trims it to k; if more than
     `tolerance` below, one refinement pass with a lower threshold (then a trim). The |p| and
-    mask buffers are d-sized and reused across calls: only k-sized tensors are allocated.
-    The d-sized passes run in numpy over the same memory: on one thread its compare and
-    flatnonzero are faster than torch's ge and nonzero, and those two passes are most of
-    this compressor's time (docs/benchmarks.md, "Compressors: selection time").
+    mask buffers are d-sized, on the compressor's device, and reused across calls: only
+    k-sized tensors are allocated. On the CPU the d-sized passes run in numpy over the same
+    memory: on one thread its compare and flatnonzero are faster than torch's ge and
+    nonzero, and those two passes are most of this compressor's time (docs/benchmarks.md,
+    "Compressors: selection time"). On any other device they are torch's, where p lives.
     """
 
     name = "topk-sampled"
     codec = pb.CODEC_SPARSE
 
-    def __init__(self, seed: int = 0, sample_size: int = 100_000, tolerance: float = 0.05) -> None:
+    def __init__(self, seed: int = 0, sample_size: int = 100_000, tolerance: float = 0.05,
+                 device: torch.device | str = "cpu") -> None:
         self.sample_size = sample_size
         self.tolerance = tolerance
-        self._generator = torch.Generator().manual_seed(seed)
-        self._magnitude = torch.empty(0, dtype=torch.float32)
-        self._mask = torch.empty(0, dtype=torch.bool)
+        self.device = torch.device(device)
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._magnitude = torch.empty(0, dtype=torch.float32, device=self.device)
+        self._mask = torch.empty(0, dtype=torch.bool, device=self.device)
+        # numpy's compare and flatnonzero on the CPU; torch's where p is elsewhere.
+        self.use_numpy = self.device.type == "cpu"
         self.refinements = 0  # how often the first threshold selected too few (for tests, benchmarks)
 
     def _buffers(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._magnitude.numel() != d:
-            self._magnitude = torch.empty(d, dtype=torch.float32)
-            self._mask = torch.empty(d, dtype=torch.bool)
+            self._magnitude = torch.empty(d, dtype=torch.float32, device=self.device)
+            self._mask = torch.empty(d, dtype=torch.bool, device=self.device)
         return self._magnitude, self._mask
 
     def _threshold(self, sample: torch.Tensor, wanted: float, d: int) -> torch.Tensor:
@@ -124,21 +135,28 @@ class SampledTopK:
         above = min(sample.numel(), max(1, round(sample.numel() * wanted / d)))
         return sample.kthvalue(sample.numel() - above + 1).values
 
-    @staticmethod
-    def _above(magnitude: np.ndarray, mask: np.ndarray, threshold: torch.Tensor) -> torch.Tensor:
+    def _above(self, magnitude: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         """Sorted int64 indices of the elements with |p| >= threshold."""
-        np.greater_equal(magnitude, np.float32(threshold.item()), out=mask)
-        return torch.from_numpy(np.flatnonzero(mask))
+        if self.use_numpy:
+            mask_array = mask.numpy()  # a view, no copy
+            np.greater_equal(magnitude.numpy(), np.float32(threshold.item()), out=mask_array)
+            return torch.from_numpy(np.flatnonzero(mask_array))
+        torch.ge(magnitude, threshold, out=mask)
+        return torch.nonzero(mask).view(-1)  # row-major: sorted
 
     def select(self, p: torch.Tensor, k: int, round_: int = 0) -> Selection:
         d = p.numel()
         if k >= d or d <= self.sample_size:  # small tensors: exact is as fast
             return Selection.of_indices(topk_exact(p, k))
-        magnitude_tensor, mask_tensor = self._buffers(d)
-        magnitude, mask = magnitude_tensor.numpy(), mask_tensor.numpy()  # views, no copy
-        np.abs(p.detach().contiguous().numpy(), out=magnitude)
-        positions = torch.randint(0, d, (self.sample_size,), generator=self._generator)
-        sample = magnitude_tensor.index_select(0, positions)
+        if p.device.type != self.device.type or self.device.index not in (None, p.device.index):
+            raise ValueError(f"this compressor was built for {self.device}, p is on {p.device}")
+        magnitude, mask = self._buffers(d)
+        if self.use_numpy:
+            np.abs(p.detach().contiguous().numpy(), out=magnitude.numpy())
+        else:
+            torch.abs(p.detach(), out=magnitude)
+        positions = torch.randint(0, d, (self.sample_size,), generator=self._generator, device=self.device)
+        sample = magnitude.index_select(0, positions)
         indices = self._above(magnitude, mask, self._threshold(sample, k, d))
         if indices.numel() < k * (1 - self.tolerance):
             # Too few (the sample over-estimated the threshold): ask for 1.5x, trimmed below.
@@ -148,7 +166,7 @@ class SampledTopK:
                 return Selection.of_indices(topk_exact(p, k))
         if indices.numel() > k * (1 + self.tolerance):
             # Too many: exact top-k among the candidates only (about k of them, not d).
-            keep = torch.topk(magnitude_tensor.index_select(0, indices), k, sorted=False).indices
+            keep = torch.topk(magnitude.index_select(0, indices), k, sorted=False).indices
             indices = indices.index_select(0, torch.sort(keep).values)  # candidates are sorted: keep them so
         return Selection.of_indices(indices)
 
@@ -169,10 +187,11 @@ class RandomBlock:
     name = "random-block"
     codec = pb.CODEC_RANDOM_BLOCK
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
         if seed < 0:
             raise ValueError(f"random-block seed must be >= 0, got {seed}")
         self.seed = seed
+        self.device = torch.device(device)  # the block is two integers: nothing to place
 
     def select(self, p: torch.Tensor, k: int, round_: int = 0) -> Selection:
         k = min(k, p.numel())

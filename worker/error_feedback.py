@@ -5,6 +5,10 @@ The compressors (which elements to send) live in worker/compressors.py.
 Workers push updates already scaled by their learning rate: p = lr * g + e, push C(p),
 keep e = p - C(p) (the SASG and DEF papers' form). The invariant after any number of
 steps is sum(pushed) + e == sum(lr * g), up to float rounding.
+
+Everything here stays on the device the residual was built for (the model's): the
+residual, the selection, the wire-dtype rounding, the pushed indices and values. Only the
+codec's encoders copy the selected indices and values to the host.
 """
 from __future__ import annotations
 
@@ -40,8 +44,8 @@ def wire_value_dtype(value_dtype: str | torch.dtype) -> torch.dtype:
 
 
 def quantize(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32 values in the wire dtype; out-of-range magnitudes saturate instead of becoming inf
-    (the server refuses inf, and error feedback keeps what the clamp cut off)."""
+    """float32 values in the wire dtype, on their device; out-of-range magnitudes saturate instead
+    of becoming inf (the server refuses inf, and error feedback keeps what the clamp cut off)."""
     if dtype == torch.float32:
         return values
     limit = torch.finfo(dtype).max
@@ -54,12 +58,16 @@ class ErrorFeedback:
     The residual buffer doubles as the working buffer for p = lr*g + e, so a step
     allocates only the selected indices and values. With float16/bfloat16 values the
     rounding error stays in the residual too: e = p - dequantized(sent), exactly.
+    `device`: where the residual, the compressor's scratch and the selection live (the model's).
     """
 
     def __init__(self, num_params: int, compressor: Compressor | str = "topk",
-                 value_dtype: str | torch.dtype = "float32", seed: int = 0) -> None:
-        self.residual = torch.zeros(num_params, dtype=torch.float32)
-        self.compressor = make_compressor(compressor, seed) if isinstance(compressor, str) else compressor
+                 value_dtype: str | torch.dtype = "float32", seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.residual = torch.zeros(num_params, dtype=torch.float32, device=self.device)
+        self.compressor = (make_compressor(compressor, seed, device=self.device) if isinstance(compressor, str)
+                           else compressor)
         self.value_dtype = wire_value_dtype(value_dtype)
 
     def compress(self, scaled_grad: torch.Tensor, delta: float, round_: int = 0) -> Update:
@@ -78,7 +86,7 @@ class ErrorFeedback:
             block = p[start:stop]  # a view: the residual is updated in place below
             values = quantize(block, self.value_dtype).clone()
             self._keep_rest(block, values)
-            indices = torch.arange(start, stop, dtype=torch.int32)
+            indices = torch.arange(start, stop, dtype=torch.int32, device=p.device)
             return Update(values=values, indices=indices, block_start=start)
         indices = selection.indices
         assert indices is not None
@@ -94,11 +102,11 @@ class ErrorFeedback:
     def restore(self, update: Update) -> None:
         """Put an update the server did not apply back into the residual (e += update), so
         it goes out again in a later push and no gradient is lost."""
-        values = update.values.to(torch.float32)
+        values = update.values.to(device=self.residual.device, dtype=torch.float32)
         if update.indices is None:
             self.residual.add_(values)
         else:
-            self.residual.index_add_(0, update.indices.long(), values)
+            self.residual.index_add_(0, update.indices.to(device=self.residual.device, dtype=torch.long), values)
 
     @staticmethod
     def _keep_rest(selected: torch.Tensor, values: torch.Tensor) -> None:

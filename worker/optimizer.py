@@ -119,7 +119,7 @@ class Optimizer(torch.optim.Optimizer):
         # Built before joining: a bad compressor name or mode fails here, not after seeding the cluster.
         config = UpdateConfig(compressor=compressor, value_dtype=value_dtype, compressor_seed=compressor_seed,
                               error_feedback=error_feedback, def_lambda=def_lambda, momentum=momentum)
-        self.rule = UpdateRule(self.num_params, config, skip_rule)
+        self.rule = UpdateRule(self.num_params, config, skip_rule, device=self.replica.device)
         self._aux_grad = torch.zeros_like(self.replica) if skip_rule is not None else None
         self._per_element_lr: tuple[tuple[float, ...], torch.Tensor] | None = None  # param groups with different lrs
         self._fallback = Decision(0, 0, tau, delta, "local", "no controller decision yet")

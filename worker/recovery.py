@@ -3,7 +3,7 @@
 A broken update stream or a push that cannot reach the server puts one `ConnectionLost` on
 the session's `deltas`; the training thread then calls `WorkerSession.recover()`, which
 runs `recover` here: reconnect with exponential backoff and jitter (`Resume`), reconcile
-the replica by version, CRC and server incarnation (a full pull only when they differ),
+the replica by version, model checksum and server incarnation (a full pull only when they differ),
 restart the update stream and re-send the logged pushes the server does not hold, in
 order, each once the replica has reached the version it was computed at. Pushes carry
 (worker, round), so a replay the server already has is acknowledged as a duplicate. A
@@ -86,10 +86,10 @@ def recover(session: WorkerSession, replica: Replica, wait_for_version: Callable
     session.reconnected()
     if not reply.member:
         return _rejoin(session, replica, deadline)
-    crc = codec.model_crc32(replica.values)
+    checksum = codec.model_checksum(replica.values)  # on the replica's device: one integer comes back
     replica_was_at = replica.version
     same_process = reply.incarnation == session.incarnation
-    in_step = replica.version == reply.version and crc == reply.model_crc32
+    in_step = replica.version == reply.version and checksum == reply.model_checksum
     # The same server process and a replica behind it: the update stream catches it up
     # (or fails with FAILED_PRECONDITION when it fell out of the history, and we pull then).
     pulled = False
@@ -136,7 +136,7 @@ def _resume_with_backoff(session: WorkerSession, deadline: float) -> pb.ResumeRe
 
 def _pull_into(session: WorkerSession, replica: Replica, timeout: float) -> PulledModel:
     pulled = session.pull(timeout=timeout)
-    replica.values.copy_(pulled.values)
+    replica.values.copy_(pulled.values)  # host -> the replica's device (a pull is a full copy anyway)
     replica.version = pulled.version
     return pulled
 

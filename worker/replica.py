@@ -1,4 +1,10 @@
-"""A local replica of the server's model and the rule for moving it forward."""
+"""A local replica of the server's model and the rule for moving it forward.
+
+The replica lives where the model's parameters live (CPU or GPU). Deltas arrive decoded on
+the host; each crosses to the replica's device in one copy (`codec.update_to_device`) and is
+applied there with `codec.apply_delta`; the checksum the server sends is compared with
+`codec.model_checksum` computed on the device, so no full copy of the model ever leaves it.
+"""
 from __future__ import annotations
 
 import queue
@@ -8,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from wanps.proto import codec
+from wanps.proto.staging import DeviceStaging
 from wanps.worker.recovery import ConnectionLost
 from wanps.worker.session import ReceivedDelta, ReplicaDiverged
 
@@ -18,6 +25,7 @@ class Replica:
     def __init__(self, values: torch.Tensor, version: int) -> None:
         self.values = values
         self.version = version
+        self._to_device = DeviceStaging(values.device)  # reusable (pinned on CUDA) staging for deltas
         # Observers may keep every delta they applied (tests use it to check conservation).
         self.applied: list[ReceivedDelta] | None = None
         # Called after each applied delta (SASG records the model's step norms).
@@ -30,9 +38,9 @@ class Replica:
             raise RuntimeError("the update stream from the server failed") from item
         if item.version != self.version + 1:
             raise ReplicaDiverged(f"received version {item.version} while at {self.version}")
-        codec.apply_delta(self.values, item.delta)
+        codec.apply_delta(self.values, codec.update_to_device(item.delta, self._to_device))
         self.version = item.version
-        if item.model_crc32 is not None and codec.model_crc32(self.values) != item.model_crc32:
+        if item.model_checksum is not None and codec.model_checksum(self.values) != item.model_checksum:
             raise ReplicaDiverged(f"replica checksum differs from the server's at version {self.version}")
         if self.applied is not None:
             self.applied.append(item)

@@ -52,8 +52,8 @@ class ReplicaDiverged(RuntimeError):
 class ReceivedDelta:
     round: int
     version: int
-    delta: codec.Update
-    model_crc32: int | None
+    delta: codec.Update  # on the host, as decoded (Replica moves it to the model's device)
+    model_checksum: int | None
     nbytes: int
     members: int = 0  # workers counted in the round (pushed + skipped); 0 = unknown
 
@@ -61,8 +61,8 @@ class ReceivedDelta:
 @dataclass(frozen=True)
 class PulledModel:
     version: int
-    values: torch.Tensor
-    model_crc32: int
+    values: torch.Tensor  # on the host
+    model_checksum: int
     rank: int
     world_size: int
     first_round: int
@@ -138,7 +138,8 @@ class WorkerSession:
         return self.join(num_params, fingerprint, name, observer=observer, timeout=timeout)
 
     def seed(self, model: torch.Tensor) -> pb.SeedModelReply:
-        raw = model.detach().to(torch.float32).contiguous().numpy().tobytes()
+        """Upload the initial model (a tensor on any device: copied to the host once, here)."""
+        raw = model.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
 
         def chunks() -> Iterator[pb.ModelChunk]:
             for offset, values in codec.iter_model_chunks(raw):
@@ -168,9 +169,9 @@ class WorkerSession:
             raise ReplicaDiverged("model pull ended early")
         self._count_received(filled)
         values = torch.frombuffer(buffer, dtype=torch.float32)
-        if codec.model_crc32(values) != header.model_crc32:
+        if codec.model_checksum(values) != header.model_checksum:
             raise ReplicaDiverged("pulled model does not match the server's checksum")
-        return PulledModel(version=header.version, values=values, model_crc32=header.model_crc32,
+        return PulledModel(version=header.version, values=values, model_checksum=header.model_checksum,
                            rank=header.rank, world_size=header.world_size, first_round=header.first_round)
 
     def leave(self, timeout: float = 30.0) -> int:
@@ -242,7 +243,7 @@ class WorkerSession:
                 self._count_received(nbytes)
                 self.telemetry.sample(pb.LinkSample.KIND_DOWNLOAD, nbytes, time.monotonic() - started, chunk.round)
                 self.deltas.put(ReceivedDelta(chunk.round, chunk.version, delta,
-                                              chunk.model_crc32 if chunk.has_model_crc32 else None, nbytes,
+                                              chunk.model_checksum if chunk.has_model_checksum else None, nbytes,
                                               chunk.pushed + chunk.skipped))
             # The server ended the stream: it is shutting down.
             self._mark_lost(ConnectionError("the server ended the update stream"), generation)

@@ -6,6 +6,9 @@ One `UpdateRule` composes, by its `UpdateConfig` (and an optional skip rule):
 - a compressor (worker/compressors.py) with its wire value dtype,
 - SASG's skip rule (worker/skip_rule.py): skip the upload when the gradient barely moved.
 
+Its state (momentum, residual, the compressor's scratch) lives on `device`, the model's
+(CPU or GPU), so an update is computed where the gradients are.
+
 The networked `wanps.worker.Optimizer` and the in-process simulation
 (`wanps.bench.simulate`) both drive this same object, so the benchmarks of the
 algorithms measure the code that trains over the network.
@@ -55,15 +58,18 @@ class UpdateConfig:
 
 
 class UpdateRule:
-    def __init__(self, num_params: int, config: UpdateConfig, skip_rule: SkipRule | None = None) -> None:
+    def __init__(self, num_params: int, config: UpdateConfig, skip_rule: SkipRule | None = None,
+                 device: torch.device | str = "cpu") -> None:
         if skip_rule is not None and config.error_feedback != "ef":
             # Both move the point gradients are taken at; their combination is in neither paper.
             raise ValueError("the SASG skip rule works with plain error feedback ('ef') only")
         self.num_params = num_params
         self.config = config
-        self.ef = ErrorFeedback(num_params, config.compressor, config.value_dtype, seed=config.compressor_seed)
+        self.device = torch.device(device)
+        self.ef = ErrorFeedback(num_params, config.compressor, config.value_dtype, seed=config.compressor_seed,
+                                device=self.device)
         self.def_lambda = config.def_lambda if config.error_feedback != "ef" else 0.0
-        self._momentum_buffer = torch.zeros(num_params) if config.momentum else None
+        self._momentum_buffer = torch.zeros(num_params, device=self.device) if config.momentum else None
         self.skip_rule = skip_rule
 
     # -------------------------------------------------------------- where to take gradients
