@@ -59,6 +59,8 @@ NEUTRAL_OPTIONS = ("dampening", "nesterov", "maximize", "foreach", "fused", "dif
 #: Group keys that carry no option.
 METADATA_KEYS = ("params", "param_names", "name", "initial_lr")
 DEFAULT_BUFFER_SYNC_EVERY = 16
+NOTHING_TO_TRAIN = ("the model has no trainable parameters (requires_grad=True) to train; "
+                    "use wanps.worker.Observer to follow a cluster")
 
 
 def model_fingerprint(params: Iterable[torch.Tensor]) -> bytes:
@@ -210,6 +212,8 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"buffer_sync_every must be >= 1, got {buffer_sync_every}")
         module = params if isinstance(params, nn.Module) else None
         if module is not None:
+            if not any(p.requires_grad for p in module.parameters()):
+                raise ValueError(NOTHING_TO_TRAIN)
             groups: Iterable = _module_groups(module, param_groups)
         elif param_groups is not None:
             raise ValueError("param_groups= goes with a module; with parameters, pass the groups as the first argument")
@@ -221,8 +225,7 @@ class Optimizer(torch.optim.Optimizer):
         tensors = collect_module(module) if module is not None else collect_parameters(self.param_groups)
         self.layout, ordered = layout_of(tensors)
         if self.layout.trainable == 0:
-            raise ValueError("the model has no trainable parameters (requires_grad=True) to train; "
-                             "use wanps.worker.Observer to follow a cluster")
+            raise ValueError(NOTHING_TO_TRAIN)
         self._binding = ModelBinding(self.layout, ordered)
         self.replica = self._binding.flat
         self.num_params = self.layout.size  # the replicated vector: parameters and buffers
