@@ -62,7 +62,8 @@ def test_non_persistent_buffers_are_not_replicated():
 
 
 def test_parameters_without_a_module_are_unnamed_and_frozen_ones_go_last():
-    a, b, c = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3), requires_grad=False), nn.Parameter(torch.zeros(4))
+    a, c = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(4))
+    b = nn.Parameter(torch.zeros(3), requires_grad=False)
     layout, ordered = layout_of(collect_parameters([{"params": [a, b]}, {"params": [c]}]))
     assert [(e.name, e.role, e.offset) for e in layout.entries] == [("", TRAINABLE, 0), ("", TRAINABLE, 2),
                                                                      ("", FROZEN, 6)]
@@ -85,7 +86,8 @@ def test_the_fingerprint_changes_with_name_shape_dtype_and_role():
     assert base.fingerprint() not in fingerprints and len(fingerprints) == 4
     specs = list(base.structure)
     spec = specs[0]
-    for changed in (TensorSpec("x", spec.shape, spec.dtype, spec.role), TensorSpec(spec.name, (1, 2), spec.dtype, spec.role),
+    for changed in (TensorSpec("x", spec.shape, spec.dtype, spec.role),
+                    TensorSpec(spec.name, (1, 2), spec.dtype, spec.role),
                     TensorSpec(spec.name, spec.shape, "torch.float16", spec.role),
                     TensorSpec(spec.name, spec.shape, spec.dtype, FROZEN)):
         assert structures.fingerprint([changed, *specs[1:]]) != base.fingerprint()
@@ -204,7 +206,8 @@ def test_updates_widen_to_the_whole_vector():
     wide = widen(dense, layout)  # 4d <= 8T: dense over the whole vector, zeros elsewhere
     assert wide.indices is None and wide.count == d and torch.equal(wide.values[:t], dense.values)
     assert not wide.values[t:].any()
-    sparse = Update(values=torch.tensor([1.0, 2.0], dtype=torch.float16), indices=torch.tensor([3, 50], dtype=torch.int32))
+    sparse = Update(values=torch.tensor([1.0, 2.0], dtype=torch.float16),
+                    indices=torch.tensor([3, 50], dtype=torch.int32))
     assert widen(sparse, layout) is sparse
     buffers = Update(values=torch.tensor([0.5, -3.0]), indices=torch.tensor([124, 127], dtype=torch.int32))
     both = with_buffers(sparse, layout, buffers)

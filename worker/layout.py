@@ -197,8 +197,9 @@ def collect_module(module: nn.Module) -> list[ModelTensor]:
     _check_one_device(tensors)
     for name, sub in module.named_modules():
         if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.sparse and sub.weight.requires_grad:
-            raise ValueError(f"{repr(name) if name else 'the module'} is an embedding with sparse=True: its gradients are sparse "
-                             "tensors, and wanps gathers dense gradients; build it with sparse=False")
+            shown = repr(name) if name else "the module"
+            raise ValueError(f"{shown} is an embedding with sparse=True: its gradients are sparse tensors, and "
+                             "wanps gathers dense gradients; build it with sparse=False")
     return tensors
 
 
