@@ -26,6 +26,14 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_UNSPECIFIED: _ClassVar[Role]
     ROLE_WORKER: _ClassVar[Role]
     ROLE_OBSERVER: _ClassVar[Role]
+
+class TensorRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_ROLE_UNSPECIFIED: _ClassVar[TensorRole]
+    TENSOR_ROLE_TRAINABLE: _ClassVar[TensorRole]
+    TENSOR_ROLE_FROZEN: _ClassVar[TensorRole]
+    TENSOR_ROLE_BUFFER: _ClassVar[TensorRole]
+    TENSOR_ROLE_INT_BUFFER: _ClassVar[TensorRole]
 CODEC_UNSPECIFIED: Codec
 CODEC_SPARSE: Codec
 CODEC_DENSE: Codec
@@ -37,18 +45,37 @@ VALUE_DTYPE_BFLOAT16: ValueDtype
 ROLE_UNSPECIFIED: Role
 ROLE_WORKER: Role
 ROLE_OBSERVER: Role
+TENSOR_ROLE_UNSPECIFIED: TensorRole
+TENSOR_ROLE_TRAINABLE: TensorRole
+TENSOR_ROLE_FROZEN: TensorRole
+TENSOR_ROLE_BUFFER: TensorRole
+TENSOR_ROLE_INT_BUFFER: TensorRole
 
 class JoinRequest(_message.Message):
-    __slots__ = ("role", "num_params", "model_fingerprint", "name")
+    __slots__ = ("role", "num_params", "model_fingerprint", "name", "structure")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     role: Role
     num_params: int
     model_fingerprint: bytes
     name: str
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., num_params: _Optional[int] = ..., model_fingerprint: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+    structure: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., num_params: _Optional[int] = ..., model_fingerprint: _Optional[bytes] = ..., name: _Optional[str] = ..., structure: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "role")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    role: TensorRole
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., role: _Optional[_Union[TensorRole, str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("worker_id", "rank", "world_size", "version", "must_seed", "tau_max", "first_round", "incarnation")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from wanps.proto import structure as structures
 from wanps.proto.codec import Update
 from wanps.server.core import ClosedRound, CoreConfig, Member, OpenRound, ServerCore
 from wanps.server.metrics import ServerMetrics
@@ -56,6 +57,7 @@ def core_state(core: ServerCore) -> dict:
         "version": core.version,
         "num_params": core.num_params,
         "fingerprint": core.fingerprint.hex() if core.fingerprint is not None else None,
+        "structure": structures.to_data(core.structure),
         "started": core.started,
         "seeder": core.seeder_id,
         "next_id": core.next_worker_id,
@@ -88,6 +90,7 @@ def restore_core(state: dict, config: CoreConfig, clock: Callable[[], float] = t
     core.version = int(state["version"])
     core.num_params = state["num_params"]
     core.fingerprint = bytes.fromhex(state["fingerprint"]) if state["fingerprint"] is not None else None
+    core.structure = structures.from_data(state.get("structure"))  # absent in older checkpoints
     core.started = bool(state["started"])
     core.seeder_id = state["seeder"]
     core.next_worker_id = int(state["next_id"])

@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from wanps.proto.codec import Update, apply_delta, model_checksum
+from wanps.proto import structure as structures
+from wanps.proto.structure import TensorSpec
 from wanps.proto.wire import MAX_PARAMS
 # Refusals are the rpc layer's plain exceptions (no gRPC in them); the servicer maps them to status codes.
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -179,6 +181,8 @@ class ServerCore:
         self.version = 0
         self.num_params: int | None = None
         self.fingerprint: bytes | None = None
+        # The model's structure (one TensorSpec per tensor, layout order), when a member sent it.
+        self.structure: tuple[TensorSpec, ...] | None = None
         self.started = False
         self.members: dict[int, Member] = {}
         self.observers: set[int] = set()
@@ -205,19 +209,36 @@ class ServerCore:
         active = self.active_workers()
         return active.index(worker_id) if worker_id in active else -1
 
-    def join(self, num_params: int, fingerprint: bytes, name: str = "", observer: bool = False) -> JoinResult:
+    def join(self, num_params: int, fingerprint: bytes, name: str = "", observer: bool = False,
+             structure: Sequence[TensorSpec] = ()) -> JoinResult:
+        """`structure`: the joining model's tensors (wanps.proto.structure), optional. When both
+        the cluster's and the joiner's are known, they are compared entry by entry (unnamed
+        entries match any name) and a refusal names the first tensor that differs; otherwise
+        the fingerprints must be equal."""
         if not 0 < num_params <= MAX_PARAMS:
             raise InvalidArgument(f"num_params must be in [1, {MAX_PARAMS}], got {num_params}")
         if not fingerprint:
             raise InvalidArgument("model_fingerprint is empty")
+        structure = tuple(structure)
+        if structure:
+            problem = structures.problem_with(structure, num_params, fingerprint)
+            if problem is not None:
+                raise InvalidArgument(problem)
+            if self.structure is not None:
+                difference = structures.first_difference(self.structure, structure)
+                if difference is not None:
+                    raise FailedPrecondition(f"model structure differs from the cluster's model: {difference}")
         if self.num_params is not None and num_params != self.num_params:
             raise FailedPrecondition(f"model has {num_params} parameters; this cluster trains {self.num_params}")
-        if self.fingerprint is not None and fingerprint != self.fingerprint:
+        compared = bool(structure) and self.structure is not None
+        if self.fingerprint is not None and fingerprint != self.fingerprint and not compared:
             raise FailedPrecondition("model structure (fingerprint) differs from the cluster's model")
         worker_id = self.next_worker_id
         self.next_worker_id += 1
         if self.num_params is None:
             self.num_params, self.fingerprint = num_params, fingerprint
+        if self.structure is None and structure and fingerprint == self.fingerprint:
+            self.structure = structure  # the first member that sent it (or a checkpoint without one)
         must_seed = False
         if observer:
             self.observers.add(worker_id)

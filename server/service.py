@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from wanps.rpc.serving import RunningService, ServeConfig, start_grpc_service
 
 from wanps.proto import codec
+from wanps.proto import structure as structures
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.server.checkpoint import CheckpointScheduler, core_state, read_checkpoint, restore_core
@@ -175,6 +176,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 bytes(request.model_fingerprint),
                 request.name,
                 request.role == pb.ROLE_OBSERVER,
+                structures.from_messages(request.structure),
             )
             self._refresh_events()
             self.metrics.members.set(len(self.core.expected_workers(self.core.version)))

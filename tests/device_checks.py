@@ -86,8 +86,9 @@ def worker_buffers(opt: Optimizer) -> dict[str, torch.Tensor]:
         "compressor magnitude scratch": getattr(rule.ef.compressor, "_magnitude", None),
         "compressor mask scratch": getattr(rule.ef.compressor, "_mask", None),
     }
-    for i, p in enumerate(opt._params):
-        found[f"parameter {i}"] = p.data
+    binding = opt._binding
+    for entry, tensor in (*binding.trainable, *binding.frozen, *binding.buffers):
+        found[f"{entry.role} {entry.name or entry.offset}"] = tensor.data
     return {name: tensor for name, tensor in found.items() if tensor is not None}
 
 
@@ -98,4 +99,5 @@ def assert_all_on(device: torch.device, opt: Optimizer, required: set[str]) -> N
     wrong = {name: str(t.device) for name, t in buffers.items() if t.device != device}
     assert not wrong, f"buffers not on {device}: {wrong}"
     scratch = [buffers[n] for n in ("compressor magnitude scratch", "compressor mask scratch") if n in buffers]
-    assert all(t.numel() == opt.num_params for t in scratch), "the compressor's scratch was never used"
+    # The compressor selects over the trainable part of the replica (the layout's first T elements).
+    assert all(t.numel() == opt.trainable_params for t in scratch), "the compressor's scratch was never used"

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     registry, metrics_httpd = serve_metrics(args.metrics_host, args.metrics_port)
     task = get_task(args.task)
     model = task.build_model(args.seed)
-    opt = Optimizer(model.parameters(), server=args.server, controller=args.controller or None, lr=args.lr,
+    opt = Optimizer(model, server=args.server, controller=args.controller or None, lr=args.lr,
                     tau=args.tau, delta=args.delta, name=args.name or None, use_uvloop=not args.no_uvloop,
                     compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed,
                     error_feedback=args.error_feedback, def_lambda=args.def_lambda, momentum=args.momentum,

@@ -1,16 +1,23 @@
 """An observer replica: follows the model through the update stream, never pushes.
 
 Used for evaluation off the critical path (the demo's accuracy curve) and monitoring.
-It binds a model's parameters to its own flat replica, exactly like a worker.
+It binds a model to its own flat replica exactly like a worker (wanps.worker.layout,
+wanps.worker.binding): given a module, every parameter and persistent buffer; given
+parameters, only those. After each poll the model holds the replica's values: float32
+parameters are views of it, low-precision parameters and buffers are copied from it.
 """
 from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterable
 
+import grpc
 import torch
+from torch import nn
 
-from wanps.worker.optimizer import bind_to_flat, model_fingerprint
+from wanps.worker.binding import ModelBinding
+from wanps.worker.layout import ModelMismatch, collect_module, collect_parameters, layout_of
 from wanps.worker.replica import Replica
 from wanps.rpc.auth import ClientSecurity
 from wanps.worker.recovery import ConnectionLost
@@ -18,22 +25,39 @@ from wanps.worker.session import WorkerSession
 
 
 class Observer:
-    def __init__(self, model: torch.nn.Module, server: str, *, controller: str | None = None, name: str | None = None,
-                 keep_deltas: bool = False, join_timeout_s: float = 600.0, use_uvloop: bool = True,
-                 security: ClientSecurity | None = None, recover_timeout_s: float = 600.0) -> None:
+    def __init__(self, model: nn.Module | Iterable[torch.Tensor], server: str, *, controller: str | None = None,
+                 name: str | None = None, keep_deltas: bool = False, join_timeout_s: float = 600.0,
+                 use_uvloop: bool = True, security: ClientSecurity | None = None,
+                 recover_timeout_s: float = 600.0) -> None:
+        """`model`: the module (follows every parameter and persistent buffer, as
+        `Optimizer(model)` replicates them) or parameters (only those, as `Optimizer(params)`).
+        A cluster of workers that passed parameters of a model without buffers can be followed
+        with the module too: unnamed tensors match any name."""
         self.model = model
         self.recover_timeout_s = recover_timeout_s  # poll() gives up reconnecting after this
-        params = list(model.parameters())
-        flat = bind_to_flat(params)
-        self.fingerprint = model_fingerprint(params)
+        if isinstance(model, nn.Module):
+            tensors = collect_module(model)
+        else:
+            tensors = collect_parameters([{"params": list(model)}])
+        self.layout, ordered = layout_of(tensors)
+        self._binding = ModelBinding(self.layout, ordered)
+        flat = self._binding.flat
+        self.fingerprint = self.layout.fingerprint()
         # With a controller, the observer also follows decisions (to show tau and delta), reporting nothing.
         self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security)
         try:
-            reply = self.session.join(flat.numel(), self.fingerprint,
-                                      name or f"observer@{socket.gethostname()}", observer=True)
+            try:
+                reply = self.session.join(flat.numel(), self.fingerprint, name or f"observer@{socket.gethostname()}",
+                                          observer=True, structure=self.layout.structure,
+                                          trainable_params=self.layout.trainable)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise ModelMismatch(f"the cluster refused this model: {exc.details()}") from exc
+                raise
             self.worker_id = reply.worker_id
             pulled = self.session.pull(join_timeout_s)
             flat.copy_(pulled.values)
+            self._show(frozen=True)
             self.replica = Replica(flat, pulled.version)
             if keep_deltas:
                 self.replica.applied = []
@@ -49,6 +73,11 @@ class Observer:
     def version(self) -> int:
         return self.replica.version
 
+    def _show(self, frozen: bool = False) -> None:
+        """The model holds the replica: low-precision parameters and buffers copied from it."""
+        self._binding.refresh_parameters(frozen=frozen)
+        self._binding.load_buffers()
+
     def poll(self) -> int:
         """Apply every delta received so far. Returns the version.
 
@@ -56,7 +85,11 @@ class Observer:
         that an observer has no pushes to send again and rejoins as an observer."""
         while True:
             try:
-                return self.replica.catch_up(self.session.deltas, 0)
+                before = self.replica.version
+                version = self.replica.catch_up(self.session.deltas, 0)
+                if version != before:
+                    self._show()
+                return version
             except ConnectionLost:
                 self._recover(self.recover_timeout_s)
 
@@ -64,7 +97,9 @@ class Observer:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                return self.replica.catch_up(self.session.deltas, version, deadline=deadline)
+                reached = self.replica.catch_up(self.session.deltas, version, deadline=deadline)
+                self._show()
+                return reached
             except ConnectionLost:
                 self._recover(max(1.0, deadline - time.monotonic()))
 
@@ -73,6 +108,7 @@ class Observer:
             self.replica.catch_up(self.session.deltas, version)
 
         recovery = self.session.recover(self.replica, wait_for, tau_max=0, next_round=0, timeout=timeout_s)
+        self._show(frozen=True)
         if recovery.rejoined:
             self.worker_id = self.session.worker_id
 

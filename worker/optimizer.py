@@ -1,16 +1,26 @@
 """`wanps.worker.Optimizer`: train through a wanps cluster as with a torch optimizer.
 
-    opt = wanps.worker.Optimizer(model.parameters(), server="host:50051", controller="host:50052", lr=0.1)
+    opt = wanps.worker.Optimizer(model, server="host:50051", controller="host:50052", lr=0.1)
     for x, y in loader:
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
     opt.close()
 
-On construction the optimizer joins the cluster, seeds the model if it is the first
-worker (otherwise its own initial values are replaced), pulls the model, and binds every
-parameter to a slice of one flat float32 replica. `step()` pushes C(lr*g + e) for the
-current round and blocks only until the replica is recent enough for the next round
-(version >= round - tau), applying the deltas of closed rounds at that moment and never
-in between, so forward and backward always see a fixed replica.
+Given the module, the optimizer replicates its whole state: every parameter (trainable or
+frozen) and every persistent buffer, laid out in one flat float32 vector by
+`wanps.worker.layout.ModelLayout`. On construction it joins the cluster, seeds that vector
+if it is the first worker (otherwise its own initial values are replaced), pulls it, and
+binds the model to it (wanps.worker.binding): float32 parameters become views of their
+slice; bfloat16/float16 parameters are refreshed from the float32 master at step
+boundaries; buffers are copied in at each buffer sync. `step()` pushes C(lr*m + e) over the
+trainable prefix for the current round and blocks only until the replica is recent enough
+for the next round (version >= round - tau), applying the deltas of closed rounds at that
+moment and never in between, so forward and backward always see a fixed replica.
+
+Buffer sync: every `buffer_sync_every` rounds (B, at least the server's tau_max + 1) and at
+`close()`, a worker's push also carries, for every buffer element where they differ,
+replica - local. The server's mean then leaves the replica's buffers at the mean of the
+workers' local buffers, and each worker copies them into its module when it applies that
+round, so all workers hold identical buffers after every sync.
 """
 from __future__ import annotations
 
@@ -21,13 +31,18 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
+import grpc
 import torch
 from prometheus_client import CollectorRegistry
+from torch import nn
 
 from wanps.proto.decisions import Decision, decision_for_round
 from wanps.rpc.auth import ClientSecurity
 from wanps.proto import wanps_pb2 as pb
-from wanps.proto.codec import fingerprint_of
+from wanps.proto.codec import Update
+from wanps.worker.binding import ModelBinding
+from wanps.worker.layout import (ModelMismatch, collect_module, collect_parameters, layout_of, trainable_part,
+                                 with_buffers)
 from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.replica import Replica
 from wanps.worker.recovery import ConnectionLost
@@ -37,34 +52,87 @@ from wanps.worker.update_rule import UpdateConfig, UpdateRule
 
 log = logging.getLogger("wanps.worker")
 
+#: Param-group options the optimizer honours.
+HONOURED_OPTIONS = ("lr", "momentum", "weight_decay")
+#: torch.optim.SGD options accepted only at their neutral value (anything else would change the update).
+NEUTRAL_OPTIONS = ("dampening", "nesterov", "maximize", "foreach", "fused", "differentiable", "capturable")
+#: Group keys that carry no option.
+METADATA_KEYS = ("params", "param_names", "name", "initial_lr")
+DEFAULT_BUFFER_SYNC_EVERY = 16
+NOTHING_TO_TRAIN = ("the model has no trainable parameters (requires_grad=True) to train; "
+                    "use wanps.worker.Observer to follow a cluster")
 
-def model_fingerprint(params: list[torch.Tensor]) -> bytes:
-    return fingerprint_of([(f"p{i}", tuple(p.shape), str(p.dtype)) for i, p in enumerate(params)])
 
-
-def rebind(params: list[torch.Tensor], flat: torch.Tensor) -> None:
-    """Make each parameter a view of its slice of `flat` (same layout as bind_to_flat)."""
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.data = flat[offset : offset + n].view_as(p)
-        offset += n
+def model_fingerprint(params: Iterable[torch.Tensor]) -> bytes:
+    """The fingerprint `Optimizer(params)` joins with (unnamed tensors, frozen when requires_grad is False)."""
+    layout, _ = layout_of(collect_parameters([{"params": list(params)}]))
+    return layout.fingerprint()
 
 
 def bind_to_flat(params: list[torch.Tensor]) -> torch.Tensor:
-    """One flat float32 vector holding every parameter; each parameter becomes a view of it."""
+    """One flat float32 vector holding these float32 parameters, each becoming a view of it."""
     for p in params:
         if p.dtype != torch.float32:
-            raise TypeError(f"wanps trains float32 parameters; got {p.dtype}")
+            raise TypeError(f"bind_to_flat binds float32 parameters; got {p.dtype}")
     flat = torch.cat([p.detach().reshape(-1) for p in params]) if params else torch.zeros(0)
-    rebind(params, flat)
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
     return flat
+
+
+def check_group_options(group: dict) -> None:
+    """Refuse, with a clear error, any param-group option this optimizer would not honour."""
+    for key, value in group.items():
+        if key in METADATA_KEYS:
+            continue
+        if key in NEUTRAL_OPTIONS:
+            if value:
+                raise ValueError(f"param group option {key}={value!r} is not supported: wanps.worker.Optimizer "
+                                 f"honours {', '.join(HONOURED_OPTIONS)} per group (SGD with momentum m = mu*m + g "
+                                 "and weight decay g + wd*p), nothing that changes the update otherwise")
+            continue
+        if key not in HONOURED_OPTIONS:
+            raise ValueError(f"param group option {key!r} is not supported: wanps.worker.Optimizer honours "
+                             f"{', '.join(HONOURED_OPTIONS)} per group")
+        number = float(value)
+        if key == "lr" and not number >= 0:
+            raise ValueError(f"lr must be >= 0 in a param group, got {value}")
+        if key == "momentum" and not 0.0 <= number < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {value}")
+        if key == "weight_decay" and not number >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {value}")
+
+
+def _module_groups(module: nn.Module, param_groups: Iterable[dict] | None) -> list[dict]:
+    """Param groups over the module's trainable parameters: the given ones, then one group
+    (with the defaults) of every trainable parameter they leave out."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if param_groups is None:
+        return [{"params": trainable}] if trainable else []
+    owned = {id(p) for p in module.parameters()}
+    groups: list[dict] = []
+    listed: set[int] = set()
+    for group in param_groups:
+        group = dict(group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if id(p) not in owned:
+                raise ValueError("param_groups lists a tensor that is not a parameter of the model")
+        listed.update(id(p) for p in params)
+        groups.append({**group, "params": params})
+    rest = [p for p in trainable if id(p) not in listed]
+    if rest:
+        groups.append({"params": rest})
+    return groups
 
 
 class Optimizer(torch.optim.Optimizer):
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | Iterable[dict],
+        params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
         server: str,
         controller: str | None = None,
         lr: float = 0.1,
@@ -81,11 +149,25 @@ class Optimizer(torch.optim.Optimizer):
         error_feedback: str = "ef",
         def_lambda: float = 0.3,
         momentum: float = 0.0,
+        weight_decay: float = 0.0,
         skip_rule: SkipRule | None = None,
         security: ClientSecurity | None = None,
         registry: CollectorRegistry | None = None,
+        param_groups: Iterable[dict] | None = None,
+        buffer_sync_every: int = DEFAULT_BUFFER_SYNC_EVERY,
     ) -> None:
-        """`tau`, `delta`: used only without a controller (or until its first decision).
+        """`params`: the model (an nn.Module: every parameter and persistent buffer is
+        replicated; parameters with requires_grad=False are frozen: seeded, never pushed), or,
+        as with any torch optimizer, parameters or param groups (only those tensors are
+        replicated; a passed parameter with requires_grad=False is frozen).
+
+        `param_groups` (with a module only): groups over the module's parameters, e.g. without
+        weight decay for biases; trainable parameters they leave out form one more group. A
+        group may set `lr`, `momentum` and `weight_decay`; any other option that changes the
+        update (nesterov, dampening, maximize, ...) is refused here, and so is
+        `add_param_group` after construction (the replicated layout is fixed at join).
+
+        `tau`, `delta`: used only without a controller (or until its first decision).
 
         `compressor`: a name from wanps.worker.compressors.COMPRESSORS ("topk", "topk-sampled",
         "random-block"); `value_dtype`: "float32", "float16" or "bfloat16" for the values of
@@ -98,35 +180,78 @@ class Optimizer(torch.optim.Optimizer):
         exactly, so call them in the usual order (zero_grad, forward, backward, step). With
         "def", `close()` pushes every worker's residual once (a final dense round), so the
         cluster's model ends at DEF's output y_T = x_T - mean(e_T); "def-a" ends at x_T.
-        `momentum`: mu of m = mu*m + g, p = lr*m + e (the DEF paper's eq. (11)).
+        `momentum`: mu of m = mu*m + g, p = lr*m + e (the DEF paper's eq. (11)); `weight_decay`:
+        wd of g + wd*x (torch.optim.SGD's); both the defaults of every param group.
 
         `skip_rule`: SASG's adaptive skip (wanps.worker.skip_rule.SkipRule). It needs the
         gradient at the parameters of the last upload on the same batch, so pass `step()` a
         closure that zeroes the gradients, computes the loss and calls backward (as for
         torch.optim.LBFGS); step calls it at the current parameters and, when a skip is
-        possible, once more at the anchor.
+        possible, once more at the anchor. Buffer-sync rounds, and the round after one, always
+        upload (a skip would make the server reuse the buffer part).
+
+        `buffer_sync_every`: B, the buffer sync's period in rounds (raised to the server's
+        tau_max + 1 when smaller, so that every worker computed a sync push at the same
+        replica buffers). Every worker of a cluster must use the same B. A sync costs at most
+        8 bytes per buffer element per worker (index + float32 value, only elements that
+        differ), every B rounds; a model without buffers never syncs.
 
         `registry`: a prometheus_client CollectorRegistry to count this worker's pushes, bytes,
         tau, delta and staleness on (docs/metrics.md); None (default) counts nothing.
+
+        Bad input fails here, before joining: parameters on several devices, non-floating or
+        float64 parameters, embeddings with sparse=True (a sparse gradient passed otherwise
+        fails at the first step), unknown options. A model whose structure differs from the
+        cluster's raises ModelMismatch naming the first tensor that differs.
         """
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        super().__init__(params, dict(lr=lr))
-        self._params = [p for group in self.param_groups for p in group["params"]]
-        self.replica = bind_to_flat(self._params)
-        self.num_params = self.replica.numel()
-        self._grad = torch.zeros_like(self.replica)
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if buffer_sync_every < 1:
+            raise ValueError(f"buffer_sync_every must be >= 1, got {buffer_sync_every}")
+        module = params if isinstance(params, nn.Module) else None
+        if module is not None:
+            if not any(p.requires_grad for p in module.parameters()):
+                raise ValueError(NOTHING_TO_TRAIN)
+            groups: Iterable = _module_groups(module, param_groups)
+        elif param_groups is not None:
+            raise ValueError("param_groups= goes with a module; with parameters, pass the groups as the first argument")
+        else:
+            groups = params
+        self._layout_fixed = False
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self._layout_fixed = True
+        tensors = collect_module(module) if module is not None else collect_parameters(self.param_groups)
+        self.layout, ordered = layout_of(tensors)
+        if self.layout.trainable == 0:
+            raise ValueError(NOTHING_TO_TRAIN)
+        self._binding = ModelBinding(self.layout, ordered)
+        self.replica = self._binding.flat
+        self.num_params = self.layout.size  # the replicated vector: parameters and buffers
+        self.trainable_params = self.layout.trainable  # T: pushed, compressed, S_g for DeCo
+        t = self.trainable_params
+        slot = {id(p): entry for entry, p in self._binding.trainable}
+        self._group_slices = [[(slot[id(p)].offset, slot[id(p)].stop) for p in group["params"] if id(p) in slot]
+                              for group in self.param_groups]
+        self._per_element: dict[str, tuple[tuple[float, ...], torch.Tensor]] = {}
+        self._grad = torch.zeros(t, device=self.replica.device)
         # Built before joining: a bad compressor name or mode fails here, not after seeding the cluster.
         config = UpdateConfig(compressor=compressor, value_dtype=value_dtype, compressor_seed=compressor_seed,
                               error_feedback=error_feedback, def_lambda=def_lambda, momentum=momentum)
-        self.rule = UpdateRule(self.num_params, config, skip_rule, device=self.replica.device)
-        self._aux_grad = torch.zeros_like(self.replica) if skip_rule is not None else None
-        self._per_element_lr: tuple[tuple[float, ...], torch.Tensor] | None = None  # param groups with different lrs
+        self.rule = UpdateRule(t, config, skip_rule, device=self.replica.device)
+        self._momentum_in_rule: float | torch.Tensor = float(momentum)
+        self._sync_momentum()
+        self._aux_grad = torch.zeros_like(self._grad) if skip_rule is not None else None
         self._fallback = Decision(0, 0, tau, delta, "local", "no controller decision yet")
         self._seen_decisions: set[int] = set()
-        # DEF: the clean replica while the parameters sit at the detached point x - lambda*e.
-        self._clean = torch.empty_like(self.replica) if self.rule.detaches else None
+        # DEF: the clean trainable replica while the parameters sit at the detached point x - lambda*e.
+        self._clean = torch.empty_like(self._grad) if self.rule.detaches else None
         self._detached = False
+        self._requested_sync_every = buffer_sync_every
+        self.buffer_sync_every = buffer_sync_every
+        self._last_push_synced = False
+        self._final_round: int | None = None
         self.metrics = WorkerMetrics(registry) if registry is not None else None
         # `security`: token and TLS to dial with (ClientSecurity.from_env() reads the WANPS_TOKEN* / WANPS_TLS* variables).
         self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security, metrics=self.metrics)
@@ -147,23 +272,43 @@ class Optimizer(torch.optim.Optimizer):
         self.last_decision: Decision = self.decision_at(self.round)
         self.closed = False
 
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_layout_fixed", False):
+            raise RuntimeError("wanps.worker.Optimizer: add_param_group after construction is not supported: "
+                               "the replicated layout is fixed when the optimizer joins the cluster, so pass every "
+                               "group when building it")
+        check_group_options(param_group)
+        super().add_param_group(param_group)
+
     def _join(self, name: str, timeout: float) -> None:
-        reply = self.session.join(self.num_params, model_fingerprint(self._params), name)
+        try:
+            reply = self.session.join(self.num_params, self.layout.fingerprint(), name,
+                                      structure=self.layout.structure, trainable_params=self.trainable_params)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # Join refuses only a different model so
+                raise ModelMismatch(f"the cluster refused this model: {exc.details()}") from exc
+            raise
         self.worker_id = reply.worker_id
         self.tau_max = reply.tau_max
+        # Every worker must compute a sync round at the same replica buffers: B > tau_max.
+        self.buffer_sync_every = max(self._requested_sync_every, self.tau_max + 1)
+        if self.layout.has_buffers and self.buffer_sync_every != self._requested_sync_every:
+            log.info("buffer sync every %d rounds (the server's tau_max is %d)", self.buffer_sync_every, self.tau_max)
         if reply.must_seed:
             self.session.seed(self.replica)
         pulled = self.session.pull(timeout)
         self.replica.copy_(pulled.values)
+        self._binding.refresh_parameters(frozen=True)
+        self._binding.load_buffers()
         self._replica = Replica(self.replica, pulled.version)
+        self._replica.on_apply = self._on_apply
         if self.rule.skip_rule is not None:
             self.rule.skip_rule.num_workers = max(1, pulled.world_size)
-            self._replica.on_apply = self._observe_model_step
         self.round = pulled.first_round
         self.rank, self.world_size = pulled.rank, pulled.world_size
         self.session.follow_updates(self.version)
-        log.info("worker %d: rank %d of %d, version %d, first round %d", self.worker_id, self.rank,
-                 self.world_size, self.version, self.round)
+        log.info("worker %d: rank %d of %d, version %d, first round %d; %r", self.worker_id, self.rank,
+                 self.world_size, self.version, self.round, self.layout)
 
     # ------------------------------------------------------------------ decisions
 
@@ -181,6 +326,10 @@ class Optimizer(torch.optim.Optimizer):
     def tau_at(self, round_: int) -> int:
         return min(self.decision_at(round_).tau, self.tau_max)
 
+    def is_sync_round(self, round_: int) -> bool:
+        """Whether this round's push carries the buffers (never for a model without buffers)."""
+        return self.layout.has_buffers and (round_ + 1) % self.buffer_sync_every == 0
+
     # ------------------------------------------------------------------ the step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -191,15 +340,18 @@ class Optimizer(torch.optim.Optimizer):
     def _detach(self) -> None:
         """DEF: move the parameters to x - lambda*e for the coming forward and backward."""
         if self._clean is not None and not self._detached and not self.closed:
-            self._clean.copy_(self.replica)
-            self.rule.detached_point(self._clean, out=self.replica)
+            trainable = self.replica[: self.trainable_params]
+            self._clean.copy_(trainable)
+            self.rule.detached_point(self._clean, out=trainable)
+            self._binding.refresh_parameters()
             self._detached = True
 
     @torch.no_grad()
     def _reattach(self) -> None:
         """Back to the exact replica x (a copy, not an addition: replicas stay bit-identical)."""
         if self._clean is not None and self._detached:
-            self.replica.copy_(self._clean)
+            self.replica[: self.trainable_params].copy_(self._clean)
+            self._binding.refresh_parameters()
             self._detached = False
 
     @torch.no_grad()
@@ -220,76 +372,104 @@ class Optimizer(torch.optim.Optimizer):
         if self.metrics is not None:
             self.metrics.record_decision(decision.decision_id, min(decision.tau, self.tau_max),
                                          decision.delta_for(self.worker_id), self.round)
-        lr = self._gather_grad(self._grad)
+        trainable = self.replica[: self.trainable_params]
+        self._binding.gather_gradients(self._grad)
+        lr = self._per_group("lr")
         grad_norm = float(torch.linalg.vector_norm(self._grad)) * self._norm_scale(lr)  # Accordion's signal
+        self._add_weight_decay(self._grad, trainable)
+        self._sync_momentum()
         compute_seconds = time.monotonic() - self._compute_started
-        aux_grad = self._gradient_at_anchor(closure) if self.rule.wants_aux_gradient else None
+        sync = self.is_sync_round(self.round)
+        # At a sync round, and the round after it, upload whatever SASG says: a skip makes the
+        # server reuse the last upload, and that must not be one carrying buffers.
+        must_upload = sync or self._last_push_synced
+        wants_aux = self.rule.wants_aux_gradient and not must_upload
+        aux_grad = self._gradient_at_anchor(closure) if wants_aux else None
         update = self.rule.update(self._grad, lr, decision.delta_for(self.worker_id), self.round,
-                                  params=self.replica, aux_grad=aux_grad)
+                                  params=trainable, aux_grad=aux_grad)
+        if update is not None or sync:
+            update = with_buffers(update, self.layout, self._binding.buffer_differences() if sync else None)
+        self._last_push_synced = sync
         self.session.record_compute(compute_seconds, self.round, grad_norm)
         self._in_flight.append(self.session.push(self.round, self.version, update))
         self.round += 1
         self._wait_until_fresh(self.round - self.tau_at(self.round))
+        self._binding.refresh_parameters()
         self._compute_started = time.monotonic()
         return loss
 
-    def _gather_grad(self, out: torch.Tensor) -> float | torch.Tensor:
-        """out = the raw gradient (one loop over tensors, not elements); returns the learning
-        rate to scale it by: one float, or a per-element vector when groups differ."""
-        offset = 0
-        lrs: list[tuple[int, int, float]] = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                n = p.numel()
-                view = out[offset : offset + n]
-                if p.grad is None:
-                    view.zero_()
-                else:
-                    view.copy_(p.grad.reshape(-1))
-                lrs.append((offset, n, group["lr"]))
-                offset += n
-        if len({lr for _, _, lr in lrs}) <= 1:
-            return float(lrs[0][2] if lrs else self.defaults["lr"])
-        key = tuple(lr for _, _, lr in lrs)
-        if self._per_element_lr is None or self._per_element_lr[0] != key:  # rebuilt only when an lr changes
-            per_element = torch.empty_like(out)
-            for start, n, lr in lrs:
-                per_element[start : start + n] = lr
-            self._per_element_lr = (key, per_element)
-        return self._per_element_lr[1]
+    def _per_group(self, key: str) -> float | torch.Tensor:
+        """A param-group option over the trainable vector: one float when every group that
+        holds trainable parameters agrees, else a per-element vector (one fill per tensor,
+        rebuilt only when a group's value changes)."""
+        values = tuple(float(group[key]) for group in self.param_groups)
+        used = {v for v, slices in zip(values, self._group_slices) if slices}
+        if len(used) <= 1:
+            return next(iter(used), float(self.defaults[key]))
+        cached = self._per_element.get(key)
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        per_element = torch.zeros_like(self._grad)
+        for value, slices in zip(values, self._group_slices):
+            for start, stop in slices:
+                per_element[start:stop] = value
+        self._per_element[key] = (values, per_element)
+        return per_element
+
+    def _add_weight_decay(self, grad: torch.Tensor, at: torch.Tensor) -> None:
+        """g += wd * x (torch.optim.SGD's weight decay), per group."""
+        wd = self._per_group("weight_decay")
+        if isinstance(wd, torch.Tensor):
+            grad.addcmul_(wd, at)
+        elif wd:
+            grad.add_(at, alpha=wd)
+
+    def _sync_momentum(self) -> None:
+        """The update rule's mu follows the groups' momentum (a float, or per element)."""
+        mu, current = self._per_group("momentum"), self._momentum_in_rule
+        same = mu is current or (isinstance(mu, float) and isinstance(current, float) and mu == current)
+        if not same:
+            self.rule.set_momentum(mu)
+            self._momentum_in_rule = mu
 
     @staticmethod
     def _norm_scale(lr: float | torch.Tensor) -> float:
         return float(lr.mean()) if isinstance(lr, torch.Tensor) else float(lr)
 
     def _gradient_at_anchor(self, closure: Callable[[], float] | None) -> torch.Tensor:
-        """SASG's auxiliary gradient: the closure re-run with the parameters bound to the anchor."""
+        """SASG's auxiliary gradient: the closure re-run with the parameters at the anchor."""
         if closure is None:
             raise RuntimeError("the SASG skip rule needs step(closure): a closure that zeroes the "
                                "gradients, computes the loss on the same batch and calls backward")
         anchor = self.rule.skip_rule.anchor  # type: ignore[union-attr]
         assert anchor is not None and self._aux_grad is not None
-        rebind(self._params, anchor)  # views, no copy: the replica itself is never touched
+        self._binding.show_trainable(anchor)  # float32: views, no copy; the replica itself is never touched
         try:
             with torch.enable_grad():
                 closure()
-            self._gather_grad(self._aux_grad)
+            self._binding.gather_gradients(self._aux_grad)
+            self._add_weight_decay(self._aux_grad, anchor)
         finally:
-            rebind(self._params, self.replica)
+            self._binding.show_replica()
         return self._aux_grad
 
-    def _observe_model_step(self, item: ReceivedDelta) -> None:
+    def _on_apply(self, item: ReceivedDelta) -> None:
+        """After each applied delta (at a step boundary)."""
         rule = self.rule.skip_rule
-        assert rule is not None
-        rule.record_model_step(step_squared_norm(item.delta.values))
-        if item.members:
-            rule.num_workers = item.members
+        if rule is not None:
+            rule.record_model_step(step_squared_norm(trainable_part(item.delta, self.trainable_params).values))
+            if item.members:
+                rule.num_workers = item.members
+        if self.is_sync_round(item.round) or (item.round == self._final_round and self.layout.has_buffers):
+            self._binding.load_buffers()  # the mean of the workers' buffers, the same in every worker
 
     def _raise_failed_pushes(self) -> None:
         while self._in_flight and self._in_flight[0].done():
             self._in_flight.popleft().result()  # raises the server's refusal, if any
         for late in self.session.take_late_updates():
-            self.rule.ef.restore(late)  # its round closed at the deadline without it: send it again later
+            # Its round closed at the deadline without it: send it again later (the gradient
+            # part only: a late buffer sync is simply missed).
+            self.rule.ef.restore(trainable_part(late, self.trainable_params))
 
     def _wait_until_fresh(self, min_version: int) -> None:
         """Apply every delta received so far; block until the replica reaches min_version.
@@ -309,6 +489,9 @@ class Optimizer(torch.optim.Optimizer):
 
         recovery = self.session.recover(self._replica, wait_for, self.tau_max, self.round, timeout=timeout_s)
         self._in_flight.extend(recovery.futures)
+        # A pull may have replaced the replica: low-precision parameters follow it. Buffers
+        # keep their local values until the next sync.
+        self._binding.refresh_parameters(frozen=True)
         if recovery.rejoined:
             self.worker_id = self.session.worker_id
             self.round = recovery.first_round
@@ -327,8 +510,10 @@ class Optimizer(torch.optim.Optimizer):
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                return self._replica.catch_up(self.session.deltas, version, deadline=deadline,
-                                              on_idle=self._raise_failed_pushes)
+                reached = self._replica.catch_up(self.session.deltas, version, deadline=deadline,
+                                                 on_idle=self._raise_failed_pushes)
+                self._binding.refresh_parameters()
+                return reached
             except ConnectionLost:
                 if self._recover():
                     version = self.round
@@ -351,7 +536,10 @@ class Optimizer(torch.optim.Optimizer):
         """Wait for pushes in flight, leave at a round boundary, and close the connections.
 
         With error_feedback="def", first push the residual once (DEF's output step), so the
-        model ends at y_T = x_T - mean(e_T) on the server and in this replica."""
+        model ends at y_T = x_T - mean(e_T) on the server and in this replica. A model with
+        buffers syncs them once more in the same final round. Either way close() then waits
+        for that round to be applied, so workers that close after the same round end with
+        identical state_dict()s (parameters and buffers)."""
         if self.closed:
             return
         self._reattach()
@@ -364,8 +552,9 @@ class Optimizer(torch.optim.Optimizer):
                 self._replica.catch_up(self.session.deltas, 0, on_idle=self._raise_failed_pushes)
             except ConnectionLost:
                 self._recover(timeout_s=max(1.0, timeout / 2))
-            if self.rule.config.error_feedback == "def":
-                self._flush_residual(deadline)
+            residual = self.rule.final_residual() if self.rule.config.error_feedback == "def" else None
+            if residual is not None or self.layout.has_buffers:
+                self._push_final_round(residual, deadline)
             for future in self._in_flight:
                 future.result(max(0.0, deadline - time.monotonic()))
             self._in_flight.clear()
@@ -373,16 +562,26 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             self.session.close()
 
-    def _flush_residual(self, deadline: float) -> None:
+    def _push_final_round(self, residual: Update | None, deadline: float) -> None:
+        """One last round: DEF's residual flush and/or a buffer sync."""
         self._raise_failed_pushes()
-        self._in_flight.append(self.session.push(self.round, self.version, self.rule.final_residual()))
+        self.round = max(self.round, self.version)
+        if self.layout.has_buffers:
+            # Computed at the replica of every earlier round applied: the buffers every worker
+            # closing at this round sees, and what the replica holds when this round is applied.
+            self._replica.catch_up(self.session.deltas, self.round, deadline=deadline,
+                                   on_idle=self._raise_failed_pushes)
+        buffers = self._binding.buffer_differences() if self.layout.has_buffers else None
+        self._final_round = self.round
+        self._in_flight.append(self.session.push(self.round, self.version,
+                                                 with_buffers(residual, self.layout, buffers)))
         self.round += 1
-        # Wait for the flush round to close, so this replica (the user's model) holds y_T too.
+        # Wait for it to close, so this replica (the user's model) holds y_T and the synced buffers too.
         self._replica.catch_up(self.session.deltas, self.round, deadline=deadline, on_idle=self._raise_failed_pushes)
+        self._binding.refresh_parameters()
 
     def __enter__(self) -> Optimizer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -26,9 +26,11 @@ import grpc
 import torch
 
 from wanps.proto import codec
+from wanps.proto import structure as structures
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.proto.decisions import Decision, decision_from_message
+from wanps.proto.structure import TensorSpec
 from wanps.rpc.auth import ClientSecurity, aio_channel
 from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES
 from wanps.worker import recovery
@@ -100,7 +102,8 @@ class WorkerSession:
         self._generation = 0
         self.late_updates: deque[codec.Update] = deque()
         self.recoveries = 0
-        self._join_args: tuple[int, bytes, str, bool] | None = None  # (num_params, fingerprint, name, observer)
+        self._join_args: tuple | None = None  # join()'s arguments, for rejoin()
+        self.trainable_params: int | None = None
         self._io = IoLoop(use_uvloop)
         self._security, self._max_message_bytes = security, max_message_bytes
         self._server_channel = self._io.call(lambda: self._make_channel(server, RECONNECT_OPTIONS))
@@ -119,23 +122,30 @@ class WorkerSession:
     # ------------------------------------------------------------------ membership and model
 
     def join(self, num_params: int, fingerprint: bytes, name: str = "", observer: bool = False,
-             timeout: float = 60.0) -> pb.JoinReply:
+             timeout: float = 60.0, *, structure: Sequence[TensorSpec] = (),
+             trainable_params: int | None = None) -> pb.JoinReply:
+        """`num_params`: the replicated vector's size; `structure`: its tensors (so a refusal
+        names the first that differs); `trainable_params`: the pushed prefix [0, T), the
+        model size reported to the controller (DeCo's S_g); default num_params."""
         request = pb.JoinRequest(role=pb.ROLE_OBSERVER if observer else pb.ROLE_WORKER, num_params=num_params,
-                                 model_fingerprint=fingerprint, name=name)
+                                 model_fingerprint=fingerprint, name=name,
+                                 structure=structures.to_messages(structure))
         reply = self._io.call(lambda: self._server.Join(request, wait_for_ready=True, timeout=timeout))
         self.worker_id, self.num_params = reply.worker_id, num_params
+        self.trainable_params = num_params if trainable_params is None else trainable_params
         if self.metrics is not None:
             self.metrics.worker_id.set(reply.worker_id)
         self.incarnation = reply.incarnation
-        self._join_args = (num_params, fingerprint, name, observer)
-        self.telemetry.joined(reply.worker_id, num_params, reply.first_round)
+        self._join_args = (num_params, fingerprint, name, observer, tuple(structure), trainable_params)
+        self.telemetry.joined(reply.worker_id, self.trainable_params, reply.first_round)
         return reply
 
     def rejoin(self, timeout: float) -> pb.JoinReply:
         """Join again as the last `join` did (recovery, when the server no longer knows this worker)."""
         assert self._join_args is not None
-        num_params, fingerprint, name, observer = self._join_args
-        return self.join(num_params, fingerprint, name, observer=observer, timeout=timeout)
+        num_params, fingerprint, name, observer, structure, trainable_params = self._join_args
+        return self.join(num_params, fingerprint, name, observer=observer, timeout=timeout, structure=structure,
+                         trainable_params=trainable_params)
 
     def seed(self, model: torch.Tensor) -> pb.SeedModelReply:
         """Upload the initial model (a tensor on any device: copied to the host once, here)."""
@@ -317,7 +327,7 @@ class WorkerSession:
         known lost it is only logged (recover() sends it)."""
         if self.metrics is not None:
             self.metrics.record_push(round_, computed_at_version, None if update is None else update.count,
-                                     self.num_params or 0)
+                                     self.trainable_params or 0)
         logged = self.log_push(round_, computed_at_version, update)
         if self._lost:
             done: concurrent.futures.Future[pb.PushReply] = concurrent.futures.Future()

@@ -70,7 +70,16 @@ class UpdateRule:
                                 device=self.device)
         self.def_lambda = config.def_lambda if config.error_feedback != "ef" else 0.0
         self._momentum_buffer = torch.zeros(num_params, device=self.device) if config.momentum else None
+        self._momentum: float | torch.Tensor = config.momentum  # set_momentum: per element
         self.skip_rule = skip_rule
+
+    def set_momentum(self, mu: float | torch.Tensor) -> None:
+        """mu of m = mu*m + g from now on: one float, or one per element (the optimizer's
+        per-group momentum). The momentum buffer is made when a mu first becomes nonzero."""
+        self._momentum = mu
+        nonzero = bool((mu != 0).any()) if isinstance(mu, torch.Tensor) else mu != 0
+        if self._momentum_buffer is None and nonzero:
+            self._momentum_buffer = torch.zeros_like(self.ef.residual)
 
     # -------------------------------------------------------------- where to take gradients
 
@@ -111,7 +120,7 @@ class UpdateRule:
                 raise ValueError("the skip rule needs the parameters an uploaded gradient was taken at")
             rule.uploaded(params)
         if self._momentum_buffer is not None:
-            self._momentum_buffer.mul_(self.config.momentum).add_(grad)
+            self._momentum_buffer.mul_(self._momentum).add_(grad)
             grad.copy_(self._momentum_buffer)
         grad.mul_(lr)
         return self.ef.compress(grad, delta, round_)
