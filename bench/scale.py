@@ -7,8 +7,8 @@ feedback, tau 0) over loopback, pushing random gradients (the point is the syste
 overhead, not model compute: the gradients are views into one shared random pool, so
 producing them costs nothing). Reported per row:
 
-- join: the wall time from starting the workers until every one has joined, the first
-  has seeded the model and all have pulled it (the Optimizer constructors return);
+- join: the wall time from starting the workers' `Optimizer` constructors (all at once)
+  until every one has returned: joined, the first has seeded the model, all have pulled it;
 - the worker's step, per worker and step, split into `select` (the compressor), `encode`
   (the push's wire messages), `push wait` (blocked until the round closed and its delta
   arrived, minus applying it), `apply` (applying deltas, with the CRC check when one is
@@ -31,8 +31,10 @@ producing them costs nothing). Reported per row:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
+import shlex
 import tempfile
 import threading
 import time
@@ -67,6 +69,7 @@ class ScaleConfig:
     compressor: str = "topk-sampled"
     lr: float = 0.1
     time_limit_s: float = 1800.0
+    server_flags: tuple[str, ...] = ()  # more `wanps server` flags (the defaults otherwise)
 
 
 @dataclass
@@ -171,6 +174,7 @@ class StepTimer:
     def __init__(self, opt: Optimizer) -> None:
         self.totals = dict.fromkeys(STEP_PARTS, 0.0)
         self.recording = False
+        self._wrapped: list[tuple[Any, str]] = []
         self._in_wait = False
         self._apply_in_wait = 0.0
         compressor = getattr(getattr(getattr(opt, "rule", None), "ef", None), "compressor", None)
@@ -205,6 +209,15 @@ class StepTimer:
                 self.totals[part] += seconds
 
         setattr(owner, name, timed)
+        self._wrapped.append((owner, name))
+
+    def unwrap(self) -> None:
+        """Remove the wrappers: each one closes a reference cycle (the owner holds the wrapper,
+        which holds the owner's bound method), which would keep a model-sized worker alive
+        until the cyclic garbage collector happens to run."""
+        for owner, name in self._wrapped:
+            delattr(owner, name)
+        self._wrapped.clear()
 
 
 def _build_pool(d: int) -> torch.Tensor:
@@ -216,7 +229,7 @@ def run_row(config: ScaleConfig, d: int, n: int, delta: float, pool: torch.Tenso
             bandwidth: float) -> Row:
     server = start_process(f"scale-server-{d}-{n}-{delta}", wanps_command(
         "server", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--min-workers", str(n),
-        "--log-level", "WARNING"), work_dir / "logs")
+        "--log-level", "WARNING", *config.server_flags), work_dir / "logs")
     try:
         server.wait_ready(120)
         metrics_port = server.metrics_port
@@ -230,11 +243,11 @@ def _run_row(config: ScaleConfig, server: ManagedProcess, metrics_port: int, d: 
              pool: torch.Tensor, bandwidth: float) -> Row:
     rss_before = _status_mib(server.pid, "VmRSS")
     total_rounds = config.warmup_rounds + config.rounds
-    opts: list[Optimizer | None] = [None] * n
     timers: list[StepTimer | None] = [None] * n
     cpu = [0.0] * n
     wall = [0.0] * n
     errors: list[BaseException] = []
+    prepared = threading.Barrier(n + 1)
     joined = threading.Barrier(n + 1)
     measuring = threading.Barrier(n + 1)
     finished = threading.Barrier(n + 1)
@@ -243,11 +256,10 @@ def _run_row(config: ScaleConfig, server: ManagedProcess, metrics_port: int, d: 
         opt = None
         try:
             # The seeder's initial model is random, the others' zero (replaced by the pull anyway).
-            initial = pool[:d].clone() if index == 0 else torch.zeros(d)
-            param = torch.nn.Parameter(initial)
+            param = torch.nn.Parameter(pool[:d].clone() if index == 0 else torch.zeros(d))
+            prepared.wait(config.time_limit_s)
             opt = Optimizer([param], server=server.address, lr=config.lr, tau=0, delta=delta,
                             compressor=config.compressor, name=f"scale-{index}", join_timeout_s=config.time_limit_s)
-            opts[index] = opt
             timers[index] = timer = StepTimer(opt)
             joined.wait(config.time_limit_s)
             for step in range(total_rounds):
@@ -266,17 +278,20 @@ def _run_row(config: ScaleConfig, server: ManagedProcess, metrics_port: int, d: 
             finished.wait(config.time_limit_s)
         except BaseException as exc:
             errors.append(exc)
-            for barrier in (joined, measuring, finished):
+            for barrier in (prepared, joined, measuring, finished):
                 barrier.abort()
         finally:
+            if timers[index] is not None:
+                timers[index].unwrap()
             if opt is not None:
                 opt.close()
 
     threads = [threading.Thread(target=work, args=(i,), name=f"scale-worker-{i}", daemon=True) for i in range(n)]
-    started = time.perf_counter()
     for thread in threads:
         thread.start()
     try:
+        prepared.wait(config.time_limit_s)
+        started = time.perf_counter()
         joined.wait(config.time_limit_s)
         join_seconds = time.perf_counter() - started
         measuring.wait(config.time_limit_s)
@@ -330,19 +345,80 @@ def _rss_settled(pid: int, samples: int = 10) -> list[float]:
     return values
 
 
+# ---------------------------------------------------------------------------- one step, alone
+
+
+def profile_step(d: int, delta: float, workers: int, compressor: str, steps: int = 5) -> dict[str, float]:
+    """The worker's step parts on one thread with no server and no contention (ms per step):
+    the same library calls an Optimizer step makes (gradient copy, UpdateRule.update with its
+    compressor's select timed apart, codec.push_messages, codec.apply_delta of a delta the
+    size of `workers` pushes' union), and the CRC a replica computes when one is due."""
+    from wanps.proto import codec
+    from wanps.proto import wanps_pb2 as pb
+    from wanps.worker.update_rule import UpdateConfig, UpdateRule
+
+    torch.set_num_threads(1)
+    pool = _build_pool(d)
+    rule = UpdateRule(d, UpdateConfig(compressor=compressor))
+    totals = dict.fromkeys(("gather", "select", "error feedback", "encode", "apply", "crc (when due)"), 0.0)
+    select = rule.ef.compressor.select
+
+    def timed_select(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return select(*args, **kwargs)
+        finally:
+            totals["select"] += time.perf_counter() - started
+
+    rule.ef.compressor.select = timed_select
+    grad, replica = torch.zeros(d), pool[:d].clone()
+    k = elements_for(delta, d)
+    generator = torch.Generator().manual_seed(7)
+    union = min(d, workers * k)
+    delta_indices = torch.randperm(d, generator=generator)[:union].sort().values.to(torch.int32)
+    delta_values = torch.randn(union, generator=generator).mul_(1e-3)
+    for step in range(steps + 1):
+        if step == 1:
+            totals = dict.fromkeys(totals, 0.0)
+        offset = step * 577 % POOL_SLACK
+        started = time.perf_counter()
+        grad.copy_(pool[offset : offset + d])
+        gathered = time.perf_counter()
+        select_before = totals["select"]
+        update = rule.update(grad, 0.1, delta, step)
+        updated = time.perf_counter()
+        codec.push_messages(pb.PushHeader(worker_id=1, round=step), update)
+        encoded = time.perf_counter()
+        codec.apply_delta(replica, codec.Update(values=delta_values, indices=delta_indices))
+        applied = time.perf_counter()
+        codec.model_crc32(replica)
+        checked = time.perf_counter()
+        totals["gather"] += gathered - started
+        totals["error feedback"] += (updated - gathered) - (totals["select"] - select_before)
+        totals["encode"] += encoded - updated
+        totals["apply"] += applied - encoded
+        totals["crc (when due)"] += checked - applied
+    del rule.ef.compressor.select
+    return {part: seconds / steps * 1e3 for part, seconds in totals.items()}
+
+
 # ---------------------------------------------------------------------------- run and print
 
 
-def run_scale(config: ScaleConfig, on_row: Callable[[Row], None] | None = None) -> ScaleResult:
+def run_scale(config: ScaleConfig, on_row: Callable[[Row], None] | None = None,
+              log_dir: str | None = None) -> ScaleResult:
+    """`log_dir`: keep the server logs there (default: a temporary folder, removed)."""
     torch.set_num_threads(1)
     bandwidth = copy_bandwidth()
     result = ScaleResult(benchmark="scale", config=asdict(config), machine=machine_info(), copy_gb_per_s=bandwidth)
-    with tempfile.TemporaryDirectory(prefix="wanps-scale-") as work_dir:
+    with tempfile.TemporaryDirectory(prefix="wanps-scale-") as temp_dir:
+        work_dir = log_dir or temp_dir
         for d in config.params:
             pool = _build_pool(d)
             for n in config.workers:
                 for delta in config.deltas:
                     row = run_row(config, d, n, delta, pool, Path(work_dir), bandwidth)
+                    gc.collect()  # the row's workers (model-sized buffers) are gone before the next one
                     result.rows.append(row)
                     if on_row is not None:
                         on_row(row)
@@ -374,7 +450,8 @@ def row_cells(row: Row) -> list[str]:
 
 
 def print_scale(result: ScaleResult) -> None:
-    print(f"scale: {result.config['rounds']} rounds per row (after {result.config['warmup_rounds']} warm-up), "
+    flags = " ".join(result.config["server_flags"]) or "default settings"
+    print(f"scale: server with {flags}; {result.config['rounds']} rounds per row (after {result.config['warmup_rounds']} warm-up), "
           f"{result.config['compressor']}, tau 0; step parts in ms per worker and step")
     print(text_table(HEADERS, [row_cells(r) for r in result.rows]))
     print(f"memory-traffic floor: {result.copy_gb_per_s:.1f} GB/s (float32 copy, one thread); floor of a step = "
@@ -400,9 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=defaults.rounds, help="Measured rounds per row.")
     parser.add_argument("--warmup-rounds", type=int, default=defaults.warmup_rounds)
     parser.add_argument("--compressor", default=defaults.compressor)
+    parser.add_argument("--server-flags", default="", help="More `wanps server` flags, e.g. '--history-mb 64'.")
     parser.add_argument("--quick", action="store_true",
                         help="CI size: 1M parameters, 2 workers, delta 0.01, 5 rounds (overrides the sizes).")
     parser.add_argument("--json", default="", help="Also write the results here.")
+    parser.add_argument("--log-dir", default="", help="Keep the server logs in DIR/logs (default: not kept).")
+    parser.add_argument("--profile-step", action="store_true",
+                        help="Only profile one worker's step alone (first --params, --deltas and --workers: the "
+                             "applied delta's size), on one thread, no server; against the floor.")
     return parser
 
 
@@ -412,22 +494,37 @@ def main(argv: list[str] | None = None) -> int:
         config = ScaleConfig(params=tuple(parse_count(p) for p in args.params.split(",")),
                              workers=tuple(int(w) for w in args.workers.split(",")),
                              deltas=tuple(float(x) for x in args.deltas.split(",")), rounds=args.rounds,
-                             warmup_rounds=args.warmup_rounds, compressor=args.compressor)
+                             warmup_rounds=args.warmup_rounds, compressor=args.compressor,
+                             server_flags=tuple(shlex.split(args.server_flags)))
     except ValueError as exc:
         print(f"wanps bench scale: {exc}")
         return 2
     if args.quick:
         config = ScaleConfig(params=(1_000_000,), workers=(2,), deltas=(0.01,), rounds=5, warmup_rounds=1,
-                             compressor=args.compressor)
+                             compressor=args.compressor, server_flags=config.server_flags)
     if (min(config.params) < 1 or min(config.workers) < 1 or config.rounds < 1 or config.warmup_rounds < 0
             or not all(0 < x <= 1 for x in config.deltas)):
         print("wanps bench scale: sizes, workers and rounds must be positive and deltas in (0, 1]")
         return 2
 
+    if args.profile_step:
+        d, delta, n = config.params[0], config.deltas[0], config.workers[0]
+        bandwidth = copy_bandwidth()
+        parts = profile_step(d, delta, n, config.compressor)
+        k = elements_for(delta, d)
+        floor_ms = floor_bytes(d, k, min(d, n * k)) / (bandwidth * 1e9) * 1e3
+        step_ms = sum(v for part, v in parts.items() if part != "crc (when due)")
+        print(f"one worker's step alone: {_count(d)} parameters, delta {delta:g}, a delta of {n} pushes' union, "
+              f"{config.compressor}, one thread")
+        print(text_table(("part", "ms"), [(part, f"{ms:.1f}") for part, ms in parts.items()], left_aligned=True))
+        print(f"step (without the CRC) {step_ms:.0f} ms; floor (16 d + 20 k + 16 u) at {bandwidth:.1f} GB/s: "
+              f"{floor_ms:.1f} ms; {step_ms / floor_ms:.2f}x")
+        return 0
+
     def show(row: Row) -> None:
         print("  ".join(f"{h}={c}" for h, c in zip(HEADERS, row_cells(row))), flush=True)
 
-    result = run_scale(config, on_row=show)
+    result = run_scale(config, on_row=show, log_dir=args.log_dir or None)
     print_scale(result)
     if args.json:
         write_json(args.json, result)

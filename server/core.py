@@ -32,7 +32,8 @@ The mean over a round is `aggregate()` (server/aggregate.py); the core decides w
 Time comes from an injected clock (`clock`, monotonic seconds), so the rules stay testable.
 
 Memory: the model (d floats), at most tau_max + 1 open rounds each holding one sparse
-update per worker, one stored update per worker, and while a round closes, its union.
+update per worker, one stored update per worker, and while a round closes, its delta.
+With no member left, nothing but the model (docs/operations.md, "Server memory").
 With `audit` on, also the initial model (4d) and the float64 sum of applied deltas (8d).
 """
 from __future__ import annotations
