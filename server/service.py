@@ -456,7 +456,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.metrics.history_bytes.set(0)
         if self._snapshot is not None and self._snapshot[3] == 0:
             self._snapshot = None
-        self._core_thread.submit(release_free_memory)
+        try:
+            self._core_thread.submit(release_free_memory)
+        except RuntimeError:  # shutting down: the process is about to end anyway
+            pass
 
 
 def decode_push(header: pb.PushHeader, index_raw: bytes | bytearray, value_raw: bytes | bytearray, num_params: int
