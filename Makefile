@@ -67,7 +67,7 @@ bench-wire: install
 	$(VENV)/bin/wanps bench wire
 
 # 10M and 124M parameters x 2, 4 workers x delta 0.001, 0.01, 0.1 on loopback: join/pull time,
-# the worker's step split, server round time, peak RSS (docs/benchmarks.md; ~25 minutes, ~14 GB
+# the worker's step split, server round time, peak RSS (docs/benchmarks.md; ~12 minutes, ~12 GB
 # of memory for the 124M rows). Needs a quiet machine: it reports times.
 bench-scale: install
 	$(VENV)/bin/wanps bench scale --json results/scale.json

@@ -254,3 +254,35 @@ def test_a_client_leaving_a_large_stream_leaves_no_traceback(make_cluster, caplo
         assert logged == [] and handled("UNKNOWN") == 0
     finally:
         client.close()
+
+
+def test_a_slow_member_gets_its_rounds_from_a_zero_byte_history(make_cluster):
+    """With --history-mb 0 the history keeps only the newest round, and the rounds a member's
+    stream has yet to send: a worker whose stream is still on a large round while the next
+    two close (tau_max 2) receives all three, instead of being told to pull the model."""
+    cluster = make_cluster(min_workers=2, tau_max=2, policy=None, history_mb=0)
+    service = cluster.server.service
+    client = RawClient(cluster.server_address)
+    d = 4_000_000
+    try:
+        (a, b), _ = join_and_seed(client, d, 2)
+        stream = client.stub.Updates(pb.UpdatesRequest(worker_id=b, from_version=0), timeout=60)
+        everything = np.arange(d)
+        push_pairs(client, a, 0, everything, 1e-3)
+        push_pairs(client, b, 0, everything, 1e-3)  # round 0: a 32 MB delta that b does not read yet
+        assert next(stream).round == 0  # b's stream is on round 0 (gRPC buffers hold far less than 32 MB)
+        for round_ in (1, 2):
+            push_pairs(client, a, round_, np.arange(5), 1.0)
+            push_pairs(client, b, round_, np.arange(5), 1.0)
+        wait_until(lambda: service.history.published_through == 2, "rounds 1 and 2 published")
+        assert service.history.rounds == [0, 1, 2]  # over the budget: the member still needs them
+        finished = []  # rounds whose last chunk b received
+        for chunk in stream:
+            if chunk.last:
+                finished.append(chunk.round)
+                if chunk.round == 2:
+                    break
+        assert finished == [0, 1, 2]
+        stream.cancel()
+    finally:
+        client.close()
