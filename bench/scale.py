@@ -9,6 +9,8 @@ producing them costs nothing). Reported per row:
 
 - join: the wall time from starting the workers' `Optimizer` constructors (all at once)
   until every one has returned: joined, the first has seeded the model, all have pulled it;
+  within it `seed` (the first worker's upload) and `pull` (the slowest download, from the
+  later of its start and the seed's end);
 - the worker's step, per worker and step, split into `select` (the compressor), `encode`
   (the push's wire messages), `push wait` (blocked until the round closed and its delta
   arrived, minus applying it), `apply` (applying deltas, with the CRC check when one is
@@ -50,6 +52,7 @@ from wanps.bench.report import load_summary, machine_info, text_table, write_jso
 from wanps.deploy.processes import ManagedProcess, start_process, wanps_command
 from wanps.worker.error_feedback import elements_for
 from wanps.worker.optimizer import Optimizer
+from wanps.worker.session import WorkerSession
 
 DEFAULT_PARAMS = (10_000_000, 124_000_000)
 DEFAULT_WORKERS = (2, 4)
@@ -80,6 +83,8 @@ class Row:
     rounds: int
     pushed_pairs: int  # k per push
     join_seconds: float  # all workers joined, seeded, pulled
+    seed_seconds: float  # the first worker's SeedModel call
+    pull_seconds: float  # the slowest pull, from the later of its start and the seed's end
     step_seconds: float  # wall, per worker and step
     step_cpu_seconds: float
     split_seconds: dict[str, float]  # per worker and step
@@ -220,6 +225,46 @@ class StepTimer:
         self._wrapped.clear()
 
 
+class SessionCalls:
+    """Start and end of every WorkerSession.seed and .pull in this process while active (the
+    class's methods, wrapped for the join phase of a row: the workers' sessions are created
+    inside their Optimizer constructors)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[tuple[float, float]]] = {"seed": [], "pull": []}
+        self._lock = threading.Lock()
+        self._originals: dict[str, Any] = {}
+
+    def __enter__(self) -> SessionCalls:
+        for name in self.calls:
+            original = self._originals[name] = getattr(WorkerSession, name)
+
+            def timed(session: WorkerSession, *args: Any, _original: Any = original, _name: str = name,
+                      **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return _original(session, *args, **kwargs)
+                finally:
+                    with self._lock:
+                        self.calls[_name].append((started, time.perf_counter()))
+
+            setattr(WorkerSession, name, timed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._originals.items():
+            setattr(WorkerSession, name, original)
+
+    def seed_seconds(self) -> float:
+        return sum(end - start for start, end in self.calls["seed"])
+
+    def pull_seconds(self) -> float:
+        """The slowest pull, counted from the later of its start and the end of the seed
+        (a pull waits for the seed and for every worker to join: that is not its own time)."""
+        seeded = max((end for _, end in self.calls["seed"]), default=0.0)
+        return max((end - max(start, seeded) for start, end in self.calls["pull"]), default=0.0)
+
+
 def _build_pool(d: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1234)
     return torch.randn(d + POOL_SLACK, generator=generator).mul_(1e-2)
@@ -290,10 +335,11 @@ def _run_row(config: ScaleConfig, server: ManagedProcess, metrics_port: int, d: 
     for thread in threads:
         thread.start()
     try:
-        prepared.wait(config.time_limit_s)
-        started = time.perf_counter()
-        joined.wait(config.time_limit_s)
-        join_seconds = time.perf_counter() - started
+        with SessionCalls() as session_calls:
+            prepared.wait(config.time_limit_s)
+            started = time.perf_counter()
+            joined.wait(config.time_limit_s)
+            join_seconds = time.perf_counter() - started
         measuring.wait(config.time_limit_s)
         before = _scrape(metrics_port)
         cpu_before = _cpu_seconds(server.pid)
@@ -329,6 +375,7 @@ def _run_row(config: ScaleConfig, server: ManagedProcess, metrics_port: int, d: 
     floor_s = floor_bytes(d, k, union) / (bandwidth * 1e9)
     step_cpu = sum(cpu) / steps
     return Row(params=d, workers=n, delta=delta, rounds=int(closed), pushed_pairs=k, join_seconds=join_seconds,
+               seed_seconds=session_calls.seed_seconds(), pull_seconds=session_calls.pull_seconds(),
                step_seconds=step_wall, step_cpu_seconds=step_cpu, split_seconds=split,
                server_round_seconds=round_sum / max(1.0, round_count),
                server_cpu_per_round_seconds=(cpu_after - cpu_before) / max(1.0, closed),
@@ -435,7 +482,7 @@ def _count(value: float) -> str:
     return f"{value / 1e6:g}M" if value >= 1e6 else f"{value / 1e3:g}K" if value >= 1e3 else f"{value:g}"
 
 
-HEADERS = ("params", "workers", "delta", "join s", "step ms", "step CPU ms", "select", "encode", "push wait",
+HEADERS = ("params", "workers", "delta", "join s", "seed s", "pull s", "step ms", "step CPU ms", "select", "encode", "push wait",
            "apply", "other", "server round ms", "server CPU/round ms", "server peak RSS MiB",
            "RSS after leave MiB", "CPU/floor")
 
@@ -443,6 +490,7 @@ HEADERS = ("params", "workers", "delta", "join s", "step ms", "step CPU ms", "se
 def row_cells(row: Row) -> list[str]:
     split = row.split_seconds
     return [_count(row.params), str(row.workers), f"{row.delta:g}", f"{row.join_seconds:.2f}",
+            f"{row.seed_seconds:.2f}", f"{row.pull_seconds:.2f}",
             _millis(row.step_seconds), _millis(row.step_cpu_seconds),
             *(_millis(split[p]) for p in STEP_PARTS), _millis(row.server_round_seconds),
             _millis(row.server_cpu_per_round_seconds), f"{row.server_peak_rss_mib:.0f}",

@@ -28,6 +28,7 @@ def test_bench_scale_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert set(row["split_seconds"]) == set(STEP_PARTS)
     assert all(v >= 0 for v in row["split_seconds"].values())
     assert row["join_seconds"] > 0 and row["step_seconds"] > 0 and row["step_cpu_seconds"] > 0
+    assert 0 < row["seed_seconds"] <= row["join_seconds"] and 0 < row["pull_seconds"] <= row["join_seconds"]
     assert row["server_peak_rss_mib"] >= row["server_rss_after_leave_mib"] > 0
     assert row["floor_seconds"] > 0 and row["cpu_over_floor"] > 0
 
