@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.wanps-installed
 
 .PHONY: install system-deps run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate \
-        bench-algorithms soak clean wheels image compose-test
+        bench-algorithms bench-scale soak clean wheels image compose-test
 
 install: $(STAMP)
 
@@ -65,6 +65,12 @@ bench-push: install
 
 bench-wire: install
 	$(VENV)/bin/wanps bench wire
+
+# 10M and 124M parameters x 2, 4 workers x delta 0.001, 0.01, 0.1 on loopback: join/pull time,
+# the worker's step split, server round time, peak RSS (docs/benchmarks.md; ~12 minutes, ~12 GB
+# of memory for the 124M rows). Needs a quiet machine: it reports times.
+bench-scale: install
+	$(VENV)/bin/wanps bench scale --json results/scale.json
 
 # Load: 64 in-process workers x 1,000 rounds against a real server on loopback; prints
 # rounds/s and peak RSS, checks every invariant, gives up after 20 minutes (docs/operations.md).

@@ -18,6 +18,8 @@ BENCHMARKS = {
                    "SASG rounds/bits to target, DEF vs EF at high compression, compressor speed"),
     "scrape": ("wanps.bench.scrape", "the server's CPU per Prometheus scrape, as a fraction of a round's time"),
     "soak": ("wanps.bench.soak", "many workers x many rounds on loopback: rounds/s, peak RSS, invariants"),
+    "scale": ("wanps.bench.scale",
+              "10M and 124M parameters: join/pull time, the worker's step split, server round time and RSS"),
 }
 
 USAGE = "\n".join([

@@ -23,7 +23,7 @@ import torch
 
 from wanps.bench.report import write_json
 from wanps.deploy.processes import start_process, wanps_command
-from wanps.proto.codec import model_crc32
+from wanps.proto.codec import model_checksum
 from wanps.server.checkpoint import read_checkpoint
 from wanps.worker.optimizer import Optimizer, bind_to_flat
 from wanps.worker.tasks import get_task
@@ -140,8 +140,8 @@ def run_soak(config: SoakConfig, work_dir: Path) -> SoakResult:
         assert version == config.rounds, f"server at version {version}"
         assert torch.allclose(audit["initial_model"].double() - audit["applied_sum"], model.double(), atol=1e-4), \
             "conservation broken"
-        crc = model_crc32(model)
-        assert all(v == version and model_crc32(values) == crc for v, values in replicas.values()), \
+        checksum = model_checksum(model)
+        assert all(v == version and model_checksum(values) == checksum for v, values in replicas.values()), \
             "a replica differs from the server's model"
         assert len(replicas) == config.workers, "not every worker finished"
     except AssertionError as exc:

@@ -34,8 +34,12 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
                         help="Send the model checksum every N rounds (0 = never; auto = every ceil(params / 1M) rounds).")
     parser.add_argument("--torch-threads", env="WANPS_TORCH_THREADS", type=int, default=defaults.torch_threads,
                         help="torch intra-op threads for aggregation.")
+    parser.add_argument("--history-mb", env="WANPS_HISTORY_MB", type=float, default=defaults.history_mb,
+                        help="Payload MiB of closed rounds kept for followers that reconnect or lag (the newest "
+                             "round is always kept, and the rounds a worker's stream has yet to send; "
+                             "docs/operations.md, 'Server memory').")
     parser.add_argument("--history-rounds", env="WANPS_HISTORY_ROUNDS", type=int, default=defaults.history_rounds,
-                        help="Closed rounds kept for followers that reconnect or lag.")
+                        help="The most closed rounds kept for followers, whatever their size.")
     parser.add_argument("--max-payload-elements", env="WANPS_MAX_PAYLOAD_ELEMENTS", type=int,
                         default=limits.max_payload_elements,
                         help="Largest model (parameters) and push (elements) accepted.")
@@ -72,10 +76,13 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
         parser.error(str(exc))
     config = ServerConfig(
         **serve, tau_max=args.tau_max, min_workers=args.min_workers, checksum_every=checksum_every(args.checksum_every),
-        torch_threads=args.torch_threads, history_rounds=args.history_rounds, limits=limits, lease_s=args.lease_s,
+        torch_threads=args.torch_threads, history_rounds=args.history_rounds, history_mb=args.history_mb,
+        limits=limits, lease_s=args.lease_s,
         round_deadline_s=args.round_deadline_s, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume_dir=args.resume, audit=args.audit,
     )
+    if config.history_mb < 0 or config.history_rounds < 1:
+        parser.error("--history-mb must be >= 0 and --history-rounds >= 1")
     if config.lease_s < 0 or config.round_deadline_s < 0 or config.checkpoint_every < 0:
         parser.error("--lease-s, --round-deadline-s and --checkpoint-every must be >= 0")
     if config.resume_dir is not None and not checkpoint_path(config.resume_dir).is_file():

@@ -46,6 +46,11 @@ class ServerMetrics:
         self.delta_elements = Gauge(
             "wanps_server_delta_elements", "Elements in the last broadcast delta.", registry=registry
         )
+        self.history_bytes = Gauge(
+            "wanps_server_history_bytes",
+            "Payload bytes of the closed rounds kept for Updates followers (bounded by --history-mb).",
+            registry=registry,
+        )
         self.members_expired = Counter(
             "wanps_server_members_expired", "Workers removed because their lease ran out.", registry=registry
         )

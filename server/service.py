@@ -29,13 +29,15 @@ from wanps.rpc.serving import RunningService, ServeConfig, start_grpc_service
 from wanps.proto import codec
 from wanps.proto import structure as structures
 from wanps.proto import wanps_pb2 as pb
+from wanps.proto.wire import CHUNK_ELEMENTS
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.server.checkpoint import CheckpointScheduler, core_state, read_checkpoint, restore_core
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from wanps.rpc.limits import Limits, StreamLimiter, TokenBucket
 from wanps.rpc.status import REFUSALS, mapped_errors, status_for
 from wanps.server.core import ClosedRound, CoreConfig, PushResult, ServerCore
-from wanps.server.history import RoundHistory, encode_round
+from wanps.server.history import DEFAULT_HISTORY_MB, RoundHistory, encode_round
+from wanps.server.memory import release_free_memory
 from wanps.server.metrics import ServerMetrics
 
 log = logging.getLogger("wanps.server")
@@ -56,8 +58,11 @@ class ServerConfig(ServeConfig):
     # need the other core(s), and a second torch thread competes with them for it under load
     # (docs/benchmarks.md, `wanps bench push --torch-threads`).
     torch_threads: int = 1
-    # Closed rounds kept for Updates replays (a reconnecting or slow follower catches up from them).
+    # Closed rounds kept for Updates replays (a reconnecting or slow follower catches up from
+    # them): as many of the newest as fit in `history_mb` MiB of payload, at most
+    # `history_rounds`, always the newest (server/history.py).
     history_rounds: int = 64
+    history_mb: float = DEFAULT_HISTORY_MB
     limits: Limits = Limits()
     # Faults (docs/operations.md). A worker silent this long leaves at the next round boundary (0: never).
     lease_s: float = 30.0
@@ -84,13 +89,14 @@ class ServerConfig(ServeConfig):
 class ParameterServerService(pb_grpc.ParameterServerServicer):
     def __init__(self, core: ServerCore, metrics: ServerMetrics, history_rounds: int,
                  limits: Limits | None = None, *, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-                 sweep_interval_s: float = 1.0) -> None:
+                 sweep_interval_s: float = 1.0, history_mb: float | None = None) -> None:
         self.core = core
         self.limits = limits or Limits()
         self._joins = TokenBucket(self.limits.join_rate_per_s, self.limits.join_burst)
         self._streams = StreamLimiter(self.limits.max_streams_per_worker)
         self.metrics = metrics
-        self.history = RoundHistory(history_rounds)
+        budget = None if history_mb is None else int(history_mb * 2**20)
+        self.history = RoundHistory(history_rounds, budget, pin_rounds=core.config.tau_max + 1)
         # A resumed core starts at its checkpoint's version: older rounds are not in the history.
         self.history.published_through = core.version - 1
         self._core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-core")
@@ -99,6 +105,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self._seeded = asyncio.Event()
         self._started = asyncio.Event()
         self._last_close_time: float | None = None
+        # One model snapshot shared by the pulls that stream it at once (they start together
+        # when a cluster starts): [version, model, checksum, open pulls], or None.
+        self._snapshot: list[Any] | None = None
+        self._snapshot_lock = asyncio.Lock()
         self.checkpoints = (CheckpointScheduler(core, checkpoint_dir, checkpoint_every, metrics)
                             if checkpoint_dir is not None else None)
         self._sweep_interval_s = sweep_interval_s
@@ -133,6 +143,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def _sweep_on_core_thread(self):
         result = self.core.sweep()
         self._publish(result.closed)
+        if result.expired and not self.core.members:
+            self._release_when_published()
         return result
 
     async def _on_core(self, fn: Callable[..., T], *args: Any) -> T:
@@ -198,8 +210,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             num_params = self.core.num_params
             if num_params is None:
                 raise FailedPrecondition("join before seeding")
-            buffer = bytearray()
-            filled = 0
+            model: torch.Tensor | None = None
+            target = memoryview(b"")
+            filled = 0  # bytes
             worker_id = None
             async for chunk in request_iterator:
                 if worker_id is None:
@@ -210,20 +223,23 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                         raise FailedPrecondition("the model is already seeded")
                     if worker_id not in self.core.members:
                         raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
-                    buffer = bytearray(num_params * 4)
+                    # Chunks go straight into the tensor the core keeps: one copy of the model.
+                    model = torch.empty(num_params, dtype=torch.float32)
+                    target = memoryview(model.numpy()).cast("B")
                 if chunk.offset != filled // 4:
                     raise InvalidArgument(f"seed chunk at offset {chunk.offset}, expected {filled // 4}")
-                end = filled + len(chunk.values)
-                if len(chunk.values) % 4 or end > len(buffer):
+                values = chunk.values
+                end = filled + len(values)
+                if len(values) % 4 or end > len(target):
                     raise InvalidArgument("seed chunks exceed the model size or split a float")
-                buffer[filled:end] = chunk.values
+                target[filled:end] = values
                 filled = end
-            if worker_id is None or filled != len(buffer):
+            if worker_id is None or model is None or filled != len(target):
                 raise InvalidArgument(f"seed carried {filled // 4} of {num_params} parameters")
-            model = torch.frombuffer(buffer, dtype=torch.float32)
-            checksum = await self._on_core(self.core.seed, worker_id, model)
+            target.release()
+            checksum = await self._on_core(self.core.seed, worker_id, model, False)
             self._refresh_events()
-            self.metrics.received_bytes.inc(len(buffer))
+            self.metrics.received_bytes.inc(filled)
             log.info("model seeded by worker %d: %d parameters, checksum %08x", worker_id, num_params, checksum)
             return pb.SeedModelReply(version=self.core.version, model_checksum=checksum)
 
@@ -233,39 +249,62 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             if not self.core.is_known(worker_id):
                 raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
             with self._streams.open(worker_id, "PullModel"):
-                async for chunk in self._pull_model(worker_id):
-                    yield chunk
+                await self._pull_model(worker_id, context)
+        return
+        yield  # noqa: an async generator for gRPC and the interceptors; the chunks go out by write_message
 
-    async def _pull_model(self, worker_id: int) -> AsyncIterator[pb.ModelChunk]:
+    async def _pull_model(self, worker_id: int, context) -> None:
         self.core.touch(worker_id)
         await self._seeded.wait()
         if worker_id in self.core.members:
             await self._started.wait()
-        version, raw, checksum = await self._on_core(self.core.snapshot)
-        member = self.core.members.get(worker_id)
-        first = True
-        for offset, values in codec.iter_model_chunks(raw):
-            chunk = pb.ModelChunk(version=version, num_params=len(raw) // 4, offset=offset, values=values)
-            if first:
-                chunk.model_checksum = checksum
-                chunk.rank = max(self.core.rank_of(worker_id), 0)
-                chunk.world_size = len(self.core.active_workers())
-                chunk.first_round = member.first_round if member else version
-                first = False
-            self.metrics.sent_bytes.inc(len(values))
-            yield chunk
+        snapshot = await self._open_snapshot()
+        try:
+            version, model, checksum = snapshot[0], snapshot[1], snapshot[2]
+            values = model.numpy()
+            num_params = values.size
+            member = self.core.members.get(worker_id)
+            for offset in range(0, max(num_params, 1), CHUNK_ELEMENTS):
+                chunk = pb.ModelChunk(version=version, num_params=num_params, offset=offset,
+                                      values=values[offset : offset + CHUNK_ELEMENTS].tobytes())
+                if offset == 0:
+                    chunk.model_checksum = checksum
+                    chunk.rank = max(self.core.rank_of(worker_id), 0)
+                    chunk.world_size = len(self.core.active_workers())
+                    chunk.first_round = member.first_round if member else version
+                self.metrics.sent_bytes.inc(len(chunk.values))
+                await write_message(context, chunk)
+        finally:
+            self._close_snapshot(snapshot)
+
+    async def _open_snapshot(self) -> list[Any]:
+        """The model at the current version for a pull: shared with the pulls streaming the
+        same version, so N workers pulling at the start cost one copy of the model, not N."""
+        async with self._snapshot_lock:  # pulls that start together wait for one copy
+            snapshot = self._snapshot
+            if snapshot is None or snapshot[0] != self.core.version:
+                version, model, checksum = await self._on_core(self.core.snapshot_tensor)
+                snapshot = self._snapshot = [version, model, checksum, 0]
+            snapshot[3] += 1
+            return snapshot
+
+    def _close_snapshot(self, snapshot: list[Any]) -> None:
+        snapshot[3] -= 1
+        if snapshot[3] == 0 and self._snapshot is snapshot:
+            self._snapshot = None  # the last pull of it is done: free the copy
 
     async def Push(self, request_iterator: AsyncIterator[pb.PushMessage], context) -> pb.PushReply:
         open_stream = ExitStack()  # counts against its worker's stream limit from the header on
         try:
-            header, index_parts, value_parts = await self._receive_push(request_iterator, open_stream)
+            header, index_raw, value_raw = await self._receive_push(request_iterator, open_stream)
             # Decode and validate on a pool thread, in parallel with the core thread's work;
             # the core thread then only checks the round rules again and stores the update.
             loop = asyncio.get_running_loop()
             update = None
             if not header.skip and not self.core.check_push(header.worker_id, header.round, header.computed_at_version):
-                update = await loop.run_in_executor(self._decode_pool, decode_push, header, index_parts, value_parts,
+                update = await loop.run_in_executor(self._decode_pool, decode_push, header, index_raw, value_raw,
                                                     self.core.num_params or 0)
+            del index_raw, value_raw  # the update views them; a duplicate's bytes go now
             result = await self._on_core(self._push_on_core_thread, header, update)
         except REFUSALS as exc:
             code = status_for(exc)
@@ -280,10 +319,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                             durable_version=durable)
 
     async def _receive_push(self, request_iterator, open_stream: ExitStack
-                            ) -> tuple[pb.PushHeader, list[bytes], list[bytes]]:
+                            ) -> tuple[pb.PushHeader, bytearray, bytearray]:
+        """The header and the payload, each chunk appended to one buffer as it arrives: a
+        push costs its own size once (plus one chunk), not its chunks and then their join."""
         header: pb.PushHeader | None = None
-        index_parts: list[bytes] = []
-        value_parts: list[bytes] = []
+        index_raw = bytearray()
+        value_raw = bytearray()
         received = 0
         # A push can never legitimately exceed 8 bytes per parameter (+ one empty chunk).
         limit = 8 * (self.core.num_params or 0)
@@ -300,18 +341,19 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                     raise InvalidArgument("a push starts with its header")
                 if header.skip:
                     raise InvalidArgument("a skip record carries no chunks")
-                received += len(message.chunk.indices) + len(message.chunk.values)
+                indices, values = message.chunk.indices, message.chunk.values
+                received += len(indices) + len(values)
                 if received > limit:
                     raise ResourceExhausted(f"push payload exceeds {limit} bytes, the most a push can "
                                             f"need for this model (8 bytes per parameter)")
-                index_parts.append(message.chunk.indices)
-                value_parts.append(message.chunk.values)
+                index_raw += indices
+                value_raw += values
             else:
                 raise InvalidArgument("empty push message")
         if header is None:
             raise InvalidArgument("a push needs a header")
         self.metrics.received_bytes.inc(received)
-        return header, index_parts, value_parts
+        return header, index_raw, value_raw
 
     def _push_on_core_thread(self, header: pb.PushHeader, update: codec.Update | None) -> PushResult:
         """Runs on the core thread: `core.push` applies the round rules to the current state
@@ -345,6 +387,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             if self._last_close_time is not None:
                 self.metrics.round_duration.observe(now - self._last_close_time)
             self._last_close_time = now
+        self.metrics.history_bytes.set(self.history.bytes)
         self.metrics.model_version.set(self.core.version)
         self.metrics.members.set(len(self.core.expected_workers(self.core.version)))
 
@@ -357,10 +400,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 raise FailedPrecondition(
                     f"from_version {request.from_version} is ahead of the server's version {self.core.version}"
                 )
+            member = request.worker_id in self.core.members  # a worker's stream pins what it has yet to send
             with self._streams.open(request.worker_id, "Updates"):
-                async for chunk in self.history.follow(request.from_version):
+                async for chunk in self.history.follow(request.from_version, pin=member):
                     self.metrics.sent_bytes.inc(len(chunk.indices) + len(chunk.values))
-                    yield chunk
+                    await write_message(context, chunk)
+        return
+        yield  # noqa: an async generator for gRPC and the interceptors; the chunks go out by write_message
 
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
         # Padding lets workers probe bandwidth; it is bounded so a ping stays cheap.
@@ -376,6 +422,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         async with mapped_errors(context):
             last_round, closed = await self._on_core(self._leave_on_core_thread, request.worker_id)
+            self.metrics.members.set(len(self.core.expected_workers(self.core.version)))
             log.info("leave: worker %d after round %d", request.worker_id, last_round)
             return pb.LeaveReply(last_round=max(last_round, 0))
 
@@ -392,15 +439,58 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def _leave_on_core_thread(self, worker_id: int) -> tuple[int, tuple[ClosedRound, ...]]:
         last_round, closed = self.core.leave(worker_id)
         self._publish(closed)
+        if not self.core.members:
+            self._release_when_published()
         return last_round, closed
 
+    def _release_when_published(self) -> None:
+        """On the core thread, once no member is left: after what is being published, drop
+        the history (nobody follows it: a worker that joins pulls the model) and hand freed
+        memory back to the system, so an idle server holds its model and little else."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._loop.call_soon, self._release_if_idle)
 
-def decode_push(header: pb.PushHeader, index_parts: list[bytes], value_parts: list[bytes], num_params: int
+    def _release_if_idle(self) -> None:
+        if self.core.members:
+            return  # someone joined meanwhile
+        self.metrics.members.set(0)
+        self.history.release()
+        self.metrics.history_bytes.set(0)
+        if self._snapshot is not None and self._snapshot[3] == 0:
+            self._snapshot = None
+        try:
+            self._core_thread.submit(release_free_memory)
+        except RuntimeError:  # shutting down: the process is about to end anyway
+            pass
+
+
+def decode_push(header: pb.PushHeader, index_raw: bytes | bytearray, value_raw: bytes | bytearray, num_params: int
                 ) -> codec.Update:
-    if not index_parts and not value_parts:
-        index_parts, value_parts = [b""], [b""]
-    return codec.decode_update(header.codec, header.value_dtype, header.count, codec.join_chunks(index_parts),
-                               codec.join_chunks(value_parts), num_params, block_start=header.block_start)
+    """Validate and decode a received push (zero-copy: the update's tensors view the buffers)."""
+    return codec.decode_update(header.codec, header.value_dtype, header.count, index_raw, value_raw, num_params,
+                               block_start=header.block_start)
+
+
+# How long a stream whose write failed waits for gRPC to cancel it (below).
+CANCEL_WAIT_S = 10.0
+
+
+async def write_message(context: grpc.aio.ServicerContext, message: Any) -> None:
+    """Send one message of a server stream, quietly ending the call when the client has gone.
+
+    When a client cancels or drops a stream (a worker leaving, a follower restarting its
+    stream) while a large delta or model is being written, the write fails in gRPC's core
+    (ExecuteBatchError, a grpc.aio.InternalError). gRPC learns that the client closed from a
+    separate completion, which then cancels this handler; until it does, every further send
+    (the next write, or the final status gRPC sends when the handler returns) fails again
+    and is logged as an `ExecuteBatchError raised in core` traceback. So wait for that
+    cancellation here; if it never comes, the failure was not a closed client: raise it.
+    """
+    try:
+        await context.write(message)
+    except grpc.aio.InternalError:
+        await asyncio.sleep(CANCEL_WAIT_S)
+        raise
 
 
 # ---------------------------------------------------------------------------- process
@@ -428,7 +518,7 @@ async def start_server(config: ServerConfig, registry: CollectorRegistry | None 
     service = ParameterServerService(build_core(config), ServerMetrics(registry), config.history_rounds,
                                      config.limits, checkpoint_dir=checkpoint_dir,
                                      checkpoint_every=config.checkpoint_every,
-                                     sweep_interval_s=config.sweep_interval_s())
+                                     sweep_interval_s=config.sweep_interval_s(), history_mb=config.history_mb)
     running = await start_grpc_service(
         service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
         config, registry)

@@ -89,9 +89,11 @@ def make_cluster(loop_thread: LoopThread):
     def make(*, tau_max: int = 4, min_workers: int = 1, policy: str | None = "static", tau: int = 1,
              delta: float = 0.1, history_rounds: int = 64, security: ServerSecurity = ServerSecurity(),
              limits: Limits = Limits(), max_message_bytes: int = ServerConfig.max_message_bytes,
-             controller_streams: int = ControllerConfig.max_streams_per_worker, **policy_options) -> Cluster:
+             controller_streams: int = ControllerConfig.max_streams_per_worker,
+             history_mb: float = ServerConfig.history_mb, **policy_options) -> Cluster:
         server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, tau_max=tau_max,
-                                     min_workers=min_workers, history_rounds=history_rounds, security=security,
+                                     min_workers=min_workers, history_rounds=history_rounds, history_mb=history_mb,
+                                     security=security,
                                      limits=limits, max_message_bytes=max_message_bytes)
         controller_config = None
         if policy is not None:

@@ -66,7 +66,11 @@ def build_parser() -> EnvDefaultsParser:
                         help="Controller HOST:PORT (empty: none; use --tau and --delta).")
     parser.add_argument("--task", env="WANPS_TASK", choices=sorted(TASKS), default="mnist")
     parser.add_argument("--lr", env="WANPS_LR", type=float, default=0.1, help="Learning rate.")
-    parser.add_argument("--batch-size", env="WANPS_BATCH_SIZE", type=int, default=64, help="Per-worker batch size.")
+    parser.add_argument("--batch-size", env="WANPS_BATCH_SIZE", type=int, default=0,
+                        help="Per-worker batch size (0 = the task's default: 64; gpt2-small 2, gpt2-tiny 16).")
+    parser.add_argument("--seq-len", env="WANPS_SEQ_LEN", type=int, default=0,
+                        help="Tokens per training sequence, for the gpt2-* tasks (0 = the task's default: "
+                             "gpt2-small 128 of its 1024 context, gpt2-tiny 32).")
     parser.add_argument("--max-rounds", env="WANPS_MAX_ROUNDS", type=int, default=0,
                         help="Stop after this many rounds (0 = until stopped).")
     parser.add_argument("--until-round", env="WANPS_UNTIL_ROUND", type=int, default=0,
@@ -125,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     registry, metrics_httpd = serve_metrics(args.metrics_host, args.metrics_port)
-    task = get_task(args.task)
+    try:
+        task = get_task(args.task, seq_len=args.seq_len or None)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.batch_size < 0:
+        parser.error(f"--batch-size must be >= 1 (or 0 for the task's default), got {args.batch_size}")
+    batch_size = args.batch_size or task.default_batch_size
     model = task.build_model(args.seed)
     opt = Optimizer(model, server=args.server, controller=args.controller or None, lr=args.lr,
                     tau=args.tau, delta=args.delta, name=args.name or None, use_uvloop=not args.no_uvloop,
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     error_feedback=args.error_feedback, def_lambda=args.def_lambda, momentum=args.momentum,
                     skip_rule=skip_rule_from_flags(args.sasg_max_delay, args.sasg_alpha, args.lr),
                     security=security, registry=registry)
-    batches = task.batches(opt.rank, opt.world_size, args.batch_size, args.seed)
+    batches = task.batches(opt.rank, opt.world_size, batch_size, args.seed)
     progress = None
     if args.progress:
         from tqdm import tqdm

@@ -31,6 +31,7 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.proto.decisions import Decision, decision_from_message
 from wanps.proto.structure import TensorSpec
+from wanps.proto.wire import CHUNK_ELEMENTS
 from wanps.rpc.auth import ClientSecurity, aio_channel
 from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES
 from wanps.worker import recovery
@@ -148,14 +149,21 @@ class WorkerSession:
                          trainable_params=trainable_params)
 
     def seed(self, model: torch.Tensor) -> pb.SeedModelReply:
-        """Upload the initial model (a tensor on any device: copied to the host once, here)."""
-        raw = model.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+        """Upload the initial model, chunk by chunk from the tensor itself (no copy of a float32
+        CPU model: each chunk is read as gRPC asks for the next message; a model on another
+        device is copied to the host once, here)."""
+        values = model.detach().reshape(-1)
+        if values.dtype != torch.float32 or not values.is_contiguous() or values.device.type != "cpu":
+            values = values.to(device="cpu", dtype=torch.float32).contiguous()
+        array = values.numpy()
+        num_params = array.size
 
         def chunks() -> Iterator[pb.ModelChunk]:
-            for offset, values in codec.iter_model_chunks(raw):
-                yield pb.ModelChunk(worker_id=self.worker_id, num_params=model.numel(), offset=offset, values=values)
+            for offset in range(0, max(num_params, 1), CHUNK_ELEMENTS):
+                yield pb.ModelChunk(worker_id=self.worker_id, num_params=num_params, offset=offset,
+                                    values=array[offset : offset + CHUNK_ELEMENTS].tobytes())
 
-        self._count_sent(len(raw))
+        self._count_sent(4 * num_params)
         return self._io.call(lambda: self._server.SeedModel(chunks()))
 
     def pull(self, timeout: float | None = None) -> PulledModel:
@@ -163,22 +171,25 @@ class WorkerSession:
         return self._io.call(self._pull, timeout)
 
     async def _pull(self) -> PulledModel:
-        buffer: bytearray | None = None
+        """Chunks are copied straight into the tensor returned (one copy of the model)."""
+        values: torch.Tensor | None = None
+        target = memoryview(b"")
         header: pb.ModelChunk | None = None
-        filled = 0
+        filled = 0  # bytes
         async for chunk in self._server.PullModel(pb.PullModelRequest(worker_id=self.worker_id), wait_for_ready=True):
             if header is None:
                 header = chunk
-                buffer = bytearray(chunk.num_params * 4)
-            assert buffer is not None
-            if chunk.offset * 4 != filled or filled + len(chunk.values) > len(buffer):
+                values = torch.empty(chunk.num_params, dtype=torch.float32)
+                target = memoryview(values.numpy()).cast("B")
+            raw = chunk.values
+            if chunk.offset * 4 != filled or filled + len(raw) > len(target):
                 raise ReplicaDiverged(f"model chunk at offset {chunk.offset} out of order")
-            buffer[filled : filled + len(chunk.values)] = chunk.values
-            filled += len(chunk.values)
-        if header is None or buffer is None or filled != len(buffer):
+            target[filled : filled + len(raw)] = raw
+            filled += len(raw)
+        if header is None or values is None or filled != len(target):
             raise ReplicaDiverged("model pull ended early")
+        target.release()
         self._count_received(filled)
-        values = torch.frombuffer(buffer, dtype=torch.float32)
         if codec.model_checksum(values) != header.model_checksum:
             raise ReplicaDiverged("pulled model does not match the server's checksum")
         return PulledModel(version=header.version, values=values, model_checksum=header.model_checksum,
