@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from wanps.proto.checksum import CHECKSUM_MODULUS
+from wanps.proto.codec import Update, decode_delta, iter_chunks
 from wanps.worker import Optimizer
 
 
@@ -101,3 +102,19 @@ def assert_all_on(device: torch.device, opt: Optimizer, required: set[str]) -> N
     scratch = [buffers[n] for n in ("compressor magnitude scratch", "compressor mask scratch") if n in buffers]
     # The compressor selects over the trainable part of the replica (the layout's first T elements).
     assert all(t.numel() == opt.trainable_params for t in scratch), "the compressor's scratch was never used"
+
+
+def decoded_deltas(d: int, dense: bool, seed: int, rounds: int):
+    """`rounds` random deltas for a d-element model (10% sparse or dense), each encoded into wire
+    chunks and decoded again: what a replica receives."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(rounds):
+        if dense:
+            indices, values = None, torch.randn(d, generator=generator)
+        else:
+            indices = torch.sort(torch.randperm(d, generator=generator)[: d // 10]).values.to(torch.int32)
+            values = torch.randn(indices.numel(), generator=generator)
+        chunks = list(iter_chunks(values, indices))
+        delta: Update = decode_delta(b"".join(c[0] for c in chunks), b"".join(c[1] for c in chunks),
+                                     values.numel(), d, dense)
+        yield delta

@@ -20,6 +20,7 @@ from device_checks import (  # noqa: E402
     CrossDeviceCopies,
     assert_all_on,
     batches,
+    decoded_deltas,
     reference_checksum,
     tiny_mlp,
     train,
@@ -27,7 +28,7 @@ from device_checks import (  # noqa: E402
 from wanps.proto import codec  # noqa: E402
 from wanps.proto import wanps_pb2 as pb  # noqa: E402
 from wanps.proto.checksum import BLOCK_ELEMENTS, checksum_part, model_checksum  # noqa: E402
-from wanps.proto.codec import Update, apply_delta, decode_delta, iter_chunks, update_to_device  # noqa: E402
+from wanps.proto.codec import Update, apply_delta, iter_chunks, update_to_device  # noqa: E402
 from wanps.proto.staging import DeviceStaging  # noqa: E402
 from wanps.worker import Optimizer  # noqa: E402
 from wanps.worker.skip_rule import SkipRule  # noqa: E402
@@ -171,18 +172,10 @@ def test_encoding_from_the_gpu_gives_the_cpus_bytes(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dense", [False, True])
 def test_deltas_applied_on_the_gpu_match_the_cpu_bit_for_bit(dense: bool) -> None:
     d = 3 * codec.CHUNK_ELEMENTS + 11
-    generator = torch.Generator().manual_seed(8)
-    on_cpu = torch.randn(d, generator=generator)
+    on_cpu = torch.randn(d, generator=torch.Generator().manual_seed(7))
     on_gpu = on_cpu.to(CUDA)
     staging = DeviceStaging(CUDA)
-    for _ in range(4):
-        if dense:
-            indices, values = None, torch.randn(d, generator=generator)
-        else:
-            indices = torch.sort(torch.randperm(d, generator=generator)[: d // 10]).values.to(torch.int32)
-            values = torch.randn(indices.numel(), generator=generator)
-        chunks = list(iter_chunks(values, indices))
-        delta = decode_delta(b"".join(c[0] for c in chunks), b"".join(c[1] for c in chunks), values.numel(), d, dense)
+    for delta in decoded_deltas(d, dense, seed=8, rounds=4):
         apply_delta(on_cpu, delta)
         apply_delta(on_gpu, update_to_device(delta, staging))
     assert torch.equal(on_gpu.cpu(), on_cpu)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from device_checks import CrossDeviceCopies, assert_all_on, batches, reference_checksum, tiny_mlp, train
+from device_checks import CrossDeviceCopies, assert_all_on, batches, decoded_deltas, reference_checksum, tiny_mlp, train
 from wanps.proto import checksum as checksum_module
 from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
@@ -19,7 +19,7 @@ from wanps.proto.checksum import (
     combine_checksums,
     model_checksum,
 )
-from wanps.proto.codec import Update, apply_delta, decode_delta, iter_chunks, update_to_device
+from wanps.proto.codec import Update, apply_delta, decode_delta, update_to_device
 from wanps.proto.staging import DeviceStaging, host_tensors, pack, pack_layout, unpack
 from wanps.worker import Optimizer
 from wanps.worker.skip_rule import SkipRule
@@ -173,17 +173,9 @@ def test_the_one_copy_delta_path_gives_the_same_replica(dense: bool) -> None:
     """Packed into one buffer, copied once, viewed: the replica ends bit for bit where applying
     the decoded delta directly puts it."""
     d = 3 * codec.CHUNK_ELEMENTS + 11
-    generator = torch.Generator().manual_seed(5)
-    start = torch.randn(d, generator=generator)
+    start = torch.randn(d, generator=torch.Generator().manual_seed(4))
     direct, staged = start.clone(), start.clone()
-    for round_ in range(3):
-        if dense:
-            indices, values = None, torch.randn(d, generator=generator)
-        else:
-            indices = torch.sort(torch.randperm(d, generator=generator)[: d // 10]).values.to(torch.int32)
-            values = torch.randn(indices.numel(), generator=generator)
-        chunks = list(iter_chunks(values, indices))
-        delta = decode_delta(b"".join(c[0] for c in chunks), b"".join(c[1] for c in chunks), values.numel(), d, dense)
+    for delta in decoded_deltas(d, dense, seed=5, rounds=3):
         apply_delta(direct, delta)
         moving = [delta.values] if dense else [delta.indices, delta.values]
         offsets, size = pack_layout(moving)
