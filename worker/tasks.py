@@ -17,6 +17,7 @@ import gzip
 import importlib.util
 import pickle
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,19 +68,30 @@ class Task:
                 picked = order[start : start + batch_size]
                 yield data.train_x[picked], data.train_y[picked]
 
+    def test_split(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out examples (the first `limit` of them)."""
+        x, y = self.data.test_x, self.data.test_y
+        return (x, y) if limit is None else (x[:limit], y[:limit])
+
     @torch.no_grad()
     def accuracy(self, model: nn.Module, limit: int | None = None) -> float:
-        data = self.data
-        x, y = data.test_x, data.test_y
-        if limit is not None:
-            x, y = x[:limit], y[:limit]
-        was_training = model.training
-        model.eval()
-        correct = 0
-        for start in range(0, x.shape[0], 2048):
-            correct += int((model(x[start : start + 2048]).argmax(dim=1) == y[start : start + 2048]).sum())
-        model.train(was_training)
+        x, y = self.test_split(limit)
+        with evaluating(model):
+            correct = 0
+            for start in range(0, x.shape[0], 2048):
+                correct += int((model(x[start : start + 2048]).argmax(dim=1) == y[start : start + 2048]).sum())
         return correct / max(1, x.shape[0])
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (BatchNorm uses its running statistics), then back as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class MnistMLP(Task):
@@ -320,19 +332,15 @@ class LanguageModelTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, limit: int | None = None) -> tuple[float, float]:
         """(mean loss, next-token accuracy) on the held-out sequences (the first `limit` of them)."""
-        data = self.data
-        x, y = data.test_x, data.test_y
-        if limit is not None:
-            x, y = x[:limit], y[:limit]
-        was_training = model.training
-        model.eval()
+        x, y = self.test_split(limit)
         loss_sum, correct = 0.0, 0
-        for start in range(0, x.shape[0], 16):
-            logits = model(x[start : start + 16])
-            target = y[start : start + 16]
-            loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
-            correct += int((logits.argmax(dim=-1) == target).sum())
-        model.train(was_training)
+        with evaluating(model):
+            for start in range(0, x.shape[0], 16):
+                logits = model(x[start : start + 16])
+                target = y[start : start + 16]
+                loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                  reduction="sum"))
+                correct += int((logits.argmax(dim=-1) == target).sum())
         tokens = max(1, y.numel())
         return loss_sum / tokens, correct / tokens
 
