@@ -333,3 +333,16 @@ def test_buffers_survive_a_server_restart_from_a_checkpoint(loop_thread, tmp_pat
     finally:
         resume.set()
         loop_thread.run(server.stop(0))
+
+
+def test_a_server_that_does_not_answer_is_a_clear_error_naming_the_address() -> None:
+    """A wrong address: ConnectionError naming it, within the caller's join timeout (not gRPC's own)."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once this socket is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConnectionError, match=rf"no wanps server answered at 127\.0\.0\.1:{port} within 1 s"):
+        Optimizer(nn.Linear(4, 2), server=f"127.0.0.1:{port}", lr=0.1, join_timeout_s=1)
+    with pytest.raises(ConnectionError, match=rf"127\.0\.0\.1:{port}"):
+        Observer(nn.Linear(4, 2), f"127.0.0.1:{port}", join_timeout_s=1)

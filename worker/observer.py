@@ -12,12 +12,11 @@ import socket
 import time
 from collections.abc import Iterable
 
-import grpc
 import torch
 from torch import nn
 
 from wanps.worker.binding import ModelBinding
-from wanps.worker.layout import ModelMismatch, collect_module, collect_parameters, layout_of
+from wanps.worker.layout import collect_module, collect_parameters, layout_of
 from wanps.worker.replica import Replica
 from wanps.rpc.auth import ClientSecurity
 from wanps.worker.recovery import ConnectionLost
@@ -46,14 +45,9 @@ class Observer:
         # With a controller, the observer also follows decisions (to show tau and delta), reporting nothing.
         self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security)
         try:
-            try:
-                reply = self.session.join(flat.numel(), self.fingerprint, name or f"observer@{socket.gethostname()}",
-                                          observer=True, structure=self.layout.structure,
-                                          trainable_params=self.layout.trainable)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise ModelMismatch(f"the cluster refused this model: {exc.details()}") from exc
-                raise
+            reply = self.session.first_join(flat.numel(), self.fingerprint, name or f"observer@{socket.gethostname()}",
+                                            join_timeout_s, observer=True, structure=self.layout.structure,
+                                            trainable_params=self.layout.trainable)
             self.worker_id = reply.worker_id
             pulled = self.session.pull(join_timeout_s)
             flat.copy_(pulled.values)

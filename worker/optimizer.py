@@ -31,7 +31,6 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
-import grpc
 import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
@@ -41,7 +40,7 @@ from wanps.rpc.auth import ClientSecurity
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import Update
 from wanps.worker.binding import ModelBinding
-from wanps.worker.layout import (ModelMismatch, collect_module, collect_parameters, layout_of, trainable_part,
+from wanps.worker.layout import (collect_module, collect_parameters, layout_of, trainable_part,
                                  with_buffers)
 from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.replica import Replica
@@ -281,13 +280,8 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def _join(self, name: str, timeout: float) -> None:
-        try:
-            reply = self.session.join(self.num_params, self.layout.fingerprint(), name,
-                                      structure=self.layout.structure, trainable_params=self.trainable_params)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # Join refuses only a different model so
-                raise ModelMismatch(f"the cluster refused this model: {exc.details()}") from exc
-            raise
+        reply = self.session.first_join(self.num_params, self.layout.fingerprint(), name, timeout,
+                                        structure=self.layout.structure, trainable_params=self.trainable_params)
         self.worker_id = reply.worker_id
         self.tau_max = reply.tau_max
         # Every worker must compute a sync round at the same replica buffers: B > tau_max.

@@ -35,6 +35,7 @@ from wanps.proto.wire import CHUNK_ELEMENTS
 from wanps.rpc.auth import ClientSecurity, aio_channel
 from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES
 from wanps.worker import recovery
+from wanps.worker.layout import ModelMismatch
 from wanps.worker.io_loop import IoLoop
 from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.push_log import LoggedPush, PushLog
@@ -140,6 +141,21 @@ class WorkerSession:
         self._join_args = (num_params, fingerprint, name, observer, tuple(structure), trainable_params)
         self.telemetry.joined(reply.worker_id, self.trainable_params, reply.first_round)
         return reply
+
+    def first_join(self, num_params: int, fingerprint: bytes, name: str, timeout: float, *, observer: bool = False,
+                   structure: Sequence[TensorSpec] = (), trainable_params: int | None = None) -> pb.JoinReply:
+        """`join` as a person's script meets it: a different model is `ModelMismatch`, a server
+        that does not answer within `timeout` is a ConnectionError naming the address."""
+        try:
+            return self.join(num_params, fingerprint, name, observer=observer, timeout=timeout, structure=structure,
+                             trainable_params=trainable_params)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # Join refuses only a different model so
+                raise ModelMismatch(f"the cluster refused this model: {exc.details()}") from exc
+            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                raise ConnectionError(f"no wanps server answered at {self.server_address} within {timeout:g} s "
+                                      f"({exc.code().name}: {exc.details()})") from None
+            raise
 
     def rejoin(self, timeout: float) -> pb.JoinReply:
         """Join again as the last `join` did (recovery, when the server no longer knows this worker)."""
