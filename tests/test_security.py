@@ -293,6 +293,37 @@ def test_mutual_tls_refuses_clients_without_a_certificate_of_the_cluster_ca(make
     assert codes["Join"] is None and codes["GetState"] is None
 
 
+def test_health_checks_a_mutual_tls_service_with_the_client_settings(make_cluster, pki, rogue_pki, token_file,
+                                                                   monkeypatch, capsys):
+    """`wanps health` is the probe of TLS deployments (deploy/k8s/components/tls): it takes the
+    client's TLS flags and variables, and still needs no token (the health service is exempt)."""
+    from wanps.deploy.cli import main as wanps_main
+    from wanps.rpc import health
+
+    cluster = make_cluster(security=tls_server(pki, token_file, mutual=True))
+    service = ["--service", "wanps.v1.ParameterServer"]
+    client = ["--tls-ca", str(pki / "ca.pem"), "--tls-client-cert", str(pki / "client.pem"),
+              "--tls-client-key", str(pki / "client.key")]
+    assert wanps_main(["health", cluster.server_address, *service, "--timeout", "2"]) == health.UNREACHABLE  # plaintext
+    assert wanps_main(["health", cluster.server_address, *service, *client]) == 0
+    assert "SERVING" in capsys.readouterr().out
+    # The certificate names localhost and 127.0.0.1, not "elsewhere": the expected name is checked.
+    assert wanps_main(["health", cluster.server_address, *service, *client, "--tls-server-name", "elsewhere",
+                       "--timeout", "2", "--quiet"]) == health.UNREACHABLE
+    rogue = ["--tls-ca", str(pki / "ca.pem"), "--tls-client-cert", str(rogue_pki / "client.pem"),
+             "--tls-client-key", str(rogue_pki / "client.key")]
+    assert wanps_main(["health", cluster.server_address, *service, *rogue, "--timeout", "2"]) == health.UNREACHABLE
+    # The same settings from the environment, as a container's probe gets them.
+    monkeypatch.setenv("WANPS_TLS_CA", str(pki / "ca.pem"))
+    monkeypatch.setenv("WANPS_TLS_CLIENT_CERT", str(pki / "client.pem"))
+    monkeypatch.setenv("WANPS_TLS_CLIENT_KEY", str(pki / "client.key"))
+    assert wanps_main(["health", cluster.controller_address, "--service", "wanps.v1.Controller"]) == 0
+    # A TLS file that is not there is a usage error naming it, not a traceback.
+    with pytest.raises(SystemExit) as exited:
+        wanps_main(["health", cluster.server_address, "--tls-ca", "/nonexistent/ca.pem"])
+    assert exited.value.code == 2 and "/nonexistent/ca.pem" in capsys.readouterr().err
+
+
 def test_tls_settings_that_cannot_work_are_refused(pki):
     with pytest.raises(SecurityConfigError, match="key"):
         ServerSecurity(tls_cert=str(pki / "server.pem"))
