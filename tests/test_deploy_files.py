@@ -43,7 +43,12 @@ def test_compose_model_has_the_contracted_services_ports_and_networks() -> None:
     worker = services["worker"]
     assert "container_name" not in worker and not worker.get("ports")
     assert set(worker["networks"]) == {"cluster"}
-    assert worker["environment"]["WANPS_SERVER"] == "server:50051"
+    # Workers dial every shard by its container name, <project>-server-1.. (one by default).
+    assert worker["environment"]["WANPS_SHARD_ADDRESS"] == "wanps-server-{}:50051"
+    assert worker["environment"]["WANPS_SHARDS"] == "1" and worker["environment"]["WANPS_SHARD_ORDINAL_BASE"] == "1"
+    assert services["server"]["entrypoint"] == ["wanps-compose-server"]
+    assert services["server"]["deploy"]["replicas"] == 1
+    assert services["server"]["environment"]["WANPS_SHARD_NAME"] == "wanps-server-{}"
     assert worker["environment"]["WANPS_WORKER_METRICS_PORT"] == "9102"
     # What the outside world reaches is published on 127.0.0.1 by default (deploy/.env).
     published = {name: {(p["target"], p.get("host_ip")) for p in spec.get("ports", [])}
@@ -70,6 +75,23 @@ def test_an_empty_published_port_means_any_free_port(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (port,) = json.loads(result.stdout)["services"]["server"]["ports"]
     assert port["host_ip"] == "0.0.0.0" and port.get("published", "") == ""
+
+
+def test_the_shard_count_sets_the_server_replicas_and_what_workers_dial() -> None:
+    import os
+
+    env = {**os.environ, "WANPS_SHARDS": "3", "WANPS_SERVER_PORT": "50051-50053"}
+    result = subprocess.run([str(compose_binary()), "-p", "lab", "-f", str(COMPOSE_FILE), "config", "--format", "json"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert services["server"]["deploy"]["replicas"] == 3
+    assert services["server"]["environment"]["WANPS_SHARDS"] == "3"
+    assert services["server"]["environment"]["WANPS_SHARD_NAME"] == "lab-server-{}"
+    assert services["worker"]["environment"]["WANPS_SHARDS"] == "3"
+    assert services["worker"]["environment"]["WANPS_SHARD_ADDRESS"] == "lab-server-{}:50051"
+    (port,) = services["server"]["ports"]
+    assert port["published"] == "50051-50053"
 
 
 def test_a_broken_compose_file_is_refused(tmp_path: Path) -> None:
@@ -117,8 +139,9 @@ def test_dockerfile_builds_one_image_offline_as_a_non_root_user() -> None:
             assert f"!{source}" in ignore or f"!{source}/" in ignore, source
 
 
-def test_compose_worker_script_is_valid_shell() -> None:
-    script = DEPLOY / "compose-worker.sh"
+@pytest.mark.parametrize("name", ["compose-worker.sh", "compose-server.sh"])
+def test_container_entry_scripts_are_valid_shell(name: str) -> None:
+    script = DEPLOY / name
     assert script.stat().st_mode & 0o111
     assert subprocess.run(["sh", "-n", str(script)], capture_output=True).returncode == 0
 
