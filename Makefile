@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.wanps-installed
 
 .PHONY: install system-deps run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate \
-        bench-algorithms bench-scale soak clean wheels image compose-test
+        bench-algorithms bench-scale soak clean wheels image compose-test swarm-test
 
 install: $(STAMP)
 
@@ -92,6 +92,13 @@ image: wheels
 # runs, images built without any registry, up / health / scrape / scale / down, host restored.
 compose-test: install
 	WANPS_COMPOSE_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider -m compose tests/test_compose_e2e.py
+
+# The same cluster, sharded, on Docker Swarm (not part of `make test`): the engine as above in
+# swarm mode on 127.0.0.1, `docker stack deploy` of deploy/docker-stack.yml with WANPS_SWARM_SHARDS
+# shards (default 2, 1 while `wanps server` has no --shard), health / slots / scrape / rounds /
+# token, `docker stack rm`, `docker swarm leave`, engine stopped and the host restored.
+swarm-test: install
+	WANPS_SWARM_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider -m swarm tests/test_swarm_e2e.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info results

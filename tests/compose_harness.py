@@ -1,4 +1,5 @@
-"""A Docker engine, registry-free images and a compose project, for `make compose-test`.
+"""A Docker engine, registry-free images, a compose project and a Swarm stack, for `make
+compose-test` and `make swarm-test`.
 
 Nothing here reaches a container registry: the base image is a Debian bookworm rootfs made with
 debootstrap from the host's own Debian mirror and `docker import`ed; the wanps image installs
@@ -175,7 +176,8 @@ class HostState:
                     run(["iptables", "-w", "-t", table, *shlex.split(line)], check=False)
                     undone.append(f"iptables -t {table} policy {line[3:]}")
         for link in sorted(new_links):
-            if link == "docker0" or link.startswith(("br-", "veth")):
+            # docker_gwbridge: Swarm's bridge for its containers' way out (it outlives `swarm leave`).
+            if link in ("docker0", "docker_gwbridge") or link.startswith(("br-", "veth")):
                 run(["ip", "link", "delete", link], check=False)
                 undone.append(f"link {link}")
         if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != self.ip_forward:
@@ -396,11 +398,12 @@ def build_images(engine: DockerEngine, source: Path, tag: str) -> Images:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="wanps-image-context-") as tmp:
         # The same context `make image` uses (the repo root through .dockerignore), assembled
-        # from the host-built wheels: build/wheels/ and the compose worker script.
+        # from the host-built wheels: build/wheels/ and the container entry scripts.
         context = Path(tmp)
         shutil.copytree(wheels, context / "build" / "wheels")
         (context / "deploy").mkdir()
-        shutil.copy2(source / "deploy" / "compose-worker.sh", context / "deploy" / "compose-worker.sh")
+        for script in ("compose-worker.sh", "compose-server.sh"):
+            shutil.copy2(source / "deploy" / script, context / "deploy" / script)
         shutil.copy2(source / "deploy" / "Dockerfile", context / "deploy" / "Dockerfile")
         # With the repo's .dockerignore: had it dropped a file the Dockerfile copies, the build fails.
         shutil.copy2(source / ".dockerignore", context / ".dockerignore")
@@ -467,3 +470,106 @@ class ComposeProject:
 
     def down(self) -> None:
         self.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False, timeout=300)
+
+
+# --------------------------------------------------------------------------- swarm stack
+
+
+@contextlib.contextmanager
+def swarm_mode(engine: DockerEngine) -> Iterator[None]:
+    """The engine as a one-node swarm, on loopback only; it leaves the swarm afterwards.
+
+    An engine that already is in a swarm is not ours to deploy test stacks on: RuntimeError.
+    """
+    state = engine.docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip()
+    if state != "inactive":
+        raise RuntimeError(f"the Docker engine is already in a swarm (state {state!r}); make swarm-test makes its own")
+    engine.docker("swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377",
+                  "--data-path-addr", "127.0.0.1")
+    log("swarm initialized (one manager, on 127.0.0.1)")
+    try:
+        yield
+    finally:
+        engine.docker("swarm", "leave", "--force", check=False, timeout=120)
+        log("left the swarm")
+
+
+@dataclass
+class SwarmStack:
+    """One `docker stack deploy` of a stack file, named `name`, on a swarm-mode engine."""
+
+    engine: DockerEngine
+    name: str
+    stack_file: Path
+    env: dict[str, str]
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        return run(["docker", *args], check=check, timeout=timeout, env={**self.engine.env, **self.env})
+
+    def deploy(self) -> None:
+        # Images exist only on this engine: never ask a registry for their digests.
+        self.docker("stack", "deploy", "--resolve-image", "never", "--compose-file", str(self.stack_file), self.name,
+                    timeout=600)
+
+    def _label(self) -> str:
+        return f"label=com.docker.stack.namespace={self.name}"
+
+    def containers(self) -> list[dict[str, Any]]:
+        """Running and stopped containers of the stack: `docker ps` JSON lines."""
+        out = self.docker("ps", "--all", "--no-trunc", "--filter", self._label(), "--format", "{{json .}}").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def running(self, service: str) -> list[str]:
+        """IDs of the running containers of one service."""
+        out = self.docker("ps", "--quiet", "--filter", self._label(), "--filter",
+                          f"label=com.docker.swarm.service.name={self.name}_{service}").stdout
+        return out.split()
+
+    def health(self) -> dict[str, str]:
+        """Container name -> healthy / starting / unhealthy (or its state when it has no check)."""
+        healths = {}
+        for container in self.containers():
+            status = container.get("Status", "")
+            state = ("healthy" if "(healthy)" in status else "unhealthy" if "(unhealthy)" in status
+                     else "starting" if "health: starting" in status else container.get("State", ""))
+            healths[container["Names"]] = state
+        return healths
+
+    def exec(self, service: str, *cmd: str, check: bool = True, timeout: float = 60,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run a command in a running container of `service` (it sits on the stack's network)."""
+        containers = self.running(service)
+        if not containers:
+            raise RuntimeError(f"no running container of {self.name}_{service}")
+        flags = [arg for name, value in (env or {}).items() for arg in ("--env", f"{name}={value}")]
+        return self.docker("exec", *flags, containers[0], *cmd, check=check, timeout=timeout)
+
+    def prometheus_api(self, path: str, via: str = "server") -> Any:
+        code = ("import json, sys, urllib.request as u; "
+                "print(json.dumps(json.load(u.urlopen('http://prometheus:9090' + sys.argv[1], timeout=10))))")
+        reply = json.loads(self.exec(via, "python3", "-c", code, path).stdout)
+        if reply.get("status") != "success":
+            raise RuntimeError(f"Prometheus {path}: {reply}")
+        return reply["data"]
+
+    def logs(self) -> str:
+        services = self.docker("stack", "services", "--format", "{{.Name}}", self.name, check=False).stdout.split()
+        return "\n".join(f"--- {service}\n" + self.docker("service", "logs", "--no-trunc", "--tail", "40", service,
+                                                         check=False).stdout for service in services)
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """What of the stack still exists: containers, networks, secrets, configs."""
+        found = {"containers": [c["Names"] for c in self.containers()]}
+        for kind in ("network", "secret", "config"):
+            out = self.docker(kind, "ls", "--quiet", "--filter", self._label(), check=False).stdout
+            found[f"{kind}s"] = out.split()
+        return {kind: items for kind, items in found.items() if items}
+
+    def remove(self, timeout: float = 120) -> dict[str, list[str]]:
+        """`docker stack rm`, then wait until its containers and networks are gone (rm returns at once)."""
+        self.docker("stack", "rm", self.name, check=False, timeout=120)
+        try:
+            wait_until(lambda: not self.leftovers(), timeout, f"stack {self.name} to be removed", interval=1.0)
+        except TimeoutError:
+            pass
+        return self.leftovers()
