@@ -449,8 +449,9 @@ class ComposeProject:
             return json.loads(out)
         return [json.loads(line) for line in out.splitlines()]
 
-    def published_port(self, service: str, port: int) -> int:
-        out = self.compose("port", service, str(port)).stdout.strip()
+    def published_port(self, service: str, port: int, index: int = 1) -> int:
+        """The host port of replica `index` (1-based) of `service`."""
+        out = self.compose("port", "--index", str(index), service, str(port)).stdout.strip()
         return int(out.rsplit(":", 1)[1])
 
     def python_in(self, service: str, code: str, *args: str, timeout: float = 60) -> str:

@@ -5,6 +5,8 @@ health, checks that rounds advance and that the compose Prometheus scrapes every
 worker outside compose join through the published port, scales the workers by one (the new one
 behind its own emulated WAN link) and sees it join, then tears everything down and puts the
 host back as it was.
+WANPS_COMPOSE_SHARDS=N (default 1) runs N server shards (WANPS_SHARDS): every shard must be
+healthy, scraped, advancing and counting every worker, and the outside worker dials them all.
 Skipped unless WANPS_COMPOSE_TEST=1 (the make target sets it); the default run skips it.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ pytestmark = [
 ]
 
 WORKERS = 2
+SHARDS = int(os.environ.get("WANPS_COMPOSE_SHARDS") or "1")
 RESULTS = REPO / "results" / "compose-test.json"
 
 
@@ -55,7 +58,7 @@ def scraped_targets(project: ComposeProject) -> dict[int, list[str]]:
 
 def all_scraped(project: ComposeProject, workers: int) -> dict[int, list[str]] | None:
     targets = scraped_targets(project)
-    wanted = {9100: 1, 9101: 1, 9102: workers}
+    wanted = {9100: SHARDS, 9101: 1, 9102: workers}
     ok = all(targets.get(port, []).count("up") == n and len(targets.get(port, [])) == n for port, n in wanted.items())
     others_up = all(h == "up" for port, healths in targets.items() if port not in wanted for h in healths)
     return targets if ok and others_up else None
@@ -67,9 +70,10 @@ def query(project: ComposeProject, expr: str) -> list[dict]:
     return project.prometheus_api(f"/api/v1/query?query={quote(expr)}")["result"]
 
 
-def scalar(project: ComposeProject, expr: str) -> float | None:
-    result = query(project, expr)
-    return float(result[0]["value"][1]) if result else None
+def per_shard(project: ComposeProject, expr: str) -> dict[str, float] | None:
+    """A server metric's value on each shard (by instance), None until every shard has it."""
+    values = {r["metric"]["instance"]: float(r["value"][1]) for r in query(project, expr)}
+    return values if len(values) == SHARDS else None
 
 
 @pytest.mark.timeout(3600)
@@ -94,6 +98,7 @@ def test_compose_cluster_end_to_end() -> None:
                 "PROMETHEUS_IMAGE": images.prometheus,
                 "PROMETHEUS_CONFIG": str(prometheus_config()),
                 "WANPS_WORKERS": str(WORKERS),
+                "WANPS_SHARDS": str(SHARDS),
                 # Any free host port, on 127.0.0.1 only: nothing outside this machine sees the cluster.
                 "WANPS_PUBLISH_ADDRESS": "127.0.0.1",
                 "WANPS_SERVER_PORT": "", "WANPS_CONTROLLER_PORT": "", "PROMETHEUS_PORT": "",
@@ -103,7 +108,7 @@ def test_compose_cluster_end_to_end() -> None:
             t0 = time.monotonic()
             project.compose("up", "--detach", "--no-build", "--pull", "never", *services, timeout=600)
             health = wait_until(
-                lambda: (h := health_by_container(project)) and len(h) == 3 + WORKERS
+                lambda: (h := health_by_container(project)) and len(h) == 2 + SHARDS + WORKERS
                 and all(v == "healthy" for v in h.values()) and h,
                 180, "every container to be healthy")
             figures["cold_start_s"] = round(time.monotonic() - t0, 1)
@@ -111,25 +116,26 @@ def test_compose_cluster_end_to_end() -> None:
 
             targets = wait_until(lambda: all_scraped(project, WORKERS), 120, "Prometheus to scrape every target")
             log(f"Prometheus scrapes {targets}")
-            first = wait_until(lambda: scalar(project, "wanps_server_rounds_closed_total"), 120,
-                               "a first closed round in Prometheus")
-            later = wait_until(lambda: (v := scalar(project, "wanps_server_rounds_closed_total")) and v > first and v,
-                               120, "rounds to advance")
-            log(f"rounds advance: {first:.0f} -> {later:.0f}")
-            assert scalar(project, "wanps_server_members") == WORKERS
+            first = wait_until(lambda: (v := per_shard(project, "wanps_server_rounds_closed_total"))
+                               and all(n > 0 for n in v.values()) and v, 120, "a first closed round on every shard")
+            later = wait_until(lambda: (v := per_shard(project, "wanps_server_rounds_closed_total"))
+                               and all(v[i] > n for i, n in first.items()) and v, 120, "rounds to advance on every shard")
+            log(f"rounds advance: {first} -> {later}")
+            assert sorted(per_shard(project, "wanps_server_members").values()) == [WORKERS] * SHARDS
 
             # A worker outside compose, on the host, joins through the published ports.
-            server_port = project.published_port("server", 50051)
+            servers = ",".join(f"127.0.0.1:{project.published_port('server', 50051, index=k)}"
+                               for k in range(1, SHARDS + 1))
             controller_port = project.published_port("controller", 50052)
             t0 = time.monotonic()
             outside = subprocess.run(
-                [sys.executable, "-m", "wanps.deploy.cli", "worker", "--server", f"127.0.0.1:{server_port}",
+                [sys.executable, "-m", "wanps.deploy.cli", "worker", "--server", servers,
                  "--controller", f"127.0.0.1:{controller_port}", "--max-rounds", "20", "--name", "outside"],
                 capture_output=True, text=True, timeout=300)
             assert outside.returncode == 0, outside.stderr[-3000:]
             assert "20 rounds" in outside.stderr, outside.stderr[-3000:]
             figures["outside_worker_s"] = round(time.monotonic() - t0, 1)
-            log(f"a worker on the host trained 20 rounds through 127.0.0.1:{server_port} "
+            log(f"a worker on the host trained 20 rounds through {servers} "
                 f"in {figures['outside_worker_s']} s")
 
             # One more compose worker: it asks the server for its rank and Prometheus finds it. It
@@ -140,8 +146,8 @@ def test_compose_cluster_end_to_end() -> None:
             project.compose("up", "--detach", "--no-build", "--pull", "never", "--no-recreate",
                             "--scale", f"worker={WORKERS + 1}", *services, timeout=600)
             wait_until(lambda: all_scraped(project, WORKERS + 1), 180, "the new worker to be scraped")
-            wait_until(lambda: scalar(project, "wanps_server_members") == WORKERS + 1, 180,
-                       "the server to count the new worker as a member")
+            wait_until(lambda: (v := per_shard(project, "wanps_server_members")) and set(v.values()) == {WORKERS + 1},
+                       180, "every shard to count the new worker as a member")
             # ...and every compose worker reports the id it joined with (-1 until it has).
             worker_ids = wait_until(
                 lambda: (ids := sorted(int(float(r["value"][1])) for r in query(project, "wanps_worker_id")))
@@ -154,9 +160,9 @@ def test_compose_cluster_end_to_end() -> None:
             assert "LISTENING 127.0.0.1:15051" in new_worker_log, new_worker_log[-2000:]
             old_worker_log = project.compose("logs", "--no-color", "--no-log-prefix", "--index", "1", "worker").stdout
             assert "15051" not in old_worker_log
-            before = scalar(project, "wanps_server_rounds_closed_total")
-            wait_until(lambda: (v := scalar(project, "wanps_server_rounds_closed_total")) and v > before, 120,
-                       "rounds to advance with the new worker")
+            before = per_shard(project, "wanps_server_rounds_closed_total") or {}
+            wait_until(lambda: (v := per_shard(project, "wanps_server_rounds_closed_total"))
+                       and all(v[i] > n for i, n in before.items()) and v, 120, "rounds to advance with the new worker")
         except BaseException:
             if project is not None:
                 log("compose logs (tail):\n" + project.logs())

@@ -45,7 +45,8 @@ def test_shipped_config_scrapes_every_compose_service():
     """The contract with deploy/docker-compose.yml: service names and metrics ports."""
     config = yaml.safe_load(SHIPPED_CONFIG.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert jobs["wanps-server"]["static_configs"][0]["targets"] == ["server:9100"]
+    [shards] = jobs["wanps-server"]["dns_sd_configs"]  # every server replica (WANPS_SHARDS of them)
+    assert shards == {**shards, "names": ["server"], "type": "A", "port": 9100}
     assert jobs["wanps-controller"]["static_configs"][0]["targets"] == ["controller:9101"]
     [workers] = jobs["wanps-worker"]["dns_sd_configs"]  # every replica of the scaled service
     assert workers == {**workers, "names": ["worker"], "type": "A", "port": 9102}
