@@ -298,3 +298,28 @@ def test_every_variable_is_one_its_command_reads(render, request) -> None:
             names |= set(config_maps[source["configMapRef"]["name"]])
         unknown = {n for n in names if n.startswith("WANPS_")} - known[workload["metadata"]["name"]]
         assert not unknown, (workload["metadata"]["name"], unknown)
+
+
+def test_a_restarted_shard_resumes_from_its_own_checkpoint(base, tmp_path) -> None:
+    """The server container's command, run with `wanps` replaced: --resume only when this
+    shard's volume holds a checkpoint (a first start has none, and --resume would refuse)."""
+    from wanps.server.checkpoint import CHECKPOINT_NAME
+
+    (server,) = one(base, "StatefulSet", "wanps-server")["spec"]["template"]["spec"]["containers"]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "wanps").write_text('#!/bin/sh\necho "$* resume=${WANPS_RESUME:-}"\n')
+    (fake / "wanps").chmod(0o755)
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+
+    def start() -> str:
+        env = {"PATH": f"{fake}:/usr/bin:/bin", "WANPS_CHECKPOINT_DIR": str(checkpoints)}
+        return subprocess.run([*server["command"], *server["args"]], env=env, capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+
+    assert env_of(server)["WANPS_CHECKPOINT_DIR"] == next(
+        m["mountPath"] for m in server["volumeMounts"] if m["name"] == "checkpoints")
+    assert start() == "server resume="
+    (checkpoints / CHECKPOINT_NAME).write_bytes(b"")
+    assert start() == f"server resume={checkpoints}"
