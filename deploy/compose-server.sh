@@ -7,7 +7,7 @@
 # (`python -m wanps.deploy.compose_shard`). Then it is `wanps server` with WANPS_SHARD=I/N.
 # A WANPS_SHARD set by hand wins. Swarm and Kubernetes need none of this: their shards take
 # their index from the host name (WANPS_SHARD=host/N).
-set -eu
+set -euf
 me=wanps-compose-server
 shards=${WANPS_SHARDS:-1}
 case "$shards" in

@@ -12,7 +12,7 @@
 # and trains through them: every replica of `docker compose up --scale worker=N` gets its own
 # links, and nothing needs NET_ADMIN or netem. The controller stream stays direct (as in `wanps
 # demo`). The shipped trace is /opt/wanps/traces/wan-varying.csv.
-set -eu
+set -euf  # -f: no globbing (an address like [::1]:50051 is not a pattern)
 me=wanps-compose-worker
 MAX_SHARDS=1024  # bounds the loops below; far more shards than any deployment has
 
