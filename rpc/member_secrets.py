@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 
-# 128 random bits: not guessable over a network, and 18 bytes on each message that names a member.
+# 128 random bits: not guessable over a network, and 19 bytes on each message that names a member (2-byte tag, length, secret).
 MEMBER_SECRET_BYTES = 16
 
 

@@ -11,6 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from wanps.controller.service import ControllerConfig, start_controller
 from wanps.deploy.processes import start_process, wanps_command
+from wanps.rpc.serving import ServiceStartError
+from wanps.server.checkpoint import checkpoint_path
 from wanps.server.service import ServerConfig, start_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,6 +44,19 @@ def test_a_second_service_on_a_busy_port_fails_with_one_line(tmp_path, first, se
         assert running.running()
     finally:
         assert running.stop() == 0
+
+
+def test_a_server_that_cannot_bind_writes_no_checkpoint(loop_thread, tmp_path):
+    """A second server sharing the first one's checkpoint directory must not write into it
+    when it fails to start (a final checkpoint of its state would replace the first's)."""
+    config = dict(host="127.0.0.1", metrics_port=-1, checkpoint_dir=str(tmp_path), check_core_thread=True)
+    first = loop_thread.run(start_server(ServerConfig(port=0, **config)))
+    try:
+        with pytest.raises(ServiceStartError, match=f"cannot listen on 127.0.0.1:{first.port}: the port is already"):
+            loop_thread.run(start_server(ServerConfig(port=first.port, **config)))
+        assert not checkpoint_path(tmp_path).exists()
+    finally:
+        loop_thread.run(first.stop(0.5))
 
 
 @pytest.mark.parametrize("kind", SERVICES)
