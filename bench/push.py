@@ -153,7 +153,7 @@ async def _client_main(conn: Connection, spec: ClientSpec) -> None:
                 pb.PushHeader(), random_update(spec.params, spec.pairs, spec.seed + client))[0][1:]]
             for client in spec.clients
         ]
-        worker_ids = []
+        worker_ids, secrets = [], []
         fingerprint = fingerprint_of([("bench", (spec.params,), "float32")])
         for client, channel in zip(spec.clients, server_channels):
             stub = pb_grpc.ParameterServerStub(channel)
@@ -161,8 +161,9 @@ async def _client_main(conn: Connection, spec: ClientSpec) -> None:
                                                    model_fingerprint=fingerprint, name=f"bench-{client}"),
                                     wait_for_ready=True, timeout=30)
             worker_ids.append(reply.worker_id)
+            secrets.append(reply.member_secret)
             if reply.must_seed:
-                await _seed(stub, reply.worker_id, spec.params)
+                await _seed(stub, reply.worker_id, reply.member_secret, spec.params)
         conn.send(("ready", worker_ids))
         while True:
             command = await _recv(conn)
@@ -173,9 +174,9 @@ async def _client_main(conn: Connection, spec: ClientSpec) -> None:
             method = PUSH_METHOD if phase == "full" else ECHO_METHOD
             cpu_before = time.process_time()
             times = await asyncio.gather(*(
-                _push_rounds(channel.stream_unary(method), worker_id, first_round, rounds, chunks, spec.pairs,
-                             inflight)
-                for channel, worker_id, chunks in zip(channels, worker_ids, chunk_bytes)
+                _push_rounds(channel.stream_unary(method), worker_id, secret, first_round, rounds, chunks,
+                             spec.pairs, inflight)
+                for channel, worker_id, secret, chunks in zip(channels, worker_ids, secrets, chunk_bytes)
             ))
             conn.send(("done", [asdict(t) for t in times], time.process_time() - cpu_before))
     finally:
@@ -183,20 +184,21 @@ async def _client_main(conn: Connection, spec: ClientSpec) -> None:
             await channel.close()
 
 
-async def _seed(stub: pb_grpc.ParameterServerStub, worker_id: int, params: int) -> None:
+async def _seed(stub: pb_grpc.ParameterServerStub, worker_id: int, secret: bytes, params: int) -> None:
     raw = torch.zeros(params, dtype=torch.float32).numpy().tobytes()
-    chunks = [pb.ModelChunk(worker_id=worker_id, num_params=params, offset=offset, values=values)
+    chunks = [pb.ModelChunk(worker_id=worker_id, num_params=params, offset=offset, values=values,
+                            member_secret=secret)
               for offset, values in codec.iter_model_chunks(raw)]
     await stub.SeedModel(iter(chunks), timeout=60)
 
 
-async def _push_rounds(call: grpc.aio.StreamUnaryMultiCallable, worker_id: int, first_round: int, rounds: int,
-                       chunks: list[bytes], pairs: int, inflight: int) -> ClientTimes:
+async def _push_rounds(call: grpc.aio.StreamUnaryMultiCallable, worker_id: int, secret: bytes, first_round: int,
+                       rounds: int, chunks: list[bytes], pairs: int, inflight: int) -> ClientTimes:
     """Push rounds first_round.. in order, at most `inflight` unacknowledged at a time."""
     headers = [
         pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, round=r, computed_at_version=0,
                                             codec=pb.CODEC_SPARSE, value_dtype=pb.VALUE_DTYPE_FLOAT32,
-                                            count=pairs)).SerializeToString()
+                                            count=pairs, member_secret=secret)).SerializeToString()
         for r in range(first_round, first_round + rounds)
     ]
     window = asyncio.Semaphore(inflight)
@@ -293,8 +295,7 @@ async def _run_push_bench(config: PushBenchConfig) -> dict[str, Any]:
     phases: list[PhaseResult] = []
     try:
         await pool.gather("ready", timeout=120)
-        core = server.service.core
-        if not core.started:
+        if not server.service.view.started:
             raise RuntimeError("the server did not start after every client joined and the model was seeded")
         plan = [("echo", 0, config.warmup_rounds), ("full", 0, config.warmup_rounds)]
         for rep in range(1, config.repeat + 1):
@@ -309,8 +310,8 @@ async def _run_push_bench(config: PushBenchConfig) -> dict[str, Any]:
             server_cpu = time.process_time() - cpu_before
             if phase == "full":
                 next_round += rounds
-                if core.version != next_round:
-                    raise RuntimeError(f"after the full phase the server is at version {core.version}, "
+                if server.service.view.version != next_round:
+                    raise RuntimeError(f"after the full phase the server is at version {server.service.view.version}, "
                                        f"expected {next_round}")
             phases.append(_phase_result(phase, rep, rounds, config, replies, server_cpu))
     finally:

@@ -67,10 +67,13 @@ def drive_traffic(address: str, workers: int, params: int, delta: float, rounds:
     generator = np.random.default_rng(0)
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
-        ids = [stub.Join(pb.JoinRequest(role=pb.ROLE_WORKER, num_params=params, model_fingerprint=fingerprint),
-                         timeout=30).worker_id for _ in range(workers)]
+        joined = [stub.Join(pb.JoinRequest(role=pb.ROLE_WORKER, num_params=params, model_fingerprint=fingerprint),
+                            timeout=30) for _ in range(workers)]
+        ids = [reply.worker_id for reply in joined]
+        secret = {reply.worker_id: reply.member_secret for reply in joined}  # every call naming a worker carries it
         raw = torch.zeros(params).numpy().tobytes()
-        stub.SeedModel(iter([pb.ModelChunk(worker_id=ids[0], num_params=params, offset=o, values=v)
+        stub.SeedModel(iter([pb.ModelChunk(worker_id=ids[0], num_params=params, offset=o, values=v,
+                                           member_secret=secret[ids[0]])
                              for o, v in codec.iter_model_chunks(raw)]), timeout=60)
         # One update per worker, encoded once: scraping cost does not depend on the values.
         updates = [random_update(params, k, generator) for _ in ids]
@@ -78,17 +81,21 @@ def drive_traffic(address: str, workers: int, params: int, delta: float, rounds:
         for round_ in range(rounds):
             started = time.perf_counter()
             for worker_id, update in zip(ids, updates):
-                header = pb.PushHeader(worker_id=worker_id, round=round_, computed_at_version=round_)
+                header = pb.PushHeader(worker_id=worker_id, round=round_, computed_at_version=round_,
+                                       member_secret=secret[worker_id])
                 messages, _ = codec.push_messages(header, update)
                 stub.Push(iter(messages), timeout=30)
             round_times.append(time.perf_counter() - started)
         for worker_id in ids:  # the calls and codes a running cluster also shows
-            stub.Ping(pb.PingRequest(worker_id=worker_id), timeout=10)
+            stub.Ping(pb.PingRequest(worker_id=worker_id, member_secret=secret[worker_id]), timeout=10)
             try:
-                stub.Push(iter([pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, round=0))]), timeout=10)
+                stub.Push(iter([pb.PushMessage(header=pb.PushHeader(worker_id=worker_id, round=0,
+                                                                    member_secret=secret[worker_id]))]),
+                          timeout=10)
             except grpc.RpcError:
                 pass  # refused: the round is long closed (FAILED_PRECONDITION), which is the point
-            for _ in stub.PullModel(pb.PullModelRequest(worker_id=worker_id), timeout=60):
+            for _ in stub.PullModel(pb.PullModelRequest(worker_id=worker_id, member_secret=secret[worker_id]),
+                                    timeout=60):
                 pass
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     return statistics.median(round_times)

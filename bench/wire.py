@@ -23,6 +23,7 @@ from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import fingerprint_of
 from wanps.rpc.config import EnvDefaultsParser, run_async
+from wanps.rpc.member_secrets import MEMBER_SECRET_BYTES
 from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES
 from wanps.server.service import ServerConfig, start_server
 
@@ -45,8 +46,9 @@ class WireBenchConfig:
 
 def serialized_push(count: int, params: int, seed: int) -> dict[str, Any]:
     """Serialized protobuf bytes of one push of `count` pairs, and estimated gRPC/HTTP/2 framing."""
-    # Realistic varint widths for the header's ids and rounds.
-    header = pb.PushHeader(worker_id=3, round=1_000, computed_at_version=999)
+    # Realistic varint widths for the header's ids and rounds, and the member secret every push carries.
+    header = pb.PushHeader(worker_id=3, round=1_000, computed_at_version=999,
+                           member_secret=bytes(MEMBER_SECRET_BYTES))
     messages, _ = codec.push_messages(header, random_update(params, count, seed))
     sizes = [len(m.SerializeToString()) for m in messages]
     payload = count * PAYLOAD_BYTES_PER_ELEMENT
@@ -188,7 +190,7 @@ async def measure_socket_bytes(config: WireBenchConfig) -> tuple[list[dict[str, 
         fingerprint = fingerprint_of([("bench", (config.params,), "float32")])
         await asyncio.to_thread(session.join, config.params, fingerprint, "wire-bench")
         await asyncio.to_thread(session.seed, torch.zeros(config.params))
-        version = server.service.core.version
+        version = server.service.view.version
         for count in config.sizes:
             update = random_update(config.params, count, config.seed)
             up, down = proxy.up.snapshot(), proxy.down.snapshot()
@@ -196,7 +198,7 @@ async def measure_socket_bytes(config: WireBenchConfig) -> tuple[list[dict[str, 
                 reply = await asyncio.to_thread(lambda: session.push(version, version, update).result(60))
                 if reply.duplicate:
                     raise RuntimeError(f"push of round {version} was taken for a duplicate")
-                version = server.service.core.version  # one worker: each push closes its round
+                version = server.service.view.version  # one worker: each push closes its round
             await asyncio.sleep(0.2)  # let trailing acks / window updates of the last push arrive
             payload = count * PAYLOAD_BYTES_PER_ELEMENT
             up_per_push = (proxy.up.bytes - up.bytes) / config.pushes

@@ -78,7 +78,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., role: _Optional[_Union[TensorRole, str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "rank", "world_size", "version", "must_seed", "tau_max", "first_round", "incarnation")
+    __slots__ = ("worker_id", "rank", "world_size", "version", "must_seed", "tau_max", "first_round", "incarnation", "member_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class JoinReply(_message.Message):
     TAU_MAX_FIELD_NUMBER: _ClassVar[int]
     FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     rank: int
     world_size: int
@@ -95,10 +96,11 @@ class JoinReply(_message.Message):
     tau_max: int
     first_round: int
     incarnation: int
-    def __init__(self, worker_id: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., version: _Optional[int] = ..., must_seed: _Optional[bool] = ..., tau_max: _Optional[int] = ..., first_round: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    member_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., version: _Optional[int] = ..., must_seed: _Optional[bool] = ..., tau_max: _Optional[int] = ..., first_round: _Optional[int] = ..., incarnation: _Optional[int] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
-    __slots__ = ("worker_id", "version", "num_params", "offset", "values", "rank", "world_size", "first_round", "model_checksum")
+    __slots__ = ("worker_id", "version", "num_params", "offset", "values", "rank", "world_size", "first_round", "model_checksum", "member_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +110,7 @@ class ModelChunk(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     version: int
     num_params: int
@@ -117,7 +120,8 @@ class ModelChunk(_message.Message):
     world_size: int
     first_round: int
     model_checksum: int
-    def __init__(self, worker_id: _Optional[int] = ..., version: _Optional[int] = ..., num_params: _Optional[int] = ..., offset: _Optional[int] = ..., values: _Optional[bytes] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., first_round: _Optional[int] = ..., model_checksum: _Optional[int] = ...) -> None: ...
+    member_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., version: _Optional[int] = ..., num_params: _Optional[int] = ..., offset: _Optional[int] = ..., values: _Optional[bytes] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., first_round: _Optional[int] = ..., model_checksum: _Optional[int] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
 
 class SeedModelReply(_message.Message):
     __slots__ = ("version", "model_checksum")
@@ -128,13 +132,15 @@ class SeedModelReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., model_checksum: _Optional[int] = ...) -> None: ...
 
 class PullModelRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "member_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    member_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "round", "computed_at_version", "skip", "codec", "value_dtype", "count", "block_start")
+    __slots__ = ("worker_id", "round", "computed_at_version", "skip", "codec", "value_dtype", "count", "block_start", "member_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_AT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +149,7 @@ class PushHeader(_message.Message):
     VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_START_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     round: int
     computed_at_version: int
@@ -151,7 +158,8 @@ class PushHeader(_message.Message):
     value_dtype: ValueDtype
     count: int
     block_start: int
-    def __init__(self, worker_id: _Optional[int] = ..., round: _Optional[int] = ..., computed_at_version: _Optional[int] = ..., skip: _Optional[bool] = ..., codec: _Optional[_Union[Codec, str]] = ..., value_dtype: _Optional[_Union[ValueDtype, str]] = ..., count: _Optional[int] = ..., block_start: _Optional[int] = ...) -> None: ...
+    member_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., round: _Optional[int] = ..., computed_at_version: _Optional[int] = ..., skip: _Optional[bool] = ..., codec: _Optional[_Union[Codec, str]] = ..., value_dtype: _Optional[_Union[ValueDtype, str]] = ..., count: _Optional[int] = ..., block_start: _Optional[int] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
 
 class SparseChunk(_message.Message):
     __slots__ = ("indices", "values")
@@ -182,12 +190,14 @@ class PushReply(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., late: _Optional[bool] = ..., durable_version: _Optional[int] = ...) -> None: ...
 
 class UpdatesRequest(_message.Message):
-    __slots__ = ("worker_id", "from_version")
+    __slots__ = ("worker_id", "from_version", "member_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     from_version: int
-    def __init__(self, worker_id: _Optional[int] = ..., from_version: _Optional[int] = ...) -> None: ...
+    member_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., from_version: _Optional[int] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
 
 class DeltaChunk(_message.Message):
     __slots__ = ("round", "version", "total_count", "indices", "values", "last", "has_model_checksum", "model_checksum", "pushed", "skipped", "dense")
@@ -216,14 +226,16 @@ class DeltaChunk(_message.Message):
     def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_checksum: _Optional[bool] = ..., model_checksum: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ...) -> None: ...
 
 class PingRequest(_message.Message):
-    __slots__ = ("worker_id", "sent_unix_ns", "padding")
+    __slots__ = ("worker_id", "sent_unix_ns", "padding", "member_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     sent_unix_ns: int
     padding: bytes
-    def __init__(self, worker_id: _Optional[int] = ..., sent_unix_ns: _Optional[int] = ..., padding: _Optional[bytes] = ...) -> None: ...
+    member_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., sent_unix_ns: _Optional[int] = ..., padding: _Optional[bytes] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
 
 class PingReply(_message.Message):
     __slots__ = ("sent_unix_ns", "version")
@@ -234,10 +246,12 @@ class PingReply(_message.Message):
     def __init__(self, sent_unix_ns: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "member_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    member_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ("last_round",)
@@ -246,10 +260,12 @@ class LeaveReply(_message.Message):
     def __init__(self, last_round: _Optional[int] = ...) -> None: ...
 
 class ResumeRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "member_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    member_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
 
 class ResumeReply(_message.Message):
     __slots__ = ("member", "version", "model_checksum", "held_rounds", "first_round", "incarnation")

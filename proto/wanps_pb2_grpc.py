@@ -84,7 +84,8 @@ class ParameterServerServicer:
     """
 
     def Join(self, request, context):
-        """Register. The first worker is told to seed the model (`must_seed`).
+        """Register. The first worker is told to seed the model (`must_seed`). The reply carries
+        the member's secret, which every later call naming its id must carry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,7 +122,9 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Ping(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """RTT probe and a member's heartbeat (renews its lease). NOT_FOUND for an id the server
+        does not know (the worker joins again).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

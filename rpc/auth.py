@@ -16,6 +16,9 @@ first) or from the WANPS_TOKEN environment variable; there is no flag that takes
 itself, so it never shows in `ps` or shell history. Token files are re-read when they
 change, which is how a token is rotated without a restart (docs/security.md).
 Nothing here logs, prints or repr()s a token.
+
+The token lets a process in; what binds a member's id to the process that joined as it is
+the member secret (wanps.rpc.member_secrets).
 """
 from __future__ import annotations
 

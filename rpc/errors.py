@@ -23,6 +23,11 @@ class NotFound(RequestError):
     """The request names a member (worker id) the service does not know."""
 
 
+class PermissionDenied(RequestError):
+    """The request names a member but does not carry that member's secret (one token holder
+    acting as another member)."""
+
+
 class ResourceExhausted(RequestError):
     """Over one of the configured limits; retrying later or a smaller request may pass."""
 

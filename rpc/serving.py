@@ -1,10 +1,19 @@
 """Serving a wanps gRPC service: its typed config (`ServeConfig`, shared by the server and the
 controller) and the flags that fill it; bind, interceptors, health and reflection, metrics
-endpoint, readiness line, graceful stop on SIGINT/SIGTERM."""
+endpoint, readiness line, graceful stop on SIGINT/SIGTERM.
+
+A port is a service's own: gRPC's SO_REUSEPORT is off, so a second server or controller on a
+busy port fails to start (`ServiceStartError`, one line from `serve_main`) instead of sharing
+it. A stop drains: health says NOT_SERVING first, then long-lived streams end, then the
+server stops within its grace.
+"""
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -23,6 +32,11 @@ from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_channel_options
 
 # --metrics-listen's value that serves no metrics endpoint (metrics_port -1).
 METRICS_OFF = "off"
+
+
+class ServiceStartError(RuntimeError):
+    """A service could not start (its port is taken, its address does not bind). The message
+    is one line that names the address."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +108,7 @@ async def serve_until_signalled(start: Callable[[], Any], ready_line: Callable[[
     # Handlers first: a supervisor may send SIGTERM as soon as it reads the readiness line.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    running = await start()
+    running = await start()  # ServiceStartError: serve_main says it in one line
     print(ready_line(running), flush=True)
     await stop.wait()
     await running.stop()
@@ -104,8 +118,34 @@ async def serve_until_signalled(start: Callable[[], Any], ready_line: Callable[[
 def start_metrics_endpoint(host: str, port: int, registry: CollectorRegistry) -> tuple[Any, int | None]:
     if port < 0:
         return None, None
-    httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ServiceStartError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
     return httpd, httpd.server_address[1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ServiceStartError when something already listens on host:port.
+
+    gRPC would say so too (with SO_REUSEPORT off), but only as a generic RuntimeError after
+    its own log line; this probe binds the same addresses first (with SO_REUSEADDR, as gRPC
+    does, so a port left in TIME_WAIT by a stopped server counts as free)."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # gRPC reports an address it cannot resolve
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ServiceStartError(f"cannot listen on {host}:{port}: the port is already in use "
+                                            f"(another wanps server or controller?)") from None
 
 
 async def add_health_and_reflection(server: grpc.aio.Server, service_full_name: str) -> health_aio.HealthServicer:
@@ -136,8 +176,13 @@ class RunningService(Generic[S]):
     port: int
     metrics_port: int | None
     metrics_httpd: Any = None
+    health: health_aio.HealthServicer | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
+        # NOT_SERVING first (health watchers and probes hear it before anything drains), then
+        # long-lived streams end, then gRPC stops taking calls and waits out the grace.
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         self.service.begin_shutdown()
         await self.server.stop(grace)
         self.service.close()
@@ -158,28 +203,57 @@ async def start_grpc_service(
     Every RPC first meets the gRPC metrics interceptor (on `registry`, so calls a later
     interceptor refuses are counted), then the token check of `config.security`, then the
     malformed-message guard. TLS when `config.security` has a certificate (wanps.rpc.auth).
+
+    If the service cannot start (ServiceStartError: a port in use, an address that does not
+    bind), `service.close()` releases what it holds before the error propagates.
     """
+    try:
+        return await _start_grpc_service(service, add_to_server, service_full_name, config, registry)
+    except BaseException:
+        service.close()
+        raise
+
+
+async def _start_grpc_service(service: S, add_to_server: Callable[[S, grpc.aio.Server], None],
+                              service_full_name: str, config: ServeConfig,
+                              registry: CollectorRegistry) -> RunningService[S]:
     credentials = config.security.credentials()
-    server = grpc.aio.server(options=grpc_channel_options(config.max_message_bytes),
+    address = f"{config.host}:{config.port}"
+    check_port_free(config.host, config.port)
+    # SO_REUSEPORT off: a second server on this port must fail, not share its connections.
+    server = grpc.aio.server(options=[*grpc_channel_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
                              interceptors=[GrpcServerMetrics(registry), *config.security.interceptors(),
                                            MalformedRequestGuard()])
     add_to_server(service, server)
-    await add_health_and_reflection(server, service_full_name)
-    address = f"{config.host}:{config.port}"
-    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
-    if bound == 0:
-        raise RuntimeError(f"could not bind {address}")
+    health = await add_health_and_reflection(server, service_full_name)
+    try:
+        bound = (server.add_insecure_port(address) if credentials is None
+                 else server.add_secure_port(address, credentials))
+    except RuntimeError:  # gRPC's "Failed to bind to address ..." (a race past check_port_free, a bad host)
+        bound = 0
+    if bound == 0 or (config.port != 0 and bound != config.port):
+        raise ServiceStartError(f"cannot listen on {address}: gRPC could not bind it")
     await server.start()
-    httpd, bound_metrics = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
-    return RunningService(server=server, service=service, port=bound, metrics_port=bound_metrics, metrics_httpd=httpd)
+    try:
+        httpd, bound_metrics = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
+    except ServiceStartError:
+        await server.stop(0)
+        raise
+    return RunningService(server=server, service=service, port=bound, metrics_port=bound_metrics,
+                          metrics_httpd=httpd, health=health)
 
 
 def serve_main(start: Callable[[], Any], config: ServeConfig) -> int:
-    """Run a service until SIGINT/SIGTERM, announcing `LISTENING host:port METRICS port`."""
+    """Run a service until SIGINT/SIGTERM, announcing `LISTENING host:port METRICS port`.
+    A service that cannot start says why in one line on stderr and returns 1."""
     setup_logging(config.log_level)
-    run_async(
-        serve_until_signalled(start, lambda running: f"LISTENING {config.host}:{running.port} "
-                                                     f"METRICS {running.metrics_port}"),
-        use_uvloop=config.use_uvloop,
-    )
+    try:
+        run_async(
+            serve_until_signalled(start, lambda running: f"LISTENING {config.host}:{running.port} "
+                                                         f"METRICS {running.metrics_port}"),
+            use_uvloop=config.use_uvloop,
+        )
+    except ServiceStartError as exc:
+        print(f"wanps: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0

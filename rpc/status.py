@@ -12,14 +12,15 @@ from __future__ import annotations
 import grpc
 
 from wanps.proto.wire import WireError
-from wanps.rpc.errors import (FailedPrecondition, InvalidArgument, NotFound, OutOfRange, RequestError,
-                              ResourceExhausted)
+from wanps.rpc.errors import (FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied,
+                              RequestError, ResourceExhausted)
 
 _STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     WireError: grpc.StatusCode.INVALID_ARGUMENT,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
 }

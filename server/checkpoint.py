@@ -26,7 +26,10 @@ from wanps.server.core import ClosedRound, CoreConfig, Member, OpenRound, Server
 from wanps.server.metrics import ServerMetrics
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+# 2: members carry the SHA-256 of their member secret ("secret_digest"). Format 1 (before member
+# secrets) still restores: its members have no digest and are identified by id alone.
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 log = logging.getLogger("wanps.server")
 
@@ -65,7 +68,8 @@ def core_state(core: ServerCore) -> dict:
         "members": [
             {"worker_id": m.worker_id, "name": m.name, "first_round": m.first_round, "last_round": m.last_round,
              "highest_round_sent": m.highest_round_sent, "missed_rounds": sorted(m.missed_rounds),
-             "last_update": _update_data(m.last_update)}
+             "last_update": _update_data(m.last_update),
+             "secret_digest": None if m.secret_digest is None else m.secret_digest.hex()}
             for m in core.members.values()
         ],
         "open_rounds": [
@@ -82,9 +86,11 @@ def core_state(core: ServerCore) -> dict:
 
 def restore_core(state: dict, config: CoreConfig, clock: Callable[[], float] = time.monotonic) -> ServerCore:
     """A core continuing from a checkpoint. Every lease restarts now, so members have a
-    full lease to reconnect; observers are not kept (they join again)."""
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"unsupported checkpoint format {state.get('format')!r} (expected {CHECKPOINT_FORMAT})")
+    full lease to reconnect with the secret they joined with; observers are not kept (they
+    join again)."""
+    if state.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"unsupported checkpoint format {state.get('format')!r} (this server reads "
+                         f"{', '.join(map(str, READABLE_FORMATS))})")
     core = ServerCore(config, clock)  # its current round's wait starts now
     now = clock()
     core.version = int(state["version"])
@@ -101,7 +107,12 @@ def restore_core(state: dict, config: CoreConfig, clock: Callable[[], float] = t
         core.members[m["worker_id"]] = Member(
             worker_id=m["worker_id"], name=m["name"], first_round=m["first_round"], last_round=m["last_round"],
             last_update=_update_of(m["last_update"]), highest_round_sent=m["highest_round_sent"],
-            last_seen=now, missed_rounds=set(m["missed_rounds"]))
+            last_seen=now, missed_rounds=set(m["missed_rounds"]),
+            secret_digest=bytes.fromhex(m["secret_digest"]) if m.get("secret_digest") is not None else None)
+    legacy = [w for w, m in core.members.items() if m.secret_digest is None]
+    if legacy:
+        log.warning("checkpoint format %s: members %s have no member secret and are identified by their id alone "
+                    "until they leave", state["format"], legacy)
     for o in state["open_rounds"]:
         open_round = OpenRound(skips=set(o["skips"]), first_push_at=now)
         for entry in o["updates"]:
@@ -165,7 +176,9 @@ class CheckpointScheduler:
 
     `after_close` runs on the core thread; the write runs on the scheduler's writer thread.
     A snapshot that falls due while the previous one is still being written is skipped (the
-    next due round takes one). A failed write is logged and leaves `durable_version` as it was.
+    next due round takes one). A failed snapshot or write, whatever the exception, is logged
+    with it, counted (`wanps_server_background_errors_total{task="checkpoint"}`) and leaves
+    `durable_version` as it was; rounds keep closing.
     """
 
     def __init__(self, core: ServerCore, directory: str | Path, every: int, metrics: ServerMetrics) -> None:
@@ -184,7 +197,12 @@ class CheckpointScheduler:
             return
         if self._pending is not None and not self._pending.done():
             return
-        self._pending = self._writer.submit(self._write, core_state(self.core))
+        try:
+            state = core_state(self.core)
+        except Exception:  # the round is closed already: a lost checkpoint must not stop its publication
+            self._failed("checkpoint snapshot at version %d failed", self.core.version)
+            return
+        self._pending = self._writer.submit(self._write, state)
 
     def wait(self) -> None:
         """Until the write in progress (if any) is done."""
@@ -201,13 +219,17 @@ class CheckpointScheduler:
         try:
             path = write_checkpoint(self.directory, state)
         except Exception:  # any failure, not only the disk's: a lost checkpoint must be seen
-            log.exception("checkpoint at version %d failed", state["version"])
+            self._failed("checkpoint at version %d failed", state["version"])
             return
         self.durable_version = max(self.durable_version, state["version"])
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_duration.observe(time.monotonic() - started)
         self.metrics.checkpoint_version.set(state["version"])
         log.info("checkpoint at version %d written to %s", state["version"], path)
+
+    def _failed(self, message: str, *args: object) -> None:
+        log.exception(message, *args)
+        self.metrics.background_errors.labels(task="checkpoint").inc()
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

@@ -67,6 +67,9 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
     parser.add_argument("--audit", env="WANPS_AUDIT", action="store_true",
                         help="Record the initial model, the sum of applied deltas and the applied round ids "
                              "(in checkpoints; for conservation checks; 12 bytes per parameter).")
+    parser.add_argument("--check-core-thread", env="WANPS_CHECK_CORE_THREAD", action="store_true",
+                        help="Debugging: raise when the server touches its core off the core thread "
+                             "(the tests run with it).")
     args = parser.parse_args(argv)
     serve = serve_settings_from_args(parser, args)
     try:
@@ -80,6 +83,7 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
         limits=limits, lease_s=args.lease_s,
         round_deadline_s=args.round_deadline_s, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume_dir=args.resume, audit=args.audit,
+        check_core_thread=args.check_core_thread,
     )
     if config.history_mb < 0 or config.history_rounds < 1:
         parser.error("--history-mb must be >= 0 and --history-rounds >= 1")

@@ -14,6 +14,8 @@ Rounds and versions (docs/architecture.md has the full story):
 - Membership changes only at round boundaries: a worker is expected in the rounds
   [first_round, last_round]; a join after the start gets the first round nobody has
   pushed yet, a leave ends after the last round the worker pushed.
+- Each member and observer is bound to the digest of a secret handed out at its join
+  (wanps.rpc.member_secrets); `CoreView.authenticate` refuses a call naming it without it.
 
 Faults (docs/operations.md):
 - Liveness by lease: any call from a worker renews it (`touch`); `sweep()` removes a
@@ -31,6 +33,10 @@ The mean over a round is `aggregate()` (server/aggregate.py); the core decides w
 
 Time comes from an injected clock (`clock`, monotonic seconds), so the rules stay testable.
 
+What other threads may read: `view()`, an immutable `CoreView` (version, membership, secret
+digests, each member's held rounds) that the servicer takes on the core thread after every
+call and reads on the event loop. Nothing else of a core is read off its thread.
+
 Memory: the model (d floats), at most tau_max + 1 open rounds each holding one sparse
 update per worker, one stored update per worker, and while a round closes, its delta.
 With no member left, nothing but the model (docs/operations.md, "Server memory").
@@ -40,17 +46,20 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 
 from wanps.proto.codec import Update, apply_delta, model_checksum
 from wanps.proto import structure as structures
 from wanps.proto.structure import TensorSpec
-from wanps.proto.wire import MAX_PARAMS
+from wanps.proto.wire import MAX_PARAMS, name_problem
 # Refusals are the rpc layer's plain exceptions (no gRPC in them); the servicer maps them to status codes.
-from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound
+from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from wanps.rpc.member_secrets import member_secret_matches
 from wanps.server.aggregate import aggregate
 
 # Rounds a member remembers having missed at a deadline (to answer a very late push `late`).
@@ -115,6 +124,9 @@ class Member:
     highest_round_sent: int = -1
     last_seen: float = 0.0  # clock time of the last call from this worker (the lease)
     missed_rounds: set[int] = field(default_factory=set)  # closed at a deadline without it
+    # SHA-256 of the secret handed out at its join. None only for a member restored from a
+    # checkpoint older than member secrets (format 1): identified by its id alone, as then.
+    secret_digest: bytes | None = None
 
     def expected_in(self, round_: int) -> bool:
         return self.first_round <= round_ and (self.last_round is None or round_ <= self.last_round)
@@ -169,6 +181,74 @@ class SweepResult:
     closed: tuple[ClosedRound, ...]
 
 
+class MemberView(NamedTuple):  # a tuple: one is built per member for every published view
+    first_round: int
+    last_round: int | None
+    held_rounds: frozenset[int]  # open rounds that hold its push or skip
+
+
+def push_rule(worker_id: int, member: MemberView | None, round_: int, computed_at_version: int, *,
+              version: int, started: bool, tau_max: int) -> bool:
+    """Everything about a push but its payload, against a member's state. True = duplicate
+    (acknowledge, change nothing). One rule for the core and for the event loop's pre-check."""
+    if member is None:
+        raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
+    if not started:
+        raise FailedPrecondition("the cluster has not started (waiting for the model seed or --min-workers)")
+    if round_ < member.first_round:
+        raise FailedPrecondition(f"round {round_} is before this worker's first round {member.first_round}")
+    if member.last_round is not None and round_ > member.last_round:
+        raise FailedPrecondition(f"worker {worker_id} left after round {member.last_round}")
+    if round_ < version:
+        return True  # already applied with this worker counted: a replay
+    window_end = version + tau_max
+    if round_ > window_end:
+        raise FailedPrecondition(
+            f"round {round_} is outside the open window [{version}, {window_end}] (tau_max {tau_max})"
+        )
+    if round_ in member.held_rounds:
+        return True
+    if computed_at_version > version:
+        raise InvalidArgument(f"computed_at_version {computed_at_version} is ahead of the server's version {version}")
+    if computed_at_version + tau_max < round_:
+        raise FailedPrecondition(
+            f"update for round {round_} computed at version {computed_at_version} is staler than tau_max {tau_max}"
+        )
+    return False
+
+
+@dataclass(frozen=True)
+class CoreView:
+    """An immutable snapshot of what the event loop needs of a core (`ServerCore.view()`),
+    taken on the core thread: the loop reads this, never the core itself."""
+
+    version: int
+    tau_max: int
+    num_params: int | None
+    seeded: bool
+    started: bool
+    members: Mapping[int, MemberView]  # read-only
+    expected_now: int  # workers expected in round `version`
+    secret_digests: Mapping[int, bytes | None]  # members and observers; read-only
+
+    def is_known(self, worker_id: int) -> bool:
+        return worker_id in self.secret_digests
+
+    def authenticate(self, worker_id: int, secret: bytes) -> None:
+        """NotFound for an id nobody holds, PermissionDenied without the id's secret. Ids are
+        never reused and a member's secret never changes, so a snapshot answers for good."""
+        if worker_id not in self.secret_digests:
+            raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
+        digest = self.secret_digests[worker_id]
+        if digest is not None and not member_secret_matches(digest, secret):
+            raise PermissionDenied(f"worker {worker_id}: missing or wrong member secret (calls naming a member "
+                                   "must carry the secret its Join returned)")
+
+    def check_push(self, worker_id: int, round_: int, computed_at_version: int) -> bool:
+        return push_rule(worker_id, self.members.get(worker_id), round_, computed_at_version,
+                         version=self.version, started=self.started, tau_max=self.tau_max)
+
+
 @dataclass(frozen=True)
 class ResumeInfo:
     """What a reconnecting worker needs to reconcile: is it still a member, the model's
@@ -193,7 +273,7 @@ class ServerCore:
         self.structure: tuple[TensorSpec, ...] | None = None
         self.started = False
         self.members: dict[int, Member] = {}
-        self.observers: set[int] = set()
+        self.observers: dict[int, bytes | None] = {}  # id -> secret digest
         self.open_rounds: dict[int, OpenRound] = {}
         self.seeder_id: int | None = None  # the member asked to seed the model, until it is seeded
         self.next_worker_id = 1
@@ -218,11 +298,15 @@ class ServerCore:
         return active.index(worker_id) if worker_id in active else -1
 
     def join(self, num_params: int, fingerprint: bytes, name: str = "", observer: bool = False,
-             structure: Sequence[TensorSpec] = ()) -> JoinResult:
+             structure: Sequence[TensorSpec] = (), secret_digest: bytes | None = None) -> JoinResult:
         """`structure`: the joining model's tensors (wanps.proto.structure), optional. When both
         the cluster's and the joiner's are known, they are compared entry by entry (unnamed
         entries match any name) and a refusal names the first tensor that differs; otherwise
-        the fingerprints must be equal."""
+        the fingerprints must be equal. `secret_digest`: of the secret the caller hands the
+        new member (wanps.rpc.member_secrets); None binds none (tests of the rules alone)."""
+        problem = name_problem(name)
+        if problem is not None:
+            raise InvalidArgument(problem)
         if not 0 < num_params <= MAX_PARAMS:
             raise InvalidArgument(f"num_params must be in [1, {MAX_PARAMS}], got {num_params}")
         if not fingerprint:
@@ -249,12 +333,12 @@ class ServerCore:
             self.structure = structure  # the first member that sent it (or a checkpoint without one)
         must_seed = False
         if observer:
-            self.observers.add(worker_id)
+            self.observers[worker_id] = secret_digest
             first_round = self.version
         else:
             first_round = self._next_unpushed_round() if self.started else 0
             self.members[worker_id] = Member(worker_id=worker_id, name=name, first_round=first_round,
-                                             last_seen=self.clock())
+                                             last_seen=self.clock(), secret_digest=secret_digest)
             if self.seeder_id is None and not self.seeded:
                 self.seeder_id, must_seed = worker_id, True
             self._maybe_start()
@@ -300,7 +384,7 @@ class ServerCore:
     def leave(self, worker_id: int) -> tuple[int, tuple[ClosedRound, ...]]:
         """Stop expecting a worker after the last round it sent. Returns (last_round, closed rounds)."""
         if worker_id in self.observers:
-            self.observers.discard(worker_id)
+            del self.observers[worker_id]
             return self.version - 1, ()
         member = self._member(worker_id)
         if member.last_round is None:
@@ -406,32 +490,14 @@ class ServerCore:
 
     def check_push(self, worker_id: int, round_: int, computed_at_version: int) -> bool:
         """Everything about a push but its payload. True = duplicate (acknowledge, change nothing)."""
-        member = self._member(worker_id)
-        if not self.started:
-            raise FailedPrecondition("the cluster has not started (waiting for the model seed or --min-workers)")
-        if round_ < member.first_round:
-            raise FailedPrecondition(f"round {round_} is before this worker's first round {member.first_round}")
-        if member.last_round is not None and round_ > member.last_round:
-            raise FailedPrecondition(f"worker {worker_id} left after round {member.last_round}")
-        if round_ < self.version:
-            return True  # already applied with this worker counted: a replay
-        window_end = self.version + self.config.tau_max
-        if round_ > window_end:
-            raise FailedPrecondition(
-                f"round {round_} is outside the open window [{self.version}, {window_end}] (tau_max {self.config.tau_max})"
-            )
-        open_round = self.open_rounds.get(round_)
-        if open_round is not None and open_round.has(worker_id):
-            return True
-        if computed_at_version > self.version:
-            raise InvalidArgument(
-                f"computed_at_version {computed_at_version} is ahead of the server's version {self.version}"
-            )
-        if computed_at_version + self.config.tau_max < round_:
-            raise FailedPrecondition(
-                f"update for round {round_} computed at version {computed_at_version} is staler than tau_max {self.config.tau_max}"
-            )
-        return False
+        member = self.members.get(worker_id)
+        held = None if member is None else self._member_view(member)
+        return push_rule(worker_id, held, round_, computed_at_version, version=self.version, started=self.started,
+                         tau_max=self.config.tau_max)
+
+    def _member_view(self, member: Member) -> MemberView:
+        held = frozenset(r for r, o in self.open_rounds.items() if o.has(member.worker_id))
+        return MemberView(first_round=member.first_round, last_round=member.last_round, held_rounds=held)
 
     def push(self, worker_id: int, round_: int, computed_at_version: int, update: Update | None) -> PushResult:
         """Store one worker's update (None = skip) for a round and close what is complete."""
@@ -511,6 +577,28 @@ class ServerCore:
         )
 
     # ------------------------------------------------------------------ reads
+
+    def view(self) -> CoreView:
+        """An immutable snapshot for other threads (see the module); O(members + open rounds)."""
+        held: dict[int, list[int]] = {}
+        for round_, open_round in self.open_rounds.items():
+            for worker_id in (*open_round.updates, *open_round.skips):
+                held.setdefault(worker_id, []).append(round_)
+        nothing: frozenset[int] = frozenset()
+        members = {w: MemberView(m.first_round, m.last_round, frozenset(held[w]) if w in held else nothing)
+                   for w, m in self.members.items()}
+        digests = {w: m.secret_digest for w, m in self.members.items()}
+        digests.update(self.observers)
+        return CoreView(version=self.version, tau_max=self.config.tau_max, num_params=self.num_params,
+                        seeded=self.seeded, started=self.started, members=MappingProxyType(members),
+                        expected_now=len(self.expected_workers(self.version)),
+                        secret_digests=MappingProxyType(digests))
+
+    def placement(self, worker_id: int) -> tuple[int, int, int | None]:
+        """(rank among the active workers or -1, their number, first round or None for a
+        non-member) for a pull's first chunk."""
+        member = self.members.get(worker_id)
+        return self.rank_of(worker_id), len(self.active_workers()), member.first_round if member is not None else None
 
     def snapshot(self) -> tuple[int, bytes, int]:
         """(version, model bytes, model checksum) at one instant, for PullModel."""

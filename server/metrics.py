@@ -69,6 +69,13 @@ class ServerMetrics:
             "wanps_server_checkpoint_duration_seconds", "Time to write one checkpoint (serialize, fsync, rename).",
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30), registry=registry,
         )
+        self.background_errors = Counter(
+            "wanps_server_background_errors",
+            "Failures of the server's background work, by task: sweep (leases, round deadlines), checkpoint "
+            "(snapshot or write), release (returning memory), touch (a lease renewal). Each is logged with its "
+            "exception; the task keeps running.",
+            ["task"], registry=registry,
+        )
         self.checkpoint_version = Gauge(
             "wanps_server_checkpoint_version", "Model version of the last checkpoint written.", registry=registry
         )

@@ -1,7 +1,10 @@
 """The gRPC edge of the parameter server: decode, validate, call the core, encode.
 
 Every call into `ServerCore` runs on one dedicated thread (`_core_thread`), which keeps
-heavy tensor work off the event loop and makes the core's rules sequential without locks.
+heavy tensor work off the event loop and makes the core's rules sequential without locks;
+the event loop reads only the immutable `CoreView` the core thread publishes after each
+call (membership, version, member secret digests). Every call naming a member must carry
+its member secret (`CoreView.authenticate`, docs/security.md).
 Refusals are mapped to gRPC status codes in one place for every servicer (wanps.rpc.status).
 Closed rounds go to the broadcast history (server/history.py) and, when due, to a
 checkpoint (server/checkpoint.py, `CheckpointScheduler`).
@@ -9,9 +12,10 @@ checkpoint (server/checkpoint.py, `CheckpointScheduler`).
 from __future__ import annotations
 
 import asyncio
-import functools
+import concurrent.futures
 import logging
 import secrets
+import threading
 import time
 from contextlib import ExitStack
 from collections.abc import AsyncIterator, Callable
@@ -34,8 +38,9 @@ from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.server.checkpoint import CheckpointScheduler, core_state, read_checkpoint, restore_core
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from wanps.rpc.limits import Limits, StreamLimiter, TokenBucket
+from wanps.rpc.member_secrets import member_secret_digest, new_member_secret
 from wanps.rpc.status import REFUSALS, mapped_errors, status_for
-from wanps.server.core import ClosedRound, CoreConfig, PushResult, ServerCore
+from wanps.server.core import ClosedRound, CoreConfig, CoreView, PushResult, ServerCore
 from wanps.server.history import DEFAULT_HISTORY_MB, RoundHistory, encode_round
 from wanps.server.memory import release_free_memory
 from wanps.server.metrics import ServerMetrics
@@ -44,6 +49,8 @@ log = logging.getLogger("wanps.server")
 T = TypeVar("T")
 
 MAX_PING_PADDING = 1024 * 1024
+# A Ping naming no worker: an RTT or liveness probe that renews no lease and needs no secret.
+ANONYMOUS_PING_ID = 0
 
 @dataclass(frozen=True)
 class ServerConfig(ServeConfig):
@@ -75,6 +82,8 @@ class ServerConfig(ServeConfig):
     resume_dir: str | None = None
     # Keep the audit record (initial model, sum of applied deltas, applied round ids) in the core.
     audit: bool = False
+    # Debug: raise (CoreThreadViolation) when the servicer touches its core off the core thread.
+    check_core_thread: bool = False
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(tau_max=self.tau_max, min_workers=self.min_workers, checksum_every=self.checksum_every,
@@ -86,21 +95,53 @@ class ServerConfig(ServeConfig):
         return min(1.0, max(0.01, min(periods) / 10)) if periods else 1.0
 
 
+class CoreThreadViolation(AssertionError):
+    """The servicer touched its core from a thread other than the core thread (a bug)."""
+
+
+class CoreThreadGuard:
+    """Debug mode (`ServerConfig.check_core_thread`, `--check-core-thread`; on in the tests):
+    the servicer's handle on its core, which raises `CoreThreadViolation` (and records it in
+    `violations`) when used from any thread but the core thread. The core is not thread-safe
+    on purpose; the event loop reads only the `CoreView` published after each core call."""
+
+    def __init__(self, core: ServerCore, owner_thread: int) -> None:
+        self._target = core
+        self._owner_thread = owner_thread
+        self.violations: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if threading.get_ident() != self._owner_thread:
+            message = f"ServerCore.{name} used on thread {threading.current_thread().name!r}, not the core thread"
+            self.violations.append(message)
+            raise CoreThreadViolation(message)
+        return getattr(self._target, name)
+
+
 class ParameterServerService(pb_grpc.ParameterServerServicer):
+    """Every use of the core runs on `_core_thread` (through `_on_core`, or a task submitted
+    there); the event loop reads `view`, the immutable CoreView the core thread publishes after
+    each call. `core` is the core itself, for tests and tools that read it between calls."""
+
     def __init__(self, core: ServerCore, metrics: ServerMetrics, history_rounds: int,
                  limits: Limits | None = None, *, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-                 sweep_interval_s: float = 1.0, history_mb: float | None = None) -> None:
+                 sweep_interval_s: float = 1.0, history_mb: float | None = None,
+                 check_core_thread: bool = False) -> None:
         self.core = core
         self.limits = limits or Limits()
         self._joins = TokenBucket(self.limits.join_rate_per_s, self.limits.join_burst)
         self._streams = StreamLimiter(self.limits.max_streams_per_worker)
         self.metrics = metrics
+        self.view: CoreView = core.view()  # replaced (never changed) by the core thread after each call
         budget = None if history_mb is None else int(history_mb * 2**20)
         self.history = RoundHistory(history_rounds, budget, pin_rounds=core.config.tau_max + 1)
         # A resumed core starts at its checkpoint's version: older rounds are not in the history.
         self.history.published_through = core.version - 1
         self._core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-core")
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="wanps-decode")
+        self._core: ServerCore | CoreThreadGuard = core
+        if check_core_thread:
+            self._core = CoreThreadGuard(core, self._core_thread.submit(threading.get_ident).result())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seeded = asyncio.Event()
         self._started = asyncio.Event()
@@ -113,61 +154,115 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                             if checkpoint_dir is not None else None)
         self._sweep_interval_s = sweep_interval_s
         self._sweeper: asyncio.Task | None = None
+        self._serving = False  # start_background ran: a final checkpoint is due at close
+        self._closing = False
         # Which process a worker's replica was synced with (see ResumeReply.incarnation).
         self.incarnation = secrets.randbits(63) or 1
         self._refresh_events()
 
+    @property
+    def core_thread_violations(self) -> list[str]:
+        """Uses of the core off its thread seen so far (debug mode only; always empty otherwise)."""
+        return self._core.violations if isinstance(self._core, CoreThreadGuard) else []
+
     def start_background(self) -> None:
         """Start the lease and deadline sweeper (on the running loop)."""
         self._loop = asyncio.get_running_loop()
+        self._serving = True
         self._sweeper = asyncio.ensure_future(self._sweep_loop())
 
     async def _sweep_loop(self) -> None:
-        while True:
+        """Bounded by the server's life: cancelled by begin_shutdown. A failed sweep is logged
+        with its exception and counted, and the next one runs: a sweeper that died quietly
+        would stop every lease expiry and round deadline for good."""
+        while not self._closing:
             await asyncio.sleep(self._sweep_interval_s)
             try:
-                result = await self._on_core(self._sweep_on_core_thread)
-            except RuntimeError:  # the core thread is shutting down
-                return
+                result = await self._on_core(lambda: self._sweep_on_core_thread())
+            except asyncio.CancelledError:
+                raise
             except Exception:
-                log.exception("sweep failed")
+                if self._closing:
+                    return  # the core thread is shutting down
+                self._background_failed("sweep", "sweep failed (leases and round deadlines are checked again in "
+                                                 "%.2f s)", self._sweep_interval_s)
                 continue
             for worker_id in result.expired:
                 self.metrics.members_expired.inc()
                 log.warning("worker %d silent for more than its lease: removed from round %d on",
-                            worker_id, self.core.version)
+                            worker_id, self.view.version)
             if result.overdue is not None:
                 self.metrics.rounds_overdue.inc()
                 log.info("round %d closed at its deadline without its stragglers", result.overdue)
 
+    def _background_failed(self, task: str, message: str, *args: Any) -> None:
+        """Call in an `except` block: the exception is logged with its traceback and counted."""
+        log.exception(message, *args)
+        self.metrics.background_errors.labels(task=task).inc()
+
     def _sweep_on_core_thread(self):
-        result = self.core.sweep()
+        result = self._core.sweep()
         self._publish(result.closed)
-        if result.expired and not self.core.members:
+        if result.expired and not self._core.members:
             self._release_when_published()
         return result
 
-    async def _on_core(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _on_core(self, fn: Callable[[], T]) -> T:
+        """Run `fn()` on the core thread, then publish the core's view (after refused calls too).
+        `fn` reaches the core itself (`lambda: self._core.join(...)`): even looking up a core
+        method belongs on the core thread."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        return await loop.run_in_executor(self._core_thread, functools.partial(fn, *args))
+        return await loop.run_in_executor(self._core_thread, self._then_publish_view, fn)
+
+    def _then_publish_view(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        finally:
+            self.view = self._core.view()
+
+    def _touch_soon(self, worker_id: int) -> None:
+        """Renew a lease on the core thread without waiting for it: a ping's reply (an RTT
+        sample) must not queue behind a round's aggregation. Queued work runs in order, so a
+        renewal sent before a sweep is seen by it."""
+        try:
+            future = self._core_thread.submit(lambda: self._core.touch(worker_id))
+        except RuntimeError:  # shutting down
+            return
+        future.add_done_callback(self._report_background_failure("touch"))
+
+    def _report_background_failure(self, task: str) -> Callable[[concurrent.futures.Future], None]:
+        def report(future: concurrent.futures.Future) -> None:
+            if future.cancelled() or future.exception() is None:
+                return
+            exc = future.exception()
+            log.error("%s failed", task, exc_info=(type(exc), exc, exc.__traceback__))
+            self.metrics.background_errors.labels(task=task).inc()
+
+        return report
 
     def _refresh_events(self) -> None:
-        if self.core.seeded:
+        view = self.view
+        if view.seeded:
             self._seeded.set()
-        if self.core.started:
+        if view.started:
             self._started.set()
 
     def begin_shutdown(self) -> None:
+        self._closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.history.close()
 
     def close(self) -> None:
-        """After the gRPC server stopped: write the final checkpoint, release the threads."""
+        """After the gRPC server stopped (or failed to start): write the final checkpoint of a
+        server that served, release the threads."""
+        self._closing = True
         try:
-            if self.checkpoints is not None and self.core.seeded:
-                self.checkpoints.write_final(self._core_thread.submit(core_state, self.core).result())
+            if self.checkpoints is not None and self._serving:
+                state = self._core_thread.submit(lambda: core_state(self.core) if self.core.seeded else None).result()
+                if state is not None:
+                    self.checkpoints.write_final(state)
         finally:
             self._core_thread.shutdown(wait=True, cancel_futures=True)
             self._decode_pool.shutdown(wait=True, cancel_futures=True)
@@ -182,16 +277,14 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             if request.role not in (pb.ROLE_WORKER, pb.ROLE_OBSERVER):
                 raise InvalidArgument("role must be ROLE_WORKER or ROLE_OBSERVER")
             self.limits.check_elements("model", request.num_params)
-            result = await self._on_core(
-                self.core.join,
-                request.num_params,
-                bytes(request.model_fingerprint),
-                request.name,
-                request.role == pb.ROLE_OBSERVER,
-                structures.from_messages(request.structure),
-            )
+            secret = new_member_secret()
+            structure = structures.from_messages(request.structure)
+            result = await self._on_core(lambda: self._core.join(
+                request.num_params, bytes(request.model_fingerprint), request.name,
+                request.role == pb.ROLE_OBSERVER, structure, member_secret_digest(secret)))
             self._refresh_events()
-            self.metrics.members.set(len(self.core.expected_workers(self.core.version)))
+            self.metrics.members.set(self.view.expected_now)
+            # The name passed the core's check: at most 64 printable characters, one log line.
             log.info("join: id %d (%s) role %s first round %d", result.worker_id, request.name,
                      pb.Role.Name(request.role), result.first_round)
             return pb.JoinReply(
@@ -200,14 +293,15 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 world_size=result.world_size,
                 version=result.version,
                 must_seed=result.must_seed,
-                tau_max=self.core.config.tau_max,
+                tau_max=self.view.tau_max,
                 first_round=result.first_round,
                 incarnation=self.incarnation,
+                member_secret=secret,
             )
 
     async def SeedModel(self, request_iterator: AsyncIterator[pb.ModelChunk], context) -> pb.SeedModelReply:
         async with mapped_errors(context):
-            num_params = self.core.num_params
+            num_params = self.view.num_params
             if num_params is None:
                 raise FailedPrecondition("join before seeding")
             model: torch.Tensor | None = None
@@ -219,10 +313,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                     # Who may seed is settled before the model-sized buffer is allocated: a
                     # stranger's or a late SeedModel must not cost the server 4 bytes per parameter.
                     worker_id = chunk.worker_id
-                    if self.core.seeded:
+                    view = self.view
+                    if view.seeded:
                         raise FailedPrecondition("the model is already seeded")
-                    if worker_id not in self.core.members:
+                    if worker_id not in view.members:
                         raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
+                    view.authenticate(worker_id, chunk.member_secret)
                     # Chunks go straight into the tensor the core keeps: one copy of the model.
                     model = torch.empty(num_params, dtype=torch.float32)
                     target = memoryview(model.numpy()).cast("B")
@@ -237,41 +333,40 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             if worker_id is None or model is None or filled != len(target):
                 raise InvalidArgument(f"seed carried {filled // 4} of {num_params} parameters")
             target.release()
-            checksum = await self._on_core(self.core.seed, worker_id, model, False)
+            checksum = await self._on_core(lambda: self._core.seed(worker_id, model, False))
             self._refresh_events()
             self.metrics.received_bytes.inc(filled)
             log.info("model seeded by worker %d: %d parameters, checksum %08x", worker_id, num_params, checksum)
-            return pb.SeedModelReply(version=self.core.version, model_checksum=checksum)
+            return pb.SeedModelReply(version=self.view.version, model_checksum=checksum)
 
     async def PullModel(self, request: pb.PullModelRequest, context) -> AsyncIterator[pb.ModelChunk]:
         async with mapped_errors(context):
             worker_id = request.worker_id
-            if not self.core.is_known(worker_id):
-                raise NotFound(f"worker {worker_id} is not a member of this cluster (join first)")
+            self.view.authenticate(worker_id, request.member_secret)
             with self._streams.open(worker_id, "PullModel"):
                 await self._pull_model(worker_id, context)
         return
         yield  # noqa: an async generator for gRPC and the interceptors; the chunks go out by write_message
 
     async def _pull_model(self, worker_id: int, context) -> None:
-        self.core.touch(worker_id)
+        self._touch_soon(worker_id)
         await self._seeded.wait()
-        if worker_id in self.core.members:
+        if worker_id in self.view.members:
             await self._started.wait()
         snapshot = await self._open_snapshot()
         try:
             version, model, checksum = snapshot[0], snapshot[1], snapshot[2]
+            rank, world_size, first_round = await self._on_core(lambda: self._core.placement(worker_id))
             values = model.numpy()
             num_params = values.size
-            member = self.core.members.get(worker_id)
             for offset in range(0, max(num_params, 1), CHUNK_ELEMENTS):
                 chunk = pb.ModelChunk(version=version, num_params=num_params, offset=offset,
                                       values=values[offset : offset + CHUNK_ELEMENTS].tobytes())
                 if offset == 0:
                     chunk.model_checksum = checksum
-                    chunk.rank = max(self.core.rank_of(worker_id), 0)
-                    chunk.world_size = len(self.core.active_workers())
-                    chunk.first_round = member.first_round if member else version
+                    chunk.rank = max(rank, 0)
+                    chunk.world_size = world_size
+                    chunk.first_round = version if first_round is None else first_round
                 self.metrics.sent_bytes.inc(len(chunk.values))
                 await write_message(context, chunk)
         finally:
@@ -282,8 +377,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         same version, so N workers pulling at the start cost one copy of the model, not N."""
         async with self._snapshot_lock:  # pulls that start together wait for one copy
             snapshot = self._snapshot
-            if snapshot is None or snapshot[0] != self.core.version:
-                version, model, checksum = await self._on_core(self.core.snapshot_tensor)
+            if snapshot is None or snapshot[0] != self.view.version:
+                version, model, checksum = await self._on_core(lambda: self._core.snapshot_tensor())
                 snapshot = self._snapshot = [version, model, checksum, 0]
             snapshot[3] += 1
             return snapshot
@@ -297,15 +392,17 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         open_stream = ExitStack()  # counts against its worker's stream limit from the header on
         try:
             header, index_raw, value_raw = await self._receive_push(request_iterator, open_stream)
+            view = self.view
+            view.authenticate(header.worker_id, header.member_secret)
             # Decode and validate on a pool thread, in parallel with the core thread's work;
-            # the core thread then only checks the round rules again and stores the update.
+            # the core thread then checks the round rules again on the current state and stores the update.
             loop = asyncio.get_running_loop()
             update = None
-            if not header.skip and not self.core.check_push(header.worker_id, header.round, header.computed_at_version):
+            if not header.skip and not view.check_push(header.worker_id, header.round, header.computed_at_version):
                 update = await loop.run_in_executor(self._decode_pool, decode_push, header, index_raw, value_raw,
-                                                    self.core.num_params or 0)
+                                                    view.num_params or 0)
             del index_raw, value_raw  # the update views them; a duplicate's bytes go now
-            result = await self._on_core(self._push_on_core_thread, header, update)
+            result = await self._on_core(lambda: self._push_on_core_thread(header, update))
         except REFUSALS as exc:
             code = status_for(exc)
             self.metrics.push_rejected.labels(code=code.name).inc()
@@ -327,7 +424,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         value_raw = bytearray()
         received = 0
         # A push can never legitimately exceed 8 bytes per parameter (+ one empty chunk).
-        limit = 8 * (self.core.num_params or 0)
+        limit = 8 * (self.view.num_params or 0)
         async for message in request_iterator:
             part = message.WhichOneof("part")
             if part == "header":
@@ -358,14 +455,17 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def _push_on_core_thread(self, header: pb.PushHeader, update: codec.Update | None) -> PushResult:
         """Runs on the core thread: `core.push` applies the round rules to the current state
         (the pre-check on the event loop may be stale), stores, and closes what is complete."""
-        result = self.core.push(header.worker_id, header.round, header.computed_at_version, update)
+        result = self._core.push(header.worker_id, header.round, header.computed_at_version, update)
         self._publish(result.closed)
         return result
 
     def _publish(self, closed: tuple[ClosedRound, ...]) -> None:
-        """Encode closed rounds here (off the loop) and hand them to the loop in order."""
+        """On the core thread: encode closed rounds here (off the loop) and hand them to the loop in order."""
         if not closed:
             return
+        # The view first: a follower that receives the round's delta may ask for the next
+        # version at once, and the loop must already know it.
+        self.view = self._core.view()
         if self.checkpoints is not None:
             self.checkpoints.after_close(closed)
         encoded = [(c, encode_round(c)) for c in closed]
@@ -388,19 +488,19 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 self.metrics.round_duration.observe(now - self._last_close_time)
             self._last_close_time = now
         self.metrics.history_bytes.set(self.history.bytes)
-        self.metrics.model_version.set(self.core.version)
-        self.metrics.members.set(len(self.core.expected_workers(self.core.version)))
+        self.metrics.model_version.set(encoded[-1][0].version)
+        self.metrics.members.set(self.view.expected_now)
 
     async def Updates(self, request: pb.UpdatesRequest, context) -> AsyncIterator[pb.DeltaChunk]:
         async with mapped_errors(context):
-            self.core.touch(request.worker_id)
-            if not self.core.is_known(request.worker_id):
-                raise NotFound(f"worker {request.worker_id} is not a member of this cluster (join first)")
-            if request.from_version > self.core.version:
+            view = self.view
+            view.authenticate(request.worker_id, request.member_secret)
+            self._touch_soon(request.worker_id)
+            if request.from_version > view.version:
                 raise FailedPrecondition(
-                    f"from_version {request.from_version} is ahead of the server's version {self.core.version}"
+                    f"from_version {request.from_version} is ahead of the server's version {view.version}"
                 )
-            member = request.worker_id in self.core.members  # a worker's stream pins what it has yet to send
+            member = request.worker_id in view.members  # a worker's stream pins what it has yet to send
             with self._streams.open(request.worker_id, "Updates"):
                 async for chunk in self.history.follow(request.from_version, pin=member):
                     self.metrics.sent_bytes.inc(len(chunk.indices) + len(chunk.values))
@@ -413,22 +513,27 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         async with mapped_errors(context):
             if len(request.padding) > MAX_PING_PADDING:
                 raise ResourceExhausted(f"ping padding is limited to {MAX_PING_PADDING} bytes")
+            if request.worker_id != ANONYMOUS_PING_ID:
+                # A member's heartbeat: NOT_FOUND tells a forgotten worker to join again.
+                self.view.authenticate(request.worker_id, request.member_secret)
+                self._touch_soon(request.worker_id)
         self.metrics.received_bytes.inc(len(request.padding))
-        # The heartbeat: renewing a lease is one float store, safe off the core thread, and
-        # keeps pings (RTT samples) from queueing behind a round's aggregation.
-        self.core.touch(request.worker_id)
-        return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.core.version)
+        return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.view.version)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         async with mapped_errors(context):
-            last_round, closed = await self._on_core(self._leave_on_core_thread, request.worker_id)
-            self.metrics.members.set(len(self.core.expected_workers(self.core.version)))
+            self.view.authenticate(request.worker_id, request.member_secret)
+            last_round, closed = await self._on_core(lambda: self._leave_on_core_thread(request.worker_id))
+            self.metrics.members.set(self.view.expected_now)
             log.info("leave: worker %d after round %d", request.worker_id, last_round)
             return pb.LeaveReply(last_round=max(last_round, 0))
 
     async def Resume(self, request: pb.ResumeRequest, context) -> pb.ResumeReply:
         async with mapped_errors(context):
-            info = await self._on_core(self.core.resume_info, request.worker_id)
+            view = self.view
+            if view.is_known(request.worker_id):  # an unknown id is told member = false: it joins again
+                view.authenticate(request.worker_id, request.member_secret)
+            info = await self._on_core(lambda: self._core.resume_info(request.worker_id))
             self.metrics.resumes.labels(outcome="member" if info.member else "gone").inc()
             log.info("resume: worker %d %s at version %d, holding rounds %s", request.worker_id,
                      "is a member" if info.member else "is no longer a member", info.version, list(info.held_rounds))
@@ -437,9 +542,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                                   incarnation=self.incarnation)
 
     def _leave_on_core_thread(self, worker_id: int) -> tuple[int, tuple[ClosedRound, ...]]:
-        last_round, closed = self.core.leave(worker_id)
+        last_round, closed = self._core.leave(worker_id)
         self._publish(closed)
-        if not self.core.members:
+        if not self._core.members:
             self._release_when_published()
         return last_round, closed
 
@@ -451,7 +556,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self._loop.call_soon_threadsafe(self._loop.call_soon, self._release_if_idle)
 
     def _release_if_idle(self) -> None:
-        if self.core.members:
+        if self.view.members:
             return  # someone joined meanwhile
         self.metrics.members.set(0)
         self.history.release()
@@ -459,9 +564,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if self._snapshot is not None and self._snapshot[3] == 0:
             self._snapshot = None
         try:
-            self._core_thread.submit(release_free_memory)
+            future = self._core_thread.submit(release_free_memory)
         except RuntimeError:  # shutting down: the process is about to end anyway
-            pass
+            return
+        future.add_done_callback(self._report_background_failure("release"))
 
 
 def decode_push(header: pb.PushHeader, index_raw: bytes | bytearray, value_raw: bytes | bytearray, num_params: int
@@ -518,12 +624,13 @@ async def start_server(config: ServerConfig, registry: CollectorRegistry | None 
     service = ParameterServerService(build_core(config), ServerMetrics(registry), config.history_rounds,
                                      config.limits, checkpoint_dir=checkpoint_dir,
                                      checkpoint_every=config.checkpoint_every,
-                                     sweep_interval_s=config.sweep_interval_s(), history_mb=config.history_mb)
+                                     sweep_interval_s=config.sweep_interval_s(), history_mb=config.history_mb,
+                                     check_core_thread=config.check_core_thread)
     running = await start_grpc_service(
         service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
         config, registry)
     service.start_background()
-    service.metrics.model_version.set(service.core.version)
+    service.metrics.model_version.set(service.view.version)
     log.info("parameter server on %s:%d (metrics %s), tau_max %d, min workers %d, %s",
              config.host, running.port, running.metrics_port, config.tau_max, config.min_workers,
              config.security.describe())

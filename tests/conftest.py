@@ -90,11 +90,14 @@ def make_cluster(loop_thread: LoopThread):
              delta: float = 0.1, history_rounds: int = 64, security: ServerSecurity = ServerSecurity(),
              limits: Limits = Limits(), max_message_bytes: int = ServerConfig.max_message_bytes,
              controller_streams: int = ControllerConfig.max_streams_per_worker,
-             history_mb: float = ServerConfig.history_mb, **policy_options) -> Cluster:
+             history_mb: float = ServerConfig.history_mb, lease_s: float = ServerConfig.lease_s,
+             **policy_options) -> Cluster:
         server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, tau_max=tau_max,
                                      min_workers=min_workers, history_rounds=history_rounds, history_mb=history_mb,
+                                     lease_s=lease_s,
                                      security=security,
-                                     limits=limits, max_message_bytes=max_message_bytes)
+                                     limits=limits, max_message_bytes=max_message_bytes,
+                                     check_core_thread=True)  # the servicer must not touch its core off its thread
         controller_config = None
         if policy is not None:
             controller_config = ControllerConfig(host="127.0.0.1", port=0, metrics_port=0,
@@ -108,3 +111,5 @@ def make_cluster(loop_thread: LoopThread):
     yield make
     for cluster in started:
         cluster.stop()
+    for cluster in started:
+        assert cluster.server.service.core_thread_violations == []

@@ -273,7 +273,8 @@ def two_workers(make_cluster):
 
 
 def push_update(client: RawClient, worker_id: int, round_: int, update: codec.Update) -> pb.PushReply:
-    header = pb.PushHeader(worker_id=worker_id, round=round_, computed_at_version=round_)
+    header = pb.PushHeader(worker_id=worker_id, round=round_, computed_at_version=round_,
+                           member_secret=client.secret(worker_id))
     messages, _ = codec.push_messages(header, update)
     return client.stub.Push(iter(messages), timeout=10)
 
@@ -318,7 +319,7 @@ def test_malformed_16_bit_and_block_pushes_are_refused(two_workers, header_field
     cluster, client, a, _ = two_workers
     before = (cluster.core.model.clone(), cluster.core.version, dict(cluster.core.open_rounds))
     header = pb.PushHeader(worker_id=a, round=0, computed_at_version=0, value_dtype=pb.VALUE_DTYPE_FLOAT16,
-                           **header_fields)
+                           member_secret=client.secret(a), **header_fields)
     with pytest.raises(grpc.RpcError) as refused:
         client.push_raw(header, [pb.SparseChunk(values=values.tobytes())])
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

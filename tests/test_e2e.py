@@ -96,7 +96,8 @@ def check_bad_pushes_change_nothing(client: RawClient, observer: Observer) -> No
 
     def refused(header_changes: dict, indices: list[int], values: list[float], code: grpc.StatusCode) -> None:
         header = pb.PushHeader(worker_id=member.worker_id, round=round_, computed_at_version=version,
-                               codec=pb.CODEC_SPARSE, value_dtype=pb.VALUE_DTYPE_FLOAT32, count=len(indices))
+                               codec=pb.CODEC_SPARSE, value_dtype=pb.VALUE_DTYPE_FLOAT32, count=len(indices),
+                               member_secret=member.member_secret)
         for name, value in header_changes.items():
             setattr(header, name, value)
         chunk = pb.SparseChunk(indices=np.asarray(indices, "<u4").tobytes(), values=np.asarray(values, "<f4").tobytes())

@@ -30,6 +30,7 @@ from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import MAX_ROUND, ControllerConfig
 from wanps.rpc.auth import sync_channel
 from wanps.proto.codec import MAX_PARAMS
+from wanps.proto.wire import name_problem
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.rpc.limits import Limits
@@ -54,6 +55,7 @@ U64 = 2**64 - 1
 I = grpc.StatusCode.INVALID_ARGUMENT
 FP = grpc.StatusCode.FAILED_PRECONDITION
 NF = grpc.StatusCode.NOT_FOUND
+PD = grpc.StatusCode.PERMISSION_DENIED
 RE = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -88,6 +90,16 @@ class Fuzzed:
     def core(self):
         return self.cluster.core
 
+    def is_known(self, worker_id: int) -> bool:
+        return worker_id in self.core.members or worker_id in self.core.observers
+
+    def identity_code(self, worker_id: int, secret: bytes) -> grpc.StatusCode | None:
+        """The rule for any call naming a member: NOT_FOUND for an id nobody holds,
+        PERMISSION_DENIED without that member's secret (docs/security.md)."""
+        if not self.is_known(worker_id):
+            return NF
+        return OK if secret == self.client.secret(worker_id) else PD
+
     def server_state(self):
         core = self.core
         members = {w: (m.first_round, m.last_round, m.highest_round_sent) for w, m in core.members.items()}
@@ -116,7 +128,8 @@ def fuzzed_cluster(seeded: bool = True, advance: bool = True) -> Iterator[Fuzzed
     server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, tau_max=TAU_MAX, min_workers=2,
                                  history_rounds=HISTORY,
                                  limits=Limits(max_payload_elements=MAX_ELEMENTS, max_streams_per_worker=10_000,
-                                               join_rate_per_s=1e9, join_burst=10**9))
+                                               join_rate_per_s=1e9, join_burst=10**9),
+                                 check_core_thread=True)
     controller_config = ControllerConfig(host="127.0.0.1", port=0, metrics_port=-1,
                                          policy=PolicyConfig(name="static", tau=1, delta=0.5), max_workers=10**6)
     cluster = Cluster(loop, server_config, controller_config)
@@ -181,11 +194,20 @@ def f32_bytes(values: list[float]) -> bytes:
     return np.asarray(values, dtype="<f4").tobytes()
 
 
+def secrets_for(draw, fuzzed: Fuzzed, worker: int) -> bytes:
+    """Mostly the member's own secret; sometimes none, a wrong one, or another member's."""
+    right = fuzzed.client.secret(worker)
+    others = [fuzzed.client.secret(w) for w in (*fuzzed.workers, fuzzed.observer) if w != worker]
+    return draw(st.one_of(st.just(right), st.just(right), st.just(right), st.just(b""), st.binary(max_size=20),
+                          st.sampled_from(others)))
+
+
 @st.composite
 def push_messages(draw, fuzzed: Fuzzed) -> list[pb.PushMessage]:
     version = fuzzed.core.version
     a, b = fuzzed.workers
     worker = draw(st.one_of(st.sampled_from([a, a, b]), st.just(fuzzed.observer), st.integers(0, U64)))
+    secret = secrets_for(draw, fuzzed, worker)
     round_ = draw(st.one_of(st.integers(version - 3, version + TAU_MAX + 2).filter(lambda r: r >= 0),
                             st.integers(0, U64)))
     computed_at = draw(st.one_of(st.just(round_), st.just(version), st.integers(0, U64),
@@ -217,7 +239,7 @@ def push_messages(draw, fuzzed: Fuzzed) -> list[pb.PushMessage]:
     block_start = draw(st.one_of(st.just(0), st.integers(0, NUM_PARAMS + 1), st.integers(0, U64)))
     skip = draw(st.booleans()) and draw(st.booleans())
     header = pb.PushHeader(worker_id=worker, round=round_, computed_at_version=computed_at, skip=skip, codec=codec,
-                           value_dtype=dtype, count=count, block_start=block_start)
+                           value_dtype=dtype, count=count, block_start=block_start, member_secret=secret)
     split = draw(st.integers(0, 3))  # the payload in 1-3 chunks, or none
     chunks = [pb.PushMessage(chunk=pb.SparseChunk(indices=part_i, values=part_v))
               for part_i, part_v in split_payload(index_raw, value_raw, split)]
@@ -294,6 +316,9 @@ def expected_push(fuzzed: Fuzzed, messages: list[pb.PushMessage]) -> grpc.Status
             return I
     if header is None:
         return I
+    identity = fuzzed.identity_code(header.worker_id, header.member_secret)
+    if identity is not OK:
+        return identity
     core = fuzzed.core
     member = core.members.get(header.worker_id)
     if member is None:
@@ -338,13 +363,14 @@ def fuzz_join(examples: int) -> None:
         @given(role=st.one_of(st.sampled_from([pb.ROLE_WORKER, pb.ROLE_OBSERVER]), st.integers(0, 2**31 - 1)),
                num_params=st.one_of(st.just(NUM_PARAMS), st.integers(0, MAX_ELEMENTS + 2), st.integers(0, U64)),
                fingerprint=st.one_of(st.just(FINGERPRINT), st.binary(max_size=40)),
-               name=st.text(max_size=30))
+               name=st.one_of(st.text(max_size=30), st.text(min_size=60, max_size=70),
+                              st.sampled_from(["a\nforged log line", "x" * 65, "\u202etxt.exe", "tab\there"])))
         def property_(role, num_params, fingerprint, name):
             if role not in (pb.ROLE_WORKER, pb.ROLE_OBSERVER):
                 expected = I
             elif num_params > MAX_ELEMENTS:
                 expected = RE
-            elif num_params == 0 or not fingerprint:
+            elif name_problem(name) is not None or num_params == 0 or not fingerprint:
                 expected = I
             elif num_params != NUM_PARAMS or fingerprint != FINGERPRINT:
                 expected = FP
@@ -367,6 +393,8 @@ def expected_seed(fuzzed: Fuzzed, chunks: list[pb.ModelChunk], seeder: int) -> g
         return FP
     if chunks[0].worker_id not in core.members:
         return NF
+    if chunks[0].member_secret != fuzzed.client.secret(chunks[0].worker_id):
+        return PD
     filled = 0
     for chunk in chunks:
         if chunk.offset != filled // 4:
@@ -407,7 +435,9 @@ def fuzz_seed(examples: int) -> None:
                 filled += len(piece)
             if data.draw(st.booleans()) and offsets:
                 offsets[data.draw(st.integers(0, len(offsets) - 1))] = data.draw(st.integers(0, U64))
-            chunks = [pb.ModelChunk(worker_id=worker, offset=o, values=p, num_params=data.draw(st.integers(0, U64)))
+            secret = secrets_for(data.draw, fuzzed, worker)
+            chunks = [pb.ModelChunk(worker_id=worker, offset=o, values=p, num_params=data.draw(st.integers(0, U64)),
+                                    member_secret=secret)
                       for o, p in zip(offsets, pieces)]
             # One in a few examples seeds for real; later ones then meet a seeded model.
             expected = expected_seed(fuzzed, chunks, seeder)
@@ -425,15 +455,17 @@ def fuzz_pull_and_updates(examples: int) -> None:
 
         @budget(examples)
         @given(worker=st.one_of(st.sampled_from(known), st.integers(0, U64)),
-               from_version=st.one_of(st.integers(0, ADVANCED_ROUNDS + 3), st.integers(0, U64)))
-        def property_(worker, from_version):
+               from_version=st.one_of(st.integers(0, ADVANCED_ROUNDS + 3), st.integers(0, U64)),
+               data=st.data())
+        def property_(worker, from_version, data):
             version = fuzzed.core.version
-            pull = pb.PullModelRequest(worker_id=worker)
+            secret = secrets_for(data.draw, fuzzed, worker)
+            pull = pb.PullModelRequest(worker_id=worker, member_secret=secret)
             check(fuzzed, lambda: list(fuzzed.client.stub.PullModel(pull, timeout=10)),
-                  OK if worker in known else NF, pull)
-            request = pb.UpdatesRequest(worker_id=worker, from_version=from_version)
-            if worker not in known:
-                expected = NF
+                  fuzzed.identity_code(worker, secret), pull)
+            request = pb.UpdatesRequest(worker_id=worker, from_version=from_version, member_secret=secret)
+            if fuzzed.identity_code(worker, secret) is not OK:
+                expected = fuzzed.identity_code(worker, secret)
             elif from_version > version:
                 expected = FP  # ahead of the server
             elif from_version < version - HISTORY:
@@ -457,18 +489,25 @@ def fuzz_pull_and_updates(examples: int) -> None:
 def fuzz_ping_and_leave(examples: int) -> None:
     with fuzzed_cluster() as fuzzed:
         @budget(examples)
-        @given(worker=st.one_of(st.sampled_from([*fuzzed.workers, fuzzed.observer]), st.integers(0, U64)),
+        @given(worker=st.one_of(st.sampled_from([*fuzzed.workers, fuzzed.observer]), st.just(0),
+                                st.integers(0, U64)),
                sent=st.integers(-(2**63), 2**63 - 1),
                padding=st.one_of(st.integers(0, 64), st.integers(MAX_PING_PADDING - 1, MAX_PING_PADDING + 64)),
-               leave=st.booleans())
-        def property_(worker, sent, padding, leave):
-            ping = pb.PingRequest(worker_id=worker, sent_unix_ns=sent, padding=bytes(padding))
-            check(fuzzed, lambda: fuzzed.client.stub.Ping(ping, timeout=10), OK if padding <= MAX_PING_PADDING else RE,
-                  (worker, sent, padding))
+               leave=st.booleans(), data=st.data())
+        def property_(worker, sent, padding, leave, data):
+            secret = secrets_for(data.draw, fuzzed, worker)
+            ping = pb.PingRequest(worker_id=worker, sent_unix_ns=sent, padding=bytes(padding), member_secret=secret)
+            if padding > MAX_PING_PADDING:
+                expected = RE
+            elif worker == 0:
+                expected = OK  # an anonymous probe: no member named, nothing to prove
+            else:
+                expected = fuzzed.identity_code(worker, secret)  # a forgotten worker hears NOT_FOUND
+            check(fuzzed, lambda: fuzzed.client.stub.Ping(ping, timeout=10), expected, (worker, sent, padding))
             if leave:
-                known = fuzzed.core.is_known(worker)
-                request = pb.LeaveRequest(worker_id=worker)
-                check(fuzzed, lambda: fuzzed.client.stub.Leave(request, timeout=10), OK if known else NF, request)
+                request = pb.LeaveRequest(worker_id=worker, member_secret=secret)
+                check(fuzzed, lambda: fuzzed.client.stub.Leave(request, timeout=10),
+                      fuzzed.identity_code(worker, secret), request)
 
         property_()
 
@@ -540,7 +579,7 @@ def fuzz_corrupt_bytes(examples: int) -> None:
                 # Bytes that still parse are a different, valid-looking request: any answer but a crash,
                 # and a refusal must change nothing. Bytes that do not parse: INVALID_ARGUMENT.
                 parses = parses_as(type(valid), raw)
-                allowed = {OK, I, FP, NF, RE, grpc.StatusCode.CANCELLED} if parses else {I}
+                allowed = {OK, I, FP, NF, PD, RE, grpc.StatusCode.CANCELLED} if parses else {I}
                 if parses and streaming_out:
                     allowed.add(grpc.StatusCode.DEADLINE_EXCEEDED)  # accepted, waiting for the next round
                 check(fuzzed, call, allowed, (method, raw), state=state)

@@ -55,7 +55,7 @@ def test_every_rpc_shape_is_counted_with_its_status(make_cluster):
     client = RawClient(cluster.server_address)
     try:
         # unary-unary, OK and refused (abort with RESOURCE_EXHAUSTED: padding over the limit)
-        client.stub.Ping(pb.PingRequest(worker_id=1), timeout=5)
+        client.stub.Ping(pb.PingRequest(), timeout=5)  # an anonymous probe
         with pytest.raises(grpc.RpcError):
             client.stub.Ping(pb.PingRequest(padding=bytes(2 * 1024 * 1024)), timeout=5)
         assert handled(registry, "Ping", "OK", expect=1) == 1
@@ -84,7 +84,7 @@ def test_every_rpc_shape_is_counted_with_its_status(make_cluster):
         assert handled(registry, "PullModel", "NOT_FOUND", expect=1) == 1
 
         # a long-lived stream the client cancels is counted when it ends
-        updates = client.stub.Updates(pb.UpdatesRequest(worker_id=joined.worker_id, from_version=0))
+        updates = client.updates(joined.worker_id, 0, timeout=None)
         assert next(updates).round == 0
         assert started(registry, "Updates") == 1
         updates.cancel()

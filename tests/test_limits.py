@@ -50,7 +50,8 @@ def test_clients_enforce_their_own_size_limits_too(make_cluster):
         stub = pb_grpc.ParameterServerStub(channel)
         sending = refused(lambda: stub.Ping(pb.PingRequest(padding=bytes(100_000)), timeout=10))
         assert sending.code() == EXHAUSTED and "Sent message larger than max" in sending.details()
-        receiving = refused(lambda: list(stub.PullModel(pb.PullModelRequest(worker_id=worker), timeout=10)))
+        pull = pb.PullModelRequest(worker_id=worker, member_secret=client.secret(worker))
+        receiving = refused(lambda: list(stub.PullModel(pull, timeout=10)))
         assert receiving.code() == EXHAUSTED and "Received message larger than max" in receiving.details()
     client.close()
 
@@ -72,7 +73,7 @@ def test_models_and_pushes_over_the_element_limit_are_refused(make_cluster):
     worker = client.join(num_params=1000).worker_id
     client.seed(worker, torch.zeros(1000))
     header = pb.PushHeader(worker_id=worker, round=0, computed_at_version=0, codec=pb.CODEC_SPARSE,
-                           value_dtype=pb.VALUE_DTYPE_FLOAT32, count=1001)
+                           value_dtype=pb.VALUE_DTYPE_FLOAT32, count=1001, member_secret=client.secret(worker))
     error = refused(lambda: client.push_raw(header, []))
     assert error.code() == EXHAUSTED and "push: 1001 elements" in error.details()
     # A push streaming more bytes than any push of this model can need is cut off at that point.
@@ -86,17 +87,17 @@ def test_models_and_pushes_over_the_element_limit_are_refused(make_cluster):
 
 def test_open_streams_per_worker_are_limited(make_cluster):
     cluster, client, worker = started_cluster(make_cluster, limits=Limits(max_streams_per_worker=2))
-    first = client.stub.Updates(pb.UpdatesRequest(worker_id=worker), timeout=30)
-    second = client.stub.Updates(pb.UpdatesRequest(worker_id=worker), timeout=30)
+    first = client.updates(worker, 0, timeout=30)
+    second = client.updates(worker, 0, timeout=30)
     try:
         wait_for(lambda: cluster.server.service._streams.count(worker) == 2)
         error = refused(lambda: client.push(worker, 0, [1], [1.0]))
         assert error.code() == EXHAUSTED and f"worker {worker} already has 2 open streams (limit 2" in error.details()
-        error = refused(lambda: list(client.stub.PullModel(pb.PullModelRequest(worker_id=worker), timeout=10)))
+        error = refused(lambda: client.pull(worker))
         assert error.code() == EXHAUSTED
         assert cluster.core.version == 0 and not cluster.core.open_rounds
         other = client.join().worker_id  # another worker's streams are its own
-        client.stub.Ping(pb.PingRequest(worker_id=other), timeout=10)
+        client.ping(other)
         assert cluster.server.service._streams.count(other) == 0
     finally:
         first.cancel()

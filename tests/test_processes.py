@@ -24,7 +24,7 @@ def test_children_start_while_grpc_is_busy_in_this_process(make_cluster, tmp_pat
         client = RawClient(cluster.server_address)
         try:
             while not stop.is_set():
-                client.stub.Ping(pb.PingRequest(worker_id=1), timeout=5)
+                client.stub.Ping(pb.PingRequest(), timeout=5)  # an anonymous probe
         finally:
             client.close()
 

@@ -145,7 +145,7 @@ def join_and_seed(client: RawClient, d: int, workers: int) -> tuple[list[int], t
 
 def push_pairs(client: RawClient, worker: int, round_: int, indices: np.ndarray, value: float) -> pb.PushReply:
     header = pb.PushHeader(worker_id=worker, round=round_, computed_at_version=round_, codec=pb.CODEC_SPARSE,
-                           value_dtype=pb.VALUE_DTYPE_FLOAT32, count=indices.size)
+                           value_dtype=pb.VALUE_DTYPE_FLOAT32, count=indices.size, member_secret=client.secret(worker))
     values = np.full(indices.size, value, dtype="<f4")
     chunks = [pb.SparseChunk(indices=indices[s : s + CHUNK_ELEMENTS].astype("<u4").tobytes(),
                              values=values[s : s + CHUNK_ELEMENTS].tobytes())
@@ -179,8 +179,8 @@ def test_when_every_worker_leaves_only_the_model_stays(make_cluster):
         gauge = cluster.server_registry.get_sample_value("wanps_server_history_bytes")
         assert gauge == service.history.bytes
         assert all(m.last_update is not None for m in cluster.core.members.values())
-        client.stub.Leave(pb.LeaveRequest(worker_id=b), timeout=10)
-        client.stub.Leave(pb.LeaveRequest(worker_id=a), timeout=10)  # round 3 closes without b first
+        client.leave(b)
+        client.leave(a)  # round 3 closes without b first
         wait_until(lambda: not cluster.core.members and service.history.bytes == 0, "the release")
         assert len(service.history) == 0 and cluster.core.open_rounds == {}
         assert cluster.server_registry.get_sample_value("wanps_server_history_bytes") == 0
@@ -244,7 +244,7 @@ def test_a_client_leaving_a_large_stream_leaves_no_traceback(make_cluster, caplo
                 {"service": "wanps.v1.ParameterServer", "method": "Updates", "code": code}) or 0
 
         for i in range(streams):
-            stream = client.stub.Updates(pb.UpdatesRequest(worker_id=worker, from_version=0), timeout=30)
+            stream = client.updates(worker, 0, timeout=30)
             for _ in range(1 + i % 4):
                 assert next(stream).round == 0
             stream.cancel()
@@ -266,7 +266,7 @@ def test_a_slow_member_gets_its_rounds_from_a_zero_byte_history(make_cluster):
     d = 4_000_000
     try:
         (a, b), _ = join_and_seed(client, d, 2)
-        stream = client.stub.Updates(pb.UpdatesRequest(worker_id=b, from_version=0), timeout=60)
+        stream = client.updates(b, 0, timeout=60)
         everything = np.arange(d)
         push_pairs(client, a, 0, everything, 1e-3)
         push_pairs(client, b, 0, everything, 1e-3)  # round 0: a 32 MB delta that b does not read yet

@@ -91,7 +91,7 @@ def test_bad_pushes_are_refused_and_change_nothing(two_workers, mutate, code, wo
     client.push(a, 0, [0], [1.0])  # something open, so "nothing changed" is a real check
     before = server_state(cluster)
     header = pb.PushHeader(worker_id=b, round=0, computed_at_version=0, codec=pb.CODEC_SPARSE,
-                           value_dtype=pb.VALUE_DTYPE_FLOAT32, count=2)
+                           value_dtype=pb.VALUE_DTYPE_FLOAT32, count=2, member_secret=client.secret(b))
     chunk = pb.SparseChunk(indices=np.asarray([1, 2], "<u4").tobytes(), values=np.asarray([1.0, 2.0], "<f4").tobytes())
     mutate(header, chunk)
     with pytest.raises(grpc.RpcError) as refused:
@@ -106,7 +106,7 @@ def test_bad_pushes_are_refused_and_change_nothing(two_workers, mutate, code, wo
 def test_malformed_push_streams_are_refused(two_workers):
     cluster, client, a, _ = two_workers
     before = server_state(cluster)
-    header = pb.PushHeader(worker_id=a, round=0, computed_at_version=0, skip=True)
+    header = pb.PushHeader(worker_id=a, round=0, computed_at_version=0, skip=True, member_secret=client.secret(a))
     chunk = pb.SparseChunk(indices=b"", values=b"")
     with pytest.raises(grpc.RpcError) as skip_with_data:
         client.push_raw(header, [chunk])
@@ -147,7 +147,7 @@ def test_updates_stream_replays_and_follows(two_workers):
     cluster, client, a, b = two_workers
     client.push(a, 0, [1], [2.0])
     client.push(b, 0, [1], [2.0])
-    stream = client.stub.Updates(pb.UpdatesRequest(worker_id=a, from_version=0), timeout=10)
+    stream = client.updates(a, 0)
     first = next(stream)
     assert (first.round, first.version, first.last) == (0, 1, True)
     assert first.has_model_checksum
@@ -158,7 +158,7 @@ def test_updates_stream_replays_and_follows(two_workers):
     assert np.frombuffer(second.indices, "<u4").tolist() == [4, 5]
     stream.cancel()
     with pytest.raises(grpc.RpcError) as ahead:
-        next(iter(client.stub.Updates(pb.UpdatesRequest(worker_id=a, from_version=9), timeout=10)))
+        next(iter(client.updates(a, 9)))
     assert ahead.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from wanps.proto.wire import MAX_NAME_CHARS
 from wanps.worker.binding import ModelBinding
 from wanps.worker.layout import collect_module, collect_parameters, layout_of
 from wanps.worker.replica import Replica
@@ -45,7 +46,8 @@ class Observer:
         # With a controller, the observer also follows decisions (to show tau and delta), reporting nothing.
         self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security)
         try:
-            reply = self.session.first_join(flat.numel(), self.fingerprint, name or f"observer@{socket.gethostname()}",
+            name = name or f"observer@{socket.gethostname()}"[:MAX_NAME_CHARS]
+            reply = self.session.first_join(flat.numel(), self.fingerprint, name,
                                             join_timeout_s, observer=True, structure=self.layout.structure,
                                             trainable_params=self.layout.trainable)
             self.worker_id = reply.worker_id

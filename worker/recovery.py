@@ -36,11 +36,14 @@ log = logging.getLogger("wanps.worker")
 MAX_BACKOFF_S = 8.0
 RESUME_TIMEOUT_S = 5.0  # one Resume attempt
 PULL_TIMEOUT_S = 600.0  # a full pull once the server answered Resume
-# Status codes that mean "the server is unreachable or restarted", not "your request is wrong".
-# NOT_FOUND: the server no longer knows this worker (lease ran out, or it resumed without it).
+# The server does not know this worker as this member: NOT_FOUND (lease ran out, or it resumed
+# without it), PERMISSION_DENIED (a server restarted without --resume gave the id to another
+# member, whose secret this worker does not hold). Either way: join again.
+FORGOTTEN_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED})
+# Status codes that mean "the server is unreachable, restarted or forgot us", not "your request is wrong".
 # (UNKNOWN and INTERNAL are not among them: a server bug must surface, not loop in recovery.)
 RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND})
+                             grpc.StatusCode.DEADLINE_EXCEEDED, *FORGOTTEN_CODES})
 # gRPC's own reconnect backoff (defaults: 1 s initial, 120 s max) would keep a worker away
 # from a restarted server far longer than the restart; retry sooner, still backing off.
 RECONNECT_OPTIONS = [
@@ -127,6 +130,11 @@ def _resume_with_backoff(session: WorkerSession, deadline: float) -> pb.ResumeRe
             # with its own short backoff, see RECONNECT_OPTIONS); Resume is safe to wait for.
             return session.resume(RESUME_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                # Our id is another member's now (a server restarted without --resume): not ours to resume.
+                log.warning("worker %d: the server holds this id for another member (%s); joining again",
+                            session.worker_id, describe(exc))
+                return pb.ResumeReply(member=False)
             if exc.code() not in RECONNECT_CODES and exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             if time.monotonic() >= deadline:

@@ -39,7 +39,8 @@ from wanps.worker.layout import ModelMismatch
 from wanps.worker.io_loop import IoLoop
 from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.push_log import LoggedPush, PushLog
-from wanps.worker.recovery import RECONNECT_CODES, RECONNECT_OPTIONS, ConnectionLost, Recovery, backoff_delays, describe
+from wanps.worker.recovery import (FORGOTTEN_CODES, RECONNECT_CODES, RECONNECT_OPTIONS, ConnectionLost, Recovery,
+                                   backoff_delays, describe)
 from wanps.worker.telemetry import PING_TIMEOUT_S, Telemetry
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ class WorkerSession:
         self.controller_address = controller
         self.deltas: queue.Queue[ReceivedDelta | BaseException] = queue.Queue()
         self.worker_id: int | None = None
+        # The secret the server handed this member at Join: every call naming worker_id carries it.
+        self.member_secret = b""
         self.num_params: int | None = None
         self.bytes_up = 0
         self.bytes_down = 0
@@ -101,6 +104,7 @@ class WorkerSession:
         self.push_log = PushLog()
         self.incarnation: int | None = None
         self._lost = False
+        self._leaving = False  # leave() was called: the server forgetting us is expected
         self._generation = 0
         self.late_updates: deque[codec.Update] = deque()
         self.recoveries = 0
@@ -133,7 +137,7 @@ class WorkerSession:
                                  model_fingerprint=fingerprint, name=name,
                                  structure=structures.to_messages(structure))
         reply = self._io.call(lambda: self._server.Join(request, wait_for_ready=True, timeout=timeout))
-        self.worker_id, self.num_params = reply.worker_id, num_params
+        self.worker_id, self.member_secret, self.num_params = reply.worker_id, reply.member_secret, num_params
         self.trainable_params = num_params if trainable_params is None else trainable_params
         if self.metrics is not None:
             self.metrics.worker_id.set(reply.worker_id)
@@ -144,14 +148,17 @@ class WorkerSession:
 
     def first_join(self, num_params: int, fingerprint: bytes, name: str, timeout: float, *, observer: bool = False,
                    structure: Sequence[TensorSpec] = (), trainable_params: int | None = None) -> pb.JoinReply:
-        """`join` as a person's script meets it: a different model is `ModelMismatch`, a server
-        that does not answer within `timeout` is a ConnectionError naming the address."""
+        """`join` as a person's script meets it: a different model is `ModelMismatch`, a request
+        the server calls malformed (a name too long or with control characters) a ValueError, a
+        server that does not answer within `timeout` a ConnectionError naming the address."""
         try:
             return self.join(num_params, fingerprint, name, observer=observer, timeout=timeout, structure=structure,
                              trainable_params=trainable_params)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # Join refuses only a different model so
                 raise ModelMismatch(f"the cluster refused this model: {exc.details()}") from exc
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(f"the server at {self.server_address} refused to join: {exc.details()}") from None
             if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                 raise ConnectionError(f"no wanps server answered at {self.server_address} within {timeout:g} s "
                                       f"({exc.code().name}: {exc.details()})") from None
@@ -177,7 +184,8 @@ class WorkerSession:
         def chunks() -> Iterator[pb.ModelChunk]:
             for offset in range(0, max(num_params, 1), CHUNK_ELEMENTS):
                 yield pb.ModelChunk(worker_id=self.worker_id, num_params=num_params, offset=offset,
-                                    values=array[offset : offset + CHUNK_ELEMENTS].tobytes())
+                                    values=array[offset : offset + CHUNK_ELEMENTS].tobytes(),
+                                    member_secret=self.member_secret)
 
         self._count_sent(4 * num_params)
         return self._io.call(lambda: self._server.SeedModel(chunks()))
@@ -192,7 +200,8 @@ class WorkerSession:
         target = memoryview(b"")
         header: pb.ModelChunk | None = None
         filled = 0  # bytes
-        async for chunk in self._server.PullModel(pb.PullModelRequest(worker_id=self.worker_id), wait_for_ready=True):
+        request = pb.PullModelRequest(worker_id=self.worker_id, member_secret=self.member_secret)
+        async for chunk in self._server.PullModel(request, wait_for_ready=True):
             if header is None:
                 header = chunk
                 values = torch.empty(chunk.num_params, dtype=torch.float32)
@@ -212,12 +221,14 @@ class WorkerSession:
                            rank=header.rank, world_size=header.world_size, first_round=header.first_round)
 
     def leave(self, timeout: float = 30.0) -> int:
-        """Leave at a round boundary. -1 when the server no longer knows this worker."""
+        """Leave at a round boundary. -1 when the server no longer knows this worker (or knows
+        its id as another member's: a server restarted without --resume)."""
+        self._leaving = True
         try:
-            request = pb.LeaveRequest(worker_id=self.worker_id)
+            request = pb.LeaveRequest(worker_id=self.worker_id, member_secret=self.member_secret)
             reply = self._io.call(lambda: self._server.Leave(request, timeout=timeout))
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
+            if exc.code() in FORGOTTEN_CODES:
                 return -1
             raise
         return reply.last_round
@@ -259,7 +270,8 @@ class WorkerSession:
         self.deltas.put(ConnectionLost(describe(exc)))
 
     async def _follow_updates(self, from_version: int) -> None:
-        request = pb.UpdatesRequest(worker_id=self.worker_id, from_version=from_version)
+        request = pb.UpdatesRequest(worker_id=self.worker_id, from_version=from_version,
+                                    member_secret=self.member_secret)
         generation = self._generation
         index_parts: list[bytes] = []
         value_parts: list[bytes] = []
@@ -328,8 +340,17 @@ class WorkerSession:
             await asyncio.sleep(next(delays))
 
     async def _ping(self, padding: bytes) -> None:
-        await self._server.Ping(pb.PingRequest(worker_id=self.worker_id or 0, sent_unix_ns=time.time_ns(),
-                                               padding=padding), timeout=PING_TIMEOUT_S)
+        generation, worker_id = self._generation, self.worker_id
+        try:
+            await self._server.Ping(pb.PingRequest(worker_id=worker_id or 0, sent_unix_ns=time.time_ns(),
+                                                   padding=padding, member_secret=self.member_secret),
+                                    timeout=PING_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            # The server does not know this worker (its lease ran out, or the server restarted
+            # without it): recover at the next step boundary, which joins again.
+            if exc.code() in FORGOTTEN_CODES and worker_id == self.worker_id and not self._leaving:
+                self._mark_lost(exc, generation)
+            raise
         self._count_sent(len(padding))
 
     def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
@@ -364,7 +385,8 @@ class WorkerSession:
 
     def log_push(self, round_: int, computed_at_version: int, update: codec.Update | None) -> LoggedPush:
         """Encode one round's push and keep it in the push log, without sending it."""
-        header = pb.PushHeader(worker_id=self.worker_id, round=round_, computed_at_version=computed_at_version)
+        header = pb.PushHeader(worker_id=self.worker_id, round=round_, computed_at_version=computed_at_version,
+                               member_secret=self.member_secret)
         messages, nbytes = codec.push_messages(header, update)
         logged = LoggedPush(round_, computed_at_version, update, messages, nbytes)
         self.push_log.append(logged)
@@ -432,8 +454,8 @@ class WorkerSession:
 
     def resume(self, timeout: float) -> pb.ResumeReply:
         """One Resume call; it waits up to `timeout` for the server to be reachable."""
-        return self._io.call(lambda: self._server.Resume(pb.ResumeRequest(worker_id=self.worker_id),
-                                                         wait_for_ready=True, timeout=timeout))
+        request = pb.ResumeRequest(worker_id=self.worker_id, member_secret=self.member_secret)
+        return self._io.call(lambda: self._server.Resume(request, wait_for_ready=True, timeout=timeout))
 
     def reconnected(self) -> None:
         """A new connection generation: calls that fail from before it do not report a loss again."""
