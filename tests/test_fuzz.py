@@ -460,11 +460,12 @@ def fuzz_ping_and_leave(examples: int) -> None:
         @given(worker=st.one_of(st.sampled_from([*fuzzed.workers, fuzzed.observer]), st.integers(0, U64)),
                sent=st.integers(-(2**63), 2**63 - 1),
                padding=st.one_of(st.integers(0, 64), st.integers(MAX_PING_PADDING - 1, MAX_PING_PADDING + 64)),
+               reply=st.one_of(st.just(0), st.integers(0, 64), st.integers(MAX_PING_PADDING - 1, 2**32 - 1)),
                leave=st.booleans())
-        def property_(worker, sent, padding, leave):
-            ping = pb.PingRequest(worker_id=worker, sent_unix_ns=sent, padding=bytes(padding))
-            check(fuzzed, lambda: fuzzed.client.stub.Ping(ping, timeout=10), OK if padding <= MAX_PING_PADDING else RE,
-                  (worker, sent, padding))
+        def property_(worker, sent, padding, reply, leave):
+            ping = pb.PingRequest(worker_id=worker, sent_unix_ns=sent, padding=bytes(padding), reply_bytes=reply)
+            expected = RE if padding > MAX_PING_PADDING else I if reply > MAX_PING_PADDING else OK
+            check(fuzzed, lambda: fuzzed.client.stub.Ping(ping, timeout=10), expected, (worker, sent, padding, reply))
             if leave:
                 known = fuzzed.core.is_known(worker)
                 request = pb.LeaveRequest(worker_id=worker)
@@ -572,12 +573,15 @@ def link_samples(draw) -> pb.LinkSample:
         unix_ns=draw(st.integers(-(2**63), 2**63 - 1)),
         grad_norm=draw(st.one_of(st.floats(0, 100), weird)),
         elements=draw(st.one_of(st.integers(0, 10**6), st.integers(0, U64))),
+        direction=draw(st.one_of(st.integers(0, 2), st.integers(0, 2**31 - 1))),
+        timed_bytes=draw(st.one_of(st.just(0), st.integers(0, 10**7), st.integers(0, U64))),
     )
 
 
 def sample_is_valid(s: pb.LinkSample) -> bool:
     return (s.kind in (1, 2, 3, 4) and math.isfinite(s.seconds) and s.seconds >= 0
-            and math.isfinite(s.grad_norm) and s.grad_norm >= 0 and s.elements <= MAX_PARAMS)
+            and math.isfinite(s.grad_norm) and s.grad_norm >= 0 and s.elements <= MAX_PARAMS
+            and s.direction in (0, 1, 2) and s.timed_bytes <= s.bytes)
 
 
 def fuzz_controller(examples: int) -> None:

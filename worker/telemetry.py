@@ -2,8 +2,9 @@
 
 Samples (push, ping, download and compute times) are kept only when a controller will
 receive them, in a bounded queue, and sent once a second. Pings go to the server whether
-or not anyone reports them (they are also the worker's heartbeat); every PROBE_EVERY-th
-carries padding, so the controller sees the link's bandwidth even when pushes are tiny.
+or not anyone reports them (they are also the worker's heartbeat); while a controller
+receives samples, bandwidth probes follow them when the traffic is too small to measure
+a direction of the link (worker/probes.py says when and how big).
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto.wire import MAX_SAMPLES_PER_REPORT
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.worker.io_loop import IoLoop
+from wanps.worker.probes import DOWN, UP, ProbePlanner
+
+# ping(padding, reply_bytes): one Ping to the server, raising AioRpcError if it fails.
+Ping = Callable[[bytes, int], Awaitable[None]]
+_DIRECTION = {UP: pb.LinkSample.DIRECTION_UP, DOWN: pb.LinkSample.DIRECTION_DOWN}
 
 log = logging.getLogger("wanps.worker")
 
@@ -29,13 +35,9 @@ REPORT_TIMEOUT_S = 5.0
 # limit): a report sends the newest samples, so older ones beyond it would never be sent, and
 # a worker whose reports fail or have not started yet keeps no more than that.
 # A ping every PING_INTERVAL_S (enough unqueued RTTs for a low quantile in a few seconds);
-# every PROBE_EVERY-th carries PROBE_BYTES of padding, so the controller sees the link's
-# bandwidth even when pushes are tiny (a small delta): 32 KiB every 4 s is 64 kbit/s,
-# about 0.3% of a 20 Mbit/s link.
+# probes, when due, go right after it, one direction at a time, so none overlaps another.
 PING_INTERVAL_S = 0.5
 PING_TIMEOUT_S = 10.0
-PROBE_EVERY = 8
-PROBE_BYTES = 32 * 1024
 
 
 class Telemetry:
@@ -54,6 +56,7 @@ class Telemetry:
         self.worker_id = 0
         self.num_params = 0
         self.reported_round = 0
+        self.probes = ProbePlanner()
 
     def joined(self, worker_id: int, num_params: int, first_round: int) -> None:
         """Report as this member, from the round it starts at, not 0 (a restarted controller
@@ -67,10 +70,20 @@ class Telemetry:
         self._io.call_soon(self.samples.clear)
 
     def sample(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0,
-               elements: int = 0) -> None:
-        if self.collecting:
-            self.samples.append(pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
-                                              unix_ns=time.time_ns(), grad_norm=grad_norm, elements=elements))
+               elements: int = 0, timed_bytes: int = 0, direction: int = pb.LinkSample.DIRECTION_UNSPECIFIED) -> None:
+        if not self.collecting:
+            return
+        self.samples.append(pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
+                                          unix_ns=time.time_ns(), grad_norm=grad_norm, elements=elements,
+                                          timed_bytes=timed_bytes, direction=direction))
+        # What the traffic tells the probe plan (probes report themselves in _probe).
+        now = time.monotonic()
+        if kind == pb.LinkSample.KIND_PING and nbytes == 0:
+            self.probes.rtt(seconds, now)
+        elif kind == pb.LinkSample.KIND_PUSH:
+            self.probes.traffic(UP, nbytes, seconds, now, round_trip=True)
+        elif kind == pb.LinkSample.KIND_DOWNLOAD:
+            self.probes.traffic(DOWN, timed_bytes, seconds, now, round_trip=False)
 
     def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
         self._io.call_soon(self.sample, pb.LinkSample.KIND_COMPUTE, 0, seconds, round_, grad_norm)
@@ -100,15 +113,32 @@ class Telemetry:
         if self._controller is not None and self.samples:
             await self.report()
 
-    async def ping_loop(self, ping: Callable[[bytes], Awaitable[None]]) -> None:
-        """`ping(padding)` sends one Ping to the server (raising AioRpcError if it fails)."""
-        probe = bytes(PROBE_BYTES)
-        for count in itertools.count():
+    async def ping_loop(self, ping: Ping) -> None:
+        """A ping every PING_INTERVAL_S (the heartbeat and the RTT samples), then the probes due."""
+        for _ in itertools.count():
             await asyncio.sleep(PING_INTERVAL_S)
-            padding = probe if count % PROBE_EVERY == PROBE_EVERY - 1 else b""
-            started = time.monotonic()
-            try:
-                await ping(padding)
-            except grpc.aio.AioRpcError:
+            if await self._timed_ping(ping, b"", 0) is None or not self.collecting:
                 continue
-            self.sample(pb.LinkSample.KIND_PING, len(padding), time.monotonic() - started, self.reported_round)
+            for direction in (UP, DOWN):
+                size = self.probes.plan(direction, time.monotonic())
+                if size:
+                    await self._probe(ping, direction, size)
+
+    async def _timed_ping(self, ping: Ping, padding: bytes, reply_bytes: int) -> float | None:
+        started = time.monotonic()
+        try:
+            await ping(padding, reply_bytes)
+        except grpc.aio.AioRpcError:
+            return None
+        seconds = time.monotonic() - started
+        if not padding and not reply_bytes:
+            self.sample(pb.LinkSample.KIND_PING, 0, seconds, self.reported_round)
+        return seconds
+
+    async def _probe(self, ping: Ping, direction: str, size: int) -> None:
+        """One probe of `size` bytes: padding up, or a reply that carries them down."""
+        seconds = await self._timed_ping(ping, bytes(size) if direction == UP else b"", size if direction == DOWN else 0)
+        if seconds is None:
+            return
+        self.probes.probe_done(direction, size, seconds, time.monotonic())
+        self.sample(pb.LinkSample.KIND_PING, size, seconds, self.reported_round, direction=_DIRECTION[direction])
