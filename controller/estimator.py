@@ -6,7 +6,10 @@ Per worker and per direction, over a sliding window of the newest samples (`wind
   low end is the path's own delay; higher RTTs carry queueing behind bulk traffic. This is
   the min-RTT idea of BBR, made robust to a single lucky sample.
 - uplink bandwidth a: pushes, and pings padded as bandwidth probes, report (bytes, seconds from
-  send to acknowledgement). Seconds are
+  send to acknowledgement). A push that waited behind the worker's own earlier pushes (with
+  tau pushes in flight the link is busy with them) reports that wait as `queued_s`; the
+  rest of its seconds is its transfer alone, put on the line as (bytes, seconds - queued_s
+  + b) like a download's timed part. Seconds are
   modelled as b + 8*bytes/a (+ queueing). When push sizes vary, a Theil-Sen regression of
   seconds on bytes (pings included as zero-byte points) gives 1/a as its slope, robust to
   outliers. When they do not vary (a static delta), the regression has no slope to see, and
@@ -57,6 +60,10 @@ class Sample:
     # carried it); "" (unset) is an uplink probe, as pushes are.
     direction: str = ""
     timed_bytes: int = 0  # KIND_DOWNLOAD: the bytes `seconds` times (those after the first chunk)
+    # KIND_PUSH and probes: of `seconds`, what the transfer waited for the link behind the
+    # worker's own earlier traffic (a push behind the pushes in flight before it). When > 0,
+    # the rest is the transfer alone (no round trip in it), as a download's timed part is.
+    queued_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,14 @@ class EstimatorConfig:
     change_ratio: float = 0.3
 
 
+def on_line(sample: Sample, latency_s: float) -> float:
+    """A push's or probe's seconds on the line b + 8 bytes/a: as measured, or, for a transfer
+    that queued behind the worker's own traffic, its own transfer time plus b."""
+    if sample.queued_s > 0:
+        return sample.seconds - sample.queued_s + latency_s
+    return sample.seconds
+
+
 def theil_sen(x: np.ndarray, y: np.ndarray, min_dx: float) -> tuple[float, float] | None:
     """Median of pairwise slopes among points at least min_dx apart in x, and the median intercept."""
     i, j = np.triu_indices(len(x), k=1)
@@ -132,8 +147,8 @@ class LinkEstimator:
         self._samples: deque[Sample] = deque(maxlen=self.config.max_samples)
 
     def add(self, sample: Sample) -> None:
-        if sample.seconds < 0 or sample.nbytes < 0:
-            raise ValueError("samples need seconds >= 0 and bytes >= 0")
+        if sample.seconds < 0 or sample.nbytes < 0 or not 0 <= sample.queued_s <= sample.seconds:
+            raise ValueError("samples need seconds >= 0, bytes >= 0 and queued_s in [0, seconds]")
         self._samples.append(sample)
 
     def _since(self, start_s: float) -> list[Sample]:
@@ -170,12 +185,12 @@ class LinkEstimator:
         ping_times = [p.seconds for p in pings]
         latency = float(np.quantile(ping_times, c.latency_quantile))
         up = self._bandwidth(np.array([s.nbytes for s in ups], dtype=np.float64),
-                             np.array([s.seconds for s in ups], dtype=np.float64), ping_times, latency)
+                             np.array([on_line(s, latency) for s in ups], dtype=np.float64), ping_times, latency)
         if up is None:
             return None
         # The downlink: down probes as they are; a multi-chunk delta's timed part lands on the
         # same line once the round trip its first chunk's arrival hides is added back.
-        downs = [(s.nbytes, s.seconds) for s in samples
+        downs = [(s.nbytes, on_line(s, latency)) for s in samples
                  if s.kind == KIND_PING and s.direction == DIRECTION_DOWN and s.nbytes > 0]
         downs += [(s.timed_bytes, s.seconds + latency) for s in samples if s.kind == KIND_DOWNLOAD and s.timed_bytes > 0]
         down = None

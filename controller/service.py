@@ -184,9 +184,11 @@ class ControllerService(pb_grpc.ControllerServicer):
                 raise InvalidArgument(f"unknown sample direction {sample.direction}")
             if sample.timed_bytes > sample.bytes:
                 raise InvalidArgument(f"timed_bytes {sample.timed_bytes} exceeds the sample's bytes {sample.bytes}")
+            if not 0 <= sample.queued_s <= sample.seconds:
+                raise InvalidArgument(f"queued_s must be within [0, seconds]; got {sample.queued_s} of {sample.seconds}")
             samples.append(Sample(kind=kind, nbytes=sample.bytes, seconds=sample.seconds, at_s=now, round=sample.round,
                                   grad_norm=sample.grad_norm, elements=sample.elements, direction=direction,
-                                  timed_bytes=sample.timed_bytes))
+                                  timed_bytes=sample.timed_bytes, queued_s=sample.queued_s))
         if request.worker_id not in self._last_report and not self._make_room(now):
             raise ResourceExhausted(f"the controller tracks at most {self.config.max_workers} workers' links "
                                     f"(--max-workers); none has been silent for {self.config.estimator.window_s:g} s")

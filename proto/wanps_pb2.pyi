@@ -305,7 +305,7 @@ class Decision(_message.Message):
     def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., worker_delta: _Optional[_Mapping[int, float]] = ..., predicted_iter_s: _Optional[float] = ...) -> None: ...
 
 class LinkSample(_message.Message):
-    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm", "elements", "direction", "timed_bytes")
+    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm", "elements", "direction", "timed_bytes", "queued_s")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[LinkSample.Kind]
@@ -335,6 +335,7 @@ class LinkSample(_message.Message):
     ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
     TIMED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_S_FIELD_NUMBER: _ClassVar[int]
     kind: LinkSample.Kind
     bytes: int
     seconds: float
@@ -344,7 +345,8 @@ class LinkSample(_message.Message):
     elements: int
     direction: LinkSample.Direction
     timed_bytes: int
-    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ..., elements: _Optional[int] = ..., direction: _Optional[_Union[LinkSample.Direction, str]] = ..., timed_bytes: _Optional[int] = ...) -> None: ...
+    queued_s: float
+    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ..., elements: _Optional[int] = ..., direction: _Optional[_Union[LinkSample.Direction, str]] = ..., timed_bytes: _Optional[int] = ..., queued_s: _Optional[float] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("worker_id", "round", "samples", "num_params")

@@ -93,10 +93,18 @@ class ProbePlanner:
         if nbytes > 0:
             self._add(direction, nbytes, seconds, at_s, round_trip, probe=False)
 
-    def probe_done(self, direction: str, nbytes: int, seconds: float, at_s: float) -> None:
-        """A probe's round trip: record it and hold the next one back to keep within max_share."""
+    def probe_done(self, direction: str, nbytes: int, seconds: float, at_s: float, round_trip: bool = True,
+                   readable: bool = True) -> None:
+        """A probe's round trip (`round_trip`; else its transfer alone: it waited behind the
+        worker's own traffic and the time from that traffic's end is its own): record it and
+        hold the next one back to keep within max_share. An unreadable probe (it queued
+        where its time means nothing) only holds the next one back."""
         c = self.config
-        transfer = self._add(direction, nbytes, seconds, at_s, round_trip=True, probe=True)
+        if not readable:
+            base = self.base_rtt(at_s) or 0.0
+            self._next_at[direction] = at_s + max(0.0, seconds - base) / c.max_share
+            return
+        transfer = self._add(direction, nbytes, seconds, at_s, round_trip=round_trip, probe=True)
         self._last_size[direction] = nbytes
         self._next_at[direction] = at_s + transfer / c.max_share
         if nbytes >= c.max_bytes and transfer < self.target_transfer_s(at_s) / 2:

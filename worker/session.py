@@ -283,8 +283,8 @@ class WorkerSession:
                 delta = codec.decode_delta(index_raw, value_raw, chunk.total_count, self.num_params, chunk.dense)
                 nbytes = len(index_raw) + len(value_raw)
                 self._count_received(nbytes)
-                self.telemetry.sample(pb.LinkSample.KIND_DOWNLOAD, nbytes, time.monotonic() - started, chunk.round,
-                                      timed_bytes=nbytes - first_chunk_bytes)
+                self.telemetry.delta_received(nbytes, nbytes - first_chunk_bytes, started, time.monotonic(),
+                                              chunk.round)
                 self.deltas.put(ReceivedDelta(chunk.round, chunk.version, delta,
                                               chunk.model_checksum if chunk.has_model_checksum else None, nbytes,
                                               chunk.pushed + chunk.skipped))
@@ -397,9 +397,10 @@ class WorkerSession:
                 self._mark_lost(exc, generation)
                 return pb.PushReply()
             raise
-        seconds = time.monotonic() - started
+        acked = time.monotonic()
+        seconds = acked - started
         elements = 0 if logged.update is None else logged.update.count
-        self.telemetry.sample(pb.LinkSample.KIND_PUSH, logged.nbytes, seconds, logged.round, elements=elements)
+        self.telemetry.push_acknowledged(logged.nbytes, started, acked, logged.round, elements)
         if self.metrics is not None:
             self.metrics.push_seconds.observe(seconds)
         self.push_log.forget_below(reply.durable_version)
