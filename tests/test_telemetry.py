@@ -96,3 +96,26 @@ def test_probes_measure_each_direction_of_an_asymmetric_link_without_any_push(ma
 async def _estimate_of(core, worker_id):
     """Read on the controller's loop."""
     return core.estimates.get(worker_id)
+
+
+def test_pushes_queued_behind_the_workers_own_pushes_are_timed_by_their_dispersion(io: IoLoop) -> None:
+    """Four 10 kB pushes sent 10 ms apart on a 1 Mbit/s link with a 100 ms RTT: each takes 80 ms
+    on the link, so the acks come 80 ms apart; all but the first waited behind the one before."""
+    from wanps.controller.estimator import KIND_PING, KIND_PUSH, LinkEstimator, Sample
+
+    telemetry = Telemetry(io, controller=object())
+    telemetry.probes.rtt(0.1, 0.0)
+    for i in range(4):
+        sent, acked = 0.01 * i, 0.1 + 0.08 * (i + 1)
+        telemetry.push_acknowledged(10_000, sent, acked, i, 1250)
+    samples = list(telemetry.samples)
+    assert samples[0].queued_s == 0.0  # the link was idle
+    for i, sample in enumerate(samples[1:], start=1):
+        assert sample.seconds == pytest.approx(0.1 + 0.08 * (i + 1) - 0.01 * i)
+        assert sample.seconds - sample.queued_s == pytest.approx(0.08)  # its own transfer
+    # The controller reads 1 Mbit/s from them, not 10 kB over the whole wait.
+    estimator = LinkEstimator()
+    estimator.add(Sample(KIND_PING, 0, 0.1, 0.0))
+    for s in samples:
+        estimator.add(Sample(KIND_PUSH, s.bytes, s.seconds, 0.0, queued_s=s.queued_s))
+    assert estimator.estimate(0.0).bandwidth_bps == pytest.approx(1e6, rel=1e-6)

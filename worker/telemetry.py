@@ -205,7 +205,7 @@ class Telemetry:
         if queued and direction == DOWN:
             # The reply came down behind the worker's own deltas, and the server interleaves
             # the two on one connection: neither its round trip nor its spacing from the
-            # delta reads the link. No sample; the next tick tries again.
+            # delta reads the link. No sample (the next probe still waits out its share).
             self.probes.probe_done(direction, size, seconds, done_at, round_trip=True, readable=False)
             return
         self.probes.probe_done(direction, size, seconds - queued, done_at, round_trip=queued == 0)
