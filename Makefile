@@ -49,7 +49,8 @@ check-proto: install
 bench: install
 	$(VENV)/bin/wanps bench train
 
-# The reduced version (minutes): varying trace, dsgd / static / deco, one seed.
+# The reduced version (minutes): the CNN on the varying trace (the DeCo paper's regime),
+# dsgd / static / deco, one seed, every run at most 240 s.
 bench-quick: install
 	$(VENV)/bin/wanps bench train --quick
 

@@ -28,6 +28,14 @@ Conditions:
 * `high` (optional, `--conditions fixed,step,high`): 100 Mbit/s, where a push's transfer
   (3-13 ms for 40-160 KB) is no longer large against per-push processing and jitter, so the
   range of the regression shows; judged like `fixed`.
+* `deco-step`: the case that failed in training (issue 15): the controller runs `deco`
+  and the worker pushes what its decisions say, k = ceil(delta * params) elements (a
+  top-k push: every push the same size) at the decision's tau, from a small bootstrap
+  delta (`--deco-delta`). DeCo sizes a push to be carried in about one compute step, so
+  the pushes are a few KB and their transfer is lost in the RTT jitter; the estimate must
+  come from the probes. The link steps from `--deco-from-mbit` (20) to `--deco-to-mbit`
+  (5) at `--step-at-s`. Target: `--change-check-s` (5 s) after the step, the uplink and the
+  downlink estimates are both within `--change-tolerance` (15%) of the set link.
 
 The seed and the pull (4 MB each for 1M parameters) go over the same emulated link but at
 1 Gbit/s: the trace starts only at the first push, so every run begins on an idle link and
@@ -57,6 +65,7 @@ from wanps.bench.payload import random_update
 from wanps.bench.report import machine_info, text_table, write_json
 from wanps.controller.estimator import EstimatorConfig, LinkEstimate
 from wanps.controller.policy import PolicyConfig
+from wanps.proto.decisions import decision_for_round
 from wanps.controller.service import ControllerConfig, RunningController, start_controller
 from wanps.linkem.proxy import LinkEmulator
 from wanps.linkem.trace import LinkTrace, TracePoint
@@ -65,9 +74,11 @@ from wanps.proto.codec import fingerprint_of
 from wanps.server.service import RunningServer, ServerConfig, start_server
 from wanps.worker.session import ReceivedDelta, WorkerSession
 
-CONDITIONS = ("fixed", "step", "high")
+CONDITIONS = ("fixed", "step", "high", "deco-step")
 # The link during setup (join, seed, pull): fast, so a run starts measuring within a second.
 SETUP_BANDWIDTH_MBIT = 1000.0
+# The server's tau_max (a worker clamps the decision's tau to it, as the Optimizer does).
+SERVER_TAU_MAX = 8
 # Upper bounds on any single blocking wait, so a stuck run fails instead of hanging.
 SETUP_TIMEOUT_S = 60.0
 WAIT_STEP_S = 0.5
@@ -76,7 +87,7 @@ CLOSE_WAIT_S = 3.0
 
 @dataclass(frozen=True)
 class EstimateBenchConfig:
-    conditions: tuple[str, ...] = ("fixed", "step")
+    conditions: tuple[str, ...] = ("fixed", "step", "deco-step")
     repeat: int = 2
     # Estimator windows to run every condition with; the controller's default is 10 s.
     windows_s: tuple[float, ...] = (EstimatorConfig().window_s,)
@@ -102,12 +113,18 @@ class EstimateBenchConfig:
     settle_target_s: float = 5.0
     stable_s: float = 3.0
     seed: int = 0
+    # deco-step: the link under deco's own (small) pushes, judged change_check_s after the step.
+    deco_from_mbit: float = 20.0
+    deco_to_mbit: float = 5.0
+    deco_delta: float = 0.001
+    change_check_s: float = 5.0
+    change_tolerance: float = 0.15
 
 
 def quick_config(**overrides: Any) -> EstimateBenchConfig:
     """Short runs for CI smoke use: numbers are indicative only."""
     base = dict(params=200_000, push_elements=5_000, fixed_duration_s=5.0, step_at_s=3.0, after_step_s=3.0,
-                check_at_s=4.0, stable_s=1.0)
+                check_at_s=4.0, stable_s=1.0, change_check_s=2.5)
     base.update(overrides)
     return EstimateBenchConfig(**base)
 
@@ -119,6 +136,8 @@ class Condition:
     duration_s: float
     final_mbit: float  # the bandwidth the run is judged against
     step_at_s: float | None = None
+    # deco: the controller decides and the worker pushes delta * params elements at its tau.
+    policy: str = "static"
 
 
 def conditions_of(config: EstimateBenchConfig) -> list[Condition]:
@@ -131,6 +150,11 @@ def conditions_of(config: EstimateBenchConfig) -> list[Condition]:
                           config.step_at_s + config.after_step_s, config.step_to_mbit, config.step_at_s),
         "high": Condition("high", LinkTrace.fixed(config.high_mbit, config.delay_ms), config.fixed_duration_s,
                           config.high_mbit),
+        "deco-step": Condition("deco-step", LinkTrace([TracePoint(0.0, config.deco_from_mbit, config.delay_ms),
+                                                       TracePoint(config.step_at_s, config.deco_to_mbit,
+                                                                  config.delay_ms)], loop=False),
+                               config.step_at_s + config.after_step_s, config.deco_to_mbit, config.step_at_s,
+                               policy="deco"),
     }
     return [made[name] for name in config.conditions]
 
@@ -170,8 +194,9 @@ class BenchWorker:
     """One training-like worker on its own thread, for `duration_s` after its first push."""
 
     def __init__(self, config: EstimateBenchConfig, server: str, controller: str, duration_s: float,
-                 on_first_push: Callable[[], None], seed: int) -> None:
+                 on_first_push: Callable[[], None], seed: int, follow_decisions: bool = False) -> None:
         self.config = config
+        self.follow_decisions = follow_decisions  # push delta * params elements at the decision's tau
         self.server = server
         self.controller = controller
         self.duration_s = duration_s
@@ -218,14 +243,18 @@ class BenchWorker:
                     break
                 step_started = time.monotonic()
                 time.sleep(c.compute_ms / 1e3)  # the forward/backward pass this bench does not run
-                update = random_update(c.params, int(self.rng.integers(lo, hi + 1)), self.rng)
+                tau, elements = c.tau, int(self.rng.integers(lo, hi + 1))
+                decision = decision_for_round(session.decisions(), round_) if self.follow_decisions else None
+                if decision is not None:
+                    tau, elements = min(decision.tau, SERVER_TAU_MAX), min(c.params, math.ceil(decision.delta * c.params))
+                update = random_update(c.params, elements, self.rng)
                 session.record_compute(time.monotonic() - step_started, round_)
                 in_flight.append(session.push(round_, version, update))
                 self.stats.pushes += 1
                 self.stats.bytes_pushed += update.nbytes
                 round_ += 1
                 # Staleness bound: round r may be computed on version >= r - tau.
-                version = self._catch_up(session, version, round_ - c.tau, deadline)
+                version = self._catch_up(session, version, round_ - tau, deadline)
                 for future in [f for f in in_flight if f.done()]:
                     future.result()  # raises a refused push
                     in_flight.remove(future)
@@ -270,6 +299,10 @@ class Poll:
     true_rtt_ms: float
     up_mbit: float  # what the link carried towards the server since the previous poll
     down_mbit: float
+    down_bandwidth_mbit: float | None = None  # the downlink's estimate (None: not yet)
+    down_samples: int = 0
+    tau: int | None = None  # the decision in force at the controller's newest reported round
+    delta: float | None = None
 
 
 def _estimate_fields(estimate: LinkEstimate | None) -> dict[str, Any]:
@@ -277,20 +310,24 @@ def _estimate_fields(estimate: LinkEstimate | None) -> dict[str, Any]:
         return dict(bandwidth_mbit=None, latency_ms=None, t_comp_ms=None, push_samples=0, ping_samples=0, method=None)
     return dict(bandwidth_mbit=estimate.bandwidth_bps / 1e6, latency_ms=estimate.latency_s * 1e3,
                 t_comp_ms=None if estimate.t_comp_s is None else estimate.t_comp_s * 1e3,
-                push_samples=estimate.push_samples, ping_samples=estimate.ping_samples, method=estimate.method)
+                push_samples=estimate.push_samples, ping_samples=estimate.ping_samples, method=estimate.method,
+                down_bandwidth_mbit=None if estimate.down_bandwidth_bps is None else estimate.down_bandwidth_bps / 1e6,
+                down_samples=estimate.down_samples)
 
 
 async def run_condition(config: EstimateBenchConfig, condition: Condition, window_s: float, repeat: int
                         ) -> dict[str, Any]:
     registry = CollectorRegistry()
     server: RunningServer = await start_server(
-        ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, min_workers=1, tau_max=max(8, config.tau)),
+        ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, min_workers=1, tau_max=max(SERVER_TAU_MAX, config.tau)),
         registry)
     controller: RunningController | None = None
     link: LinkEmulator | None = None
     worker: BenchWorker | None = None
     try:
-        policy = PolicyConfig(name="static", tau=config.tau, delta=config.delta)
+        deco = condition.policy == "deco"
+        policy = PolicyConfig(name=condition.policy, tau=config.tau, delta=config.deco_delta if deco else config.delta,
+                              tau_max=SERVER_TAU_MAX)
         controller = await start_controller(
             ControllerConfig(host="127.0.0.1", port=0, metrics_port=-1, policy=policy,
                              estimator=EstimatorConfig(window_s=window_s)), CollectorRegistry())
@@ -306,7 +343,8 @@ async def run_condition(config: EstimateBenchConfig, condition: Condition, windo
             loop.call_soon_threadsafe(begun.set)
 
         worker = BenchWorker(config, f"127.0.0.1:{link.bound_port}", f"127.0.0.1:{controller.port}",
-                             condition.duration_s, on_first_push, seed=config.seed + 1000 * repeat)
+                             condition.duration_s, on_first_push, seed=config.seed + 1000 * repeat,
+                             follow_decisions=deco)
         worker.start()
         # Wait for setup to finish (or fail) without blocking the loop the services run on.
         setup_deadline = time.monotonic() + SETUP_TIMEOUT_S
@@ -367,12 +405,15 @@ async def _poll(config: EstimateBenchConfig, condition: Condition, controller: R
         t = now - started
         # One worker: its estimate is the only one (the bench worker's id is whatever it got).
         estimate = next(iter(core.estimates.values()), None)
+        decision = core.current()
         true = condition.trace.at(t)
         up, down = link.bytes_client_to_target, link.bytes_target_to_client
         span = max(now - last, 1e-6)
         polls.append(Poll(t=round(t, 3), **_estimate_fields(estimate), true_mbit=true.bandwidth_mbit,
                           true_rtt_ms=2 * true.delay_ms, up_mbit=8 * (up - up_before) / span / 1e6,
-                          down_mbit=8 * (down - down_before) / span / 1e6))
+                          down_mbit=8 * (down - down_before) / span / 1e6,
+                          tau=None if decision is None else decision.tau,
+                          delta=None if decision is None else decision.delta))
         up_before, down_before, last = up, down, now
     return polls
 
@@ -409,6 +450,8 @@ def summarize(config: EstimateBenchConfig, condition: Condition, polls: Sequence
         summary["met"] = summary["bandwidth_met"] and summary["latency_met"]
         return summary
     step = condition.step_at_s
+    if condition.policy == "deco":
+        return summary | summarize_change(config, condition, polls)
     before = [p.bandwidth_mbit for p in polls if step - 2.0 <= p.t < step and p.bandwidth_mbit is not None]
     settle_s = settle_time(polls, step, condition.final_mbit, config.bandwidth_tolerance, config.stable_s)
     first_within = next((p.t - step for p in polls
@@ -429,6 +472,35 @@ def summarize(config: EstimateBenchConfig, condition: Condition, polls: Sequence
         "met": settle_s is not None and settle_s < config.settle_target_s,
     })
     return summary
+
+
+def summarize_change(config: EstimateBenchConfig, condition: Condition, polls: Sequence[Poll]) -> dict[str, Any]:
+    """deco-step: both directions' estimates `change_check_s` after the step, against the set link."""
+    assert condition.step_at_s is not None
+    step = condition.step_at_s
+    at = next((p for p in polls if p.t >= step + config.change_check_s - 1e-9), None)
+    up = at.bandwidth_mbit if at else None
+    # The downlink DeCo uses: its own estimate, or the uplink's while it has none (a downlink
+    # kept busy by the worker's own deltas cannot be probed; docs/controller.md).
+    own_down = at.down_bandwidth_mbit if at else None
+    down = own_down if own_down is not None else up
+    target = condition.final_mbit
+    deltas = [p.delta for p in polls if p.delta is not None and p.t >= step]
+    before = [p.bandwidth_mbit for p in polls if step - 2.0 <= p.t < step and p.bandwidth_mbit is not None]
+    return {
+        "step_at_s": step,
+        "before_step_mbit": statistics.median(before) if before else None,
+        "check_at_s": step + config.change_check_s,
+        "bandwidth_mbit": up,
+        "bandwidth_error_pct": None if up is None else 100 * (up / target - 1),
+        "down_bandwidth_mbit": down,
+        "down_estimated_apart": own_down is not None,
+        "down_bandwidth_error_pct": None if down is None else 100 * (down / target - 1),
+        "settle_s": settle_time(polls, step, target, config.change_tolerance, config.stable_s),
+        "delta_min": min(deltas) if deltas else None,
+        "delta_max": max(deltas) if deltas else None,
+        "met": within(up, target, config.change_tolerance) and within(down, target, config.change_tolerance),
+    }
 
 
 def settle_time(polls: Sequence[Poll], step_at_s: float, target_mbit: float, tolerance: float,
@@ -493,7 +565,7 @@ def format_result(result: dict[str, Any], series: bool = False) -> str:
                 f"{c['latency_tolerance_ms']:g} ms)",
                 text_table(["cond", "Mbit/s", "window s", "rep", "first est s", "est Mbit/s", "err", "est RTT ms",
                             "err ms", "later Mbit/s", "pushes/s", "met"], rows)]
-    steps = [r for r in result["runs"] if r["step_at_s"] is not None]
+    steps = [r for r in result["runs"] if r["step_at_s"] is not None and r["condition"] != "deco-step"]
     if steps:
         rows = []
         for r in steps:
@@ -509,13 +581,32 @@ def format_result(result: dict[str, Any], series: bool = False) -> str:
                 f"target < {c['settle_target_s']:g} s)",
                 text_table(["cond", "Mbit/s", "window s", "rep", "before step", "first within", "settled after",
                             "end Mbit/s", "end RTT ms", "pushes/s", "met"], rows)]
+    decos = [r for r in result["runs"] if r["condition"] == "deco-step"]
+    if decos:
+        rows = []
+        for r in decos:
+            s = r["summary"]
+            rows.append([f"{r['trace'][0]['bandwidth_mbit']:g}->{r['trace'][-1]['bandwidth_mbit']:g}", f"{r['window_s']:g}",
+                         r["repeat"], _fmt(s["before_step_mbit"], ".2f"), _fmt(s["bandwidth_mbit"], ".2f"),
+                         _fmt(s["bandwidth_error_pct"], "+.1f", "%"),
+                         _fmt(s["down_bandwidth_mbit"], ".2f") + ("" if s["down_estimated_apart"] else " (=up)"),
+                         _fmt(s["down_bandwidth_error_pct"], "+.1f", "%"),
+                         f"{_fmt(s['delta_min'], '.2g')}-{_fmt(s['delta_max'], '.2g')}",
+                         f"{r['worker']['mean_push_bytes'] / 1e3:.1f}", "yes" if s["met"] else "NO"])
+        out += ["", f"deco-step: deco decides, the worker pushes its delta; estimates {c['change_check_s']:g} s after "
+                f"the step at t = {c['step_at_s']:g} s (target: up and down within {c['change_tolerance']:.0%}; "
+                "(=up): no downlink estimate of its own, DeCo takes the uplink's)",
+                text_table(["Mbit/s", "window s", "rep", "before step", "up est", "up err", "down est", "down err",
+                            "delta", "push KB", "met"], rows)]
     if series:
         for r in result["runs"]:
-            out += ["", f"{r['condition']} window {r['window_s']:g} s rep {r['repeat']}: t s, estimate Mbit/s "
-                    "(true), RTT ms, link up/down Mbit/s"]
-            out += [f"  {p['t']:5.1f}  {_fmt(p['bandwidth_mbit'], '6.2f'):>6} ({p['true_mbit']:g})  "
+            out += ["", f"{r['condition']} window {r['window_s']:g} s rep {r['repeat']}: t s, estimate up/down "
+                    "Mbit/s (true), RTT ms, link up/down Mbit/s"]
+            out += [f"  {p['t']:5.1f}  {_fmt(p['bandwidth_mbit'], '6.2f'):>6} "
+                    f"/{_fmt(p.get('down_bandwidth_mbit'), '6.2f'):>6} ({p['true_mbit']:g})  "
                     f"{_fmt(p['latency_ms'], '6.1f'):>6}  {p['up_mbit']:5.1f}/{p['down_mbit']:5.1f}  "
-                    f"{p['method'] or ''}" for p in r["series"]]
+                    f"{p['method'] or ''}" + (f"  tau {p['tau']} delta {p['delta']:.2g}" if p.get("delta") else "")
+                    for p in r["series"]]
     out += ["", f"all targets met: {'yes' if result['all_met'] else 'NO'}"]
     return "\n".join(out)
 
@@ -550,6 +641,14 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--poll-s", type=float, default=d.poll_s, help="how often the estimate is recorded")
     parser.add_argument("--check-at-s", type=float, default=d.check_at_s,
                         help="when fixed links are judged (seconds after the first push)")
+    parser.add_argument("--deco-from-mbit", type=float, default=d.deco_from_mbit, help="deco-step: before the step")
+    parser.add_argument("--deco-to-mbit", type=float, default=d.deco_to_mbit, help="deco-step: after the step")
+    parser.add_argument("--deco-delta", type=float, default=d.deco_delta,
+                        help="deco-step: deco's bootstrap delta (until the first measured decision)")
+    parser.add_argument("--change-check-s", type=float, default=d.change_check_s,
+                        help="deco-step: when after the step both directions are judged")
+    parser.add_argument("--change-tolerance", type=float, default=d.change_tolerance,
+                        help="deco-step: how close to the set link both estimates must be")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--quick", action="store_true",
                         help="short runs and a small model, for smoke tests (numbers are indicative only)")
@@ -572,12 +671,15 @@ def config_from_args(parser: EnvDefaultsParser, args: Any, argv: Sequence[str]) 
                   delay_ms=args.delay_ms, fixed_mbit=args.fixed_mbit, fixed_duration_s=args.fixed_duration_s,
                   step_from_mbit=args.step_from_mbit, step_to_mbit=args.step_to_mbit, step_at_s=args.step_at_s,
                   after_step_s=args.after_step_s, high_mbit=args.high_mbit, queue_ms=args.queue_ms,
-                  poll_s=args.poll_s, check_at_s=args.check_at_s, seed=args.seed)
+                  poll_s=args.poll_s, check_at_s=args.check_at_s, seed=args.seed, deco_from_mbit=args.deco_from_mbit,
+                  deco_to_mbit=args.deco_to_mbit, deco_delta=args.deco_delta, change_check_s=args.change_check_s,
+                  change_tolerance=args.change_tolerance)
     if args.quick:
         # --quick shortens what the command line did not set explicitly.
         given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
         quick = quick_config()
-        for name in ("params", "push_elements", "fixed_duration_s", "step_at_s", "after_step_s", "check_at_s"):
+        for name in ("params", "push_elements", "fixed_duration_s", "step_at_s", "after_step_s", "check_at_s",
+                     "change_check_s"):
             if "--" + name.replace("_", "-") not in given:
                 values[name] = getattr(quick, name)
         values["stable_s"] = quick.stable_s
@@ -586,9 +688,12 @@ def config_from_args(parser: EnvDefaultsParser, args: Any, argv: Sequence[str]) 
             or not 0 <= config.vary < 1 or config.compute_ms < 0 or config.tau < 0 or config.poll_s <= 0
             or min(config.fixed_mbit, config.step_from_mbit, config.step_to_mbit, config.high_mbit) <= 0
             or config.delay_ms < 0 or config.step_at_s <= 0 or config.after_step_s <= 0
-            or config.fixed_duration_s < config.check_at_s or config.queue_ms < 0):
-        parser.error("sizes, counts, rates and durations must be positive, --vary in [0, 1), "
-                     "--fixed-duration-s >= --check-at-s")
+            or config.fixed_duration_s < config.check_at_s or config.queue_ms < 0
+            or min(config.deco_from_mbit, config.deco_to_mbit) <= 0 or not 0 < config.deco_delta <= 1
+            or config.change_check_s <= 0 or config.change_tolerance <= 0
+            or ("deco-step" in config.conditions and config.after_step_s < config.change_check_s)):
+        parser.error("sizes, counts, rates and durations must be positive, --vary in [0, 1), --deco-delta in (0, 1], "
+                     "--fixed-duration-s >= --check-at-s, --after-step-s >= --change-check-s with deco-step")
     if round(config.push_elements * (1 + config.vary)) > config.params:
         parser.error("--push-elements * (1 + --vary) must not exceed --params")
     return config

@@ -17,23 +17,36 @@ Methods (docs/benchmarks.md says where a baseline is simplified):
 - accordion: tau 0; delta 0.1 in critical regimes (gradient norm changed >= 50% between
   intervals of 50 rounds), 0.01 otherwise.
 - deco-no-overhead (ablation): deco without the measured per-round overhead term.
+- best-static (an oracle no user has): the fastest of a grid of fixed (tau, delta) around
+  deco's own choices (3 taus x 3 deltas: tau-1..tau+1, delta/2..2 delta, the round-weighted
+  medians of what deco used in the same condition and seed, or of a short measuring run of
+  deco when deco is not in the plan), each run to the target with `static`. Its row is the
+  fastest grid point's, with the whole grid beside it.
+
+Every row carries the measured iteration time, Theorem 3's prediction (`predicted_iter_s`:
+the decisions' own, or the paper's form on the final estimates) and the parameter-server
+form (`predicted_ps_iter_s`, controller/deco.py's `predicted_for` in the ps time model for
+the (tau, delta) each round used on the estimates of that moment), and the regime it ran
+in (`ratios`: b/T_comp and S_g/(a T_comp) as the controller measured them).
 
 Writes results/bench.json (one row per condition x method x seed) and PNG plots, and prints
 a table with deco's speed-up over each baseline.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wanps.bench.report import text_table, write_json
-from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, predicted_iteration_time
+from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, predicted_for, sent_delta
 from wanps.deploy.demo import DemoConfig, default_trace, run_demo
 from wanps.rpc.config import EnvDefaultsParser
 
@@ -50,6 +63,7 @@ class Condition:
     time_limit_s: float | None = None
     lr: float | None = None
     tau_max: int | None = None
+    workers: int = 4
 
 
 def fixed(bandwidth: float, delay_ms: float, workers: int = 4) -> tuple[tuple[float, float], ...]:
@@ -71,6 +85,9 @@ CONDITIONS: dict[str, Condition] = {
                              target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4),
     "cnn-fixed-10M-50ms": Condition("cnn-fixed-10M-50ms", fixed(10, 50), "CNN, 10 Mbit/s, RTT 100 ms",
                                     task="mnist-cnn", target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4),
+    # `--smoke`: the whole pipeline (best-static's grid included) in minutes, numbers meaningless.
+    "smoke": Condition("smoke", fixed(20, 10, workers=2), "smoke: synthetic task, 2 x 20 Mbit/s, RTT 20 ms",
+                       task="synthetic", target_accuracy=0.995, time_limit_s=25, lr=0.2, tau_max=4, workers=2),
 }
 
 # method -> (policy, tau, delta, extra controller flags)
@@ -84,8 +101,13 @@ METHODS: dict[str, tuple[str, int, float, tuple[str, ...]]] = {
     "accordion": ("accordion", 0, 0.01, ("--every-rounds", "50")),
     # Ablation: deco without the measured per-round overhead term (the paper's T_comp alone).
     "deco-no-overhead": ("deco", 2, 0.01, ("--overhead-max-ratio", "0")),
+    # The oracle: a grid of `static` runs around deco's choices (run_best_static); these are unused.
+    "best-static": ("static", 2, 0.01, ()),
 }
 ADAPTIVE = {"static", "deco", "deco-hetero", "accordion", "deco-no-overhead"}
+BEST_STATIC = "best-static"
+# The measuring run of deco that centres best-static's grid when deco is not in the plan.
+MEASURE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -99,13 +121,22 @@ class BenchPlan:
     lr: float
     out_dir: str
     controller_args: tuple[str, ...] = ()  # extra `wanps controller` flags for every run
+    # Taus (and deltas) per side of best-static's grid: 3 x 3 runs.
+    grid: int = 3
+    # No run longer than this, whatever its condition says (None: the condition's limit).
+    time_limit_cap_s: float | None = None
 
 
-# Minutes: a CI smoke test. D-SGD stops at the limit (it needs far longer to reach 97%; docs/benchmarks.md).
-QUICK = BenchPlan(conditions=("varying",), methods=("dsgd", "static", "deco"), seeds=(0,), time_limit_s=150,
-                  target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
-FULL = BenchPlan(conditions=tuple(CONDITIONS), methods=tuple(METHODS), seeds=(0, 1, 2), time_limit_s=300,
-                 target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
+# Minutes: one condition in the paper's regime (the CNN on the varying trace: b/T_comp ~0.8,
+# S_g/(a T_comp) ~20), deco against static and D-SGD, every run capped at 4 minutes (D-SGD
+# stops there: it needs far longer to reach 95%; docs/benchmarks.md).
+QUICK = BenchPlan(conditions=("cnn-varying",), methods=("dsgd", "static", "deco"), seeds=(0,), time_limit_s=240,
+                  target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results", time_limit_cap_s=240)
+FULL = BenchPlan(conditions=tuple(c for c in CONDITIONS if c != "smoke"), methods=tuple(METHODS), seeds=(0, 1, 2),
+                 time_limit_s=300, target_accuracy=0.97, batch_size=64, lr=0.1, out_dir="results")
+# The pipeline end to end in minutes (a 2 x 2 grid); nothing it prints is a result.
+SMOKE = BenchPlan(conditions=("smoke",), methods=("static", "deco", BEST_STATIC), seeds=(0,), time_limit_s=25,
+                  target_accuracy=0.995, batch_size=64, lr=0.2, out_dir="results", grid=2)
 
 
 def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
@@ -122,9 +153,10 @@ def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
 def predicted_iter_s(result: dict, num_params: int) -> float | None:
     """Theorem 3's T_avg over the run, to compare with the measured seconds per round.
 
-    Adaptive decisions carry their own prediction (made on the estimates of the moment):
-    average those over the rounds each decision was in force (the middle 80% of the run, as
-    the measurement). Fixed decisions carry none: use the controller's estimates at the end.
+    Adaptive decisions carry their own prediction (made on the estimates of the moment, in
+    the controller's time model): average those over the rounds each decision was in force
+    (the middle 80% of the run, as the measurement). Fixed decisions carry none: the
+    paper's form on the controller's estimates at the end.
     """
     decisions = sorted(result.get("decisions") or [], key=lambda d: (d["from_round"], d["id"]))
     rounds = [r[0] for r in result["per_round"]]
@@ -140,60 +172,178 @@ def predicted_iter_s(result: dict, num_params: int) -> float | None:
     return predicted_from_final_estimates(result, num_params)
 
 
-def predicted_from_final_estimates(result: dict, num_params: int, serial_transfers: bool = False) -> float | None:
-    """Theorem 3 for the decision in force at the end, on the controller's final estimates.
-
-    `serial_transfers`: the parameter-server form (`predicted_ps_iter_s`). Theorem 3 counts
-    one transfer per round; in a parameter server a round's push goes up, is aggregated,
-    and its delta comes down, so its serial term holds both transfers:
-    max{(T_comp + b + tr_up + tr_down)/(tau + 1), max(tr_up, tr_down), T_comp}. With tau = 0
-    (D-SGD, sparse EF, Accordion) nothing overlaps them and the plain form counts half of
-    a dense round's traffic.
-    """
-    state = result.get("controller_state") or {}
+def deco_input_of(state: dict, num_params: int, time_model: str) -> DecoInput | None:
+    """DeCo's inputs from a GetState snapshot (as demo.json holds them): the slowest link each
+    way, the largest RTT and T_comp, and what the controller measured besides (traffic
+    factor, wire bits per element, per-round overhead)."""
     links = state.get("links") or []
+    if not links:
+        return None
+    t_comp = max(link.get("t_comp_s", 0.0) for link in links)
+    if t_comp <= 0:
+        return None
+    return DecoInput(num_params=num_params, bandwidth_bps=min(link["bandwidth_bps"] for link in links),
+                     down_bandwidth_bps=min(link.get("down_bandwidth_bps") or link["bandwidth_bps"] for link in links),
+                     latency_s=max(link.get("latency_s", 0.0) for link in links), t_comp_s=t_comp,
+                     bits_per_element=state.get("bits_per_element") or DEFAULT_BITS_PER_ELEMENT,
+                     overhead_s=state.get("overhead_s") or 0.0, download_factor=state.get("traffic_factor") or 1.0,
+                     tau_max=64, time_model=time_model)
+
+
+def predicted_from_final_estimates(result: dict, num_params: int, time_model: str = "paper") -> float | None:
+    """`predicted_for` (controller/deco.py) for the decision in force at the end, on the
+    controller's final estimates. From delta 0.5 on, workers send dense (`sent_delta`)."""
     used = [r for r in result["per_round"] if r[2] is not None]
-    if not links or not used:
+    x = deco_input_of(result.get("controller_state") or {}, num_params, time_model)
+    if x is None or not used:
         return None
     tau, delta = used[-1][2], used[-1][3]
-    bandwidth = min(link["bandwidth_bps"] for link in links)
-    latency = max(link["latency_s"] for link in links)
-    t_comp = max(link.get("t_comp_s", 0.0) for link in links)
-    traffic = state.get("traffic_factor") or 1.0
-    bits = state.get("bits_per_element") or DEFAULT_BITS_PER_ELEMENT  # what the controller measured
-    # From delta 0.5 on, workers send dense: 32 bits per element, every element.
-    sent_bits = num_params * 32 if 2 * delta >= 1 else delta * num_params * bits
-    transfer = sent_bits * traffic / bandwidth
-    if serial_transfers:
-        upload = sent_bits / bandwidth  # `transfer` is the larger direction: the download
-        serial = (t_comp + latency + upload + transfer) / (tau + 1)
-        return round(max(serial, transfer, t_comp), 5)
-    return round(predicted_iteration_time(t_comp, latency, transfer, tau), 5)
+    return round(predicted_for(x, tau, sent_delta(delta, x.bits_per_element)), 5)
 
 
 def predicted_ps_iter_s(result: dict, num_params: int) -> float | None:
-    """The parameter-server form of Theorem 3 (predicted_from_final_estimates), for runs whose
-    prediction comes from the final estimates: the methods whose decisions carry none."""
-    decisions = result.get("decisions") or []
-    if any(d.get("predicted_iter_s", 0) > 0 for d in decisions):
+    """The parameter-server form of Theorem 3 over the run, for every method: the mean over the
+    middle 80% of rounds of `predicted_for` in the ps time model, for the (tau, delta) each
+    round used, on the controller's estimates at that round's time (the newest link-track
+    snapshot by then; the final state for a run without a track). The same function the
+    controller decides with, so deco's rows check its own model."""
+    used = [r for r in result["per_round"] if r[2] is not None]
+    if not used:
         return None
-    return predicted_from_final_estimates(result, num_params, serial_transfers=True)
+    track = [t for t in result.get("link_track") or [] if t.get("links")]
+    if not track:
+        return predicted_from_final_estimates(result, num_params, time_model="ps")
+    times = [t["time_s"] for t in track]
+    inputs = [deco_input_of(t, num_params, "ps") for t in track]
+    middle = used[len(used) // 10 : (len(used) * 9) // 10 + 1] if len(used) >= 10 else used
+    predictions = []
+    for _, time_s, tau, delta, _ in middle:
+        x = inputs[max(0, bisect.bisect_right(times, time_s) - 1)]
+        if x is not None:
+            predictions.append(predicted_for(x, tau, sent_delta(delta, x.bits_per_element)))
+    return round(sum(predictions) / len(predictions), 5) if predictions else None
 
 
 def run_one(plan: BenchPlan, condition: Condition, method: str, seed: int, traces_dir: Path) -> dict:
     policy, tau, delta, controller_args = METHODS[method]
     out = Path(plan.out_dir) / "bench" / f"{condition.name}-{method}-{seed}"
-    config = DemoConfig(workers=4, task=condition.task, policy=policy, tau=tau, delta=delta,
+    result = run_demo_at(plan, condition, seed, traces_dir, out, policy, tau, delta, controller_args)
+    return row_from_result(condition.name, method, seed, result, extra_of(out))
+
+
+def run_demo_at(plan: BenchPlan, condition: Condition, seed: int, traces_dir: Path, out: Path, policy: str, tau: int,
+                delta: float, controller_args: tuple[str, ...] = (), time_limit_s: float | None = None) -> dict:
+    """One cluster run of `policy` in `condition` (its demo.json and bench-extra.json under `out`)."""
+    config = DemoConfig(workers=condition.workers, task=condition.task, policy=policy, tau=tau, delta=delta,
                         lr=condition.lr if condition.lr is not None else plan.lr,
                         tau_max=condition.tau_max if condition.tau_max is not None else DemoConfig.tau_max,
                         batch_size=plan.batch_size, target_accuracy=target_of(plan, condition),
-                        time_limit_s=limit_of(plan, condition), worker_traces=write_traces(condition, traces_dir),
+                        time_limit_s=time_limit_s or limit_of(plan, condition),
+                        worker_traces=write_traces(condition, traces_dir),
                         controller_args=(*controller_args, *plan.controller_args), out_dir=str(out),
                         progress=False, seed=seed, track_links=True)
     load = os.getloadavg()[0]  # other jobs on the machine slow every method; the rows say how busy it was
     result = run_demo(config)
     write_json(out / EXTRA_FILE, {"load_1min_at_start": round(load, 2)}, announce=False)
-    return row_from_result(condition.name, method, seed, result, extra_of(out))
+    return result
+
+
+# ------------------------------------------------------------------ best-static: the oracle
+
+
+GRID_FILE = "grid.json"
+
+
+def used_center(per_round: list[list]) -> tuple[int, float] | None:
+    """The round-weighted medians of the tau and the delta a run used (its per_round)."""
+    used = [(r[2], r[3]) for r in per_round if r[2] is not None]
+    if not used:
+        return None
+    taus = sorted(t for t, _ in used)
+    deltas = sorted(d for _, d in used)
+    return taus[len(taus) // 2], deltas[len(deltas) // 2]
+
+
+def grid_around(tau: int, delta: float, size: int, tau_max: int, num_params: int) -> list[tuple[int, float]]:
+    """`size` taus (consecutive, tau in the middle, within [0, tau_max]) x `size` deltas
+    (delta times powers of 2, delta in the middle, within [one element, 1])."""
+    first = min(max(0, tau - size // 2), max(0, tau_max - size + 1))
+    taus = [t for t in range(first, first + size) if t <= tau_max]
+    floor = 1.0 / num_params
+    deltas = sorted({min(1.0, max(floor, delta * 2.0 ** k)) for k in range(-(size // 2), size - size // 2)})
+    return [(t, d) for t in taus for d in deltas]
+
+
+def point_dir(run_dir: Path, tau: int, delta: float) -> Path:
+    return run_dir / f"tau{tau}-delta{delta:.6g}"
+
+
+def run_best_static(plan: BenchPlan, condition: Condition, seed: int, traces_dir: Path, center: tuple[int, float],
+                    centered_on: str, run_point: Callable[[Path, int, float], dict] | None = None) -> dict:
+    """Every grid point run to the target with `static`; the row of the fastest, labelled an oracle.
+
+    `run_point(out, tau, delta)` runs one point and returns its demo.json (the default runs a
+    cluster); the grid is written to `<run dir>/grid.json` so `--summarize` can rebuild the row.
+    """
+    run_dir = Path(plan.out_dir) / "bench" / f"{condition.name}-{BEST_STATIC}-{seed}"
+    if run_point is None:
+        def run_point(out: Path, tau: int, delta: float) -> dict:
+            return run_demo_at(plan, condition, seed, traces_dir, out, "static", tau, delta)
+    num_params = num_params_of(condition.task)
+    tau_max = condition.tau_max if condition.tau_max is not None else DemoConfig.tau_max
+    points = grid_around(center[0], center[1], plan.grid, tau_max, num_params)
+    for tau, delta in points:
+        print(f"[bench]   best-static grid: tau {tau}, delta {delta:.4g}", flush=True)
+        run_point(point_dir(run_dir, tau, delta), tau, delta)
+    grid = {"center": {"tau": center[0], "delta": center[1], "from": centered_on},
+            "points": [{"tau": t, "delta": d, "dir": point_dir(run_dir, t, d).name} for t, d in points]}
+    write_json(run_dir / GRID_FILE, grid, announce=False)
+    return best_static_row(condition.name, seed, run_dir)
+
+
+def best_static_row(condition: str, seed: int, run_dir: Path) -> dict:
+    """best-static's row from a grid's runs: the fastest to the target (the most accurate if
+    none reached it), with every point's outcome beside it."""
+    grid = json.loads((run_dir / GRID_FILE).read_text())
+    points = []
+    for point in grid["points"]:
+        demo = run_dir / point["dir"] / "demo.json"
+        if not demo.exists():
+            continue
+        row = row_from_result(condition, "static", seed, json.loads(demo.read_text()), extra_of(demo.parent))
+        points.append((point, row))
+    if not points:
+        raise RuntimeError(f"best-static: no grid run under {run_dir}")
+
+    def rank(entry: tuple[dict, dict]) -> tuple:
+        row = entry[1]
+        return (0, row["time_to_target_s"]) if row["reached_target"] else (1, -row["final_accuracy"])
+
+    best_point, best = min(points, key=rank)
+    return {**best, "method": BEST_STATIC, "oracle": True,
+            "best": {"tau": best_point["tau"], "delta": best_point["delta"]}, "grid_center": grid["center"],
+            "grid": [{"tau": p["tau"], "delta": p["delta"], "reached_target": r["reached_target"],
+                      "time_to_target_s": r["time_to_target_s"], "final_accuracy": r["final_accuracy"],
+                      "measured_iter_s": r["measured_iter_s"], "predicted_ps_iter_s": r["predicted_ps_iter_s"]}
+                     for p, r in points]}
+
+
+def grid_center_for(plan: BenchPlan, condition: Condition, seed: int, traces_dir: Path,
+                    rows: list[dict]) -> tuple[tuple[int, float], str]:
+    """Where best-static's grid is centred: what deco used in this condition and seed, or a
+    short measuring run of deco when the plan has none."""
+    deco_dir = Path(plan.out_dir) / "bench" / f"{condition.name}-deco-{seed}" / "demo.json"
+    if any(r["condition"] == condition.name and r["method"] == "deco" and r["seed"] == seed for r in rows) \
+            and deco_dir.exists():
+        center = used_center(json.loads(deco_dir.read_text())["per_round"])
+        if center is not None:
+            return center, "deco's run"
+    out = Path(plan.out_dir) / "bench" / f"{condition.name}-{BEST_STATIC}-{seed}" / "measure"
+    policy, tau, delta, controller_args = METHODS["deco"]
+    print(f"[bench]   best-static: a {MEASURE_S:g} s measuring run of deco centres the grid", flush=True)
+    result = run_demo_at(plan, condition, seed, traces_dir, out, policy, tau, delta, controller_args,
+                         time_limit_s=min(MEASURE_S, limit_of(plan, condition)))
+    return used_center(result["per_round"]) or (tau, delta), "a measuring run of deco"
 
 
 EXTRA_FILE = "bench-extra.json"  # what a run's demo.json does not hold (the load at its start)
@@ -209,7 +359,8 @@ def target_of(plan: BenchPlan, condition: Condition) -> float:
 
 
 def limit_of(plan: BenchPlan, condition: Condition) -> float:
-    return condition.time_limit_s if condition.time_limit_s is not None else plan.time_limit_s
+    limit = condition.time_limit_s if condition.time_limit_s is not None else plan.time_limit_s
+    return min(limit, plan.time_limit_cap_s) if plan.time_limit_cap_s is not None else limit
 
 
 def num_params_of(task: str) -> int:
@@ -270,6 +421,7 @@ def row_from_result(condition: str, method: str, seed: int, result: dict, extra:
     if method in ADAPTIVE:
         row["decision_trace"] = result["decisions"]
     row["link_track"] = result.get("link_track") or []
+    row["trace_offset_s"] = result.get("trace_offset_s", 0.0)
     row.update(extra or {})
     return row
 
@@ -277,14 +429,19 @@ def row_from_result(condition: str, method: str, seed: int, result: dict, extra:
 def rows_from_runs(out_dir: Path) -> tuple[list[dict], BenchPlan]:
     """Rebuild rows (with the current predictions) from the runs' demo.json files under out_dir/bench."""
     rows = []
-    for demo in sorted((out_dir / "bench").glob("*/demo.json")):
-        name = demo.parent.name  # "{condition}-{method}-{seed}"
+    for run_dir in sorted(p for p in (out_dir / "bench").glob("*") if p.is_dir()):
+        name = run_dir.name  # "{condition}-{method}-{seed}"
         condition = max((c for c in CONDITIONS if name.startswith(c + "-")), key=len, default=None)
         rest = name[len(condition) + 1 :] if condition else ""
         method, _, seed = rest.rpartition("-")
         if condition is None or method not in METHODS or not seed.isdigit():
             continue
-        rows.append(row_from_result(condition, method, int(seed), json.loads(demo.read_text()), extra_of(demo.parent)))
+        if method == BEST_STATIC:
+            if (run_dir / GRID_FILE).exists():
+                rows.append(best_static_row(condition, int(seed), run_dir))
+        elif (run_dir / "demo.json").exists():
+            rows.append(row_from_result(condition, method, int(seed), json.loads((run_dir / "demo.json").read_text()),
+                                        extra_of(run_dir)))
     limits = [json.loads(d.read_text())["config"]["time_limit_s"] for d in (out_dir / "bench").glob("*/demo.json")]
     plan = replace(FULL, conditions=tuple(dict.fromkeys(r["condition"] for r in rows)),
                    methods=tuple(dict.fromkeys(r["method"] for r in rows)),
@@ -351,6 +508,11 @@ def _median(values: list) -> float | None:
     return round(statistics.median(present), 4) if present else None
 
 
+def method_label(method: str) -> str:
+    """best-static is an oracle (it ran a grid no user could): every table and plot says so."""
+    return f"{method} (oracle)" if method == BEST_STATIC else method
+
+
 def print_table(table: list[dict]) -> None:
     header = ("condition", "method", "reached", "time to target (s)", "deco speed-up", "final acc", "rounds",
               "iter s measured", "iter s Thm 3", "Thm 3 err", "PS err", "MiB up", "b/Tc", "Sg/(a Tc)")
@@ -360,7 +522,7 @@ def print_table(table: list[dict]) -> None:
         error = f"{predicted / measured - 1:+.0%}" if measured and predicted else "-"
         ps = t.get("predicted_ps_iter_s")
         ps_error = f"{ps / measured - 1:+.0%}" if measured and ps else "-"
-        rows.append((t["condition"], t["method"], t.get("reached", "-"),
+        rows.append((t["condition"], method_label(t["method"]), t.get("reached", "-"),
                      "-" if t["median_time_to_target_s"] is None else f"{t['median_time_to_target_s']:.1f}",
                      t["deco_speedup_over_method"], f"{t['final_accuracy']:.4f}", f"{t['rounds']:.0f}",
                      str(measured), str(predicted), error, ps_error, f"{t['mib_up']}",
@@ -382,7 +544,8 @@ def plot(rows: list[dict], plan: BenchPlan, out_dir: Path) -> list[Path]:
             for k, run in enumerate(runs):  # every seed, one colour per method
                 times, accuracies = zip(*run["curve"])
                 ax.plot(times, accuracies, color=f"C{n}", alpha=1.0 if k == 0 else 0.5,
-                        label=f"{method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if k == 0 else None)
+                        label=f"{method_label(method)} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+                        if k == 0 else None)
         ax.axhline(target_of(plan, CONDITIONS[condition]), color="grey", linestyle="--")
         ax.set(xlabel="wall time (s)", ylabel="test accuracy", title=f"{condition}: {CONDITIONS[condition].description}",
                ylim=(0.8 if CONDITIONS[condition].task == "mnist" else 0.5, 1.0))
@@ -400,37 +563,28 @@ def plot(rows: list[dict], plan: BenchPlan, out_dir: Path) -> list[Path]:
 
 
 def plot_decisions(row: dict, condition: str, out_dir: Path) -> Path:
-    """Like the paper's Fig. 6: set vs estimated bandwidth, and delta (tau) over time."""
+    """Like the paper's Fig. 6: set vs estimated bandwidth, with tau and delta over time."""
     import matplotlib.pyplot as plt
 
+    from wanps.deploy.demo import draw_link_panel, link_series
     from wanps.linkem.trace import LinkTrace
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    track = row["link_track"]
-    times = [t["time_s"] for t in track]
-    estimated = [min((link["bandwidth_bps"] for link in t["links"]), default=float("nan")) / 1e6 for t in track]
-    top.plot(times, estimated, ".", label="estimated (slowest link)")
-    if CONDITIONS[condition].links is None:
+    links = CONDITIONS[condition].links
+    if links is None:
         trace = LinkTrace.from_csv(default_trace())
-        # The emulator's clock starts before training; the offset is a few seconds at most.
-        top.step(times, [trace.at(t).bandwidth_mbit for t in times], where="post", label="set (trace)")
+        set_at = lambda t: trace.at(t).bandwidth_mbit  # noqa: E731
     else:
-        top.axhline(min(b for b, _ in CONDITIONS[condition].links), color="C1", label="set (slowest)")
-    top.set(ylabel="bandwidth (Mbit/s)")
-    top.legend(loc="upper right")
-    rounds_at = [t["round"] for t in track]
-    deltas, taus = [], []
-    decisions = sorted(row.get("decision_trace", []), key=lambda d: d["from_round"])
-    for round_ in rounds_at:
-        current = [d for d in decisions if d["from_round"] <= round_]
-        deltas.append(current[-1]["delta"] if current else float("nan"))
-        taus.append(current[-1]["tau"] if current else float("nan"))
-    bottom.step(times, deltas, where="post", label="delta")
-    bottom.set(ylabel="delta", xlabel="wall time (s)", yscale="log")
-    twin = bottom.twinx()
-    twin.step(times, taus, where="post", color="C3", label="tau")
-    twin.set(ylabel="tau")
-    fig.suptitle(f"deco on {condition}")
+        slowest = min(b for b, _ in links)
+        set_at = lambda t: slowest  # noqa: E731
+    decisions = sorted(row.get("decision_trace", []), key=lambda d: (d["from_round"], d["id"]))
+
+    def used_at(round_: int) -> tuple[int, float] | None:
+        in_force = [d for d in decisions if d["from_round"] <= round_]
+        return (in_force[-1]["tau"], in_force[-1]["delta"]) if in_force else None
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    draw_link_panel(ax, link_series(row["link_track"], used_at, set_at, row.get("trace_offset_s", 0.0)))
+    ax.set_title(f"deco on {condition}")
     fig.tight_layout()
     path = out_dir / f"bench-{condition}-deco-decisions.png"
     fig.savefig(path, dpi=100)
@@ -446,12 +600,19 @@ def run_bench(plan: BenchPlan) -> dict:
         for condition_name in plan.conditions:
             condition = CONDITIONS[condition_name]
             for seed in plan.seeds:
-                for method in plan.methods:
+                # best-static is centred on what deco did in the same condition and seed: last.
+                for method in sorted(plan.methods, key=lambda m: m == BEST_STATIC):
                     print(f"[bench] {condition_name} / {method} / seed {seed} ...", flush=True)
-                    row = run_one(plan, condition, method, seed, Path(traces))
+                    if method == BEST_STATIC:
+                        center, centered_on = grid_center_for(plan, condition, seed, Path(traces), rows)
+                        row = run_best_static(plan, condition, seed, Path(traces), center, centered_on)
+                    else:
+                        row = run_one(plan, condition, method, seed, Path(traces))
                     print(f"[bench]   reached {row['reached_target']} in {row['time_to_target_s']} s, "
                           f"{row['rounds']} rounds, iter {row['measured_iter_s']} s "
-                          f"(Thm 3: {row['predicted_iter_s']})", flush=True)
+                          f"(Thm 3: {row['predicted_iter_s']}, PS form: {row['predicted_ps_iter_s']})"
+                          + (f", best of the grid: tau {row['best']['tau']}, delta {row['best']['delta']:.4g}"
+                             if method == BEST_STATIC else ""), flush=True)
                     rows.append(row)
                     write_json(out_dir / "bench.json", rows, announce=False)  # progress survives a stop
     return write_results(rows, plan, out_dir)
@@ -467,7 +628,14 @@ def write_results(rows: list[dict], plan: BenchPlan, out_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = EnvDefaultsParser(prog="wanps bench train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="The reduced run: varying trace, dsgd/static/deco, 1 seed.")
+    parser.add_argument("--quick", action="store_true",
+                        help="The reduced run (minutes): the CNN on the varying trace (the paper's regime), "
+                             "dsgd/static/deco, 1 seed, each run at most 4 minutes.")
+    parser.add_argument("--smoke", action="store_true",
+                        help="The pipeline end to end at a tiny size (synthetic task, 2 workers, static/deco/"
+                             "best-static on a 2 x 2 grid): checks the machinery, measures nothing.")
+    parser.add_argument("--grid", type=int, default=0,
+                        help="Taus and deltas per side of best-static's grid (default 3: 3 x 3 runs).")
     parser.add_argument("--conditions", default="", help=f"Comma-separated subset of {', '.join(CONDITIONS)}.")
     parser.add_argument("--methods", default="", help=f"Comma-separated subset of {', '.join(METHODS)}.")
     parser.add_argument("--seeds", type=int, default=0, help="Number of seeds (default: 1 quick, 3 full).")
@@ -490,7 +658,13 @@ def main(argv: list[str] | None = None) -> int:
         written = write_results(rows, plan, Path(args.summarize))
         print_table(written["table"])
         return 0
-    plan = QUICK if args.quick else FULL
+    if args.quick and args.smoke:
+        parser.error("--quick and --smoke are two different plans: pick one")
+    plan = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.grid:
+        if not 1 <= args.grid <= 5:
+            parser.error(f"--grid takes 1 to 5 (taus and deltas per side); got {args.grid}")
+        plan = replace(plan, grid=args.grid)
     if args.conditions:
         plan = replace(plan, conditions=tuple(args.conditions.split(",")))
     if args.methods:

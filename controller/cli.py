@@ -1,7 +1,7 @@
 """`wanps controller`: run the controller, plan with DeCo, or steer a running controller.
 
     wanps controller [--policy deco ...]          run the service
-    wanps controller decide --params D ...        print DeCo's (tau, delta) as JSON
+    wanps controller decide --params D ...        print DeCo's (tau, delta) in both time models as JSON
     wanps controller set-policy --controller ADDR --policy P [--tau T --delta D]
     wanps controller status --controller ADDR     print policy, decisions, link estimates as JSON
 """
@@ -12,7 +12,7 @@ import sys
 
 import grpc
 
-from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, deco
+from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DEFAULT_TIME_MODEL, TIME_MODELS, DecoInput, deco
 from wanps.controller.estimator import EstimatorConfig
 from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
@@ -56,13 +56,19 @@ def parse_config(argv: list[str] | None) -> ControllerConfig:
     parser.add_argument("--overhead-max-ratio", env="WANPS_OVERHEAD_MAX_RATIO", type=float,
                         default=policy.overhead_max_ratio,
                         help="Cap of the measured per-round overhead DeCo adds to T_comp, in T_comps "
-                             "(0: no overhead term, the paper's model).")
+                             "(0: no overhead term, the paper's model). Default: none in the ps time model "
+                             "(the overhead as measured), 1 in the paper's.")
+    parser.add_argument("--time-model", env="WANPS_TIME_MODEL", choices=TIME_MODELS, default=policy.time_model,
+                        help="DeCo's round time: ps = the parameter server's (upload and download of a round in "
+                             "series, each direction estimated apart); paper = Theorem 3 as published (one "
+                             "transfer per round).")
     args = parser.parse_args(argv)
     serve = serve_settings_from_args(parser, args)
     try:
         policy = PolicyConfig(name=args.policy, tau=args.tau, delta=args.delta, tau_max=args.tau_max,
                               bits_per_element=args.bits_per_element, every_rounds=args.every_rounds,
-                              change_threshold=args.change_threshold, overhead_max_ratio=args.overhead_max_ratio)
+                              change_threshold=args.change_threshold, overhead_max_ratio=args.overhead_max_ratio,
+                              time_model=args.time_model)
         estimator = EstimatorConfig(window_s=args.window_s)
     except ValueError as exc:
         parser.error(str(exc))
@@ -72,9 +78,15 @@ def parse_config(argv: list[str] | None) -> ControllerConfig:
 
 def decide_main(argv: list[str]) -> int:
     parser = EnvDefaultsParser(prog="wanps controller decide",
-                               description="DeCo's (tau, delta) for a link, as JSON (Algorithm 1, Theorem 3).")
+                               description="DeCo's (tau, delta) for a link, as JSON (Algorithm 1, Theorem 3), in the "
+                                           "parameter-server and the paper's time model.")
     parser.add_argument("--params", type=int, required=True, help="Model parameters d.")
-    parser.add_argument("--bandwidth-mbit", type=float, required=True, help="Bandwidth a, Mbit/s.")
+    parser.add_argument("--bandwidth-mbit", type=float, required=True, help="Bandwidth a (the uplink), Mbit/s.")
+    parser.add_argument("--down-bandwidth-mbit", type=float, default=None,
+                        help="Downlink bandwidth, Mbit/s (default: --bandwidth-mbit, a symmetric link).")
+    parser.add_argument("--download-factor", type=float, default=1.0,
+                        help="Bytes a worker downloads per byte it pushes: the round's union (about the number of "
+                             "workers at small delta; the controller measures it). Default 1.")
     parser.add_argument("--latency-ms", type=float, required=True, help="End-to-end latency b, ms.")
     parser.add_argument("--t-comp-ms", type=float, required=True, help="Compute time per step, ms.")
     parser.add_argument("--bits-per-element", type=float, default=DEFAULT_BITS_PER_ELEMENT,
@@ -82,15 +94,19 @@ def decide_main(argv: list[str]) -> int:
     parser.add_argument("--tau-max", type=int, default=PolicyConfig().tau_max, help="Largest tau considered.")
     parser.add_argument("--overhead-ms", type=float, default=0.0,
                         help="Fixed cost per round beyond T_comp, ms (the controller measures it; 0: the paper).")
+    parser.add_argument("--time-model", choices=TIME_MODELS, default=DEFAULT_TIME_MODEL,
+                        help="The form whose decision is printed at the top level (both are printed under 'forms').")
     args = parser.parse_args(argv)
     try:
-        decision = deco(DecoInput(num_params=args.params, bandwidth_bps=args.bandwidth_mbit * 1e6,
-                                  latency_s=args.latency_ms / 1e3, t_comp_s=args.t_comp_ms / 1e3,
-                                  bits_per_element=args.bits_per_element, tau_max=args.tau_max,
-                                  overhead_s=args.overhead_ms / 1e3))
+        forms = {model: deco(DecoInput(
+            num_params=args.params, bandwidth_bps=args.bandwidth_mbit * 1e6, latency_s=args.latency_ms / 1e3,
+            t_comp_s=args.t_comp_ms / 1e3, bits_per_element=args.bits_per_element, tau_max=args.tau_max,
+            overhead_s=args.overhead_ms / 1e3,
+            down_bandwidth_bps=None if args.down_bandwidth_mbit is None else args.down_bandwidth_mbit * 1e6,
+            download_factor=args.download_factor, time_model=model)).as_dict() for model in TIME_MODELS}
     except ValueError as exc:
         parser.error(str(exc))
-    print(json.dumps(decision.as_dict(), indent=2))
+    print(json.dumps({**forms[args.time_model], "forms": forms}, indent=2))
     return 0
 
 
@@ -133,11 +149,15 @@ def status_main(argv: list[str]) -> int:
         "reported_round": state.reported_round,
         "traffic_factor": state.traffic_factor,
         "bits_per_element": state.bits_per_element,
+        "time_model": state.time_model,
+        "overhead_ms": state.overhead_s * 1e3,
         "decisions": [{"id": d.decision_id, "from_round": d.from_round, "tau": d.tau, "delta": d.delta,
                        "reason": d.reason, "worker_delta": dict(d.worker_delta)} for d in state.decisions],
-        "links": [{"worker": w.worker_id, "bandwidth_mbit": w.bandwidth_bps / 1e6, "latency_ms": w.latency_s * 1e3,
-                   "t_comp_ms": w.t_comp_s * 1e3, "pushes": w.push_samples, "pings": w.ping_samples,
-                   "method": w.method} for w in state.links],
+        "links": [{"worker": w.worker_id, "bandwidth_mbit": w.bandwidth_bps / 1e6,
+                   "down_bandwidth_mbit": w.down_bandwidth_bps / 1e6 if w.down_bandwidth_bps else None,
+                   "latency_ms": w.latency_s * 1e3, "t_comp_ms": w.t_comp_s * 1e3, "pushes": w.push_samples,
+                   "pings": w.ping_samples, "method": w.method, "down_samples": w.down_samples,
+                   "down_method": w.down_method or None} for w in state.links],
     }, indent=2))
     return 0
 

@@ -1,14 +1,33 @@
-"""DeCo (Algorithm 1 of the DeCo-SGD paper) and Theorem 3's iteration time. Pure functions.
+"""DeCo (Algorithm 1 of the DeCo-SGD paper) and Theorem 3's iteration time, in two time models. Pure functions.
 
 Notation (the paper's): a = bandwidth (bit/s), b = end-to-end latency (s), S_g = gradient
 size (bit), T_comp = compute time per step (s), tau = staleness, delta = compression ratio.
 
-    T_avg(tau, delta) ~= max{ (T_comp + b + delta*S_g/a) / (tau + 1), delta*S_g/a, T_comp }   (Theorem 3)
-    (wanps: T_step = T_comp + o in place of T_comp everywhere, o the measured per-round overhead)
+The paper's form (`time_model="paper"`), one transfer tr = delta*S_g/a per round:
+
+    T_avg(tau, delta) ~= max{ (T_comp + b + tr) / (tau + 1), tr, T_comp }                     (Theorem 3)
     delta*(tau)        = min{ (tau*T_comp - b) * a/S_g, T_comp * a/S_g, 1 }                   (Remark 4)
     phi(tau, delta)    = (1 - delta) / (delta * (1 - delta/2)**tau)
     DeCo: over tau in [ceil(b/T_comp), ceil((b + S_g/a)/T_comp)], minimise phi(tau, delta*(tau)),
           smallest tau on ties.
+
+The parameter-server form (`time_model="ps"`, the default): a round's push goes up
+(up = delta*S_g/a_up), the server aggregates, and the round's delta, the union of the
+workers' selections (f times a push, f the measured download factor), comes down
+(down = f*delta*S_g/a_down). Within a round the two are in series; across rounds they
+overlap (the links are full duplex: round r's download shares nothing with round r+1's
+upload), so each direction only has to carry its own share every step:
+
+    T_avg(tau, delta) ~= max{ (T_step + b + up + down) / (tau + 1), max(up, down), T_step }
+    delta*(tau)        = min{ (tau*T_step - b) / (c_up + c_down), T_step / max(c_up, c_down), 1 }
+    tau in [ceil(b/T_step), ceil((b + c_up + c_down)/T_step)]
+
+with c_up = S_g/a_up and c_down = f*S_g/a_down (seconds per unit of delta). Both forms
+are one computation over (serial cost, throughput cost) per unit of delta: the paper's
+has c for both (c = the larger direction's, which with f = 1 and a symmetric link is
+S_g/a exactly), the PS form c_up + c_down and max(c_up, c_down). `predicted_for` is the
+one prediction: the controller's decisions and `wanps bench train`'s `predicted_ps_iter_s`
+both call it.
 
 Where wanps departs from the paper (docs/controller.md says why):
 - A measured per-round overhead o (applying deltas, encoding and sending the push, the
@@ -33,23 +52,33 @@ DEFAULT_BITS_PER_ELEMENT = 64  # uint32 index + float32 value, as sent on the wi
 # From this delta on, workers send every value and no index: 32 bits per element.
 DENSE_FROM_DELTA = 0.5
 DENSE_BITS_PER_ELEMENT = 32
+# "ps": upload and download of a round in series (the parameter server's round); "paper":
+# Theorem 3 as published, one transfer per round (reproduces the paper's Table 3).
+TIME_MODELS = ("ps", "paper")
+DEFAULT_TIME_MODEL = "ps"
 
 
 @dataclass(frozen=True)
 class DecoInput:
     num_params: int  # d
-    bandwidth_bps: float  # a, bit/s
+    bandwidth_bps: float  # a (the uplink: what a worker's push crosses), bit/s
     latency_s: float  # b, s
     t_comp_s: float  # T_comp, s
     bits_per_element: float = DEFAULT_BITS_PER_ELEMENT
     tau_max: int = 16
     overhead_s: float = 0.0  # o: measured fixed cost per round beyond T_comp, s
+    down_bandwidth_bps: float | None = None  # a_down, bit/s; None: the same as the uplink
+    download_factor: float = 1.0  # f: bytes a worker downloads per byte it pushes (the round's union)
+    time_model: str = DEFAULT_TIME_MODEL
 
     def __post_init__(self) -> None:
         if self.num_params < 1:
             raise ValueError(f"num_params must be >= 1, got {self.num_params}")
         if not self.bandwidth_bps > 0 or not math.isfinite(self.bandwidth_bps):
             raise ValueError(f"bandwidth must be a positive finite number of bit/s, got {self.bandwidth_bps}")
+        if self.down_bandwidth_bps is not None and (not self.down_bandwidth_bps > 0
+                                                    or not math.isfinite(self.down_bandwidth_bps)):
+            raise ValueError(f"down bandwidth must be a positive finite number of bit/s, got {self.down_bandwidth_bps}")
         if not self.latency_s >= 0 or not math.isfinite(self.latency_s):
             raise ValueError(f"latency must be >= 0 s, got {self.latency_s}")
         if not self.t_comp_s > 0 or not math.isfinite(self.t_comp_s):
@@ -60,6 +89,10 @@ class DecoInput:
             raise ValueError(f"tau_max must be >= 0, got {self.tau_max}")
         if not self.overhead_s >= 0 or not math.isfinite(self.overhead_s):
             raise ValueError(f"overhead must be >= 0 s, got {self.overhead_s}")
+        if not self.download_factor > 0 or not math.isfinite(self.download_factor):
+            raise ValueError(f"download_factor must be > 0 and finite, got {self.download_factor}")
+        if self.time_model not in TIME_MODELS:
+            raise ValueError(f"time_model must be one of {', '.join(TIME_MODELS)}, got {self.time_model!r}")
 
     @property
     def step_s(self) -> float:
@@ -76,16 +109,39 @@ class DecoInput:
         """One element per round at least."""
         return min(1.0, 1.0 / self.num_params)
 
+    @property
+    def downlink_bps(self) -> float:
+        return self.bandwidth_bps if self.down_bandwidth_bps is None else self.down_bandwidth_bps
+
+    def transfer_s(self, delta: float) -> tuple[float, float]:
+        """(upload, download) seconds of a round at `delta`: the push, and the union coming back."""
+        push_bits = delta * self.gradient_bits
+        return push_bits / self.bandwidth_bps, push_bits * self.download_factor / self.downlink_bps
+
+    def costs_s(self) -> tuple[float, float]:
+        """(serial, throughput) seconds per unit of delta.
+
+        serial: what one round's transfers add to its chain of compute, latency and transfer;
+        throughput: what the busiest link carries per round. The paper counts one transfer
+        (the larger direction) in both; the PS form both directions in series, and the
+        larger one for throughput.
+        """
+        up, down = self.transfer_s(1.0)
+        if self.time_model == "paper":
+            return max(up, down), max(up, down)
+        return up + down, max(up, down)
+
 
 @dataclass(frozen=True)
 class DecoDecision:
     tau: int
     delta: float
     phi: float
-    predicted_iter_s: float  # Theorem 3's T_avg for (tau, delta)
+    predicted_iter_s: float  # T_avg for (tau, delta) in the time model the decision was made in
     tau_range: tuple[int, int]  # [ceil(b/T_comp), ceil((b + S_g/a)/T_comp)] before capping
     feasible: bool  # False: no tau <= tau_max hides the communication; the fallback was taken
     reason: str
+    time_model: str = DEFAULT_TIME_MODEL
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -103,45 +159,59 @@ def predicted_iteration_time(t_comp_s: float, latency_s: float, transfer_s: floa
     return max((t_comp_s + latency_s + transfer_s) / (tau + 1), transfer_s, t_comp_s)
 
 
+def sent_delta(delta: float, bits_per_element: float) -> float:
+    """The delta that prices what a round at `delta` really sends: from DENSE_FROM_DELTA on,
+    workers send every value and no index (DENSE_BITS_PER_ELEMENT per element)."""
+    if delta >= DENSE_FROM_DELTA:
+        return min(1.0, DENSE_BITS_PER_ELEMENT / bits_per_element)
+    return delta
+
+
 def predicted_for(x: DecoInput, tau: int, delta: float) -> float:
-    """Theorem 3 for any (tau, delta) on these inputs, with T_step = T_comp + o for T_comp.
+    """T_avg for any (tau, delta) on these inputs in x's time model, with T_step = T_comp + o.
 
     delta * S_g is what a sparse round sends; from delta 0.5 on workers send dense (fewer
-    bits), so for large deltas this is an upper bound.
+    bits): callers that know the wire cost pass `sent_delta(delta, bits)`, else this is an
+    upper bound.
     """
     if not 0.0 < delta <= 1.0 or tau < 0:
         raise ValueError(f"need tau >= 0 and delta in (0, 1]; got tau {tau}, delta {delta}")
-    transfer = delta * x.gradient_bits / x.bandwidth_bps
-    return predicted_iteration_time(x.step_s, x.latency_s, transfer, tau)
+    serial, throughput = x.costs_s()
+    return max((x.step_s + x.latency_s + delta * serial) / (tau + 1), delta * throughput, x.step_s)
 
 
 def overhead_sample(measured_s: float, x: DecoInput, tau: int, delta: float, slack: float = 0.05) -> float | None:
     """One observation of the per-round overhead o from a measured seconds-per-round m.
 
-    The overhead is CPU work in series with compute, so Theorem 3 with it is
-    m = max{T_comp + o, (T_comp + o + b + tr)/(tau + 1), tr} (tr = delta*S_g/a). Unless the
-    transfer term binds, o = min{m - T_comp, (tau + 1) m - T_comp - b - tr} inverts it
-    exactly (whichever of the first two terms is the larger gives the smaller o). When tr
-    exceeds the other terms with the overhead already known (`x.overhead_s`, plus `slack`),
-    the round waits on the link and o cannot be seen: None.
+    The overhead is CPU work in series with compute, so the time model with it is
+    m = max{T_comp + o, (T_comp + o + b + delta c_s)/(tau + 1), delta c_t} (c_s, c_t the
+    serial and throughput costs, `DecoInput.costs_s`). Unless the throughput term binds,
+    o = min{m - T_comp, (tau + 1) m - T_comp - b - delta c_s} inverts it exactly (whichever
+    of the first two terms is the larger gives the smaller o). When the throughput term
+    exceeds the others with the overhead already known (`x.overhead_s`, plus `slack`), the
+    round waits on the link and o cannot be seen: None.
     """
-    transfer = delta * x.gradient_bits / x.bandwidth_bps
-    serial = max(x.step_s, (x.step_s + x.latency_s + transfer) / (tau + 1))
-    if transfer > serial * (1.0 + slack):
+    serial_cost, throughput_cost = x.costs_s()
+    serial = max(x.step_s, (x.step_s + x.latency_s + delta * serial_cost) / (tau + 1))
+    if delta * throughput_cost > serial * (1.0 + slack):
         return None
     t_comp = x.t_comp_s
-    return max(0.0, min(measured_s - t_comp, (tau + 1) * measured_s - t_comp - x.latency_s - transfer))
+    return max(0.0, min(measured_s - t_comp, (tau + 1) * measured_s - t_comp - x.latency_s - delta * serial_cost))
 
 
 def delta_for_tau(x: DecoInput, tau: int) -> float:
-    """Remark 4's delta*(tau) with T_step for T_comp, unclamped (<= 0 when tau*T_step <= b)."""
-    scale = x.bandwidth_bps / x.gradient_bits
-    return min((tau * x.step_s - x.latency_s) * scale, x.step_s * scale, 1.0)
+    """Remark 4's delta*(tau) with T_step for T_comp, unclamped (<= 0 when tau*T_step <= b).
+
+    The largest delta whose round time is T_step: the serial chain fits in tau + 1 steps and
+    the busiest link carries a round within one step.
+    """
+    serial, throughput = x.costs_s()
+    return min((tau * x.step_s - x.latency_s) / serial, x.step_s / throughput, 1.0)
 
 
 def tau_range(x: DecoInput) -> tuple[int, int]:
     low = math.ceil(x.latency_s / x.step_s)
-    high = math.ceil((x.latency_s + x.gradient_bits / x.bandwidth_bps) / x.step_s)
+    high = math.ceil((x.latency_s + x.costs_s()[0]) / x.step_s)
     return low, max(low, high)
 
 
@@ -165,7 +235,7 @@ def deco(x: DecoInput) -> DecoDecision:
         # Nothing in range (latency beyond tau_max compute steps): take the most staleness
         # allowed and send no more than one compute step can carry.
         tau = min(low, x.tau_max)
-        delta = max(x.min_delta, min(1.0, x.step_s * x.bandwidth_bps / x.gradient_bits))
+        delta = max(x.min_delta, min(1.0, x.step_s / x.costs_s()[1]))
         value = phi(tau, delta)
         feasible = False
         reason = f"DeCo fallback: latency needs tau >= {low} > tau_max {x.tau_max}"
@@ -177,4 +247,5 @@ def deco(x: DecoInput) -> DecoDecision:
         tau_range=(low, high),
         feasible=feasible,
         reason=reason,
+        time_model=x.time_model,
     )

@@ -19,7 +19,7 @@ from wanps.proto.decisions import Decision, decision_for_round
 from wanps.controller.decisions import DecisionBook
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
 from wanps.controller.policy import (ClusterView, PolicyConfig, Proposal, deco_input, differs_enough, estimates_moved,
-                                     propose, slowest_link)
+                                     propose, slowest_down, slowest_link)
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class ControllerCore:
         view = ClusterView(round=self.reported_round, num_params=self.num_params, estimates=self.estimates,
                            traffic_factor=self.traffic_factor(), overhead_s=self.overhead_s(),
                            bits_per_element=self.bits_per_element())
-        x = deco_input(view, bandwidth, latency, t_comp, self.policy)
+        x = deco_input(view, bandwidth, latency, t_comp, self.policy, slowest_down(self.estimates))
         measured = (t1 - t0) / (r1 - r0)
         total, weights = 0.0, 0.0
         for decision, rounds in self._decisions_over(r0, r1):
@@ -187,17 +187,18 @@ class ControllerCore:
         """The per-round overhead o DeCo adds to T_comp: a quantile of the observations.
 
         An overestimated bandwidth only ever adds to an observation, so a low-to-middle
-        quantile (default the median) is taken, and the cap (a multiple of the slowest
-        T_comp) bounds what a bad estimate can feed back into the decision.
+        quantile (default the median) is taken; in the paper's form a cap (a multiple of the
+        slowest T_comp, `PolicyConfig.overhead_cap`) bounds what its missing download term
+        can feed back into the decision.
         """
-        if (len(self._overhead_samples) < max(1, self.policy.overhead_min_samples) or self.policy.overhead_max_ratio <= 0
+        if (len(self._overhead_samples) < max(1, self.policy.overhead_min_samples) or self.policy.overhead_cap() <= 0
                 or not self.estimates):
             return 0.0
         _, _, t_comp = slowest_link(self.estimates)
         if t_comp is None:
             return 0.0
         value = float(np.quantile(np.fromiter(self._overhead_samples, dtype=np.float64), self.policy.overhead_quantile))
-        return min(value, self.policy.overhead_max_ratio * t_comp)
+        return min(value, self.policy.overhead_cap() * t_comp)
 
     def grad_norm_change(self) -> float | None:
         """|mean norm of the last complete interval / the one before - 1| (None until two exist)."""

@@ -1,17 +1,26 @@
 """Link and compute estimation from the samples workers send. Pure: no network, no clock.
 
-Per worker, over a sliding window of the newest samples (`window_s` seconds):
+Per worker and per direction, over a sliding window of the newest samples (`window_s` seconds):
 
 - latency b: a low quantile (default the 10th percentile) of ping round-trip times. The
   low end is the path's own delay; higher RTTs carry queueing behind bulk traffic. This is
   the min-RTT idea of BBR, made robust to a single lucky sample.
-- bandwidth a: pushes, and pings padded as bandwidth probes, report (bytes, seconds from
-  send to acknowledgement). Seconds are
+- uplink bandwidth a: pushes, and pings padded as bandwidth probes, report (bytes, seconds from
+  send to acknowledgement). A push that waited behind the worker's own earlier pushes (with
+  tau pushes in flight the link is busy with them) reports that wait as `queued_s`; the
+  rest of its seconds is its transfer alone, put on the line as (bytes, seconds - queued_s
+  + b) like a download's timed part. Seconds are
   modelled as b + 8*bytes/a (+ queueing). When push sizes vary, a Theil-Sen regression of
   seconds on bytes (pings included as zero-byte points) gives 1/a as its slope, robust to
   outliers. When they do not vary (a static delta), the regression has no slope to see, and
   each push's own rate 8*bytes / (seconds - b) is used; the upper quantile (default 80th)
   of those rates is taken, because queueing only ever makes a push look slower.
+- downlink bandwidth a_down, the same fit over the downlink's points: down probes (pings
+  whose reply carries `bytes` of padding, seconds the round trip) and deltas of more than
+  one chunk (`timed_bytes`, the bytes after the first chunk, over the seconds from the first
+  chunk to the last, put on the same line as (timed_bytes, seconds + b): the first chunk's
+  arrival is where the worker starts timing, the rest comes at the link's rate). None until
+  the window holds `min_pushes` such points (the caller then takes the link as symmetric).
 - T_comp: the median of the reported compute times per step.
 
 Failure modes (documented in docs/controller.md): too few samples -> no estimate (the
@@ -34,6 +43,8 @@ KIND_PUSH = "push"
 KIND_PING = "ping"
 KIND_COMPUTE = "compute"
 KIND_DOWNLOAD = "download"
+DIRECTION_UP = "up"
+DIRECTION_DOWN = "down"
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,14 @@ class Sample:
     round: int = 0
     grad_norm: float = 0.0  # KIND_COMPUTE: ||lr * g|| of that round
     elements: int = 0  # KIND_PUSH: elements the push carried (0: a skip, or not reported)
+    # KIND_PING with bytes: which way the padding went (DIRECTION_DOWN: the server's reply
+    # carried it); "" (unset) is an uplink probe, as pushes are.
+    direction: str = ""
+    timed_bytes: int = 0  # KIND_DOWNLOAD: the bytes `seconds` times (those after the first chunk)
+    # KIND_PUSH and probes: of `seconds`, what the transfer waited for the link behind the
+    # worker's own earlier traffic (a push behind the pushes in flight before it). When > 0,
+    # the rest is the transfer alone (no round trip in it), as a download's timed part is.
+    queued_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,10 @@ class LinkEstimate:
     # The oldest sample time this estimate reads: the window's start, or the recent window's
     # when the link changed. Older samples count for no later estimate either.
     window_start_s: float
+    # The downlink, estimated apart (None: too few downlink points in the window).
+    down_bandwidth_bps: float | None = None
+    down_samples: int = 0
+    down_method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,14 @@ class EstimatorConfig:
     # followed in seconds, not after the whole window has aged out).
     change_window_s: float = 3.0
     change_ratio: float = 0.3
+
+
+def on_line(sample: Sample, latency_s: float) -> float:
+    """A push's or probe's seconds on the line b + 8 bytes/a: as measured, or, for a transfer
+    that queued behind the worker's own traffic, its own transfer time plus b."""
+    if sample.queued_s > 0:
+        return sample.seconds - sample.queued_s + latency_s
+    return sample.seconds
 
 
 def theil_sen(x: np.ndarray, y: np.ndarray, min_dx: float) -> tuple[float, float] | None:
@@ -116,8 +147,8 @@ class LinkEstimator:
         self._samples: deque[Sample] = deque(maxlen=self.config.max_samples)
 
     def add(self, sample: Sample) -> None:
-        if sample.seconds < 0 or sample.nbytes < 0:
-            raise ValueError("samples need seconds >= 0 and bytes >= 0")
+        if sample.seconds < 0 or sample.nbytes < 0 or not 0 <= sample.queued_s <= sample.seconds:
+            raise ValueError("samples need seconds >= 0, bytes >= 0 and queued_s in [0, seconds]")
         self._samples.append(sample)
 
     def _since(self, start_s: float) -> list[Sample]:
@@ -130,8 +161,10 @@ class LinkEstimator:
         full = self._estimate(self._since(now_s - c.window_s), now_s - c.window_s)
         recent = self._estimate(self._since(now_s - c.change_window_s), now_s - c.change_window_s)
         if full is not None and recent is not None:
-            ratio = recent.bandwidth_bps / full.bandwidth_bps
-            if abs(ratio - 1.0) > c.change_ratio:
+            changed = abs(recent.bandwidth_bps / full.bandwidth_bps - 1.0) > c.change_ratio
+            if full.down_bandwidth_bps is not None and recent.down_bandwidth_bps is not None:
+                changed = changed or abs(recent.down_bandwidth_bps / full.down_bandwidth_bps - 1.0) > c.change_ratio
+            if changed:
                 return recent
         return full
 
@@ -142,32 +175,48 @@ class LinkEstimator:
 
     def _estimate(self, samples: list[Sample], window_start_s: float) -> LinkEstimate | None:
         # Padded pings (bandwidth probes) are points on the same line as pushes.
-        pushes = [s for s in samples if s.nbytes > 0 and s.kind in (KIND_PUSH, KIND_PING)]
+        ups = [s for s in samples if s.nbytes > 0 and (s.kind == KIND_PUSH
+                                                      or (s.kind == KIND_PING and s.direction != DIRECTION_DOWN))]
         pings = [s for s in samples if s.kind == KIND_PING and s.nbytes == 0]
         computes = [s.seconds for s in samples if s.kind == KIND_COMPUTE]
         c = self.config
-        if len(pushes) < c.min_pushes or len(pings) < c.min_pings:
+        if len(ups) < c.min_pushes or len(pings) < c.min_pings:
             return None
-        latency = float(np.quantile([p.seconds for p in pings], c.latency_quantile))
-        sizes = np.array([p.nbytes for p in pushes], dtype=np.float64)
-        times = np.array([p.seconds for p in pushes], dtype=np.float64)
-        bandwidth = None
-        method = "per-push-rate"
+        ping_times = [p.seconds for p in pings]
+        latency = float(np.quantile(ping_times, c.latency_quantile))
+        up = self._bandwidth(np.array([s.nbytes for s in ups], dtype=np.float64),
+                             np.array([on_line(s, latency) for s in ups], dtype=np.float64), ping_times, latency)
+        if up is None:
+            return None
+        # The downlink: down probes as they are; a multi-chunk delta's timed part lands on the
+        # same line once the round trip its first chunk's arrival hides is added back.
+        downs = [(s.nbytes, on_line(s, latency)) for s in samples
+                 if s.kind == KIND_PING and s.direction == DIRECTION_DOWN and s.nbytes > 0]
+        downs += [(s.timed_bytes, s.seconds + latency) for s in samples if s.kind == KIND_DOWNLOAD and s.timed_bytes > 0]
+        down = None
+        if len(downs) >= c.min_pushes:
+            down = self._bandwidth(np.array([n for n, _ in downs], dtype=np.float64),
+                                   np.array([t for _, t in downs], dtype=np.float64), ping_times, latency)
+        t_comp = float(np.median(computes)) if computes else None
+        return LinkEstimate(bandwidth_bps=up[0], latency_s=latency, t_comp_s=t_comp,
+                            push_samples=len(ups), ping_samples=len(pings), method=up[1],
+                            window_start_s=window_start_s, down_bandwidth_bps=None if down is None else down[0],
+                            down_samples=len(downs), down_method=None if down is None else down[1])
+
+    def _bandwidth(self, sizes: np.ndarray, times: np.ndarray, ping_times: list[float],
+                   latency: float) -> tuple[float, str] | None:
+        """(bit/s, method) from one direction's (bytes, seconds) points, or None."""
+        c = self.config
         if sizes.max() > sizes.min() * (1 + c.size_spread):
             # Varying sizes: regress seconds on bytes; pings anchor the zero-byte end.
-            x = np.concatenate([sizes, np.zeros(len(pings))])[-c.regression_points :]
-            y = np.concatenate([times, [p.seconds for p in pings]])[-c.regression_points :]
+            x = np.concatenate([sizes, np.zeros(len(ping_times))])[-c.regression_points :]
+            y = np.concatenate([times, ping_times])[-c.regression_points :]
             fit = lower_envelope_fit(x, y, min_dx=max(c.size_spread * float(np.median(sizes)), c.min_size_step_bytes))
             if fit is not None and fit[0] > 0:
-                bandwidth, method = 8.0 / fit[0], "theil-sen"
-        if bandwidth is None:
-            transfer = times - latency
-            usable = transfer > 1e-4
-            if not usable.any():
-                return None
-            rates = 8.0 * sizes[usable] / transfer[usable]
-            bandwidth = float(np.quantile(rates, c.rate_quantile))
-        t_comp = float(np.median(computes)) if computes else None
-        return LinkEstimate(bandwidth_bps=bandwidth, latency_s=latency, t_comp_s=t_comp,
-                            push_samples=len(pushes), ping_samples=len(pings), method=method,
-                            window_start_s=window_start_s)
+                return 8.0 / fit[0], "theil-sen"
+        transfer = times - latency
+        usable = transfer > 1e-4
+        if not usable.any():
+            return None
+        rates = 8.0 * sizes[usable] / transfer[usable]
+        return float(np.quantile(rates, c.rate_quantile)), "per-push-rate"

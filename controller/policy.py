@@ -14,6 +14,11 @@ Policies:
   `accordion_eta` marks a critical regime and gets the light compression
   (`accordion_deltas[1]`), otherwise the heavy one (`accordion_deltas[0]`).
 
+DeCo decides in the configured time model (`time_model`, controller/deco.py): `ps` (the
+default) prices a round's upload on the slowest uplink and its download (the union,
+`traffic_factor` times a push) on the slowest downlink, in series; `paper` is Theorem 3 as
+published, one transfer per round (the larger of the two).
+
 Adaptive policies recompute every `every_rounds` rounds (the paper's E) and as soon as an
 estimate moves by more than `change_threshold` (relative) since the last decision. With
 E = 0 (infinite) they decide once, on the first estimates: the CocktailSGD-style static
@@ -28,7 +33,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoDecision, DecoInput, deco
+from wanps.controller.deco import (DEFAULT_BITS_PER_ELEMENT, DEFAULT_TIME_MODEL, TIME_MODELS, DecoDecision, DecoInput,
+                                   deco, delta_for_tau)
 from wanps.controller.estimator import LinkEstimate
 
 POLICIES = ("dsgd", "static", "deco", "deco-hetero", "accordion")
@@ -55,11 +61,13 @@ class PolicyConfig:
     accordion_eta: float = 0.5
     # The per-round overhead o added to T_comp (controller/engine.py estimates it): this
     # quantile of the observations, capped at this many T_comps (0: no overhead term, the
-    # paper's model).
+    # paper's model; None: the time model's default, `overhead_cap`).
     overhead_quantile: float = 0.5
-    overhead_max_ratio: float = 1.0
+    overhead_max_ratio: float | None = None
     # ... once this many observations exist (the first seconds, with workers still starting, mislead).
     overhead_min_samples: int = 5
+    # DeCo's round time: "ps" (upload and download in series) or "paper" (Theorem 3 as published).
+    time_model: str = DEFAULT_TIME_MODEL
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -70,8 +78,23 @@ class PolicyConfig:
             raise ValueError("every_rounds must be >= 0, switch_margin_rounds >= 1, tau_max >= 0")
         if self.bits_per_element is not None and not (0.0 < self.bits_per_element < math.inf):
             raise ValueError(f"bits_per_element must be > 0 and finite; got {self.bits_per_element}")
-        if not 0.0 <= self.overhead_quantile <= 1.0 or not self.overhead_max_ratio >= 0.0:
+        if not 0.0 <= self.overhead_quantile <= 1.0 or not (self.overhead_max_ratio is None
+                                                             or self.overhead_max_ratio >= 0.0):
             raise ValueError("overhead_quantile must be in [0, 1] and overhead_max_ratio >= 0")
+        if self.time_model not in TIME_MODELS:
+            raise ValueError(f"time_model must be one of {', '.join(TIME_MODELS)}; got {self.time_model!r}")
+
+    def overhead_cap(self) -> float:
+        """The cap on the measured overhead, in T_comps (0: no overhead term).
+
+        Unset, the paper's form keeps the cap of one T_comp it was tuned with (its model
+        leaves the download out, and what it leaves out lands in the observations); the PS
+        form models both directions and takes the overhead as measured (an observation is
+        at most the measured round time minus T_comp).
+        """
+        if self.overhead_max_ratio is not None:
+            return self.overhead_max_ratio
+        return 1.0 if self.time_model == "paper" else math.inf
 
 
 @dataclass(frozen=True)
@@ -108,13 +131,23 @@ def slowest_link(estimates: dict[int, LinkEstimate]) -> tuple[float, float, floa
     return bandwidth, latency, (max(comps) if comps else None)
 
 
-def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: float, config: PolicyConfig) -> DecoInput:
+def slowest_down(estimates: dict[int, LinkEstimate]) -> float:
+    """The lowest downlink bandwidth over the workers; a worker with no downlink estimate yet
+    counts with its uplink's (the link is taken as symmetric until measured)."""
+    return min(e.down_bandwidth_bps if e.down_bandwidth_bps is not None else e.bandwidth_bps
+               for e in estimates.values())
+
+
+def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: float, config: PolicyConfig,
+               down_bandwidth: float | None = None) -> DecoInput:
     assert view.num_params is not None
-    # The round's binding transfer is the bigger direction: the aggregated delta a worker
-    # downloads is up to n times its own push (traffic_factor); fold it into S_g.
+    # The aggregated delta a worker downloads is up to n times its own push (traffic_factor):
+    # the PS form sends it down the downlink after the push; the paper's form takes the
+    # larger of the two transfers as the round's one.
     return DecoInput(num_params=view.num_params, bandwidth_bps=bandwidth, latency_s=latency,
-                     t_comp_s=max(t_comp, 1e-6), bits_per_element=view.bits_per_element * view.traffic_factor,
-                     tau_max=config.tau_max, overhead_s=view.overhead_s)
+                     t_comp_s=max(t_comp, 1e-6), bits_per_element=view.bits_per_element,
+                     tau_max=config.tau_max, overhead_s=view.overhead_s, down_bandwidth_bps=down_bandwidth,
+                     download_factor=max(view.traffic_factor, 1e-6), time_model=config.time_model)
 
 
 def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
@@ -136,8 +169,10 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
     bandwidth, latency, t_comp = slowest_link(view.estimates)
     if t_comp is None:
         return None
-    decision: DecoDecision = deco(deco_input(view, bandwidth, latency, t_comp, config))
-    reason = (f"{decision.reason}: a {bandwidth / 1e6:.1f} Mbit/s, b {latency * 1e3:.0f} ms, "
+    down = slowest_down(view.estimates)
+    decision: DecoDecision = deco(deco_input(view, bandwidth, latency, t_comp, config, down))
+    reason = (f"{decision.reason} ({config.time_model} form): a {bandwidth / 1e6:.1f} up / {down / 1e6:.1f} down "
+              f"Mbit/s, b {latency * 1e3:.0f} ms, "
               f"T_comp {t_comp * 1e3:.1f} ms + overhead {view.overhead_s * 1e3:.1f} ms, traffic x{view.traffic_factor:.1f}, "
               f"{view.bits_per_element:.1f} bits/element")
     if config.name == "deco":
@@ -147,10 +182,9 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
     # all selections, so the slowest link's download budget (n * deco's delta) binds everyone.
     own_deltas = {}
     for worker_id, estimate in view.estimates.items():
-        own = deco_input(view, estimate.bandwidth_bps, estimate.latency_s, estimate.t_comp_s or t_comp, config)
-        scale = own.bandwidth_bps / own.gradient_bits
-        own_deltas[worker_id] = max(own.min_delta, min((decision.tau * own.step_s - own.latency_s) * scale,
-                                                       own.step_s * scale, 1.0))
+        own = deco_input(view, estimate.bandwidth_bps, estimate.latency_s, estimate.t_comp_s or t_comp, config,
+                         estimate.down_bandwidth_bps)
+        own_deltas[worker_id] = max(own.min_delta, delta_for_tau(own, decision.tau))
     budget = decision.delta * len(own_deltas)
     total = sum(own_deltas.values())
     shrink = min(1.0, budget / total) if total > 0 else 1.0
@@ -175,13 +209,15 @@ def differs_enough(old: Proposal | None, new: Proposal, config: PolicyConfig) ->
 
 
 def estimates_moved(old: dict[int, LinkEstimate], new: dict[int, LinkEstimate], threshold: float) -> bool:
-    """True if a worker appeared, or its bandwidth, latency or T_comp moved by > threshold."""
+    """True if a worker appeared, or its bandwidth (either direction), latency or T_comp moved by > threshold."""
     for worker_id, estimate in new.items():
         before = old.get(worker_id)
         if before is None:
             return True
         # (old, new, absolute tolerance): near-zero latencies and compute times are jittery.
         pairs = [(before.bandwidth_bps, estimate.bandwidth_bps, 0.0), (before.latency_s, estimate.latency_s, 0.005)]
+        if before.down_bandwidth_bps and estimate.down_bandwidth_bps:
+            pairs.append((before.down_bandwidth_bps, estimate.down_bandwidth_bps, 0.0))
         if before.t_comp_s and estimate.t_comp_s:
             pairs.append((before.t_comp_s, estimate.t_comp_s, 0.001))
         for a, b, tolerance in pairs:

@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from wanps.proto.decisions import Decision, decision_to_message
 from wanps.controller.engine import ControllerCore, Report, with_policy
-from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH, EstimatorConfig, Sample
+from wanps.controller.estimator import (DIRECTION_DOWN, DIRECTION_UP, KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH,
+                                       EstimatorConfig, Sample)
 from wanps.controller.policy import PolicyConfig
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.wire import MAX_PARAMS, MAX_SAMPLES_PER_REPORT
@@ -64,7 +65,10 @@ class ControllerMetrics:
         self.subscribers = Gauge("wanps_controller_subscribers", "Open decision streams.", registry=registry)
         # Worker ids as labels: membership is small and bounded (docs/metrics.md).
         self.bandwidth = Gauge("wanps_controller_link_bandwidth_bits_per_second",
-                               "Estimated bandwidth of each worker's link.", ["worker"], registry=registry)
+                               "Estimated (uplink) bandwidth of each worker's link.", ["worker"], registry=registry)
+        self.down_bandwidth = Gauge("wanps_controller_link_down_bandwidth_bits_per_second",
+                                    "Estimated downlink bandwidth of each worker's link (estimated apart from the uplink).",
+                                    ["worker"], registry=registry)
         self.latency = Gauge("wanps_controller_link_latency_seconds", "Estimated latency (RTT) of each worker's link.",
                              ["worker"], registry=registry)
         self.t_comp = Gauge("wanps_controller_compute_seconds", "Median compute time per step of each worker.",
@@ -84,6 +88,11 @@ _SAMPLE_KINDS = {
     pb.LinkSample.KIND_PING: KIND_PING,
     pb.LinkSample.KIND_COMPUTE: KIND_COMPUTE,
     pb.LinkSample.KIND_DOWNLOAD: KIND_DOWNLOAD,
+}
+_DIRECTIONS = {
+    pb.LinkSample.DIRECTION_UNSPECIFIED: "",
+    pb.LinkSample.DIRECTION_UP: DIRECTION_UP,
+    pb.LinkSample.DIRECTION_DOWN: DIRECTION_DOWN,
 }
 
 
@@ -170,8 +179,16 @@ class ControllerService(pb_grpc.ControllerServicer):
                 raise InvalidArgument("grad_norm must be finite and >= 0")
             if sample.elements > MAX_PARAMS:
                 raise InvalidArgument(f"a push carries at most {MAX_PARAMS} elements")
+            direction = _DIRECTIONS.get(sample.direction)
+            if direction is None:
+                raise InvalidArgument(f"unknown sample direction {sample.direction}")
+            if sample.timed_bytes > sample.bytes:
+                raise InvalidArgument(f"timed_bytes {sample.timed_bytes} exceeds the sample's bytes {sample.bytes}")
+            if not 0 <= sample.queued_s <= sample.seconds:
+                raise InvalidArgument(f"queued_s must be within [0, seconds]; got {sample.queued_s} of {sample.seconds}")
             samples.append(Sample(kind=kind, nbytes=sample.bytes, seconds=sample.seconds, at_s=now, round=sample.round,
-                                  grad_norm=sample.grad_norm, elements=sample.elements))
+                                  grad_norm=sample.grad_norm, elements=sample.elements, direction=direction,
+                                  timed_bytes=sample.timed_bytes, queued_s=sample.queued_s))
         if request.worker_id not in self._last_report and not self._make_room(now):
             raise ResourceExhausted(f"the controller tracks at most {self.config.max_workers} workers' links "
                                     f"(--max-workers); none has been silent for {self.config.estimator.window_s:g} s")
@@ -186,7 +203,8 @@ class ControllerService(pb_grpc.ControllerServicer):
             if now - last > self.config.estimator.window_s:
                 del self._last_report[worker_id]
                 self.core.forget(worker_id)
-                for gauge in (self.metrics.bandwidth, self.metrics.latency, self.metrics.t_comp):
+                for gauge in (self.metrics.bandwidth, self.metrics.down_bandwidth, self.metrics.latency,
+                              self.metrics.t_comp):
                     try:
                         gauge.remove(str(worker_id))
                     except KeyError:
@@ -197,6 +215,8 @@ class ControllerService(pb_grpc.ControllerServicer):
         self.metrics.max_round.set(self.core.reported_round)
         for worker_id, estimate in self.core.estimates.items():
             self.metrics.bandwidth.labels(worker=str(worker_id)).set(estimate.bandwidth_bps)
+            if estimate.down_bandwidth_bps is not None:
+                self.metrics.down_bandwidth.labels(worker=str(worker_id)).set(estimate.down_bandwidth_bps)
             self.metrics.latency.labels(worker=str(worker_id)).set(estimate.latency_s)
             if estimate.t_comp_s is not None:
                 self.metrics.t_comp.labels(worker=str(worker_id)).set(estimate.t_comp_s)
@@ -222,11 +242,14 @@ class ControllerService(pb_grpc.ControllerServicer):
         core = self.core
         links = [pb.WorkerLink(worker_id=w, bandwidth_bps=e.bandwidth_bps, latency_s=e.latency_s,
                                t_comp_s=e.t_comp_s or 0.0, push_samples=e.push_samples, ping_samples=e.ping_samples,
-                               method=e.method) for w, e in sorted(core.estimates.items())]
+                               method=e.method, down_bandwidth_bps=e.down_bandwidth_bps or 0.0,
+                               down_samples=e.down_samples, down_method=e.down_method or "")
+                 for w, e in sorted(core.estimates.items())]
         return pb.ControllerState(policy=core.policy.name, reported_round=core.reported_round,
                                   decisions=[decision_to_message(d) for d in core.book.relevant(core.reported_round)],
                                   links=links, traffic_factor=core.traffic_factor(),
-                                  bits_per_element=core.bits_per_element())
+                                  bits_per_element=core.bits_per_element(), time_model=core.policy.time_model,
+                                  overhead_s=core.overhead_s())
 
 
 RunningController = RunningService[ControllerService]

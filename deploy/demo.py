@@ -5,7 +5,8 @@ bandwidth that follows a trace), and the workers, as real processes. This proces
 observer: it follows the model through the update stream and evaluates test accuracy
 against wall time, off the workers' critical path. It stops everything once the target
 accuracy is reached (or the time limit passes), prints a results table, and writes
-results/demo.json and results/demo.png.
+results/demo.json and results/demo.png (accuracy over time; below it, the set and the
+estimated bandwidth with the (tau, delta) in force over time).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.request
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,8 +50,9 @@ class DemoConfig:
     worker_traces: tuple[str, ...] = ()
     # Extra flags for `wanps controller` (e.g. ("--every-rounds", "0")).
     controller_args: tuple[str, ...] = ()
-    # Poll the controller's estimates at every evaluation (for estimated-vs-set plots).
-    track_links: bool = False
+    # Poll the controller's estimates at every evaluation (the PNG's second panel, the bench's
+    # per-round predictions): one GetState every eval_every_s.
+    track_links: bool = True
     direct: bool = False  # no link emulator (LAN-like loopback)
     out_dir: str = "results"
     progress: bool = True
@@ -117,6 +120,7 @@ def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict
     progress = None
     try:
         child_env = client_security_env(security or ClientSecurity())
+        links_started = time.monotonic()
         server, controller, links = start_cluster(config, log_dir, child_env)
         processes += [server, controller, *links]
         workers = []
@@ -135,6 +139,9 @@ def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict
         rounds: list[dict] = []
         evaluations: list[tuple[float, int, float]] = []
         link_track: list[dict] = []
+        # The emulators' trace clocks started before this one: the PNG's set bandwidth is read at
+        # the trace time of each point (time since the links started).
+        trace_offset_s = time.monotonic() - links_started if links else 0.0
         reached_at: float | None = None
         next_eval = started
         if config.progress:
@@ -162,8 +169,12 @@ def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict
                 accuracy = task.accuracy(model)
                 evaluations.append((stamp, observer.version, accuracy))
                 if config.track_links:
+                    state = fetch_controller_state(controller.address, security)
                     link_track.append({"time_s": round(stamp, 3), "round": observer.version,
-                                       "links": fetch_controller_state(controller.address, security).get("links", [])})
+                                       "links": state.get("links", []),
+                                       # What DeCo's time model reads besides the links (bench's predictions).
+                                       **{key: state[key] for key in ("traffic_factor", "bits_per_element",
+                                                                       "overhead_s", "time_model") if key in state}})
                 if rounds:
                     rounds[-1]["accuracy"] = round(accuracy, 4)
                 next_eval = time.monotonic() + config.eval_every_s
@@ -205,11 +216,12 @@ def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict
                        "worker_delta": {str(k): v for k, v in d.worker_delta.items()}} for d in decisions],
         "controller_state": controller_state,
         "link_track": link_track,
+        "trace_offset_s": round(trace_offset_s, 3),
         "per_round": [[r["round"], r["time_s"], r["tau"], r["delta"], r["accuracy"]] for r in rounds],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.json").write_text(json.dumps(result, indent=1))
-    plot(evaluations, config, out_dir / "demo.png")
+    plot(evaluations, config, out_dir / "demo.png", result)
     return result
 
 
@@ -237,23 +249,100 @@ def fetch_controller_state(address: str, security: ClientSecurity | None = None)
     return MessageToDict(state, preserving_proto_field_name=True)
 
 
-def plot(evaluations: list[tuple[float, int, float]], config: DemoConfig, path: Path) -> None:
+def policy_label(policy: str, per_round: list[list]) -> str:
+    """The legend of a run's accuracy curve: its one (tau, delta), or that it moved."""
+    used = [(r[2], r[3]) for r in per_round if r[2] is not None]
+    if not used:
+        return policy
+    if len(set(used)) == 1:
+        return f"{policy} (tau {used[0][0]}, delta {used[0][1]:g})"
+    return f"{policy} (tau and delta over time: below)"
+
+
+def set_bandwidth_mbit(config: DemoConfig) -> Callable[[float], float] | None:
+    """The slowest worker's set bandwidth at a trace time (None: no emulated link)."""
+    from wanps.linkem.trace import LinkTrace
+
+    if config.direct:
+        return None
+    paths = config.worker_traces or (config.trace or default_trace(),)
+    traces = [LinkTrace.from_csv(path) for path in paths]
+    return lambda t: min(trace.at(t).bandwidth_mbit for trace in traces)
+
+
+@dataclass(frozen=True)
+class LinkSeries:
+    """What the PNG's second panel draws, as plain lists (computed apart from the drawing)."""
+
+    times: list[float]  # evaluation times (s since training started)
+    set_mbit: list[float] | None  # the slowest link's set bandwidth (None: direct)
+    up_mbit: list[float]  # the controller's lowest uplink estimate (nan: none yet)
+    down_mbit: list[float]  # ... and downlink (nan: none of its own)
+    taus: list[float]  # the decision in force at each time's round (nan: none)
+    deltas: list[float]
+
+
+def link_series(track: list[dict], used_at: Callable[[int], tuple[int, float] | None],
+                set_at: Callable[[float], float] | None, offset_s: float = 0.0) -> LinkSeries:
+    """`track`: the run's link_track; `used_at(round)`: the (tau, delta) a round used;
+    `set_at(t)`: the set bandwidth at trace time t, read at `offset_s` + each point's time."""
+    nan = float("nan")
+    times = [t["time_s"] for t in track]
+    up = [min((link["bandwidth_bps"] for link in t["links"]), default=nan) / 1e6 for t in track]
+    down = [min((link["down_bandwidth_bps"] for link in t["links"] if link.get("down_bandwidth_bps")), default=nan) / 1e6
+            for t in track]
+    taus, deltas = [], []
+    for t in track:
+        used = used_at(t["round"] - 1)  # the round just applied at that time
+        taus.append(nan if used is None else used[0])
+        deltas.append(nan if used is None else used[1])
+    return LinkSeries(times, None if set_at is None else [set_at(offset_s + x) for x in times], up, down, taus, deltas)
+
+
+def draw_link_panel(links_ax, series: LinkSeries) -> None:
+    """Set and estimated bandwidth (left axis), delta (log) and tau (right axes), as steps over time."""
+    if series.set_mbit is not None:
+        links_ax.step(series.times, series.set_mbit, where="post", color="C1", label="set (slowest link)")
+    links_ax.plot(series.times, series.up_mbit, ".", color="C0", label="estimated up (slowest)")
+    links_ax.plot(series.times, series.down_mbit, "x", color="C2", markersize=4, label="estimated down (slowest)")
+    links_ax.set_ylabel("bandwidth (Mbit/s)")
+    links_ax.set_xlabel("wall time (s)")
+    links_ax.grid(alpha=0.3)
+    decisions_ax = links_ax.twinx()
+    decisions_ax.step(series.times, series.deltas, where="post", color="C3", label="delta")
+    decisions_ax.set_yscale("log")
+    decisions_ax.set_ylabel("delta", color="C3")
+    tau_ax = links_ax.twinx()  # a third axis, its spine set off to the right of delta's
+    tau_ax.spines["right"].set_position(("axes", 1.13))
+    tau_ax.step(series.times, series.taus, where="post", color="C4", linestyle="--", label="tau")
+    tau_ax.set_ylabel("tau", color="C4")
+    tau_ax.yaxis.get_major_locator().set_params(integer=True)
+    handles = [h for a in (links_ax, decisions_ax, tau_ax) for h in a.get_legend_handles_labels()[0]]
+    labels = [lab for a in (links_ax, decisions_ax, tau_ax) for lab in a.get_legend_handles_labels()[1]]
+    links_ax.legend(handles, labels, loc="upper right", fontsize="small", ncol=2)
+
+
+def plot(evaluations: list[tuple[float, int, float]], config: DemoConfig, path: Path, result: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    result = result or {}
+    per_round = result.get("per_round", [])
+    fig, (ax, links_ax) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     if evaluations:
         times, _, accuracies = zip(*evaluations)
-        ax.plot(times, accuracies, marker=".", label=f"{config.policy} (tau {config.tau}, delta {config.delta:g})")
+        ax.plot(times, accuracies, marker=".", label=policy_label(config.policy, per_round))
     ax.axhline(config.target_accuracy, color="grey", linestyle="--", label=f"target {config.target_accuracy:.0%}")
-    ax.set_xlabel("wall time (s)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0.8 if evaluations and min(a for *_, a in evaluations) > 0.8 else 0.0, 1.0)
     ax.set_title(f"wanps demo: {config.task}, {config.workers} workers over emulated WAN")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    by_round = {r[0]: (r[2], r[3]) for r in per_round if r[2] is not None}
+    draw_link_panel(links_ax, link_series(result.get("link_track") or [], by_round.get, set_bandwidth_mbit(config),
+                                          result.get("trace_offset_s", 0.0)))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

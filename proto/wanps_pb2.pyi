@@ -226,24 +226,28 @@ class DeltaChunk(_message.Message):
     def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_checksum: _Optional[bool] = ..., model_checksum: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ...) -> None: ...
 
 class PingRequest(_message.Message):
-    __slots__ = ("worker_id", "sent_unix_ns", "padding", "member_secret")
+    __slots__ = ("worker_id", "sent_unix_ns", "padding", "member_secret", "reply_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
     MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     sent_unix_ns: int
     padding: bytes
     member_secret: bytes
-    def __init__(self, worker_id: _Optional[int] = ..., sent_unix_ns: _Optional[int] = ..., padding: _Optional[bytes] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
+    reply_bytes: int
+    def __init__(self, worker_id: _Optional[int] = ..., sent_unix_ns: _Optional[int] = ..., padding: _Optional[bytes] = ..., member_secret: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class PingReply(_message.Message):
-    __slots__ = ("sent_unix_ns", "version")
+    __slots__ = ("sent_unix_ns", "version", "padding")
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
     sent_unix_ns: int
     version: int
-    def __init__(self, sent_unix_ns: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    padding: bytes
+    def __init__(self, sent_unix_ns: _Optional[int] = ..., version: _Optional[int] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id", "member_secret")
@@ -317,7 +321,7 @@ class Decision(_message.Message):
     def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., worker_delta: _Optional[_Mapping[int, float]] = ..., predicted_iter_s: _Optional[float] = ...) -> None: ...
 
 class LinkSample(_message.Message):
-    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm", "elements")
+    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm", "elements", "direction", "timed_bytes", "queued_s")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[LinkSample.Kind]
@@ -330,6 +334,14 @@ class LinkSample(_message.Message):
     KIND_PING: LinkSample.Kind
     KIND_COMPUTE: LinkSample.Kind
     KIND_DOWNLOAD: LinkSample.Kind
+    class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DIRECTION_UNSPECIFIED: _ClassVar[LinkSample.Direction]
+        DIRECTION_UP: _ClassVar[LinkSample.Direction]
+        DIRECTION_DOWN: _ClassVar[LinkSample.Direction]
+    DIRECTION_UNSPECIFIED: LinkSample.Direction
+    DIRECTION_UP: LinkSample.Direction
+    DIRECTION_DOWN: LinkSample.Direction
     KIND_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +349,9 @@ class LinkSample(_message.Message):
     UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    TIMED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_S_FIELD_NUMBER: _ClassVar[int]
     kind: LinkSample.Kind
     bytes: int
     seconds: float
@@ -344,7 +359,10 @@ class LinkSample(_message.Message):
     unix_ns: int
     grad_norm: float
     elements: int
-    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ..., elements: _Optional[int] = ...) -> None: ...
+    direction: LinkSample.Direction
+    timed_bytes: int
+    queued_s: float
+    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ..., elements: _Optional[int] = ..., direction: _Optional[_Union[LinkSample.Direction, str]] = ..., timed_bytes: _Optional[int] = ..., queued_s: _Optional[float] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("worker_id", "round", "samples", "num_params")
@@ -383,7 +401,7 @@ class GetStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLink(_message.Message):
-    __slots__ = ("worker_id", "bandwidth_bps", "latency_s", "t_comp_s", "push_samples", "ping_samples", "method")
+    __slots__ = ("worker_id", "bandwidth_bps", "latency_s", "t_comp_s", "push_samples", "ping_samples", "method", "down_bandwidth_bps", "down_samples", "down_method")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_S_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +409,9 @@ class WorkerLink(_message.Message):
     PUSH_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     PING_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    DOWN_BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
+    DOWN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DOWN_METHOD_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     bandwidth_bps: float
     latency_s: float
@@ -398,20 +419,27 @@ class WorkerLink(_message.Message):
     push_samples: int
     ping_samples: int
     method: str
-    def __init__(self, worker_id: _Optional[int] = ..., bandwidth_bps: _Optional[float] = ..., latency_s: _Optional[float] = ..., t_comp_s: _Optional[float] = ..., push_samples: _Optional[int] = ..., ping_samples: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+    down_bandwidth_bps: float
+    down_samples: int
+    down_method: str
+    def __init__(self, worker_id: _Optional[int] = ..., bandwidth_bps: _Optional[float] = ..., latency_s: _Optional[float] = ..., t_comp_s: _Optional[float] = ..., push_samples: _Optional[int] = ..., ping_samples: _Optional[int] = ..., method: _Optional[str] = ..., down_bandwidth_bps: _Optional[float] = ..., down_samples: _Optional[int] = ..., down_method: _Optional[str] = ...) -> None: ...
 
 class ControllerState(_message.Message):
-    __slots__ = ("policy", "reported_round", "decisions", "links", "traffic_factor", "bits_per_element")
+    __slots__ = ("policy", "reported_round", "decisions", "links", "traffic_factor", "bits_per_element", "time_model", "overhead_s")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REPORTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_FACTOR_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_ELEMENT_FIELD_NUMBER: _ClassVar[int]
+    TIME_MODEL_FIELD_NUMBER: _ClassVar[int]
+    OVERHEAD_S_FIELD_NUMBER: _ClassVar[int]
     policy: str
     reported_round: int
     decisions: _containers.RepeatedCompositeFieldContainer[Decision]
     links: _containers.RepeatedCompositeFieldContainer[WorkerLink]
     traffic_factor: float
     bits_per_element: float
-    def __init__(self, policy: _Optional[str] = ..., reported_round: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[WorkerLink, _Mapping]]] = ..., traffic_factor: _Optional[float] = ..., bits_per_element: _Optional[float] = ...) -> None: ...
+    time_model: str
+    overhead_s: float
+    def __init__(self, policy: _Optional[str] = ..., reported_round: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[WorkerLink, _Mapping]]] = ..., traffic_factor: _Optional[float] = ..., bits_per_element: _Optional[float] = ..., time_model: _Optional[str] = ..., overhead_s: _Optional[float] = ...) -> None: ...

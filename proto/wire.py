@@ -10,6 +10,10 @@ CHUNK_ELEMENTS = 128 * 1024
 MAX_PARAMS = 2**31 - 1
 # The most link samples one ReportRequest carries: workers send no more, the controller refuses more.
 MAX_SAMPLES_PER_REPORT = 512
+# The most padding a bandwidth probe carries either way (a Ping's padding, or the bytes its
+# reply is asked to carry): a probe stays one bounded message, and a caller cannot make the
+# server send more than this per call.
+MAX_PROBE_BYTES = 1024 * 1024
 
 
 class WireError(ValueError):

@@ -27,7 +27,14 @@ class ServerMetrics:
             "wanps_server_received_bytes", "Tensor payload bytes received in pushes and seeds.", registry=registry
         )
         self.sent_bytes = Counter(
-            "wanps_server_sent_bytes", "Tensor payload bytes sent in deltas and model pulls.", registry=registry
+            "wanps_server_sent_bytes", "Tensor payload bytes sent in deltas and model pulls (and downlink probes).",
+            registry=registry
+        )
+        self.probe_bytes = Counter(
+            "wanps_server_probe_bytes",
+            "Bandwidth-probe padding in pings, by direction: up (the worker's padding, received), "
+            "down (the reply's, sent). Also counted in received_bytes and sent_bytes.",
+            ["direction"], registry=registry,
         )
         self.round_duration = Histogram(
             "wanps_server_round_duration_seconds",

@@ -33,7 +33,7 @@ from wanps.rpc.serving import RunningService, ServeConfig, start_grpc_service
 from wanps.proto import codec
 from wanps.proto import structure as structures
 from wanps.proto import wanps_pb2 as pb
-from wanps.proto.wire import CHUNK_ELEMENTS
+from wanps.proto.wire import CHUNK_ELEMENTS, MAX_PROBE_BYTES
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.server.checkpoint import CheckpointScheduler, core_state, read_checkpoint, restore_core
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -48,7 +48,7 @@ from wanps.server.metrics import ServerMetrics
 log = logging.getLogger("wanps.server")
 T = TypeVar("T")
 
-MAX_PING_PADDING = 1024 * 1024
+MAX_PING_PADDING = MAX_PROBE_BYTES
 # A Ping naming no worker: an RTT or liveness probe that renews no lease and needs no secret.
 ANONYMOUS_PING_ID = 0
 
@@ -509,16 +509,26 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         yield  # noqa: an async generator for gRPC and the interceptors; the chunks go out by write_message
 
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
-        # Padding lets workers probe bandwidth; it is bounded so a ping stays cheap.
+        # Padding lets workers probe bandwidth (the request's: the uplink; the reply's, of
+        # `reply_bytes`: the downlink); both are bounded so a ping stays cheap.
         async with mapped_errors(context):
             if len(request.padding) > MAX_PING_PADDING:
                 raise ResourceExhausted(f"ping padding is limited to {MAX_PING_PADDING} bytes")
+            if request.reply_bytes > MAX_PROBE_BYTES:
+                raise InvalidArgument(f"reply_bytes {request.reply_bytes} is above the limit of {MAX_PROBE_BYTES} "
+                                      "bytes of a downlink probe")
             if request.worker_id != ANONYMOUS_PING_ID:
                 # A member's heartbeat: NOT_FOUND tells a forgotten worker to join again.
                 self.view.authenticate(request.worker_id, request.member_secret)
                 self._touch_soon(request.worker_id)
-        self.metrics.received_bytes.inc(len(request.padding))
-        return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.view.version)
+        if request.padding:
+            self.metrics.received_bytes.inc(len(request.padding))
+            self.metrics.probe_bytes.labels(direction="up").inc(len(request.padding))
+        if request.reply_bytes:
+            self.metrics.sent_bytes.inc(request.reply_bytes)
+            self.metrics.probe_bytes.labels(direction="down").inc(request.reply_bytes)
+        return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.view.version,
+                            padding=bytes(request.reply_bytes))
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         async with mapped_errors(context):

@@ -85,3 +85,20 @@ def test_bench_estimate_rejects_bad_options(capsys: pytest.CaptureFixture[str]) 
         main(["--conditions", "fixed,nope"])
     assert exc.value.code == 2
     assert "--conditions" in capsys.readouterr().err
+
+
+def test_bench_estimate_deco_step_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """deco decides and the worker pushes what it decides; both directions are judged after the step."""
+    out = tmp_path / "estimate.json"
+    assert main(["--quick", "--repeat", "1", "--conditions", "deco-step", "--json", str(out)]) == 0
+    assert "deco-step" in capsys.readouterr().out
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["condition"] == "deco-step" and run["worker"]["pushes"] > 0
+    summary = run["summary"]
+    for key in ("bandwidth_mbit", "down_bandwidth_mbit", "down_estimated_apart", "check_at_s", "met"):
+        assert key in summary
+    assert summary["check_at_s"] == run["step_at_s"] + 2.5  # --quick's change_check_s
+    # The worker pushed what the decisions said: once deco decided, pushes follow its delta.
+    decided = [p for p in run["series"] if p["delta"] is not None]
+    assert decided and all(0 < p["delta"] <= 1 for p in decided)
+    assert any(p["down_bandwidth_mbit"] is not None or p["bandwidth_mbit"] is not None for p in run["series"])

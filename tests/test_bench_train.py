@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from wanps.bench.train import (CONDITIONS, QUICK, BenchPlan, deco_ratios, median_time, num_params_of,
-                                      predicted_iter_s, predicted_ps_iter_s, summarize, write_traces)
+from wanps.bench.train import (BEST_STATIC, CONDITIONS, QUICK, BenchPlan, deco_ratios, grid_around, limit_of,
+                               median_time, method_label, num_params_of, predicted_iter_s, predicted_ps_iter_s,
+                               run_best_static, rows_from_runs, summarize, used_center, write_traces)
+from wanps.controller.deco import DecoInput, predicted_for
 from wanps.linkem.trace import LinkTrace
 
 
@@ -56,7 +58,7 @@ def test_prediction_for_dense_rounds_counts_values_only():
     assert predicted_ps_iter_s(result, 1000) == pytest.approx(0.02 + 0.1 + 2 * transfer, abs=1e-5)
 
 
-def test_the_parameter_server_form_counts_both_directions_and_only_replaces_final_estimate_predictions():
+def test_the_parameter_server_form_counts_both_directions_for_every_method():
     links = [{"bandwidth_bps": 10e6, "latency_s": 0.1, "t_comp_s": 0.03}]
     result = {"per_round": [[0, 0.1, 2, 0.01, None]], "decisions": [],
               "controller_state": {"traffic_factor": 3.0, "bits_per_element": 48.0, "links": links}}
@@ -64,8 +66,29 @@ def test_the_parameter_server_form_counts_both_directions_and_only_replaces_fina
     download = 3.0 * upload
     assert predicted_ps_iter_s(result, 1000) == pytest.approx(max((0.03 + 0.1 + upload + download) / 3, download, 0.03),
                                                               abs=1e-5)
+    # Adaptive runs too (their decisions' own predictions are Theorem 3's column, not this one).
     adaptive = dict(result, decisions=[{"id": 1, "from_round": 0, "tau": 2, "delta": 0.01, "predicted_iter_s": 0.05}])
-    assert predicted_ps_iter_s(adaptive, 1000) is None  # its decisions carry their own prediction
+    assert predicted_ps_iter_s(adaptive, 1000) == predicted_ps_iter_s(result, 1000)
+
+
+def test_the_ps_prediction_follows_the_estimates_and_decisions_round_by_round():
+    """Rounds 0-99 at 0.1 s each; the estimates change at t = 5 s and deco switches at round 50.
+    Each round is predicted with `predicted_for` (the controller's function) on the snapshot of
+    its time: the slowest link each way, the measured overhead and traffic factor."""
+    def snapshot(time_s, up, down):
+        return {"time_s": time_s, "round": int(time_s * 10), "traffic_factor": 2.0, "bits_per_element": 64.0,
+                "overhead_s": 0.005, "links": [{"bandwidth_bps": up, "down_bandwidth_bps": down, "latency_s": 0.1,
+                                                 "t_comp_s": 0.02},
+                                                {"bandwidth_bps": 4 * up, "latency_s": 0.05, "t_comp_s": 0.01}]}
+    track = [snapshot(0.0, 20e6, 40e6), snapshot(5.0, 5e6, 10e6)]
+    per_round = [[r, r * 0.1, 2 if r < 50 else 4, 0.01 if r < 50 else 0.002, None] for r in range(100)]
+    result = {"per_round": per_round, "link_track": track, "decisions": []}
+    def x(up, down):
+        return DecoInput(num_params=1000, bandwidth_bps=up, down_bandwidth_bps=down, latency_s=0.1, t_comp_s=0.02,
+                         overhead_s=0.005, download_factor=2.0)
+    middle = per_round[10:91]
+    expected = [predicted_for(x(20e6, 40e6) if r[1] < 5.0 else x(5e6, 10e6), r[2], r[3]) for r in middle]
+    assert predicted_ps_iter_s(result, 1000) == pytest.approx(sum(expected) / len(expected), abs=1e-5)
 
 
 def test_summarize_rebuilds_rows_from_run_folders(tmp_path):
@@ -113,3 +136,56 @@ def test_a_seed_that_did_not_reach_counts_as_infinitely_slow_in_the_median():
     assert median_time([40.0, 50.0]) == 45.0
     assert median_time([40.0, None]) is None
     assert median_time([]) is None
+
+
+def test_best_static_centres_on_what_deco_used_and_grids_tau_and_delta_around_it():
+    per_round = [[r, 0.1 * r, 2 if r < 30 else 4, 0.01 if r < 70 else 0.004, None] for r in range(100)]
+    assert used_center(per_round) == (4, 0.01)  # round-weighted medians
+    assert used_center([[0, 0.0, None, None, None]]) is None
+    assert grid_around(3, 0.01, 3, 8, 10**6) == [(t, d) for t in (2, 3, 4) for d in (0.005, 0.01, 0.02)]
+    assert [t for t, _ in grid_around(0, 0.01, 3, 8, 10**6)][::3] == [0, 1, 2]  # shifted, not cut, at the edges
+    assert [t for t, _ in grid_around(8, 0.01, 3, 8, 10**6)][::3] == [6, 7, 8]
+    assert sorted({d for _, d in grid_around(2, 0.8, 3, 8, 10**6)}) == [0.4, 0.8, 1.0]
+    assert sorted({d for _, d in grid_around(2, 1e-6, 3, 8, 1000)}) == [1e-3]  # at least one element
+    assert len(grid_around(2, 0.01, 2, 8, 10**6)) == 4
+
+
+def demo_result(time_to_target, accuracy=0.97):
+    reached = time_to_target is not None
+    return {"reached_target": reached, "time_to_target_s": time_to_target, "rounds": 100, "bytes_up": 1,
+            "bytes_down": 2, "final_accuracy": accuracy, "measured_iter_s": 0.02, "config": {"time_limit_s": 45},
+            "per_round": [[r, r * 0.02, 2, 0.01, None] for r in range(20)], "decisions": [],
+            "controller_state": {}, "link_track": []}
+
+
+def test_best_static_reports_the_fastest_grid_point_as_an_oracle_and_summarize_rebuilds_it(tmp_path):
+    import json
+
+    plan = BenchPlan(conditions=("smoke",), methods=("deco", BEST_STATIC), seeds=(0,), time_limit_s=45,
+                     target_accuracy=0.85, batch_size=64, lr=0.2, out_dir=str(tmp_path), grid=2)
+    times = {(1, 0.005): 30.0, (1, 0.01): 20.0, (2, 0.005): None, (2, 0.01): 25.0}
+    ran = []
+
+    def run_point(out, tau, delta):  # stands in for the cluster: writes what a run writes
+        ran.append((tau, delta))
+        out.mkdir(parents=True)
+        result = demo_result(times[(tau, delta)], accuracy=0.97 if times[(tau, delta)] else 0.6)
+        (out / "demo.json").write_text(json.dumps(result))
+        return result
+
+    row = run_best_static(plan, CONDITIONS["smoke"], 0, tmp_path, (2, 0.01), "deco's run", run_point)
+    assert sorted(ran) == sorted(times)
+    assert row["method"] == BEST_STATIC and row["oracle"] is True
+    assert row["best"] == {"tau": 1, "delta": 0.01} and row["time_to_target_s"] == 20.0
+    assert row["grid_center"] == {"tau": 2, "delta": 0.01, "from": "deco's run"}
+    assert len(row["grid"]) == 4 and {g["reached_target"] for g in row["grid"]} == {True, False}
+    rows, rebuilt = rows_from_runs(tmp_path)
+    assert [(r["method"], r["best"]) for r in rows] == [(BEST_STATIC, {"tau": 1, "delta": 0.01})]
+    assert method_label(BEST_STATIC) == "best-static (oracle)" and method_label("deco") == "deco"
+
+
+def test_the_quick_plan_runs_the_cnn_in_the_papers_regime_for_minutes():
+    assert QUICK.conditions == ("cnn-varying",) and CONDITIONS["cnn-varying"].task == "mnist-cnn"
+    assert limit_of(QUICK, CONDITIONS["cnn-varying"]) == 240  # capped below the condition's 360 s
+    assert limit_of(BenchPlan(conditions=(), methods=(), seeds=(), time_limit_s=300, target_accuracy=0.97,
+                              batch_size=64, lr=0.1, out_dir="x"), CONDITIONS["cnn-varying"]) == 360

@@ -99,15 +99,20 @@ def test_a_moved_estimate_does_not_replace_a_decision_before_it_takes_effect():
     assert later and later[0].delta < first[0].delta
 
 
-def test_traffic_factor_folds_the_download_into_the_gradient_size():
+@pytest.mark.parametrize("time_model", ["ps", "paper"])
+def test_traffic_factor_prices_the_download(time_model):
     # No overhead term: the synthetic 10 rounds/s against a 20 ms T_comp would otherwise add one.
-    core = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0))
+    core = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0, time_model=time_model))
     core.maybe_decide(0.0)
     decisions = run(core, {1: (20e6, 0.1, 0.02), 2: (20e6, 0.1, 0.02)}, 6, download_factor=2.0)
     assert core.traffic_factor() == pytest.approx(2.0)
-    expected = deco(DecoInput(num_params=D, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.02,
-                              bits_per_element=64 * 2.0, tau_max=8))
+    expected = deco(DecoInput(num_params=D, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.02, download_factor=2.0,
+                              tau_max=8, time_model=time_model))
     assert decisions[-1].delta == pytest.approx(expected.delta, rel=1e-6)
+    if time_model == "paper":  # as before the PS form: the download folded into S_g, one transfer per round
+        folded = deco(DecoInput(num_params=D, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.02,
+                                bits_per_element=64 * 2.0, tau_max=8, time_model="paper"))
+        assert (decisions[-1].tau, decisions[-1].delta) == (folded.tau, pytest.approx(folded.delta, rel=1e-6))
 
 
 def test_deco_hetero_gives_faster_links_more_delta_and_shares_tau():
@@ -161,14 +166,25 @@ def test_measured_overhead_joins_t_comp_in_the_decision_and_its_prediction():
     assert run(plain, {1: (20e6, 0.02, 0.02)}, 30, rounds_per_s=25)[-1].predicted_iter_s == pytest.approx(0.02)
 
 
-def test_overhead_is_capped_and_not_read_from_link_bound_rounds():
-    # 2 rounds/s against a 20 ms step: the cap (one T_comp) holds the overhead at 20 ms.
-    core = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001, overhead_min_samples=5))
+def test_overhead_is_capped_in_the_paper_form_and_not_read_from_link_bound_rounds():
+    # 2 rounds/s against a 20 ms step: in the paper's form the cap (one T_comp) holds the overhead at 20 ms.
+    core = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001, overhead_min_samples=5, time_model="paper"))
     core.maybe_decide(0.0)
     run(core, {1: (20e6, 0.02, 0.02)}, 4, rounds_per_s=2)
     assert 0 < len(core._overhead_samples) < 5 and core.overhead_s() == 0.0  # too few observations yet
     run(core, {1: (20e6, 0.02, 0.02)}, 16, rounds_per_s=2, start_round=8, t0=4.0)
     assert core.overhead_s() == pytest.approx(0.02)
+    # The PS form takes the overhead as measured: 500 ms rounds on hidden links, o = 480 ms.
+    ps = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001, overhead_min_samples=5))
+    ps.maybe_decide(0.0)
+    run(ps, {1: (20e6, 0.02, 0.02)}, 20, rounds_per_s=2)
+    assert ps.overhead_s() == pytest.approx(0.48)
+    # ... unless a cap is set.
+    capped = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001, overhead_min_samples=5,
+                                         overhead_max_ratio=2.0))
+    capped.maybe_decide(0.0)
+    run(capped, {1: (20e6, 0.02, 0.02)}, 20, rounds_per_s=2)
+    assert capped.overhead_s() == pytest.approx(0.04)
     # static with a delta the link cannot carry in a step: the rounds wait on the link, no observation.
     static = ControllerCore(PolicyConfig(name="static", tau=2, delta=0.4))
     static.maybe_decide(0.0)

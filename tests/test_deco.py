@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from wanps.controller.deco import (DecoInput, deco, delta_for_tau, overhead_sample, phi, predicted_for,
-                                  predicted_iteration_time, tau_range)
+                                  predicted_iteration_time, sent_delta, tau_range)
 from wanps.deploy.processes import wanps_command
 
 
@@ -34,7 +34,7 @@ def test_paper_table3_gpt_case():
     tau 3 -> same delta, larger phi. The paper's Table 3 reports (2, 0.02).
     """
     x = DecoInput(num_params=124_000_000, bandwidth_bps=0.1e9, latency_s=0.1, t_comp_s=0.79, bits_per_element=32,
-                  tau_max=64)
+                  tau_max=64, time_model="paper")
     scale = 0.1e9 / (124e6 * 32)
     assert delta_for_tau(x, 1) == pytest.approx((0.79 - 0.1) * scale)
     assert delta_for_tau(x, 2) == pytest.approx(0.79 * scale)
@@ -47,6 +47,70 @@ def test_paper_table3_gpt_case():
     transfer = decision.delta * 124e6 * 32 / 0.1e9
     assert decision.predicted_iter_s == pytest.approx(max((0.79 + 0.1 + transfer) / 3, transfer, 0.79))
     assert decision.predicted_iter_s == pytest.approx(0.79)  # communication fully hidden
+
+
+# The paper's Table 3: (model, d, a Gbit/s, b s) -> (tau*, delta*) as printed (two digits).
+# The paper does not give T_comp; 0.79 s (GPT-2) and 0.77 s (ViT-B) reproduce every row.
+TABLE3 = [("GPT", 124_000_000, 0.79, 0.1, 0.1, 2, 0.02), ("GPT", 124_000_000, 0.79, 0.5, 0.1, 2, 0.10),
+          ("GPT", 124_000_000, 0.79, 0.1, 1.0, 3, 0.02), ("GPT", 124_000_000, 0.79, 0.5, 1.0, 3, 0.10),
+          ("ViT", 86_000_000, 0.77, 0.1, 0.1, 2, 0.03), ("ViT", 86_000_000, 0.77, 0.5, 0.1, 2, 0.14),
+          ("ViT", 86_000_000, 0.77, 0.1, 1.0, 3, 0.03), ("ViT", 86_000_000, 0.77, 0.5, 1.0, 3, 0.14)]
+
+
+@pytest.mark.parametrize("model, params, t_comp, gbit, latency, tau, delta", TABLE3)
+def test_the_paper_form_reproduces_table3(model, params, t_comp, gbit, latency, tau, delta):
+    x = DecoInput(num_params=params, bandwidth_bps=gbit * 1e9, latency_s=latency, t_comp_s=t_comp,
+                  bits_per_element=32, tau_max=64, time_model="paper")
+    decision = deco(x)
+    assert (decision.tau, round(decision.delta, 2)) == (tau, delta)
+    assert decision.predicted_iter_s == pytest.approx(t_comp)  # communication hidden: T_avg = T_comp
+    assert decision.time_model == "paper"
+
+
+def test_the_ps_form_puts_upload_and_download_in_series_and_each_direction_on_its_own_link():
+    """20 Mbit/s up, 40 down, the union 3x a push: c_up = S_g/a_up = 3.2 s, c_down = 3 * 64e6 / 40e6 = 4.8 s."""
+    x = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, down_bandwidth_bps=40e6, download_factor=3.0,
+                  latency_s=0.1, t_comp_s=0.05)
+    c_up, c_down = 64e6 / 20e6, 3 * 64e6 / 40e6
+    assert x.transfer_s(0.01) == pytest.approx((0.01 * c_up, 0.01 * c_down))
+    assert x.costs_s() == pytest.approx((c_up + c_down, c_down))
+    # Serial chain in tau + 1 steps, the busier link (down) within one step.
+    assert delta_for_tau(x, 4) == pytest.approx(min((4 * 0.05 - 0.1) / (c_up + c_down), 0.05 / c_down))
+    assert tau_range(x) == (2, math.ceil((0.1 + c_up + c_down) / 0.05))
+    assert predicted_for(x, 2, 0.01) == pytest.approx(max((0.05 + 0.1 + 0.01 * (c_up + c_down)) / 3, 0.01 * c_down,
+                                                          0.05))
+    # D-SGD: everything in series, once per round.
+    assert predicted_for(x, 0, 1.0) == pytest.approx(0.05 + 0.1 + c_up + c_down)
+    decision = deco(x)
+    assert decision.time_model == "ps"
+    assert decision.delta == pytest.approx(delta_for_tau(x, decision.tau))
+    assert decision.predicted_iter_s == pytest.approx(0.05)
+    # The paper's form on the same link counts one transfer (the larger): it sends more.
+    paper = deco(DecoInput(**{**x.__dict__, "time_model": "paper"}))
+    assert paper.delta >= decision.delta
+    assert predicted_for(DecoInput(**{**x.__dict__, "time_model": "paper"}), 0, 1.0) == pytest.approx(0.05 + 0.1 + c_down)
+
+
+def test_the_two_forms_agree_when_the_download_costs_nothing():
+    common = dict(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04, download_factor=1e-9)
+    ps, paper = deco(DecoInput(**common)), deco(DecoInput(**common, time_model="paper"))
+    assert (ps.tau, ps.delta, ps.predicted_iter_s) == (paper.tau, pytest.approx(paper.delta),
+                                                       pytest.approx(paper.predicted_iter_s))
+
+
+def test_overhead_is_read_through_the_ps_serial_term():
+    x = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04)  # symmetric, factor 1
+    # tau 0, delta 0.01: serial = T + b + 2 * 32 ms = 0.204 s; measured 0.25 s -> o = 46 ms.
+    assert overhead_sample(0.25, x, 0, 0.01) == pytest.approx(0.25 - 0.04 - 0.1 - 0.064)
+    # The paper's form would have read 78 ms: the download it leaves out lands in o.
+    paper = DecoInput(**{**x.__dict__, "time_model": "paper"})
+    assert overhead_sample(0.25, paper, 0, 0.01) == pytest.approx(0.25 - 0.04 - 0.1 - 0.032)
+
+
+def test_dense_rounds_are_priced_at_their_values_only():
+    assert sent_delta(0.01, 64) == 0.01
+    assert sent_delta(0.5, 64) == sent_delta(1.0, 64) == 0.5  # 32 of 64 bits per element
+    assert sent_delta(1.0, 32) == 1.0
 
 
 def test_smallest_tau_wins_ties():
@@ -101,7 +165,8 @@ def test_wire_bits_make_delta_smaller_than_the_papers_32():
 @pytest.mark.parametrize("field, value", [("num_params", 0), ("bandwidth_bps", 0.0), ("latency_s", -1.0),
                                           ("t_comp_s", 0.0), ("bits_per_element", 0.0), ("tau_max", -1),
                                           ("bandwidth_bps", float("inf")), ("overhead_s", -0.001),
-                                          ("overhead_s", float("nan"))])
+                                          ("overhead_s", float("nan")), ("down_bandwidth_bps", 0.0),
+                                          ("download_factor", 0.0), ("time_model", "nope")])
 def test_invalid_inputs_are_refused(field, value):
     args = dict(num_params=1000, bandwidth_bps=1e6, latency_s=0.1, t_comp_s=0.1)
     args[field] = value
@@ -109,14 +174,27 @@ def test_invalid_inputs_are_refused(field, value):
         DecoInput(**args)
 
 
-def test_decide_cli_prints_the_decision_as_json():
-    done = subprocess.run(wanps_command("controller", "decide", "--params", "124000000", "--bandwidth-mbit", "100",
-                                        "--latency-ms", "100", "--t-comp-ms", "790", "--bits-per-element", "32",
-                                        "--tau-max", "64"), capture_output=True, text=True, timeout=60)
+def test_decide_cli_prints_both_forms_as_json():
+    gpt = ("--params", "124000000", "--bandwidth-mbit", "100", "--latency-ms", "100", "--t-comp-ms", "790",
+           "--bits-per-element", "32", "--tau-max", "64")
+    done = subprocess.run(wanps_command("controller", "decide", *gpt, "--time-model", "paper"), capture_output=True,
+                          text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["tau"] == 2 and round(result["delta"], 2) == 0.02
+    assert result["tau"] == 2 and round(result["delta"], 2) == 0.02 and result["time_model"] == "paper"
     assert result["predicted_iter_s"] == pytest.approx(0.79)
+    # Both forms, whichever is on top; the default is the PS form.
+    default = json.loads(subprocess.run(wanps_command("controller", "decide", *gpt), capture_output=True, text=True,
+                                        timeout=60).stdout)
+    assert default["time_model"] == "ps" and default["forms"] == result["forms"]
+    ps = deco(DecoInput(num_params=124_000_000, bandwidth_bps=100e6, latency_s=0.1, t_comp_s=0.79, bits_per_element=32,
+                        tau_max=64))
+    assert (default["tau"], default["delta"]) == (ps.tau, pytest.approx(ps.delta))
+    assert (result["forms"]["paper"]["tau"], result["forms"]["ps"]["tau"]) == (2, 3)  # the download needs one more tau
+    asymmetric = json.loads(subprocess.run(wanps_command("controller", "decide", *gpt, "--down-bandwidth-mbit", "25",
+                                                         "--download-factor", "4"),
+                                           capture_output=True, text=True, timeout=60).stdout)
+    assert asymmetric["delta"] < default["delta"]
     bad = subprocess.run(wanps_command("controller", "decide", "--params", "0", "--bandwidth-mbit", "1",
                                        "--latency-ms", "1", "--t-comp-ms", "1"), capture_output=True, text=True,
                          timeout=60)
@@ -125,7 +203,7 @@ def test_decide_cli_prints_the_decision_as_json():
 
 def test_overhead_is_part_of_the_step_in_theorem3_and_in_algorithm1():
     """o = 10 ms on a 40 ms step: T_step = 50 ms everywhere T_comp was; o = 0 is the paper."""
-    common = dict(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04)
+    common = dict(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04, time_model="paper")
     plain, loaded = DecoInput(**common), DecoInput(**common, overhead_s=0.01)
     same = DecoInput(**{**common, "t_comp_s": 0.05})
     assert loaded.step_s == pytest.approx(0.05)
@@ -141,7 +219,8 @@ def test_overhead_is_part_of_the_step_in_theorem3_and_in_algorithm1():
 
 
 def test_prediction_for_any_decision_uses_the_step_and_the_transfer():
-    x = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04, overhead_s=0.01)
+    x = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04, overhead_s=0.01,
+                  time_model="paper")
     # D-SGD: (0.05 + 0.1 + 3.2) / 1; tau 2 delta 0.01: max{(0.05 + 0.1 + 0.032)/3, 0.032, 0.05}.
     assert predicted_for(x, 0, 1.0) == pytest.approx(0.05 + 0.1 + 3.2)
     assert predicted_for(x, 2, 0.01) == pytest.approx((0.05 + 0.1 + 0.032) / 3)
@@ -151,7 +230,7 @@ def test_prediction_for_any_decision_uses_the_step_and_the_transfer():
 
 
 def test_overhead_is_read_from_the_serial_term_and_not_from_link_bound_rounds():
-    x = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04)
+    x = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04, time_model="paper")
     # tau 8, delta 0.01 (transfer 32 ms): compute-bound, serial term 40 ms; measured 50 ms -> o = 10 ms.
     assert overhead_sample(0.05, x, 8, 0.01) == pytest.approx(0.01)
     # D-SGD: serial term T_comp + b + S_g/a = 3.34 s; measured 3.4 s -> 60 ms.
@@ -161,5 +240,6 @@ def test_overhead_is_read_from_the_serial_term_and_not_from_link_bound_rounds():
     # tau 8, delta 0.1 (transfer 320 ms >> 40 ms step): the round waits on the link, o is not visible.
     assert overhead_sample(0.33, x, 8, 0.1) is None
     # DeCo's boundary with o known: transfer = T_comp + o is still an observation.
-    known = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04, overhead_s=0.01)
+    known = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04, overhead_s=0.01,
+                      time_model="paper")
     assert overhead_sample(0.05, known, 8, 0.05 * 20e6 / 64e6) == pytest.approx(0.01)

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from wanps.controller.estimator import (
+    DIRECTION_DOWN,
+    DIRECTION_UP,
     KIND_COMPUTE,
+    KIND_DOWNLOAD,
     KIND_PING,
     KIND_PUSH,
     EstimatorConfig,
@@ -101,3 +104,64 @@ def test_too_few_samples_give_no_estimate():
     assert est.estimate(0.0) is None  # min_pushes = 3
     with pytest.raises(ValueError):
         est.add(Sample(KIND_PUSH, 10, -1.0, 0.0))
+
+
+def feed_probes(estimator, *, up, down, rtt, t0, t1, rng, jitter=0.01, push_bytes=300, probe_s=0.04):
+    """Deco at a small delta: tiny pushes every 50 ms, a ping every 0.5 s, probes sized to
+    `probe_s` of transfer in each direction every second (as worker/probes.py plans them)."""
+    for i, t in enumerate(np.arange(t0, t1, 0.05)):
+        estimator.add(Sample(KIND_PUSH, push_bytes, rtt + jitter * rng.random() + 8 * push_bytes / up, t))
+        if i % 10 == 0:
+            estimator.add(Sample(KIND_PING, 0, rtt + jitter * rng.random(), t))
+            estimator.add(Sample(KIND_COMPUTE, 0, 0.02, t))
+        if i % 20 == 5:
+            size = int(up * probe_s * rng.uniform(0.8, 1.2) / 8)
+            estimator.add(Sample(KIND_PING, size, rtt + jitter * rng.random() + 8 * size / up, t,
+                                 direction=DIRECTION_UP))
+        if i % 20 == 15:
+            size = int(down * probe_s * rng.uniform(0.8, 1.2) / 8)
+            estimator.add(Sample(KIND_PING, size, rtt + jitter * rng.random() + 8 * size / down, t,
+                                 direction=DIRECTION_DOWN))
+
+
+def test_each_direction_is_estimated_apart_from_its_own_probes_whatever_the_pushes():
+    rng = np.random.default_rng(1)
+    est = LinkEstimator()
+    feed_probes(est, up=5 * MBIT, down=40 * MBIT, rtt=0.1, t0=0, t1=10, rng=rng)
+    e = est.estimate(10.0)
+    assert e.bandwidth_bps == pytest.approx(5 * MBIT, rel=0.15)  # tiny pushes do not drag it down
+    assert e.down_bandwidth_bps == pytest.approx(40 * MBIT, rel=0.15)
+    assert e.down_samples >= 3 and e.down_method is not None
+    assert e.latency_s == pytest.approx(0.1, abs=0.005)
+
+
+def test_without_downlink_points_there_is_no_downlink_estimate():
+    est = LinkEstimator()
+    feed(est, bandwidth=20 * MBIT, rtt=0.1, t0=0, t1=5, sizes=[20_000, 60_000, 120_000])
+    for t in range(5):  # one-chunk deltas: nothing timed
+        est.add(Sample(KIND_DOWNLOAD, 50_000, 0.0, float(t)))
+    e = est.estimate(5.0)
+    assert e.bandwidth_bps == pytest.approx(20 * MBIT, rel=1e-6)
+    assert e.down_bandwidth_bps is None and e.down_samples == 0
+
+
+def test_multi_chunk_deltas_time_the_downlink():
+    """A delta's bytes after its first chunk arrive at the link's rate; the round trip is added back."""
+    est = LinkEstimator()
+    feed(est, bandwidth=20 * MBIT, rtt=0.1, t0=0, t1=5, sizes=[20_000, 60_000, 120_000])
+    for i, timed in enumerate([1_000_000, 2_000_000, 3_000_000] * 3):
+        est.add(Sample(KIND_DOWNLOAD, timed + 1_048_576, 8 * timed / (50 * MBIT), i * 0.5, timed_bytes=timed))
+    e = est.estimate(5.0)
+    assert e.down_bandwidth_bps == pytest.approx(50 * MBIT, rel=1e-6)
+    assert e.bandwidth_bps == pytest.approx(20 * MBIT, rel=1e-6)
+
+
+def test_a_downlink_change_alone_is_followed():
+    rng = np.random.default_rng(2)
+    est = LinkEstimator(EstimatorConfig(window_s=10.0, change_window_s=3.0))
+    feed_probes(est, up=10 * MBIT, down=40 * MBIT, rtt=0.1, t0=0, t1=20, rng=rng, jitter=0.002)
+    assert est.estimate(20.0).down_bandwidth_bps == pytest.approx(40 * MBIT, rel=0.15)
+    feed_probes(est, up=10 * MBIT, down=10 * MBIT, rtt=0.1, t0=20, t1=25, rng=rng, jitter=0.002)
+    changed = est.estimate(25.0)
+    assert changed.down_bandwidth_bps == pytest.approx(10 * MBIT, rel=0.15)
+    assert changed.bandwidth_bps == pytest.approx(10 * MBIT, rel=0.15)

@@ -493,17 +493,21 @@ def fuzz_ping_and_leave(examples: int) -> None:
                                 st.integers(0, U64)),
                sent=st.integers(-(2**63), 2**63 - 1),
                padding=st.one_of(st.integers(0, 64), st.integers(MAX_PING_PADDING - 1, MAX_PING_PADDING + 64)),
+               reply=st.one_of(st.just(0), st.integers(0, 64), st.integers(MAX_PING_PADDING - 1, 2**32 - 1)),
                leave=st.booleans(), data=st.data())
-        def property_(worker, sent, padding, leave, data):
+        def property_(worker, sent, padding, reply, leave, data):
             secret = secrets_for(data.draw, fuzzed, worker)
-            ping = pb.PingRequest(worker_id=worker, sent_unix_ns=sent, padding=bytes(padding), member_secret=secret)
+            ping = pb.PingRequest(worker_id=worker, sent_unix_ns=sent, padding=bytes(padding), reply_bytes=reply,
+                                  member_secret=secret)
             if padding > MAX_PING_PADDING:
                 expected = RE
+            elif reply > MAX_PING_PADDING:
+                expected = I
             elif worker == 0:
                 expected = OK  # an anonymous probe: no member named, nothing to prove
             else:
                 expected = fuzzed.identity_code(worker, secret)  # a forgotten worker hears NOT_FOUND
-            check(fuzzed, lambda: fuzzed.client.stub.Ping(ping, timeout=10), expected, (worker, sent, padding))
+            check(fuzzed, lambda: fuzzed.client.stub.Ping(ping, timeout=10), expected, (worker, sent, padding, reply))
             if leave:
                 request = pb.LeaveRequest(worker_id=worker, member_secret=secret)
                 check(fuzzed, lambda: fuzzed.client.stub.Leave(request, timeout=10),
@@ -611,12 +615,16 @@ def link_samples(draw) -> pb.LinkSample:
         unix_ns=draw(st.integers(-(2**63), 2**63 - 1)),
         grad_norm=draw(st.one_of(st.floats(0, 100), weird)),
         elements=draw(st.one_of(st.integers(0, 10**6), st.integers(0, U64))),
+        direction=draw(st.one_of(st.integers(0, 2), st.integers(0, 2**31 - 1))),
+        timed_bytes=draw(st.one_of(st.just(0), st.integers(0, 10**7), st.integers(0, U64))),
+        queued_s=draw(st.one_of(st.just(0.0), st.floats(0, 10), weird)),
     )
 
 
 def sample_is_valid(s: pb.LinkSample) -> bool:
     return (s.kind in (1, 2, 3, 4) and math.isfinite(s.seconds) and s.seconds >= 0
-            and math.isfinite(s.grad_norm) and s.grad_norm >= 0 and s.elements <= MAX_PARAMS)
+            and math.isfinite(s.grad_norm) and s.grad_norm >= 0 and s.elements <= MAX_PARAMS
+            and s.direction in (0, 1, 2) and s.timed_bytes <= s.bytes and 0 <= s.queued_s <= s.seconds)
 
 
 def fuzz_controller(examples: int) -> None:

@@ -64,6 +64,25 @@ def test_ping_padding_has_its_own_limit(make_cluster):
     assert error.code() == EXHAUSTED and "padding" in error.details()
 
 
+def test_downlink_probes_are_bounded_and_counted(make_cluster):
+    """A Ping's reply carries reply_bytes of padding (a downlink probe); above the limit it is
+    INVALID_ARGUMENT and nothing is sent or counted. Both directions' probe bytes are counted."""
+    cluster = make_cluster(policy=None, max_message_bytes=4 * 2**20)
+    registry = cluster.server_registry
+    probe = lambda direction: registry.get_sample_value("wanps_server_probe_bytes_total",  # noqa: E731
+                                                        {"direction": direction}) or 0.0
+    with sync_channel(cluster.server_address, max_message_bytes=4 * 2**20) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        reply = stub.Ping(pb.PingRequest(reply_bytes=50_000, padding=bytes(20_000)), timeout=10)
+        assert len(reply.padding) == 50_000 and not any(reply.padding)
+        assert (probe("up"), probe("down")) == (20_000, 50_000)
+        sent = registry.get_sample_value("wanps_server_sent_bytes_total")
+        error = refused(lambda: stub.Ping(pb.PingRequest(reply_bytes=MAX_PING_PADDING + 1), timeout=10))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "reply_bytes" in error.details()
+        assert probe("down") == 50_000 and registry.get_sample_value("wanps_server_sent_bytes_total") == sent
+        assert len(stub.Ping(pb.PingRequest(reply_bytes=MAX_PING_PADDING), timeout=10).padding) == MAX_PING_PADDING
+
+
 def test_models_and_pushes_over_the_element_limit_are_refused(make_cluster):
     cluster = make_cluster(policy=None, limits=Limits(max_payload_elements=1000))
     client = RawClient(cluster.server_address)

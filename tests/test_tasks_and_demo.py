@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from wanps.deploy.demo import DemoConfig, link_series, plot, policy_label
 from wanps.deploy.processes import wanps_command
 from wanps.worker.tasks import get_task
 
@@ -62,4 +63,31 @@ def test_demo_reaches_its_target_and_writes_results(tmp_path):
     assert {(r[2], r[3]) for r in result["per_round"]} == {(2, 0.1)}
     assert any(r[4] is not None for r in result["per_round"])
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The PNG's second panel reads the controller's estimates over time.
+    assert result["link_track"] and all("links" in t and "round" in t for t in result["link_track"])
     assert "time to target" in done.stdout
+
+
+def test_the_legend_names_one_tau_and_delta_only_when_the_run_used_one():
+    fixed = [[r, 0.1 * r, 2, 0.01, None] for r in range(5)]
+    assert policy_label("static", fixed) == "static (tau 2, delta 0.01)"
+    moving = fixed + [[5, 0.5, 4, 0.003, None]]
+    assert "tau 2" not in policy_label("deco", moving) and "over time" in policy_label("deco", moving)
+    assert policy_label("deco", []) == "deco"
+
+
+def test_the_second_panel_shows_set_and_estimated_bandwidth_with_the_decisions_in_force(tmp_path):
+    track = [{"time_s": 1.0, "round": 3, "links": [{"bandwidth_bps": 8e6, "down_bandwidth_bps": 9e6},
+                                                   {"bandwidth_bps": 5e6}]},
+             {"time_s": 3.0, "round": 9, "links": [{"bandwidth_bps": 6e6}]}]
+    used = {2: (2, 0.01), 8: (4, 0.002)}
+    series = link_series(track, used.get, lambda t: 10.0 if t < 4.5 else 20.0, offset_s=2.0)
+    assert series.times == [1.0, 3.0] and series.set_mbit == [10.0, 20.0]  # trace time = offset + time
+    assert series.up_mbit == [5.0, 6.0]  # the slowest link's
+    assert series.down_mbit[0] == 9.0 and series.down_mbit[1] != series.down_mbit[1]  # nan: no estimate of its own
+    assert (series.taus, series.deltas) == ([2, 4], [0.01, 0.002])
+    per_round = [[r, 0.3 * r, *used.get(r, (2, 0.01)), None] for r in range(10)]
+    path = tmp_path / "demo.png"
+    plot([(1.0, 3, 0.5), (3.0, 9, 0.7)], DemoConfig(policy="deco", trace=""), path,
+         {"link_track": track, "per_round": per_round, "trace_offset_s": 2.0})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -53,3 +53,69 @@ def test_a_session_without_a_controller_keeps_no_samples() -> None:
         assert len(session.telemetry.samples) == 0
     finally:
         session.close()
+
+
+@pytest.mark.timeout(120)
+def test_probes_measure_each_direction_of_an_asymmetric_link_without_any_push(make_cluster, loop_thread) -> None:
+    """A worker that never pushes (a tiny delta at its limit): probes alone give the controller
+    both directions, through a real emulated link of 8 Mbit/s up and 2 down."""
+    import time
+
+    import torch
+
+    from wanps.linkem.proxy import LinkEmulator
+    from wanps.linkem.trace import LinkTrace
+    from wanps.proto.codec import fingerprint_of
+
+    cluster = make_cluster(policy="static")
+    link = LinkEmulator("127.0.0.1", 0, "127.0.0.1", cluster.server.port, LinkTrace.fixed(8, 10),
+                        downlink_trace=LinkTrace.fixed(2, 10))
+    loop_thread.run(link.start())
+    session = WorkerSession(f"127.0.0.1:{link.bound_port}", cluster.controller_address)
+    try:
+        reply = session.join(16, fingerprint_of([("w", (16,), "float32")]), name="probe-test", timeout=30)
+        session.seed(torch.zeros(16))
+        session.follow_decisions()
+        core = cluster.controller.service.core
+        deadline = time.monotonic() + 90
+        estimate = None
+        while time.monotonic() < deadline:  # bounded: the estimate needs three probes each way
+            estimate = loop_thread.run(_estimate_of(core, reply.worker_id))
+            if estimate is not None and estimate.down_samples >= 3 and estimate.down_bandwidth_bps is not None:
+                break
+            session.wait_for_decision(0.5)  # a bounded wait between polls
+        assert estimate is not None and estimate.down_bandwidth_bps is not None, estimate
+        assert estimate.down_bandwidth_bps < estimate.bandwidth_bps / 2  # 2 Mbit/s down against 8 up
+        probes = cluster.server_registry.get_sample_value("wanps_server_probe_bytes_total", {"direction": "down"})
+        assert probes and probes > 0
+    finally:
+        session.close()
+        loop_thread.run(link.close())
+
+
+async def _estimate_of(core, worker_id):
+    """Read on the controller's loop."""
+    return core.estimates.get(worker_id)
+
+
+def test_pushes_queued_behind_the_workers_own_pushes_are_timed_by_their_dispersion(io: IoLoop) -> None:
+    """Four 10 kB pushes sent 10 ms apart on a 1 Mbit/s link with a 100 ms RTT: each takes 80 ms
+    on the link, so the acks come 80 ms apart; all but the first waited behind the one before."""
+    from wanps.controller.estimator import KIND_PING, KIND_PUSH, LinkEstimator, Sample
+
+    telemetry = Telemetry(io, controller=object())
+    telemetry.probes.rtt(0.1, 0.0)
+    for i in range(4):
+        sent, acked = 0.01 * i, 0.1 + 0.08 * (i + 1)
+        telemetry.push_acknowledged(10_000, sent, acked, i, 1250)
+    samples = list(telemetry.samples)
+    assert samples[0].queued_s == 0.0  # the link was idle
+    for i, sample in enumerate(samples[1:], start=1):
+        assert sample.seconds == pytest.approx(0.1 + 0.08 * (i + 1) - 0.01 * i)
+        assert sample.seconds - sample.queued_s == pytest.approx(0.08)  # its own transfer
+    # The controller reads 1 Mbit/s from them, not 10 kB over the whole wait.
+    estimator = LinkEstimator()
+    estimator.add(Sample(KIND_PING, 0, 0.1, 0.0))
+    for s in samples:
+        estimator.add(Sample(KIND_PUSH, s.bytes, s.seconds, 0.0, queued_s=s.queued_s))
+    assert estimator.estimate(0.0).bandwidth_bps == pytest.approx(1e6, rel=1e-6)

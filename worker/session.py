@@ -276,10 +276,15 @@ class WorkerSession:
         index_parts: list[bytes] = []
         value_parts: list[bytes] = []
         started = 0.0
+        first_chunk_bytes = 0
         try:
             async for chunk in self._server.Updates(request, wait_for_ready=True):
                 if not index_parts and not value_parts:
+                    # The worker cannot see when the server sent a delta (no shared clock), and
+                    # the first chunk's arrival includes waiting for the round to close: only
+                    # the chunks after it, sent back to back, time the downlink.
                     started = time.monotonic()
+                    first_chunk_bytes = len(chunk.indices) + len(chunk.values)
                 index_parts.append(chunk.indices)
                 value_parts.append(chunk.values)
                 if not chunk.last:
@@ -290,7 +295,8 @@ class WorkerSession:
                 delta = codec.decode_delta(index_raw, value_raw, chunk.total_count, self.num_params, chunk.dense)
                 nbytes = len(index_raw) + len(value_raw)
                 self._count_received(nbytes)
-                self.telemetry.sample(pb.LinkSample.KIND_DOWNLOAD, nbytes, time.monotonic() - started, chunk.round)
+                self.telemetry.delta_received(nbytes, nbytes - first_chunk_bytes, started, time.monotonic(),
+                                              chunk.round)
                 self.deltas.put(ReceivedDelta(chunk.round, chunk.version, delta,
                                               chunk.model_checksum if chunk.has_model_checksum else None, nbytes,
                                               chunk.pushed + chunk.skipped))
@@ -339,12 +345,13 @@ class WorkerSession:
                 log.warning("controller stream lost (%s); keeping the last decision", exc)
             await asyncio.sleep(next(delays))
 
-    async def _ping(self, padding: bytes) -> None:
+    async def _ping(self, padding: bytes, reply_bytes: int = 0) -> None:
         generation, worker_id = self._generation, self.worker_id
         try:
-            await self._server.Ping(pb.PingRequest(worker_id=worker_id or 0, sent_unix_ns=time.time_ns(),
-                                                   padding=padding, member_secret=self.member_secret),
-                                    timeout=PING_TIMEOUT_S)
+            reply = await self._server.Ping(
+                pb.PingRequest(worker_id=worker_id or 0, sent_unix_ns=time.time_ns(), padding=padding,
+                               reply_bytes=reply_bytes, member_secret=self.member_secret),
+                timeout=PING_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             # The server does not know this worker (its lease ran out, or the server restarted
             # without it): recover at the next step boundary, which joins again.
@@ -352,6 +359,8 @@ class WorkerSession:
                 self._mark_lost(exc, generation)
             raise
         self._count_sent(len(padding))
+        if reply.padding:
+            self._count_received(len(reply.padding))
 
     def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
         self.telemetry.record_compute(seconds, round_, grad_norm)
@@ -411,9 +420,10 @@ class WorkerSession:
                 self._mark_lost(exc, generation)
                 return pb.PushReply()
             raise
-        seconds = time.monotonic() - started
+        acked = time.monotonic()
+        seconds = acked - started
         elements = 0 if logged.update is None else logged.update.count
-        self.telemetry.sample(pb.LinkSample.KIND_PUSH, logged.nbytes, seconds, logged.round, elements=elements)
+        self.telemetry.push_acknowledged(logged.nbytes, started, acked, logged.round, elements)
         if self.metrics is not None:
             self.metrics.push_seconds.observe(seconds)
         self.push_log.forget_below(reply.durable_version)

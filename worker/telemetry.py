@@ -2,8 +2,9 @@
 
 Samples (push, ping, download and compute times) are kept only when a controller will
 receive them, in a bounded queue, and sent once a second. Pings go to the server whether
-or not anyone reports them (they are also the worker's heartbeat); every PROBE_EVERY-th
-carries padding, so the controller sees the link's bandwidth even when pushes are tiny.
+or not anyone reports them (they are also the worker's heartbeat); while a controller
+receives samples, bandwidth probes follow them when the traffic is too small to measure
+a direction of the link (worker/probes.py says when and how big).
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto.wire import MAX_SAMPLES_PER_REPORT
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.worker.io_loop import IoLoop
+from wanps.worker.probes import DOWN, UP, ProbePlanner
+
+# ping(padding, reply_bytes): one Ping to the server, raising AioRpcError if it fails.
+Ping = Callable[[bytes, int], Awaitable[None]]
+_DIRECTION = {UP: pb.LinkSample.DIRECTION_UP, DOWN: pb.LinkSample.DIRECTION_DOWN}
 
 log = logging.getLogger("wanps.worker")
 
@@ -29,13 +35,13 @@ REPORT_TIMEOUT_S = 5.0
 # limit): a report sends the newest samples, so older ones beyond it would never be sent, and
 # a worker whose reports fail or have not started yet keeps no more than that.
 # A ping every PING_INTERVAL_S (enough unqueued RTTs for a low quantile in a few seconds);
-# every PROBE_EVERY-th carries PROBE_BYTES of padding, so the controller sees the link's
-# bandwidth even when pushes are tiny (a small delta): 32 KiB every 4 s is 64 kbit/s,
-# about 0.3% of a 20 Mbit/s link.
+# probes, when due, go right after it, one direction at a time, so none overlaps another.
 PING_INTERVAL_S = 0.5
 PING_TIMEOUT_S = 10.0
-PROBE_EVERY = 8
-PROBE_BYTES = 32 * 1024
+# A push that queued behind this worker's earlier pushes is timed over the train of up to
+# this many acknowledgements the link was busy for (one gap alone suffers ack compression:
+# acknowledgements handled in one loop turn arrive "at once").
+TRAIN_ACKS = 4
 
 
 class Telemetry:
@@ -54,6 +60,13 @@ class Telemetry:
         self.worker_id = 0
         self.num_params = 0
         self.reported_round = 0
+        self.probes = ProbePlanner()
+        # When this worker's link was last seen busy with its own traffic, each way: the
+        # newest push acknowledgement, and the newest delta's last chunk (time.monotonic()).
+        self._uplink_busy_until = 0.0
+        self._downlink_busy_until = 0.0
+        # The newest push acknowledgements: (time, bytes, whether that push had queued).
+        self._acks: deque[tuple[float, int, bool]] = deque(maxlen=TRAIN_ACKS + 1)
 
     def joined(self, worker_id: int, num_params: int, first_round: int) -> None:
         """Report as this member, from the round it starts at, not 0 (a restarted controller
@@ -67,10 +80,67 @@ class Telemetry:
         self._io.call_soon(self.samples.clear)
 
     def sample(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0,
-               elements: int = 0) -> None:
-        if self.collecting:
-            self.samples.append(pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
-                                              unix_ns=time.time_ns(), grad_norm=grad_norm, elements=elements))
+               elements: int = 0, timed_bytes: int = 0, direction: int = pb.LinkSample.DIRECTION_UNSPECIFIED,
+               queued_s: float = 0.0) -> None:
+        if not self.collecting:
+            return
+        self.samples.append(pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
+                                          unix_ns=time.time_ns(), grad_norm=grad_norm, elements=elements,
+                                          timed_bytes=timed_bytes, direction=direction, queued_s=queued_s))
+        # What the traffic tells the probe plan (probes report themselves in _probe).
+        now = time.monotonic()
+        if kind == pb.LinkSample.KIND_PING and nbytes == 0:
+            self.probes.rtt(seconds, now)
+        elif kind == pb.LinkSample.KIND_PUSH:
+            if queued_s > 0:  # the transfer alone: from the link freeing up to the acknowledgement
+                self.probes.traffic(UP, nbytes, seconds - queued_s, now, round_trip=False)
+            else:
+                self.probes.traffic(UP, nbytes, seconds, now, round_trip=True)
+        elif kind == pb.LinkSample.KIND_DOWNLOAD:
+            self.probes.traffic(DOWN, timed_bytes, seconds, now, round_trip=False)
+
+    def push_acknowledged(self, nbytes: int, sent_at: float, acked_at: float, round_: int, elements: int) -> None:
+        """A push's sample, with the time it waited behind this worker's earlier pushes."""
+        queued = self._queued_s(sent_at, acked_at, self._uplink_busy_until)
+        self._uplink_busy_until = max(self._uplink_busy_until, acked_at)
+        if queued > 0 and nbytes > 0 and self._acks:
+            # Its own transfer at the rate of the busy train it ends (TRAIN_ACKS): the link was
+            # busy since the previous acknowledgement, and before it as long as those queued too.
+            train = list(self._acks)
+            carried, start, k = nbytes, train[-1][0], len(train) - 1
+            while k >= 1 and train[k][2]:
+                carried += train[k][1]
+                start = train[k - 1][0]
+                k -= 1
+            transfer = nbytes * (acked_at - start) / carried
+            if transfer < acked_at - sent_at:
+                queued = acked_at - sent_at - transfer
+        self._acks.append((acked_at, nbytes, queued > 0))
+        self.sample(pb.LinkSample.KIND_PUSH, nbytes, acked_at - sent_at, round_, elements=elements, queued_s=queued)
+
+    def delta_received(self, nbytes: int, timed_bytes: int, first_chunk_at: float, last_chunk_at: float,
+                       round_: int) -> None:
+        self._downlink_busy_until = max(self._downlink_busy_until, last_chunk_at)
+        self.sample(pb.LinkSample.KIND_DOWNLOAD, nbytes, last_chunk_at - first_chunk_at, round_,
+                    timed_bytes=timed_bytes)
+
+    def _queued_s(self, sent_at: float, done_at: float, busy_until: float) -> float:
+        """How long a transfer sent at `sent_at` waited for the link behind this worker's own
+        earlier traffic; 0 when it did not.
+
+        With tau > 0 several pushes are in flight on one link, and a push's bytes cannot
+        start crossing before the previous push's have: that one's acknowledgement arrived
+        at `busy_until`. If it arrived more than a base RTT after `sent_at`, the link was
+        still busy when this push was sent, and this push's own transfer is the time
+        between the two acknowledgements (packet-train dispersion, as BBR's delivery rate):
+        it waited `busy_until - sent_at`. Without this a link kept busy by the worker's own
+        pushes reads as slower than it is, the more so the larger tau, and the round trips
+        of a standing queue do not help (they grow with it).
+        """
+        base = self.probes.base_rtt(done_at)
+        if base is None or busy_until - sent_at <= base:
+            return 0.0
+        return min(busy_until, done_at) - sent_at
 
     def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
         self._io.call_soon(self.sample, pb.LinkSample.KIND_COMPUTE, 0, seconds, round_, grad_norm)
@@ -100,15 +170,44 @@ class Telemetry:
         if self._controller is not None and self.samples:
             await self.report()
 
-    async def ping_loop(self, ping: Callable[[bytes], Awaitable[None]]) -> None:
-        """`ping(padding)` sends one Ping to the server (raising AioRpcError if it fails)."""
-        probe = bytes(PROBE_BYTES)
-        for count in itertools.count():
+    async def ping_loop(self, ping: Ping) -> None:
+        """A ping every PING_INTERVAL_S (the heartbeat and the RTT samples), then the probes due."""
+        for _ in itertools.count():
             await asyncio.sleep(PING_INTERVAL_S)
-            padding = probe if count % PROBE_EVERY == PROBE_EVERY - 1 else b""
-            started = time.monotonic()
-            try:
-                await ping(padding)
-            except grpc.aio.AioRpcError:
+            if await self._timed_ping(ping, b"", 0) is None or not self.collecting:
                 continue
-            self.sample(pb.LinkSample.KIND_PING, len(padding), time.monotonic() - started, self.reported_round)
+            for direction in (UP, DOWN):
+                size = self.probes.plan(direction, time.monotonic())
+                if size:
+                    await self._probe(ping, direction, size)
+
+    async def _timed_ping(self, ping: Ping, padding: bytes, reply_bytes: int) -> float | None:
+        started = time.monotonic()
+        try:
+            await ping(padding, reply_bytes)
+        except grpc.aio.AioRpcError:
+            return None
+        seconds = time.monotonic() - started
+        if not padding and not reply_bytes:
+            self.sample(pb.LinkSample.KIND_PING, 0, seconds, self.reported_round)
+        return seconds
+
+    async def _probe(self, ping: Ping, direction: str, size: int) -> None:
+        """One probe of `size` bytes: padding up, or a reply that carries them down. A probe
+        queues behind this worker's pushes (up) or deltas (down) like any of its traffic."""
+        sent_at = time.monotonic()
+        seconds = await self._timed_ping(ping, bytes(size) if direction == UP else b"", size if direction == DOWN else 0)
+        if seconds is None:
+            return
+        done_at = time.monotonic()
+        busy_until = self._uplink_busy_until if direction == UP else self._downlink_busy_until
+        queued = self._queued_s(sent_at, done_at, busy_until)
+        if queued and direction == DOWN:
+            # The reply came down behind the worker's own deltas, and the server interleaves
+            # the two on one connection: neither its round trip nor its spacing from the
+            # delta reads the link. No sample (the next probe still waits out its share).
+            self.probes.probe_done(direction, size, seconds, done_at, round_trip=True, readable=False)
+            return
+        self.probes.probe_done(direction, size, seconds - queued, done_at, round_trip=queued == 0)
+        self.sample(pb.LinkSample.KIND_PING, size, seconds, self.reported_round, direction=_DIRECTION[direction],
+                    queued_s=queued)
