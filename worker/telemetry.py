@@ -8,6 +8,7 @@ carries padding, so the controller sees the link's bandwidth even when pushes ar
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -54,6 +55,10 @@ class Telemetry:
         self.worker_id = 0
         self.num_params = 0
         self.reported_round = 0
+        # One shard's session of a sharded worker (worker/shards.py): its samples go to
+        # forward(kind, bytes, seconds, round, grad_norm, elements), which sums a round's
+        # transfers over the shards, instead of into this queue.
+        self.forward: Callable[[int, int, float, int, float, int], None] | None = None
 
     def joined(self, worker_id: int, num_params: int, first_round: int) -> None:
         """Report as this member, from the round it starts at, not 0 (a restarted controller
@@ -68,9 +73,22 @@ class Telemetry:
 
     def sample(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0,
                elements: int = 0) -> None:
+        if self.forward is not None:
+            self.forward(kind, nbytes, seconds, round_, grad_norm, elements)
+        else:
+            self.keep(kind, nbytes, seconds, round_, grad_norm, elements)
+
+    def keep(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0,
+             elements: int = 0) -> None:
+        """Queue one sample for the next report (on the I/O loop)."""
         if self.collecting:
             self.samples.append(pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
                                               unix_ns=time.time_ns(), grad_norm=grad_norm, elements=elements))
+
+    def keep_soon(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0,
+                  elements: int = 0) -> None:
+        """`keep`, from any thread: it runs on the I/O loop, where reports take the samples."""
+        self._io.call_soon(functools.partial(self.keep, kind, nbytes, seconds, round_, grad_norm, elements))
 
     def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
         self._io.call_soon(self.sample, pb.LinkSample.KIND_COMPUTE, 0, seconds, round_, grad_norm)
