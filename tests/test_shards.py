@@ -11,8 +11,10 @@ resumed from its checkpoint while `wanps worker --server A,B` processes train.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -650,3 +652,20 @@ def test_a_shard_killed_and_resumed_from_its_checkpoint_while_workers_train(tmp_
             f"shard 1/2 (give each shard its own checkpoint directory)")
     finally:
         stop_all(processes)
+
+
+@pytest.mark.slow  # ~45 s on the loaded 2-core machine (six processes train to 90%); make test-all runs it
+def test_the_demo_runs_over_two_shards(tmp_path):
+    """`wanps demo --shards 2`: two `wanps server --shard I/2`, workers and the observer over both."""
+    out = tmp_path / "results"
+    done = subprocess.run(
+        wanps_command("demo", "--task", "synthetic", "--workers", "2", "--shards", "2", "--direct", "--policy", "static",
+                      "--tau", "1", "--delta", "0.1", "--lr", "0.2", "--target-accuracy", "0.9", "--time-limit", "90",
+                      "--eval-every", "0.5", "--out", str(out), "--no-progress"),
+        capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((out / "demo.json").read_text())
+    assert result["reached_target"] is True and result["shards"] == 2
+    assert result["bytes_up"] > 0 and result["bytes_down"] > 0
+    assert sorted(path.name for path in (out / "logs").glob("server-*.log")) == ["server-0.log", "server-1.log"]
+    assert "2 shards" in done.stdout
