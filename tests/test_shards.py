@@ -478,6 +478,44 @@ def start_shards_at(loop_thread, index: int, count: int, port: int, **options) -
     return loop_thread.run(start_server(config, CollectorRegistry()))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                               reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compressor,value_dtype", [("random-block", "bfloat16"), ("topk-sampled", "float16")])
+def test_random_blocks_and_16_bit_values_over_shards_on_the_models_device(loop_thread, shards, device, compressor,
+                                                                          value_dtype):
+    """The push is split where the model lives (searchsorted and the index shift on its device;
+    a random block crossing the boundary becomes two blocks); replicas (views of each shard's
+    range on the device) stay equal to the shards' models."""
+    from device_checks import batches as device_batches
+    from device_checks import tiny_mlp, train
+
+    place = torch.device(device) if device == "cpu" else torch.device("cuda", torch.cuda.current_device())
+    servers = shards(2, min_workers=2, tau_max=2)
+    models = [tiny_mlp(place) for _ in range(2)]  # built here: the same initial model in both
+    steps = 12
+    finals: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def work(index: int) -> None:
+        opt = Optimizer(models[index], server=addresses(servers), lr=0.1, tau=1, delta=0.3, compressor=compressor,
+                        value_dtype=value_dtype)
+        try:
+            assert opt.replica.device == place
+            train(opt, models[index], device_batches(place, index), steps)
+            opt._wait_until_fresh(opt.round)  # every pushed round applied
+            finals[index] = (opt.version, opt.replica.cpu())
+        finally:
+            opt.close()
+
+    run_in_threads(work, 2)
+    model = whole_model(servers)
+    for version, replica in finals.values():
+        assert version == steps and torch.equal(replica, model)
+    assert [server.service.core.version for server in servers] == [steps, steps]
+
+
 def join_request(view: tuple[int, int, int], num_params: int, specs: tuple[TensorSpec, ...]) -> pb.JoinRequest:
     request = pb.JoinRequest(role=pb.ROLE_WORKER, num_params=num_params, model_fingerprint=structures.fingerprint(specs),
                              structure=structures.to_messages(specs), name="raw")
