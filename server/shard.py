@@ -110,7 +110,8 @@ def check_view(spec: ShardSpec, view: ShardView, num_params: int) -> None:
             f"(wanps worker --server SHARD0,SHARD1,...)")
     start, stop = shard_range(view.total, view.index, view.count)
     if num_params != stop - start:
-        raise InvalidArgument(f"num_params {num_params} is not the length of {describe_shard(view.index, view.count, view.total)}")
+        raise InvalidArgument(f"num_params {num_params} is not the length of "
+                              f"{describe_shard(view.index, view.count, view.total)}")
 
 
 def push_context(spec: ShardSpec, total: int | None) -> str:

@@ -517,8 +517,8 @@ def test_random_blocks_and_16_bit_values_over_shards_on_the_models_device(loop_t
 
 
 def join_request(view: tuple[int, int, int], num_params: int, specs: tuple[TensorSpec, ...]) -> pb.JoinRequest:
-    request = pb.JoinRequest(role=pb.ROLE_WORKER, num_params=num_params, model_fingerprint=structures.fingerprint(specs),
-                             structure=structures.to_messages(specs), name="raw")
+    request = pb.JoinRequest(role=pb.ROLE_WORKER, num_params=num_params, name="raw",
+                             model_fingerprint=structures.fingerprint(specs), structure=structures.to_messages(specs))
     request.shard_index, request.shard_count, request.total_params = view
     return request
 
@@ -697,9 +697,9 @@ def test_the_demo_runs_over_two_shards(tmp_path):
     """`wanps demo --shards 2`: two `wanps server --shard I/2`, workers and the observer over both."""
     out = tmp_path / "results"
     done = subprocess.run(
-        wanps_command("demo", "--task", "synthetic", "--workers", "2", "--shards", "2", "--direct", "--policy", "static",
-                      "--tau", "1", "--delta", "0.1", "--lr", "0.2", "--target-accuracy", "0.9", "--time-limit", "90",
-                      "--eval-every", "0.5", "--out", str(out), "--no-progress"),
+        wanps_command("demo", "--task", "synthetic", "--workers", "2", "--shards", "2", "--direct",
+                      "--policy", "static", "--tau", "1", "--delta", "0.1", "--lr", "0.2", "--target-accuracy", "0.9",
+                      "--time-limit", "90", "--eval-every", "0.5", "--out", str(out), "--no-progress"),
         capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((out / "demo.json").read_text())

@@ -23,9 +23,9 @@ from wanps.worker.shards import open_session, replica_for
 
 
 class Observer:
-    def __init__(self, model: nn.Module | Iterable[torch.Tensor], server: str | Sequence[str], *, controller: str | None = None,
-                 name: str | None = None, keep_deltas: bool = False, join_timeout_s: float = 600.0,
-                 use_uvloop: bool = True, security: ClientSecurity | None = None,
+    def __init__(self, model: nn.Module | Iterable[torch.Tensor], server: str | Sequence[str], *,
+                 controller: str | None = None, name: str | None = None, keep_deltas: bool = False,
+                 join_timeout_s: float = 600.0, use_uvloop: bool = True, security: ClientSecurity | None = None,
                  recover_timeout_s: float = 600.0) -> None:
         """`model`: the module (follows every parameter and persistent buffer, as
         `Optimizer(model)` replicates them) or parameters (only those, as `Optimizer(params)`).

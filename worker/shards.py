@@ -85,7 +85,8 @@ def server_addresses(server: str | Sequence[str]) -> list[str]:
                          "separated by commas")
     repeated = sorted({a for a in addresses if addresses.count(a) > 1})
     if repeated:
-        raise ValueError(f"server {server!r} lists {', '.join(repeated)} more than once: each shard has its own address")
+        raise ValueError(f"server {server!r} lists {', '.join(repeated)} more than once: "
+                         "each shard has its own address")
     return addresses
 
 
@@ -497,7 +498,8 @@ class ShardedSession:
                 self.ranges[index][1] - self.ranges[index][0], fingerprint, name, timeout, observer=observer,
                 structure=structure, trainable_params=self.trainable_params))
             for index, (reply, (start, stop)) in enumerate(zip(replies, self.ranges)):
-                if (reply.shard_index, reply.shard_count, reply.range_start, reply.range_stop) != (index, count, start, stop):
+                said = (reply.shard_index, reply.shard_count, reply.range_start, reply.range_stop)
+                if said != (index, count, start, stop):
                     raise ShardOrderError(
                         f"{self.addresses[index]} joined this worker as shard {reply.shard_index}/{reply.shard_count} "
                         f"[{reply.range_start}, {reply.range_stop}), expected "
