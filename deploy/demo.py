@@ -1,7 +1,8 @@
 """`wanps demo` (= `make run`): a whole cluster on loopback over emulated WAN links.
 
-Starts a parameter server, a controller, one `wanps linkem` per worker (delay and a
-bandwidth that follows a trace), and the workers, as real processes. This process is the
+Starts a parameter server (or `--shards N` of them, each owning a key range of the model),
+a controller, one `wanps linkem` per worker and server (delay and a bandwidth that follows
+a trace), and the workers, as real processes. This process is the
 observer: it follows the model through the update stream and evaluates test accuracy
 against wall time, off the workers' critical path. It stops everything once the target
 accuracy is reached (or the time limit passes), prints a results table, and writes
@@ -54,6 +55,10 @@ class DemoConfig:
     # per-round predictions): one GetState every eval_every_s.
     track_links: bool = True
     direct: bool = False  # no link emulator (LAN-like loopback)
+    # Parameter servers the model is cut over (docs/architecture.md, "Beyond one server").
+    # Each (worker, shard) connection gets its own emulated link, so with N shards a worker's
+    # link carries N times the trace's bandwidth.
+    shards: int = 1
     out_dir: str = "results"
     progress: bool = True
     seed: int = 0
@@ -80,28 +85,32 @@ def scrape(port: int | None) -> dict[str, float]:
 
 
 def start_cluster(config: DemoConfig, log_dir: Path, env: dict[str, str] | None = None
-                  ) -> tuple[ManagedProcess, ManagedProcess, list[ManagedProcess]]:
-    """Server, controller and one link emulator per worker; returns them all started and ready.
+                  ) -> tuple[list[ManagedProcess], ManagedProcess, list[list[ManagedProcess]]]:
+    """The servers (one per shard), the controller, and for each worker one link emulator per
+    server; returns them all started and ready.
 
-    `env`: extra environment of the server and the controller (the demo's token file or token)."""
-    server = start_process("server", wanps_command(
-        "server", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+    `env`: extra environment of the servers and the controller (the demo's token file or token)."""
+    servers = [start_process("server" if config.shards == 1 else f"server-{index}", wanps_command(
+        "server", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--shard", f"{index}/{config.shards}",
         "--min-workers", str(config.workers), "--tau-max", str(config.tau_max)), log_dir, env=env)
+        for index in range(config.shards)]
     controller = start_process("controller", wanps_command(
         "controller", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
         "--policy", config.policy, "--tau", str(config.tau), "--delta", str(config.delta),
         "--tau-max", str(config.tau_max), *config.controller_args), log_dir, env=env)
-    server.wait_ready(60)
+    for server in servers:
+        server.wait_ready(60)
     controller.wait_ready(60)
-    links = []
+    links: list[list[ManagedProcess]] = []
     if not config.direct:
         for i in range(config.workers):
             trace = config.worker_traces[i] if config.worker_traces else (config.trace or default_trace())
-            links.append(start_process(f"linkem-{i}", wanps_command(
-                "linkem", "--listen", "127.0.0.1:0", "--target", server.address, "--trace", trace), log_dir))
-        for link in links:
+            links.append([start_process(f"linkem-{i}" if config.shards == 1 else f"linkem-{i}-{index}", wanps_command(
+                "linkem", "--listen", "127.0.0.1:0", "--target", server.address, "--trace", trace), log_dir)
+                for index, server in enumerate(servers)])
+        for link in (link for worker_links in links for link in worker_links):
             link.wait_ready(30)
-    return server, controller, links
+    return servers, controller, links
 
 
 def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict:
@@ -121,11 +130,12 @@ def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict
     try:
         child_env = client_security_env(security or ClientSecurity())
         links_started = time.monotonic()
-        server, controller, links = start_cluster(config, log_dir, child_env)
-        processes += [server, controller, *links]
+        servers, controller, links = start_cluster(config, log_dir, child_env)
+        processes += [*servers, controller, *(link for worker_links in links for link in worker_links)]
+        server_addresses = ",".join(server.address for server in servers)  # in shard order
         workers = []
         for i in range(config.workers):
-            server_address = server.address if config.direct else links[i].address
+            server_address = server_addresses if config.direct else ",".join(link.address for link in links[i])
             workers.append(start_process(f"worker-{i}", wanps_command(
                 "worker", "--server", server_address, "--controller", controller.address, "--task", config.task,
                 "--lr", str(config.lr), "--batch-size", str(config.batch_size), "--seed", str(config.seed),
@@ -133,7 +143,7 @@ def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict
                 env=child_env))
         processes += workers
         model = task.build_model(config.seed)
-        observer = Observer(model, server.address, controller=controller.address, name="demo-observer",
+        observer = Observer(model, server_addresses, controller=controller.address, name="demo-observer",
                             security=security)
         started = time.monotonic()
         rounds: list[dict] = []
@@ -187,7 +197,7 @@ def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict
                     break
             if progress is not None:
                 progress.update(observer.version - before)
-        metrics = scrape(server.metrics_port)
+        metrics = [scrape(server.metrics_port) for server in servers]
         controller_state = fetch_controller_state(controller.address, security)
         decisions = sorted(observer.session.decisions(), key=lambda d: d.decision_id)
     finally:
@@ -203,8 +213,9 @@ def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict
         "time_to_target_s": round(reached_at, 2) if reached_at is not None else None,
         "final_accuracy": round(final_accuracy, 4),
         "rounds": rounds[-1]["round"] + 1 if rounds else 0,
-        "bytes_up": int(metrics.get("wanps_server_received_bytes_total", 0)),
-        "bytes_down": int(metrics.get("wanps_server_sent_bytes_total", 0)),
+        "bytes_up": int(sum(m.get("wanps_server_received_bytes_total", 0) for m in metrics)),
+        "bytes_down": int(sum(m.get("wanps_server_sent_bytes_total", 0) for m in metrics)),
+        "shards": config.shards,
         "policy": config.policy,
         "workers": config.workers,
         "task": config.task,
@@ -352,7 +363,8 @@ def results_table(result: dict) -> str:
     mib = 2**20
     rows = [
         ("policy", result["policy"]),
-        ("workers / task / link", f"{result['workers']} / {result['task']} / {result['link']}"),
+        ("workers / task / link", f"{result['workers']} / {result['task']} / {result['link']}"
+                                  + (f" / {result['shards']} shards" if result.get("shards", 1) > 1 else "")),
         ("target accuracy", f"{result['target_accuracy']:.2%}"),
         ("reached", "yes" if result["reached_target"] else "NO"),
         ("time to target", f"{result['time_to_target_s']} s" if result["reached_target"] else "-"),
@@ -398,6 +410,9 @@ def parse_config(argv: list[str] | None) -> tuple[DemoConfig, ClientSecurity]:
     p.add_argument("--trace", default=d.trace, env="WANPS_DEMO_TRACE",
                    help="Link trace CSV (time_s,bandwidth_mbit,delay_ms); default: the shipped varying trace.")
     p.add_argument("--direct", action="store_true", help="No link emulator.")
+    p.add_argument("--shards", type=int, default=d.shards, env="WANPS_DEMO_SHARDS",
+                   help="Parameter servers the model is cut over (wanps server --shard I/N); each worker-server "
+                        "connection gets its own emulated link.")
     p.add_argument("--out", default=d.out_dir, env="WANPS_DEMO_OUT")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -407,9 +422,11 @@ def parse_config(argv: list[str] | None) -> tuple[DemoConfig, ClientSecurity]:
         security = client_security_from_args(a)
     except ValueError as exc:
         p.error(str(exc))
+    if a.shards < 1:
+        p.error(f"--shards must be >= 1, got {a.shards}")
     return DemoConfig(workers=a.workers, task=a.task, policy=a.policy, tau=a.tau, delta=a.delta, tau_max=a.tau_max,
                       lr=a.lr, batch_size=a.batch_size, target_accuracy=a.target_accuracy, time_limit_s=a.time_limit,
-                      eval_every_s=a.eval_every, trace=a.trace, direct=a.direct, out_dir=a.out,
+                      eval_every_s=a.eval_every, trace=a.trace, direct=a.direct, shards=a.shards, out_dir=a.out,
                       progress=not a.no_progress, seed=a.seed), security
 
 
@@ -418,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("WARNING")
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     torch.set_num_threads(1)
-    print(f"wanps demo: {config.workers} workers, {config.task}, policy {config.policy} "
+    shards = f", {config.shards} shards" if config.shards > 1 else ""
+    print(f"wanps demo: {config.workers} workers{shards}, {config.task}, policy {config.policy} "
           f"(tau {config.tau}, delta {config.delta:g}), target {config.target_accuracy:.0%}, "
           f"link {'direct' if config.direct else Path(config.trace or default_trace()).name}", flush=True)
     result = run_demo(config, security)

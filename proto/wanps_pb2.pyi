@@ -52,18 +52,24 @@ TENSOR_ROLE_BUFFER: TensorRole
 TENSOR_ROLE_INT_BUFFER: TensorRole
 
 class JoinRequest(_message.Message):
-    __slots__ = ("role", "num_params", "model_fingerprint", "name", "structure")
+    __slots__ = ("role", "num_params", "model_fingerprint", "name", "structure", "shard_index", "shard_count", "total_params")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PARAMS_FIELD_NUMBER: _ClassVar[int]
     role: Role
     num_params: int
     model_fingerprint: bytes
     name: str
     structure: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., num_params: _Optional[int] = ..., model_fingerprint: _Optional[bytes] = ..., name: _Optional[str] = ..., structure: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    total_params: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., num_params: _Optional[int] = ..., model_fingerprint: _Optional[bytes] = ..., name: _Optional[str] = ..., structure: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., total_params: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype", "role")
@@ -78,7 +84,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., role: _Optional[_Union[TensorRole, str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "rank", "world_size", "version", "must_seed", "tau_max", "first_round", "incarnation", "member_secret")
+    __slots__ = ("worker_id", "rank", "world_size", "version", "must_seed", "tau_max", "first_round", "incarnation", "member_secret", "shard_index", "shard_count", "range_start", "range_stop", "total_params")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +94,11 @@ class JoinReply(_message.Message):
     FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RANGE_START_FIELD_NUMBER: _ClassVar[int]
+    RANGE_STOP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PARAMS_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     rank: int
     world_size: int
@@ -97,7 +108,12 @@ class JoinReply(_message.Message):
     first_round: int
     incarnation: int
     member_secret: bytes
-    def __init__(self, worker_id: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., version: _Optional[int] = ..., must_seed: _Optional[bool] = ..., tau_max: _Optional[int] = ..., first_round: _Optional[int] = ..., incarnation: _Optional[int] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    range_start: int
+    range_stop: int
+    total_params: int
+    def __init__(self, worker_id: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., version: _Optional[int] = ..., must_seed: _Optional[bool] = ..., tau_max: _Optional[int] = ..., first_round: _Optional[int] = ..., incarnation: _Optional[int] = ..., member_secret: _Optional[bytes] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., range_start: _Optional[int] = ..., range_stop: _Optional[int] = ..., total_params: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("worker_id", "version", "num_params", "offset", "values", "rank", "world_size", "first_round", "model_checksum", "member_secret")
@@ -240,14 +256,18 @@ class PingRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., sent_unix_ns: _Optional[int] = ..., padding: _Optional[bytes] = ..., member_secret: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class PingReply(_message.Message):
-    __slots__ = ("sent_unix_ns", "version", "padding")
+    __slots__ = ("sent_unix_ns", "version", "padding", "shard_index", "shard_count")
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     sent_unix_ns: int
     version: int
     padding: bytes
-    def __init__(self, sent_unix_ns: _Optional[int] = ..., version: _Optional[int] = ..., padding: _Optional[bytes] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    def __init__(self, sent_unix_ns: _Optional[int] = ..., version: _Optional[int] = ..., padding: _Optional[bytes] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id", "member_secret")

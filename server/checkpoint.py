@@ -24,6 +24,7 @@ from wanps.proto import structure as structures
 from wanps.proto.codec import Update
 from wanps.server.core import ClosedRound, CoreConfig, Member, OpenRound, ServerCore
 from wanps.server.metrics import ServerMetrics
+from wanps.server.shard import ShardSpec, check_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # 2: members carry the SHA-256 of their member secret ("secret_digest"). Format 1 (before member
@@ -59,6 +60,9 @@ def core_state(core: ServerCore) -> dict:
         "format": CHECKPOINT_FORMAT,
         "version": core.version,
         "num_params": core.num_params,
+        # Which shard wrote it (server/shard.py: it resumes only as that shard) and the whole size.
+        "shard": [core.config.shard_index, core.config.shard_count],
+        "total_params": core.total_params,
         "fingerprint": core.fingerprint.hex() if core.fingerprint is not None else None,
         "structure": structures.to_data(core.structure),
         "started": core.started,
@@ -84,17 +88,22 @@ def core_state(core: ServerCore) -> dict:
     }
 
 
-def restore_core(state: dict, config: CoreConfig, clock: Callable[[], float] = time.monotonic) -> ServerCore:
+def restore_core(state: dict, config: CoreConfig, clock: Callable[[], float] = time.monotonic,
+                 where: str = "the checkpoint") -> ServerCore:
     """A core continuing from a checkpoint. Every lease restarts now, so members have a
     full lease to reconnect with the secret they joined with; observers are not kept (they
-    join again)."""
+    join again). A checkpoint written by another shard is refused (ShardMismatch; `where`
+    names it in the message)."""
     if state.get("format") not in READABLE_FORMATS:
         raise ValueError(f"unsupported checkpoint format {state.get('format')!r} (this server reads "
                          f"{', '.join(map(str, READABLE_FORMATS))})")
+    check_checkpoint(state.get("shard"), ShardSpec(config.shard_index, config.shard_count), where)
     core = ServerCore(config, clock)  # its current round's wait starts now
     now = clock()
     core.version = int(state["version"])
     core.num_params = state["num_params"]
+    total = state.get("total_params")  # absent in checkpoints from before shards: the whole model
+    core.total_params = core.num_params if total is None else int(total)
     core.fingerprint = bytes.fromhex(state["fingerprint"]) if state["fingerprint"] is not None else None
     core.structure = structures.from_data(state.get("structure"))  # absent in older checkpoints
     core.started = bool(state["started"])

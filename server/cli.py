@@ -1,6 +1,8 @@
 """`wanps server`: run the parameter server."""
 from __future__ import annotations
 
+import socket
+import sys
 import warnings
 
 import torch
@@ -10,6 +12,7 @@ from wanps.rpc.limits import Limits
 from wanps.rpc.serving import add_serve_flags, serve_main, serve_settings_from_args
 from wanps.server.checkpoint import checkpoint_path
 from wanps.server.service import ServerConfig, start_server
+from wanps.server.shard import ShardMismatch, parse_shard
 
 
 def checksum_every(text: str | int | None) -> int | None:
@@ -64,6 +67,13 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
     parser.add_argument("--resume", env="WANPS_RESUME", default=None, metavar="DIR",
                         help="Continue from the checkpoint in DIR (and keep checkpointing there unless "
                              "--checkpoint-dir says otherwise).")
+    parser.add_argument("--shard", env="WANPS_SHARD", default="0/1", metavar="I/N",
+                        help="Own shard I of N of the model (key ranges, docs/architecture.md 'Beyond one server'); "
+                             "I may be 'host': the trailing number of the host name, as a StatefulSet's pod "
+                             "wanps-server-2 is 2. 0/1 = the whole model.")
+    parser.add_argument("--shard-ordinal-base", env="WANPS_SHARD_ORDINAL_BASE", type=int, default=0, metavar="B",
+                        help="Subtracted from the host name's number with --shard host/N (1 for Docker Swarm's "
+                             "{{.Task.Slot}}, which counts from 1).")
     parser.add_argument("--audit", env="WANPS_AUDIT", action="store_true",
                         help="Record the initial model, the sum of applied deltas and the applied round ids "
                              "(in checkpoints; for conservation checks; 12 bytes per parameter).")
@@ -77,6 +87,10 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
                         join_rate_per_s=args.join_rate, join_burst=args.join_burst)
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        shard = parse_shard(args.shard, socket.gethostname(), args.shard_ordinal_base)
+    except ValueError as exc:
+        parser.error(str(exc))
     config = ServerConfig(
         **serve, tau_max=args.tau_max, min_workers=args.min_workers, checksum_every=checksum_every(args.checksum_every),
         torch_threads=args.torch_threads, history_rounds=args.history_rounds, history_mb=args.history_mb,
@@ -84,6 +98,7 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
         round_deadline_s=args.round_deadline_s, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume_dir=args.resume, audit=args.audit,
         check_core_thread=args.check_core_thread,
+        shard_index=shard.index, shard_count=shard.count,
     )
     if config.history_mb < 0 or config.history_rounds < 1:
         parser.error("--history-mb must be >= 0 and --history-rounds >= 1")
@@ -99,4 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, config.torch_threads))
     # Received tensors are zero-copy, read-only views of the message bytes; torch warns once about that.
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
-    return serve_main(lambda: start_server(config), config)
+    try:
+        return serve_main(lambda: start_server(config), config)
+    except ShardMismatch as exc:  # --resume with another shard's checkpoint: a person's mistake, one line
+        print(f"wanps server: --resume: {exc}", file=sys.stderr)
+        return 2

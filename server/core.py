@@ -95,8 +95,14 @@ class CoreConfig:
     # Keep the initial model, the float64 sum of every applied delta and the applied round ids
     # (tests and audits check conservation with them; costs 12 bytes per parameter).
     audit: bool = False
+    # Key-range shards (server/shard.py): this core holds shard `shard_index` of `shard_count`,
+    # the model of its range; 0 of 1 is the whole model.
+    shard_index: int = 0
+    shard_count: int = 1
 
     def __post_init__(self) -> None:
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(f"shard {self.shard_index}/{self.shard_count} names no shard")
         if self.tau_max < 0:
             raise ValueError("tau_max must be >= 0")
         if self.min_workers < 1:
@@ -225,6 +231,7 @@ class CoreView:
     version: int
     tau_max: int
     num_params: int | None
+    total_params: int | None  # on a shard, the whole vector's size
     seeded: bool
     started: bool
     members: Mapping[int, MemberView]  # read-only
@@ -268,6 +275,8 @@ class ServerCore:
         self.model: torch.Tensor | None = None
         self.version = 0
         self.num_params: int | None = None
+        # The whole vector's size: num_params itself, or on a shard the size its range is cut from.
+        self.total_params: int | None = None
         self.fingerprint: bytes | None = None
         # The model's structure (one TensorSpec per tensor, layout order), when a member sent it.
         self.structure: tuple[TensorSpec, ...] | None = None
@@ -298,12 +307,16 @@ class ServerCore:
         return active.index(worker_id) if worker_id in active else -1
 
     def join(self, num_params: int, fingerprint: bytes, name: str = "", observer: bool = False,
-             structure: Sequence[TensorSpec] = (), secret_digest: bytes | None = None) -> JoinResult:
+             structure: Sequence[TensorSpec] = (), secret_digest: bytes | None = None,
+             total_params: int | None = None) -> JoinResult:
         """`structure`: the joining model's tensors (wanps.proto.structure), optional. When both
         the cluster's and the joiner's are known, they are compared entry by entry (unnamed
         entries match any name) and a refusal names the first tensor that differs; otherwise
         the fingerprints must be equal. `secret_digest`: of the secret the caller hands the
-        new member (wanps.rpc.member_secrets); None binds none (tests of the rules alone)."""
+        new member (wanps.rpc.member_secrets); None binds none (tests of the rules alone).
+        `total_params`: on a shard, the whole vector's size (the structure describes the whole
+        model; `num_params` is the range's length, which the servicer checked against it,
+        server/shard.py); None: num_params."""
         problem = name_problem(name)
         if problem is not None:
             raise InvalidArgument(problem)
@@ -311,15 +324,19 @@ class ServerCore:
             raise InvalidArgument(f"num_params must be in [1, {MAX_PARAMS}], got {num_params}")
         if not fingerprint:
             raise InvalidArgument("model_fingerprint is empty")
+        total = num_params if total_params is None else total_params
         structure = tuple(structure)
         if structure:
-            problem = structures.problem_with(structure, num_params, fingerprint)
+            problem = structures.problem_with(structure, total, fingerprint)
             if problem is not None:
                 raise InvalidArgument(problem)
             if self.structure is not None:
                 difference = structures.first_difference(self.structure, structure)
                 if difference is not None:
                     raise FailedPrecondition(f"model structure differs from the cluster's model: {difference}")
+        if total_params is not None and self.total_params is not None and total_params != self.total_params:
+            raise FailedPrecondition(f"this worker's model has {total_params} elements in all; the cluster's shards "
+                                     f"cut a model of {self.total_params}")
         if self.num_params is not None and num_params != self.num_params:
             raise FailedPrecondition(f"model has {num_params} parameters; this cluster trains {self.num_params}")
         compared = bool(structure) and self.structure is not None
@@ -328,7 +345,7 @@ class ServerCore:
         worker_id = self.next_worker_id
         self.next_worker_id += 1
         if self.num_params is None:
-            self.num_params, self.fingerprint = num_params, fingerprint
+            self.num_params, self.fingerprint, self.total_params = num_params, fingerprint, total
         if self.structure is None and structure and fingerprint == self.fingerprint:
             self.structure = structure  # the first member that sent it (or a checkpoint without one)
         must_seed = False
@@ -590,7 +607,7 @@ class ServerCore:
         digests = {w: m.secret_digest for w, m in self.members.items()}
         digests.update(self.observers)
         return CoreView(version=self.version, tau_max=self.config.tau_max, num_params=self.num_params,
-                        seeded=self.seeded, started=self.started, members=MappingProxyType(members),
+                        total_params=self.total_params, seeded=self.seeded, started=self.started, members=MappingProxyType(members),
                         expected_now=len(self.expected_workers(self.version)),
                         secret_digests=MappingProxyType(digests))
 

@@ -86,3 +86,8 @@ class ServerMetrics:
         self.checkpoint_version = Gauge(
             "wanps_server_checkpoint_version", "Model version of the last checkpoint written.", registry=registry
         )
+        # Which key-range shard this server is (0 of 1: the single server); every other series is this shard's.
+        self.shard_index = Gauge("wanps_server_shard_index", "This server's shard index (--shard I/N: I).",
+                                 registry=registry)
+        self.shard_count = Gauge("wanps_server_shard_count", "Shards of the cluster (--shard I/N: N).",
+                                 registry=registry)

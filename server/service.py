@@ -33,7 +33,8 @@ from wanps.rpc.serving import RunningService, ServeConfig, start_grpc_service
 from wanps.proto import codec
 from wanps.proto import structure as structures
 from wanps.proto import wanps_pb2 as pb
-from wanps.proto.wire import CHUNK_ELEMENTS, MAX_PROBE_BYTES
+from wanps.proto.shards import shard_range
+from wanps.proto.wire import CHUNK_ELEMENTS, MAX_PROBE_BYTES, WireError
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.server.checkpoint import CheckpointScheduler, core_state, read_checkpoint, restore_core
 from wanps.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -44,6 +45,8 @@ from wanps.server.core import ClosedRound, CoreConfig, CoreView, PushResult, Ser
 from wanps.server.history import DEFAULT_HISTORY_MB, RoundHistory, encode_round
 from wanps.server.memory import release_free_memory
 from wanps.server.metrics import ServerMetrics
+from wanps.server import shard as shards
+from wanps.server.shard import ShardSpec
 
 log = logging.getLogger("wanps.server")
 T = TypeVar("T")
@@ -84,10 +87,15 @@ class ServerConfig(ServeConfig):
     audit: bool = False
     # Debug: raise (CoreThreadViolation) when the servicer touches its core off the core thread.
     check_core_thread: bool = False
+    # Key-range shards (server/shard.py, `--shard I/N`): this server owns shard `shard_index` of
+    # `shard_count`; 0 of 1 is the single server.
+    shard_index: int = 0
+    shard_count: int = 1
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(tau_max=self.tau_max, min_workers=self.min_workers, checksum_every=self.checksum_every,
-                          lease_s=self.lease_s, round_deadline_s=self.round_deadline_s, audit=self.audit)
+                          lease_s=self.lease_s, round_deadline_s=self.round_deadline_s, audit=self.audit,
+                          shard_index=self.shard_index, shard_count=self.shard_count)
 
     def sweep_interval_s(self) -> float:
         """How often leases and the round deadline are checked: a tenth of the shorter one."""
@@ -128,6 +136,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                  sweep_interval_s: float = 1.0, history_mb: float | None = None,
                  check_core_thread: bool = False) -> None:
         self.core = core
+        self.shard = ShardSpec(core.config.shard_index, core.config.shard_count)
         self.limits = limits or Limits()
         self._joins = TokenBucket(self.limits.join_rate_per_s, self.limits.join_burst)
         self._streams = StreamLimiter(self.limits.max_streams_per_worker)
@@ -278,10 +287,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 raise InvalidArgument("role must be ROLE_WORKER or ROLE_OBSERVER")
             self.limits.check_elements("model", request.num_params)
             secret = new_member_secret()
+            view = shards.view_of(request.shard_index, request.shard_count, request.total_params, request.num_params)
+            shards.check_view(self.shard, view, request.num_params)
             structure = structures.from_messages(request.structure)
+            total_params = view.total if self.shard.sharded else None
             result = await self._on_core(lambda: self._core.join(
                 request.num_params, bytes(request.model_fingerprint), request.name,
-                request.role == pb.ROLE_OBSERVER, structure, member_secret_digest(secret)))
+                request.role == pb.ROLE_OBSERVER, structure, member_secret_digest(secret), total_params))
             self._refresh_events()
             self.metrics.members.set(self.view.expected_now)
             # The name passed the core's check: at most 64 printable characters, one log line.
@@ -297,7 +309,15 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 first_round=result.first_round,
                 incarnation=self.incarnation,
                 member_secret=secret,
+                **self._shard_fields(),
             )
+
+    def _shard_fields(self) -> dict[str, int]:
+        """The JoinReply's shard fields: this shard and the range of the whole vector it owns."""
+        total = self.view.total_params or 0
+        start, stop = shard_range(total, self.shard.index, self.shard.count)
+        return dict(shard_index=self.shard.index, shard_count=self.shard.count, range_start=start, range_stop=stop,
+                    total_params=total)
 
     async def SeedModel(self, request_iterator: AsyncIterator[pb.ModelChunk], context) -> pb.SeedModelReply:
         async with mapped_errors(context):
@@ -400,7 +420,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             update = None
             if not header.skip and not view.check_push(header.worker_id, header.round, header.computed_at_version):
                 update = await loop.run_in_executor(self._decode_pool, decode_push, header, index_raw, value_raw,
-                                                    view.num_params or 0)
+                                                    view.num_params or 0,
+                                                    shards.push_context(self.shard, view.total_params))
             del index_raw, value_raw  # the update views them; a duplicate's bytes go now
             result = await self._on_core(lambda: self._push_on_core_thread(header, update))
         except REFUSALS as exc:
@@ -528,7 +549,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             self.metrics.sent_bytes.inc(request.reply_bytes)
             self.metrics.probe_bytes.labels(direction="down").inc(request.reply_bytes)
         return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.view.version,
-                            padding=bytes(request.reply_bytes))
+                            padding=bytes(request.reply_bytes), shard_index=self.shard.index,
+                            shard_count=self.shard.count)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         async with mapped_errors(context):
@@ -580,11 +602,17 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         future.add_done_callback(self._report_background_failure("release"))
 
 
-def decode_push(header: pb.PushHeader, index_raw: bytes | bytearray, value_raw: bytes | bytearray, num_params: int
-                ) -> codec.Update:
-    """Validate and decode a received push (zero-copy: the update's tensors view the buffers)."""
-    return codec.decode_update(header.codec, header.value_dtype, header.count, index_raw, value_raw, num_params,
-                               block_start=header.block_start)
+def decode_push(header: pb.PushHeader, index_raw: bytes | bytearray, value_raw: bytes | bytearray, num_params: int,
+                context: str = "") -> codec.Update:
+    """Validate and decode a received push (zero-copy: the update's tensors view the buffers).
+    `context` is said after a refusal's reason (on a shard: the range the indices are local to)."""
+    try:
+        return codec.decode_update(header.codec, header.value_dtype, header.count, index_raw, value_raw, num_params,
+                                   block_start=header.block_start)
+    except WireError as exc:
+        if not context:
+            raise
+        raise WireError(f"{exc} ({context})") from None
 
 
 # How long a stream whose write failed waits for gRPC to cancel it (below).
@@ -620,7 +648,7 @@ def build_core(config: ServerConfig) -> ServerCore:
     if config.resume_dir is None:
         return ServerCore(config.core_config())
     state = read_checkpoint(config.resume_dir)
-    core = restore_core(state, config.core_config())
+    core = restore_core(state, config.core_config(), where=config.resume_dir)
     log.info("resumed from %s: version %d, %d members, %d open rounds", config.resume_dir, core.version,
              len(core.members), len(core.open_rounds))
     return core
@@ -641,7 +669,10 @@ async def start_server(config: ServerConfig, registry: CollectorRegistry | None 
         config, registry)
     service.start_background()
     service.metrics.model_version.set(service.view.version)
-    log.info("parameter server on %s:%d (metrics %s), tau_max %d, min workers %d, %s",
-             config.host, running.port, running.metrics_port, config.tau_max, config.min_workers,
-             config.security.describe())
+    service.metrics.shard_index.set(config.shard_index)
+    service.metrics.shard_count.set(config.shard_count)
+    log.info("parameter server on %s:%d (metrics %s), %stau_max %d, min workers %d, %s",
+             config.host, running.port, running.metrics_port,
+             f"shard {config.shard_index}/{config.shard_count}, " if config.shard_count > 1 else "",
+             config.tau_max, config.min_workers, config.security.describe())
     return running

@@ -17,7 +17,9 @@ from wanps.rpc.config import EnvDefaultsParser, setup_logging
 from wanps.rpc.serving import start_metrics_endpoint
 from wanps.worker.error_feedback import VALUE_DTYPES
 from wanps.worker.compressors import COMPRESSORS
+from wanps.worker.layout import ModelMismatch
 from wanps.worker.optimizer import Optimizer
+from wanps.worker.shards import ShardOrderError, server_addresses
 from wanps.worker.skip_rule import SkipRule, alphas_from_spec
 from wanps.worker.update_rule import ERROR_FEEDBACK_MODES
 from wanps.worker.tasks import TASKS, get_task
@@ -61,7 +63,9 @@ def serve_metrics(host: str, port: int) -> tuple[CollectorRegistry | None, Any]:
 
 def build_parser() -> EnvDefaultsParser:
     parser = EnvDefaultsParser(prog="wanps worker", description="Train a built-in task through a wanps cluster.")
-    parser.add_argument("--server", env="WANPS_SERVER", default="127.0.0.1:50051", help="Parameter server HOST:PORT.")
+    parser.add_argument("--server", env="WANPS_SERVER", default="127.0.0.1:50051",
+                        help="Parameter server HOST:PORT, or every shard's HOST:PORT in shard order, separated by "
+                             "commas (a sharded cluster: wanps server --shard I/N).")
     parser.add_argument("--controller", env="WANPS_CONTROLLER", default="",
                         help="Controller HOST:PORT (empty: none; use --tau and --delta).")
     parser.add_argument("--task", env="WANPS_TASK", choices=sorted(TASKS), default="mnist")
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         security = client_security_from_args(args)
+        servers = server_addresses(args.server)
     except ValueError as exc:
         parser.error(str(exc))
     setup_logging(args.log_level)
@@ -137,12 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be >= 1 (or 0 for the task's default), got {args.batch_size}")
     batch_size = args.batch_size or task.default_batch_size
     model = task.build_model(args.seed)
-    opt = Optimizer(model, server=args.server, controller=args.controller or None, lr=args.lr,
-                    tau=args.tau, delta=args.delta, name=args.name or None, use_uvloop=not args.no_uvloop,
-                    compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed,
-                    error_feedback=args.error_feedback, def_lambda=args.def_lambda, momentum=args.momentum,
-                    skip_rule=skip_rule_from_flags(args.sasg_max_delay, args.sasg_alpha, args.lr),
-                    security=security, registry=registry)
+    try:
+        opt = Optimizer(model, server=servers, controller=args.controller or None, lr=args.lr,
+                        tau=args.tau, delta=args.delta, name=args.name or None, use_uvloop=not args.no_uvloop,
+                        compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed,
+                        error_feedback=args.error_feedback, def_lambda=args.def_lambda, momentum=args.momentum,
+                        skip_rule=skip_rule_from_flags(args.sasg_max_delay, args.sasg_alpha, args.lr),
+                        security=security, registry=registry)
+    except (ShardOrderError, ModelMismatch, ConnectionError) as exc:  # the cluster is not what --server says
+        print(f"wanps worker: {exc}", file=sys.stderr)
+        return 2
     batches = task.batches(opt.rank, opt.world_size, batch_size, args.seed)
     progress = None
     if args.progress:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -18,21 +18,21 @@ from torch import nn
 from wanps.proto.wire import MAX_NAME_CHARS
 from wanps.worker.binding import ModelBinding
 from wanps.worker.layout import collect_module, collect_parameters, layout_of
-from wanps.worker.replica import Replica
 from wanps.rpc.auth import ClientSecurity
 from wanps.worker.recovery import ConnectionLost
-from wanps.worker.session import WorkerSession
+from wanps.worker.shards import open_session, replica_for
 
 
 class Observer:
-    def __init__(self, model: nn.Module | Iterable[torch.Tensor], server: str, *, controller: str | None = None,
-                 name: str | None = None, keep_deltas: bool = False, join_timeout_s: float = 600.0,
-                 use_uvloop: bool = True, security: ClientSecurity | None = None,
+    def __init__(self, model: nn.Module | Iterable[torch.Tensor], server: str | Sequence[str], *,
+                 controller: str | None = None, name: str | None = None, keep_deltas: bool = False,
+                 join_timeout_s: float = 600.0, use_uvloop: bool = True, security: ClientSecurity | None = None,
                  recover_timeout_s: float = 600.0) -> None:
         """`model`: the module (follows every parameter and persistent buffer, as
         `Optimizer(model)` replicates them) or parameters (only those, as `Optimizer(params)`).
         A cluster of workers that passed parameters of a model without buffers can be followed
-        with the module too: unnamed tensors match any name."""
+        with the module too: unnamed tensors match any name. `server`: one address, or every
+        shard's in shard order ("A,B,C" or a list), as for the Optimizer."""
         self.model = model
         self.recover_timeout_s = recover_timeout_s  # poll() gives up reconnecting after this
         if isinstance(model, nn.Module):
@@ -44,7 +44,7 @@ class Observer:
         flat = self._binding.flat
         self.fingerprint = self.layout.fingerprint()
         # With a controller, the observer also follows decisions (to show tau and delta), reporting nothing.
-        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security)
+        self.session = open_session(server, controller, use_uvloop=use_uvloop, security=security)
         try:
             name = name or f"observer@{socket.gethostname()}"[:MAX_NAME_CHARS]
             reply = self.session.first_join(flat.numel(), self.fingerprint, name,
@@ -54,7 +54,7 @@ class Observer:
             pulled = self.session.pull(join_timeout_s)
             flat.copy_(pulled.values)
             self._show(frozen=True)
-            self.replica = Replica(flat, pulled.version)
+            self.replica = replica_for(self.session, flat, pulled)
             if keep_deltas:
                 self.replica.applied = []
             self.initial_version = pulled.version

@@ -28,7 +28,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -43,9 +43,9 @@ from wanps.worker.binding import ModelBinding
 from wanps.worker.layout import (collect_module, collect_parameters, layout_of, trainable_part,
                                  with_buffers)
 from wanps.worker.metrics import WorkerMetrics
-from wanps.worker.replica import Replica
 from wanps.worker.recovery import ConnectionLost
-from wanps.worker.session import ReceivedDelta, WorkerSession
+from wanps.worker.session import ReceivedDelta
+from wanps.worker.shards import open_session, replica_for
 from wanps.worker.skip_rule import SkipRule, step_squared_norm
 from wanps.worker.update_rule import UpdateConfig, UpdateRule
 
@@ -132,7 +132,7 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
-        server: str,
+        server: str | Sequence[str],
         controller: str | None = None,
         lr: float = 0.1,
         *,
@@ -159,6 +159,10 @@ class Optimizer(torch.optim.Optimizer):
         replicated; parameters with requires_grad=False are frozen: seeded, never pushed), or,
         as with any torch optimizer, parameters or param groups (only those tensors are
         replicated; a passed parameter with requires_grad=False is frozen).
+
+        `server`: HOST:PORT of the parameter server, or of every shard of a sharded cluster in
+        shard order ("A,B,C" or a list; worker/shards.py): the worker joins every shard as one
+        worker, splits each push by range and follows every shard.
 
         `param_groups` (with a module only): groups over the module's parameters, e.g. without
         weight decay for biases; trainable parameters they leave out form one more group. A
@@ -253,7 +257,7 @@ class Optimizer(torch.optim.Optimizer):
         self._final_round: int | None = None
         self.metrics = WorkerMetrics(registry) if registry is not None else None
         # `security`: token and TLS to dial with (ClientSecurity.from_env() reads the WANPS_TOKEN* / WANPS_TLS* variables).
-        self.session = WorkerSession(server, controller, use_uvloop=use_uvloop, security=security, metrics=self.metrics)
+        self.session = open_session(server, controller, use_uvloop=use_uvloop, security=security, metrics=self.metrics)
         try:
             self._join(name or socket.gethostname(), join_timeout_s)
             if controller:
@@ -294,7 +298,7 @@ class Optimizer(torch.optim.Optimizer):
         self.replica.copy_(pulled.values)
         self._binding.refresh_parameters(frozen=True)
         self._binding.load_buffers()
-        self._replica = Replica(self.replica, pulled.version)
+        self._replica = replica_for(self.session, self.replica, pulled)
         self._replica.on_apply = self._on_apply
         if self.rule.skip_rule is not None:
             self.rule.skip_rule.num_workers = max(1, pulled.world_size)

@@ -110,6 +110,9 @@ class WorkerSession:
         self.recoveries = 0
         self._join_args: tuple | None = None  # join()'s arguments, for rejoin()
         self.trainable_params: int | None = None
+        # One shard of a sharded cluster (worker/shards.py sets it): (shard index, shard count,
+        # whole vector's size), sent with every Join; num_params is then the shard's range.
+        self.shard_view: tuple[int, int, int] | None = None
         self._io = IoLoop(use_uvloop)
         self._security, self._max_message_bytes = security, max_message_bytes
         self._server_channel = self._io.call(lambda: self._make_channel(server, RECONNECT_OPTIONS))
@@ -136,6 +139,8 @@ class WorkerSession:
         request = pb.JoinRequest(role=pb.ROLE_OBSERVER if observer else pb.ROLE_WORKER, num_params=num_params,
                                  model_fingerprint=fingerprint, name=name,
                                  structure=structures.to_messages(structure))
+        if self.shard_view is not None:
+            request.shard_index, request.shard_count, request.total_params = self.shard_view
         reply = self._io.call(lambda: self._server.Join(request, wait_for_ready=True, timeout=timeout))
         self.worker_id, self.member_secret, self.num_params = reply.worker_id, reply.member_secret, num_params
         self.trainable_params = num_params if trainable_params is None else trainable_params
@@ -163,6 +168,11 @@ class WorkerSession:
                 raise ConnectionError(f"no wanps server answered at {self.server_address} within {timeout:g} s "
                                       f"({exc.code().name}: {exc.details()})") from None
             raise
+
+    def probe(self, timeout: float) -> pb.PingReply:
+        """One Ping, waiting up to `timeout` for the server: its version and which shard it is."""
+        request = pb.PingRequest(sent_unix_ns=time.time_ns())
+        return self._io.call(lambda: self._server.Ping(request, wait_for_ready=True, timeout=timeout))
 
     def rejoin(self, timeout: float) -> pb.JoinReply:
         """Join again as the last `join` did (recovery, when the server no longer knows this worker)."""

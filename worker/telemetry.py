@@ -67,6 +67,10 @@ class Telemetry:
         self._downlink_busy_until = 0.0
         # The newest push acknowledgements: (time, bytes, whether that push had queued).
         self._acks: deque[tuple[float, int, bool]] = deque(maxlen=TRAIN_ACKS + 1)
+        # One shard's session of a sharded worker (worker/shards.py): its samples go to
+        # forward(sample), which sums a round's transfers over the shards, instead of into
+        # this queue. The probe plan above stays this shard's own (its own connection).
+        self.forward: Callable[[pb.LinkSample], None] | None = None
 
     def joined(self, worker_id: int, num_params: int, first_round: int) -> None:
         """Report as this member, from the round it starts at, not 0 (a restarted controller
@@ -82,11 +86,13 @@ class Telemetry:
     def sample(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0,
                elements: int = 0, timed_bytes: int = 0, direction: int = pb.LinkSample.DIRECTION_UNSPECIFIED,
                queued_s: float = 0.0) -> None:
-        if not self.collecting:
-            return
-        self.samples.append(pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
-                                          unix_ns=time.time_ns(), grad_norm=grad_norm, elements=elements,
-                                          timed_bytes=timed_bytes, direction=direction, queued_s=queued_s))
+        link_sample = pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
+                                    unix_ns=time.time_ns(), grad_norm=grad_norm, elements=elements,
+                                    timed_bytes=timed_bytes, direction=direction, queued_s=queued_s)
+        if self.forward is not None:
+            self.forward(link_sample)
+        else:
+            self.keep(link_sample)
         # What the traffic tells the probe plan (probes report themselves in _probe).
         now = time.monotonic()
         if kind == pb.LinkSample.KIND_PING and nbytes == 0:
@@ -98,6 +104,11 @@ class Telemetry:
                 self.probes.traffic(UP, nbytes, seconds, now, round_trip=True)
         elif kind == pb.LinkSample.KIND_DOWNLOAD:
             self.probes.traffic(DOWN, timed_bytes, seconds, now, round_trip=False)
+
+    def keep(self, link_sample: pb.LinkSample) -> None:
+        """Queue one sample for the next report (on the I/O loop)."""
+        if self.collecting:
+            self.samples.append(link_sample)
 
     def push_acknowledged(self, nbytes: int, sent_at: float, acked_at: float, round_: int, elements: int) -> None:
         """A push's sample, with the time it waited behind this worker's earlier pushes."""
@@ -141,6 +152,10 @@ class Telemetry:
         if base is None or busy_until - sent_at <= base:
             return 0.0
         return min(busy_until, done_at) - sent_at
+
+    def keep_soon(self, link_sample: pb.LinkSample) -> None:
+        """`keep`, from any thread: it runs on the I/O loop, where reports take the samples."""
+        self._io.call_soon(self.keep, link_sample)
 
     def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
         self._io.call_soon(self.sample, pb.LinkSample.KIND_COMPUTE, 0, seconds, round_, grad_norm)
