@@ -355,13 +355,14 @@ def push_round_to_one_shard(servers: list[RunningServer], model: nn.Module, roun
         for server in servers:
             channel = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
             stubs.append(pb_grpc.ParameterServerStub(channel))
-        ids = [stub.Join(join_request((index, count, layout.size), stop - start, specs), timeout=10).worker_id
-               for index, (stub, (start, stop)) in enumerate(zip(stubs, ranges))]
-        header = pb.PushHeader(worker_id=ids[shard], round=round_, computed_at_version=round_)
+        replies = [stub.Join(join_request((index, count, layout.size), stop - start, specs), timeout=10)
+                   for index, (stub, (start, stop)) in enumerate(zip(stubs, ranges))]
+        header = pb.PushHeader(worker_id=replies[shard].worker_id, round=round_, computed_at_version=round_,
+                               member_secret=replies[shard].member_secret)
         messages, _ = push_messages(header, Update(values=torch.empty(0), indices=torch.empty(0, dtype=torch.int32)))
         assert not stubs[shard].Push(iter(messages), timeout=10).duplicate
-        for stub, worker_id in zip(stubs, ids):
-            stub.Leave(pb.LeaveRequest(worker_id=worker_id), timeout=10)
+        for stub, reply in zip(stubs, replies):
+            stub.Leave(pb.LeaveRequest(worker_id=reply.worker_id, member_secret=reply.member_secret), timeout=10)
 
 
 def test_three_shards_and_a_late_joiner(loop_thread, shards):
@@ -566,9 +567,11 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(loop_thread, shards):
     opt = Optimizer(net, server=listed, lr=0.1, tau=0, delta=1.0)
     try:
         core = cores[1]
-        member = next(iter(core.members))
+        shard_session = opt.session.shards[1]
+        member = shard_session.worker_id
         version = core.version
-        header = pb.PushHeader(worker_id=member, round=version, computed_at_version=version)
+        header = pb.PushHeader(worker_id=member, round=version, computed_at_version=version,
+                               member_secret=shard_session.member_secret)
         crossing = Update(values=torch.ones(2), indices=torch.tensor([5, 6], dtype=torch.int32))  # local 6 >= 6
         messages, _ = push_messages(header, crossing)
         with grpc.insecure_channel(listed[1]) as channel:
