@@ -59,9 +59,11 @@ class ServerConfig(ServeConfig):
     # (docs/benchmarks.md, `wanps bench push --torch-threads`).
     torch_threads: int = 1
     # Threads for a round's tensor work (aggregate, apply, checksum): 2 = the core thread and
-    # a helper, each on half of the index space (docs/benchmarks.md, `wanps bench push
-    # --core-threads`); 1 = the core thread alone. The result is the same to the bit.
-    core_threads: int = 2
+    # a helper, each on half of the index space; 1 = the core thread alone. The result is the
+    # same to the bit. One by default: on 2 cores the helper competes with the event loop and
+    # slowed `wanps bench push` down; 2 pays where a core is free for it (docs/benchmarks.md,
+    # `wanps bench aggregate`, the "auto x2" column).
+    core_threads: int = 1
     # Closed rounds kept for Updates replays (a reconnecting or slow follower catches up from
     # them): as many of the newest as fit in `history_mb` MiB of payload, at most
     # `history_rounds`, always the newest (server/history.py).

@@ -43,16 +43,17 @@ def test_bench_push_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_bench_push_with_shards_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """1 and 2 real shard processes, the clients splitting every push by range."""
+    """1 and 2 real shard processes, the clients splitting every push by range (servers with a helper thread)."""
     out = tmp_path / "push.json"
     argv = ["push", "--params", "50001", "--clients", "2", "--pairs", "500", "--rounds", "2", "--echo-rounds", "2",
-            "--warmup-rounds", "1", "--repeat", "1", "--shards", "1,2", "--json", str(out)]
+            "--warmup-rounds", "1", "--repeat", "1", "--shards", "1,2", "--core-threads", "2", "--json", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "machine rates: memory copy" in printed and "torch.sort of 800K int64" in printed
     assert "full/echo" in printed and "sharded ingest" in printed and "core-s/Mpair" in printed
 
     result = json.loads(out.read_text())
+    assert result["config"]["core_threads"] == 2
     assert result["rates"]["copy_gb_per_s"] > 0 and result["rates"]["sort_800k_int64_ms"] > 0
     runs = result["shards"]
     assert [run["shards"] for run in runs] == [1, 2]
