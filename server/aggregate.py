@@ -14,16 +14,18 @@ on decode), so the index space can be cut anywhere and each update's pairs on ei
 found by binary search; an element's values never span a cut. Two paths:
 - `pieces_mean` (sparse rounds): the index space cut into pieces of about PIECE_PAIRS
   pairs, and in each piece the union of its indices with each pair's slot in it
-  (`torch.unique`), then one scatter-add into a buffer the size of the piece's union, in
-  update order. A piece fits in the CPU's cache: sorting all of a large round's pairs at
-  once cost up to 3.5x more per pair (docs/benchmarks.md, `wanps bench aggregate`).
+  (`torch.unique`), then one scatter-add into the piece's part of the delta, in update
+  order. A piece fits in the CPU's cache: sorting all of a large round's pairs at once cost
+  up to 3.5x more per pair (docs/benchmarks.md, `wanps bench aggregate`).
 - `blocked_mean` (dense rounds): one block of the index space at a time, each update's
   pairs in the block added in update order into a zeroed block-sized scratch, the block's
   union read off a mask. No sort at all; linear in the pairs and in the model's size, so
   it wins when the pairs are dense in the model.
 `aggregate` picks by density, and with an executor cuts the index space in two halves of
 about equal pairs: the upper half runs on the executor's thread while the caller's runs
-the lower (numpy and torch release the GIL).
+the lower (numpy and torch release the GIL). Both paths write into one delta allocated
+once for at most min(range, pairs) elements per range. Sparse inputs must keep `Update`'s
+contract (sorted unique indices): the binary searches rely on it.
 """
 from __future__ import annotations
 
