@@ -220,11 +220,12 @@ def test_a_round_split_over_two_threads_matches_the_definition_bit_for_bit(d, ks
             assert_is_reference(aggregate(updates, divisor, d, executor=helper), updates, divisor, d)
 
 
-def test_a_large_round_takes_the_blocked_path_on_two_threads_with_the_same_bits() -> None:
-    """At the real thresholds: a model of 1M+ parameters, 3 updates of d/8 pairs each."""
-    d = (1 << 20) + 3
+@pytest.mark.parametrize("d, pairs_per_param", [((1 << 20) + 3, 1 / 8), ((8 << 20) + 3, 1 / 40)])
+def test_a_large_round_on_two_threads_has_the_same_bits(d: int, pairs_per_param: float) -> None:
+    """At the real thresholds: 3 updates of d/8 pairs each (the blocked path) or of d/40 in a
+    model of 8M parameters (two pieces in each half)."""
     rng = np.random.default_rng(11)
-    updates = [varied_sparse(rng, d, d // 8) for _ in range(3)]
+    updates = [varied_sparse(rng, d, int(d * pairs_per_param)) for _ in range(3)]
     with CountingExecutor() as helper:
         split = aggregate(updates, 3, d, executor=helper)
         assert helper.submitted == 1
