@@ -7,7 +7,9 @@ import warnings
 
 # name -> (module with a `main(argv)`, what it measures)
 BENCHMARKS = {
-    "push": ("wanps.bench.push", "push ingest: pairs/s through the full server path vs a bare gRPC echo"),
+    "push": ("wanps.bench.push", "push ingest: pairs/s through the full server path vs a bare gRPC echo; --shards"),
+    "aggregate": ("wanps.bench.aggregate",
+                  "the server's mean over a round, path by path (one sort, pieces, blocked, two threads)"),
     "wire": ("wanps.bench.wire", "bytes on the wire per pushed element, serialized and on a real socket"),
     "estimate": ("wanps.bench.estimate",
                  "link estimation accuracy through the link emulator (fixed link, step change)"),

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import platform
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,56 @@ def machine_info() -> dict[str, Any]:
         # Other processes compete for the same cores; the load says how much they did.
         "loadavg": os.getloadavg(),
     }
+
+
+def copy_bandwidth(num_floats: int = 64 * 2**20, repeats: int = 5) -> float:
+    """GB/s of a float32 copy on one thread (bytes read + bytes written), best of `repeats`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        src = torch.ones(num_floats)
+        dst = torch.empty(num_floats)
+        dst.copy_(src)  # touch the pages first
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * 4 * num_floats / best / 1e9
+
+
+SORT_RATE_ELEMENTS = 800_000
+
+
+def sort_milliseconds(elements: int = SORT_RATE_ELEMENTS, repeats: int = 5) -> float:
+    """ms of `torch.sort` of `elements` random int64 on one thread, best of `repeats`: with
+    `copy_bandwidth`, how fast this machine is at the server's work, so figures from two
+    machines can be read against each other (800K: a round of 8 pushes of 100K pairs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        keys = torch.randint(0, 1 << 30, (elements,), generator=torch.Generator().manual_seed(0))
+        torch.sort(keys)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.sort(keys)
+            best = min(best, time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return best * 1e3
+
+
+def machine_rates() -> dict[str, float]:
+    """The two rates benchmarks print in their header: memory copy (GB/s) and sort (ms)."""
+    return {"copy_gb_per_s": copy_bandwidth(), "sort_800k_int64_ms": sort_milliseconds()}
+
+
+def rates_summary(rates: dict[str, float]) -> str:
+    return (f"memory copy {rates['copy_gb_per_s']:.1f} GB/s (float32, one thread, read + write); "
+            f"torch.sort of {SORT_RATE_ELEMENTS // 1000}K int64 {rates['sort_800k_int64_ms']:.1f} ms (one thread)")
 
 
 def load_summary(machine: dict[str, Any]) -> str:

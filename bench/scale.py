@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from wanps.bench.report import load_summary, machine_info, text_table, write_json
+from wanps.bench.report import copy_bandwidth, load_summary, machine_info, text_table, write_json
 from wanps.deploy.processes import ManagedProcess, start_process, wanps_command
 from wanps.worker.error_feedback import elements_for
 from wanps.worker.optimizer import Optimizer
@@ -108,24 +108,6 @@ class ScaleResult:
 
 
 # ---------------------------------------------------------------------------- the floor
-
-
-def copy_bandwidth(num_floats: int = 64 * 2**20, repeats: int = 5) -> float:
-    """GB/s of a float32 copy on one thread (bytes read + bytes written), best of `repeats`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        src = torch.ones(num_floats)
-        dst = torch.empty(num_floats)
-        dst.copy_(src)  # touch the pages first
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            dst.copy_(src)
-            best = min(best, time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(threads)
-    return 2 * 4 * num_floats / best / 1e9
 
 
 def floor_bytes(d: int, k: int, u: float) -> float:

@@ -37,6 +37,10 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
                         help="Send the model checksum every N rounds (0 = never; auto = every ceil(params / 1M) rounds).")
     parser.add_argument("--torch-threads", env="WANPS_TORCH_THREADS", type=int, default=defaults.torch_threads,
                         help="torch intra-op threads for aggregation.")
+    parser.add_argument("--core-threads", env="WANPS_CORE_THREADS", type=int, choices=(1, 2),
+                        default=defaults.core_threads,
+                        help="Threads for a round's aggregate, apply and checksum: 2 = two halves of the index "
+                             "space at once, 1 = one thread (the same result to the bit).")
     parser.add_argument("--history-mb", env="WANPS_HISTORY_MB", type=float, default=defaults.history_mb,
                         help="Payload MiB of closed rounds kept for followers that reconnect or lag (the newest "
                              "round is always kept, and the rounds a worker's stream has yet to send; "
@@ -93,7 +97,8 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
         parser.error(str(exc))
     config = ServerConfig(
         **serve, tau_max=args.tau_max, min_workers=args.min_workers, checksum_every=checksum_every(args.checksum_every),
-        torch_threads=args.torch_threads, history_rounds=args.history_rounds, history_mb=args.history_mb,
+        torch_threads=args.torch_threads, core_threads=args.core_threads, history_rounds=args.history_rounds,
+        history_mb=args.history_mb,
         limits=limits, lease_s=args.lease_s,
         round_deadline_s=args.round_deadline_s, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume_dir=args.resume, audit=args.audit,

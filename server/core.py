@@ -47,13 +47,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
 
-from wanps.proto.codec import Update, apply_delta, model_checksum
+from wanps.proto.codec import Update, apply_delta, checksum_part, combine_checksums, model_checksum
 from wanps.proto import structure as structures
 from wanps.proto.structure import TensorSpec
 from wanps.proto.wire import MAX_PARAMS, name_problem
@@ -64,6 +65,8 @@ from wanps.server.aggregate import aggregate
 
 # Rounds a member remembers having missed at a deadline (to answer a very late push `late`).
 MISSED_ROUNDS_KEPT = 4096
+# Deltas and models with fewer elements are applied and checksummed on the core thread alone.
+SPLIT_FROM_ELEMENTS = 1 << 17
 
 
 # ------------------------------------------------------------------------------- state
@@ -269,9 +272,13 @@ class ResumeInfo:
 
 
 class ServerCore:
-    def __init__(self, config: CoreConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: CoreConfig, clock: Callable[[], float] = time.monotonic,
+                 helper: Executor | None = None) -> None:
+        """`helper`: a thread that takes half of a large round's tensor work (aggregate,
+        apply, checksum: torch and numpy release the GIL), the same result to the bit."""
         self.config = config
         self.clock = clock
+        self.helper = helper
         self.model: torch.Tensor | None = None
         self.version = 0
         self.num_params: int | None = None
@@ -566,8 +573,8 @@ class ServerCore:
                 member.last_update = open_round.updates[worker_id]
             if member.last_update is not None:
                 contributions.append(member.last_update)
-        delta = aggregate(contributions, len(expected), self.model.numel())
-        apply_delta(self.model, delta)
+        delta = aggregate(contributions, len(expected), self.model.numel(), executor=self.helper)
+        self._apply(delta)
         if self.applied_sum is not None:
             if delta.indices is None:
                 self.applied_sum.add_(delta.values.double())
@@ -581,7 +588,7 @@ class ServerCore:
         for worker_id in [w for w, m in self.members.items() if m.last_round is not None and m.last_round < self.version]:
             del self.members[worker_id]
         every = self.config.checksum_period(self.model.numel())
-        checksum = model_checksum(self.model) if every and self.version % every == 0 else None
+        checksum = self._model_checksum() if every and self.version % every == 0 else None
         return ClosedRound(
             round=round_,
             version=self.version,
@@ -592,6 +599,34 @@ class ServerCore:
             staleness=tuple(round_ - open_round.computed_at[w] for w in sorted(open_round.updates)),
             model_checksum=checksum,
         )
+
+    def _apply(self, delta: Update) -> None:
+        """`apply_delta` of the round's delta; with a helper, the two halves of a large sparse
+        delta at once (disjoint elements, each changed by the same one operation)."""
+        if self.helper is None or delta.indices is None or delta.count < SPLIT_FROM_ELEMENTS:
+            apply_delta(self.model, delta)
+            return
+        half = delta.count // 2
+        upper = self.helper.submit(apply_delta, self.model, Update(values=delta.values[half:],
+                                                                   indices=delta.indices[half:]))
+        try:
+            apply_delta(self.model, Update(values=delta.values[:half], indices=delta.indices[:half]))
+        finally:
+            upper.result()
+
+    def _model_checksum(self) -> int:
+        """`model_checksum`; with a helper, its two halves at once (the checksum is additive)."""
+        assert self.model is not None
+        n = self.model.numel()
+        if self.helper is None or n < SPLIT_FROM_ELEMENTS:
+            return model_checksum(self.model)
+        half = n // 2
+        upper = self.helper.submit(checksum_part, self.model[half:], half)
+        try:
+            lower = checksum_part(self.model[:half], 0)
+        finally:
+            upper_part = upper.result()
+        return combine_checksums((lower, upper_part))
 
     # ------------------------------------------------------------------ reads
 

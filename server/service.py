@@ -68,6 +68,12 @@ class ServerConfig(ServeConfig):
     # need the other core(s), and a second torch thread competes with them for it under load
     # (docs/benchmarks.md, `wanps bench push --torch-threads`).
     torch_threads: int = 1
+    # Threads for a round's tensor work (aggregate, apply, checksum): 2 = the core thread and
+    # a helper, each on half of the index space; 1 = the core thread alone. The result is the
+    # same to the bit. One by default: on 2 cores the helper competes with the event loop and
+    # slowed `wanps bench push` down; 2 pays where a core is free for it (docs/benchmarks.md,
+    # `wanps bench aggregate`, the "auto x2" column).
+    core_threads: int = 1
     # Closed rounds kept for Updates replays (a reconnecting or slow follower catches up from
     # them): as many of the newest as fit in `history_mb` MiB of payload, at most
     # `history_rounds`, always the newest (server/history.py).
@@ -134,7 +140,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def __init__(self, core: ServerCore, metrics: ServerMetrics, history_rounds: int,
                  limits: Limits | None = None, *, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  sweep_interval_s: float = 1.0, history_mb: float | None = None,
-                 check_core_thread: bool = False) -> None:
+                 check_core_thread: bool = False, core_threads: int = 1) -> None:
+        if core_threads not in (1, 2):
+            raise ValueError(f"core_threads must be 1 or 2, got {core_threads}")
         self.core = core
         self.shard = ShardSpec(core.config.shard_index, core.config.shard_count)
         self.limits = limits or Limits()
@@ -147,6 +155,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         # A resumed core starts at its checkpoint's version: older rounds are not in the history.
         self.history.published_through = core.version - 1
         self._core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-core")
+        # Takes half of a large round's tensor work while the core thread does the other half.
+        self._core_helper = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-core-helper")
+                             if core_threads == 2 else None)
+        core.helper = self._core_helper
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="wanps-decode")
         self._core: ServerCore | CoreThreadGuard = core
         if check_core_thread:
@@ -274,6 +286,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                     self.checkpoints.write_final(state)
         finally:
             self._core_thread.shutdown(wait=True, cancel_futures=True)
+            if self._core_helper is not None:
+                self._core_helper.shutdown(wait=True, cancel_futures=True)
             self._decode_pool.shutdown(wait=True, cancel_futures=True)
             if self.checkpoints is not None:
                 self.checkpoints.close()
@@ -663,7 +677,8 @@ async def start_server(config: ServerConfig, registry: CollectorRegistry | None 
                                      config.limits, checkpoint_dir=checkpoint_dir,
                                      checkpoint_every=config.checkpoint_every,
                                      sweep_interval_s=config.sweep_interval_s(), history_mb=config.history_mb,
-                                     check_core_thread=config.check_core_thread)
+                                     check_core_thread=config.check_core_thread,
+                                     core_threads=config.core_threads)
     running = await start_grpc_service(
         service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
         config, registry)

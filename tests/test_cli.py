@@ -43,6 +43,16 @@ def test_flags_override_environment(monkeypatch, capsys):
     assert exited.value.code == 2 and "delta in" in capsys.readouterr().err
 
 
+def test_server_core_threads_from_flag_or_environment(monkeypatch, capsys):
+    assert server_config([]).core_threads == 1
+    monkeypatch.setenv("WANPS_CORE_THREADS", "2")
+    assert server_config([]).core_threads == 2
+    assert server_config(["--core-threads", "1"]).core_threads == 1
+    with pytest.raises(SystemExit) as exited:
+        server_config(["--core-threads", "3"])
+    assert exited.value.code == 2 and "--core-threads: invalid choice: 3" in capsys.readouterr().err
+
+
 def test_server_process_starts_and_stops_on_sigterm(tmp_path):
     server = start_process("server", wanps_command("server", "--listen", "127.0.0.1:0", "--metrics-listen", "off"),
                            tmp_path)

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from wanps.proto import wanps_pb2 as pb
+from wanps.server import service as service_module
 from wanps.worker import Observer, Optimizer
 from wanps.worker.tasks import get_task
 
@@ -75,6 +76,7 @@ def test_rounds_close_with_the_mean_of_pushes(two_workers):
         (lambda h, c: c.__setattr__("values", np.asarray([1.0, np.nan], "<f4").tobytes()), "INVALID_ARGUMENT", "NaN"),
         (lambda h, c: c.__setattr__("values", np.asarray([np.inf, 1.0], "<f4").tobytes()), "INVALID_ARGUMENT", "NaN"),
         (lambda h, c: c.__setattr__("indices", np.asarray([4, 2], "<u4").tobytes()), "INVALID_ARGUMENT", "increasing"),
+        (lambda h, c: c.__setattr__("indices", np.asarray([2, 2], "<u4").tobytes()), "INVALID_ARGUMENT", "increasing"),
         (lambda h, c: h.__setattr__("codec", 99), "INVALID_ARGUMENT", "codec"),
         (lambda h, c: h.__setattr__("value_dtype", 42), "INVALID_ARGUMENT", "value_dtype"),
         # A random block carries no indices; a 16-bit dtype needs 2 bytes per value, not 4.
@@ -160,6 +162,31 @@ def test_updates_stream_replays_and_follows(two_workers):
     with pytest.raises(grpc.RpcError) as ahead:
         next(iter(client.updates(a, 9)))
     assert ahead.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_each_round_is_encoded_once_for_all_its_followers(two_workers, monkeypatch):
+    """Three followers (both workers and an observer) receive every round, whose chunks the
+    server encoded once, when it closed, not once per follower."""
+    cluster, client, a, b = two_workers
+    encoded_rounds = []
+    encode_round = service_module.encode_round
+
+    def counting_encode_round(closed):
+        encoded_rounds.append(closed.round)
+        return encode_round(closed)
+
+    monkeypatch.setattr(service_module, "encode_round", counting_encode_round)
+    observer = client.join(observer=True).worker_id
+    streams = [client.stub.Updates(pb.UpdatesRequest(worker_id=w, from_version=0), timeout=30) for w in (a, b, observer)]
+    for round_ in range(3):
+        client.push(a, round_, [1, round_ + 2], [2.0, 1.0])
+        client.push(b, round_, [1], [4.0])
+    received = [[next(stream) for _ in range(3)] for stream in streams]
+    for stream in streams:
+        stream.cancel()
+    assert encoded_rounds == [0, 1, 2]
+    assert [chunk.round for chunk in received[0]] == [0, 1, 2]
+    assert received[0] == received[1] == received[2]
 
 
 def test_join_refuses_a_different_model(two_workers):
