@@ -177,7 +177,7 @@ def test_each_round_is_encoded_once_for_all_its_followers(two_workers, monkeypat
 
     monkeypatch.setattr(service_module, "encode_round", counting_encode_round)
     observer = client.join(observer=True).worker_id
-    streams = [client.stub.Updates(pb.UpdatesRequest(worker_id=w, from_version=0), timeout=30) for w in (a, b, observer)]
+    streams = [client.updates(w, from_version=0, timeout=30) for w in (a, b, observer)]
     for round_ in range(3):
         client.push(a, round_, [1, round_ + 2], [2.0, 1.0])
         client.push(b, round_, [1], [4.0])
