@@ -55,18 +55,27 @@ class Replica:
         on_idle: Callable[[], None] | None = None,
     ) -> int:
         """Apply every delta already received; block (until `deadline`) while below min_version."""
-        while True:
-            block = self.version < min_version and (deadline is None or time.monotonic() < deadline)
-            try:
-                if block:
-                    wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-                    item = deltas.get(timeout=wait)
-                else:
-                    item = deltas.get_nowait()
-            except queue.Empty:
-                if not block:
-                    return self.version
-                if on_idle is not None:
-                    on_idle()
-                continue
-            self.apply(item)
+        apply_until(deltas, lambda: self.version >= min_version, self.apply, deadline, on_idle)
+        return self.version
+
+
+def apply_until(deltas: queue.Queue, reached: Callable[[], bool], apply: Callable[[object], None],
+                deadline: float | None = None, on_idle: Callable[[], None] | None = None) -> None:
+    """Apply every delta already received (`apply`); block, waking each second for `on_idle`,
+    until `reached()` or `deadline` (time.monotonic()). A single replica and a sharded one
+    (worker/shards.py) move forward by this one loop."""
+    while True:
+        block = not reached() and (deadline is None or time.monotonic() < deadline)
+        try:
+            if block:
+                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+                item = deltas.get(timeout=wait)
+            else:
+                item = deltas.get_nowait()
+        except queue.Empty:
+            if not block:
+                return
+            if on_idle is not None:
+                on_idle()
+            continue
+        apply(item)

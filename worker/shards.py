@@ -60,7 +60,7 @@ from wanps.rpc.auth import ClientSecurity
 from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES
 from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.recovery import ConnectionLost, Recovery
-from wanps.worker.replica import Replica
+from wanps.worker.replica import Replica, apply_until
 from wanps.worker.session import PulledModel, ReceivedDelta, WorkerSession
 from wanps.worker.telemetry import Telemetry
 
@@ -300,21 +300,7 @@ class ShardedReplica:
 
     def _catch_up(self, deltas: ShardDeltas, reached: Callable[[], bool], deadline: float | None,
                   on_idle: Callable[[], None] | None) -> None:
-        while True:
-            block = not reached() and (deadline is None or time.monotonic() < deadline)
-            try:
-                if block:
-                    wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-                    item = deltas.get(timeout=wait)
-                else:
-                    item = deltas.get_nowait()
-            except queue.Empty:
-                if not block:
-                    return
-                if on_idle is not None:
-                    on_idle()
-                continue
-            self.apply(item)
+        apply_until(deltas, reached, self.apply, deadline, on_idle)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- what the controller hears
