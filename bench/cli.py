@@ -9,6 +9,7 @@ import warnings
 BENCHMARKS = {
     "push": ("wanps.bench.push", "push ingest: pairs/s through the full server path vs a bare gRPC echo"),
     "wire": ("wanps.bench.wire", "bytes on the wire per pushed element, serialized and on a real socket"),
+    "linkem": ("wanps.bench.linkem", "the link emulator against its settings: goodput, RTT, a step, a stall, gRPC"),
     "estimate": ("wanps.bench.estimate",
                  "link estimation accuracy through the link emulator (fixed link, step change)"),
     "train": ("wanps.bench.train", "time to accuracy of DeCo against D-SGD and static baselines over emulated WANs"),
