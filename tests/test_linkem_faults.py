@@ -42,7 +42,7 @@ def test_reset_aborts_every_connection_and_new_ones_work() -> None:
             await echo_once(reader, writer, b"after the reset")
             writer.close()
 
-    run(scenario(), timeout_s=10)
+    run(scenario(), timeout_s=30)
 
 
 def test_stall_holds_every_byte_for_its_duration() -> None:
@@ -59,7 +59,7 @@ def test_stall_holds_every_byte_for_its_duration() -> None:
             writer.close()
             return held_s, emulator.stalls
 
-    held_s, stalls = run(scenario(), timeout_s=10)
+    held_s, stalls = run(scenario(), timeout_s=30)
     assert stalls == 1
     # No byte is admitted before the stall ends; then each way takes its 1 ms delay (a timer
     # may fire TIMER_SLACK_S early). Load can only make it longer.
@@ -86,7 +86,7 @@ def test_scheduled_faults_run_at_their_times() -> None:
             stalled_until = emulator._uplink.stalled_until - emulator.epoch
             return emulator.resets, emulator.stalls, reset_seen_at, stalled_until
 
-    resets, stalls, reset_seen_at, stalled_until = run(scenario(), timeout_s=10)
+    resets, stalls, reset_seen_at, stalled_until = run(scenario(), timeout_s=30)
     assert (resets, stalls) == (1, 1)
     # Seen after it ran, and it ran no earlier than due (uvloop's timers may fire up to
     # TIMER_SLACK_S early).
