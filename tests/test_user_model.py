@@ -19,9 +19,9 @@ from wanps.worker.layout import ModelMismatch, collect_module, layout_of, with_b
 from wanps.worker.skip_rule import SkipRule
 from wanps.worker.tasks import get_task
 
-# Bounds on a hang, not on speed: under heavy load (a soak beside the suite) these few dozen
-# rounds have taken over 90 s, and a worker thread still running at a 90 s join was reported as
-# "a worker did not finish" while its peer, a round ahead, had just finished.
+# Bounds on a hang, not on speed. The one "a worker did not finish" (a 90 s join per thread, 120 s
+# per test) fits load, not a race: with tau <= 1 both workers end within a round of each other,
+# so worker 0 was still in its last rounds at its 90 s join while worker 1 had just ended.
 pytestmark = pytest.mark.timeout(300)
 WORKERS_TIMEOUT_S = 240
 TASK = get_task("synthetic")  # 32 features, 4 classes
