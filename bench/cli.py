@@ -11,6 +11,7 @@ BENCHMARKS = {
     "aggregate": ("wanps.bench.aggregate",
                   "the server's mean over a round, path by path (one sort, pieces, blocked, two threads)"),
     "wire": ("wanps.bench.wire", "bytes on the wire per pushed element, serialized and on a real socket"),
+    "linkem": ("wanps.bench.linkem", "the link emulator against its settings: goodput, RTT, a step, a stall, gRPC"),
     "estimate": ("wanps.bench.estimate",
                  "link estimation accuracy through the link emulator (fixed link, step change)"),
     "train": ("wanps.bench.train", "time to accuracy of DeCo against D-SGD and static baselines over emulated WANs"),

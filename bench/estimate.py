@@ -361,11 +361,16 @@ async def run_condition(config: EstimateBenchConfig, condition: Condition, windo
         await asyncio.to_thread(worker.thread.join, SETUP_TIMEOUT_S)
         if worker.stats.error:
             raise RuntimeError(f"bench worker failed: {worker.stats.error}")
+        if worker.thread.is_alive():
+            raise RuntimeError(f"bench worker still running {SETUP_TIMEOUT_S:.0f} s after it was told to stop")
     finally:
         if worker is not None:
             worker.stop.set()
             if worker.thread.is_alive():
                 await asyncio.to_thread(worker.thread.join, SETUP_TIMEOUT_S)
+                if worker.thread.is_alive():  # a daemon thread: it goes with the process
+                    print(f"bench worker still running {SETUP_TIMEOUT_S:.0f} s after it was told to stop",
+                          file=sys.stderr)
         if controller is not None:
             await controller.stop(0.5)
         await server.stop(0.5)

@@ -489,7 +489,11 @@ class _ClientPool:
         for proc in self.procs:
             proc.join(10)
             if proc.is_alive():
-                proc.terminate()
+                proc.terminate()  # by PID: the client processes this benchmark started
+                proc.join(5)
+            if proc.is_alive():
+                print(f"bench client {proc.pid} ignored SIGTERM: killing it", file=sys.stderr)
+                proc.kill()
                 proc.join(5)
         for conn in self.conns:
             conn.close()

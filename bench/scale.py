@@ -331,12 +331,16 @@ def _run_row(config: ScaleConfig, server: ManagedProcess, metrics_port: int, d: 
     except threading.BrokenBarrierError:
         for thread in threads:
             thread.join(60)
-        raise RuntimeError(f"a worker failed: {errors[0]!r}" if errors else "a worker failed") from (
+        stuck = sum(thread.is_alive() for thread in threads)
+        raise RuntimeError((f"a worker failed: {errors[0]!r}" if errors else "a worker failed")
+                           + (f"; {stuck} still running after 60 s" if stuck else "")) from (
             errors[0] if errors else None)
     for thread in threads:
         thread.join(config.time_limit_s)
     if errors:
         raise RuntimeError(f"a worker failed: {errors[0]!r}") from errors[0]
+    if stuck := [thread.name for thread in threads if thread.is_alive()]:
+        raise RuntimeError(f"{', '.join(stuck)} still running after the time limit ({config.time_limit_s:.0f} s)")
     peak = _status_mib(server.pid, "VmHWM")
     # Every worker left: the server drops its history and hands freed memory back (members 0).
     _wait_for(lambda: _scrape(metrics_port).get("wanps_server_members", 1) == 0 and

@@ -6,12 +6,14 @@ socket, training the synthetic task with tau 1 and delta 0.1 until a given round
 bounded in time: past `--time-limit` it stops everything and reports a failure (a deadlock or
 a stall shows up here). At the end it checks the invariants on the server's final checkpoint
 (each round applied once, conservation, every replica equal to the model, accuracy) and
-prints rounds/s and the peak RSS of the server and of the worker process, plus the server's
-RSS after the first tenth of the run against its peak (bounded memory: they stay close).
+prints rounds/s and the peak RSS of the server and of the worker process, plus each one's
+RSS after the first tenth of the run against its peak since (bounded memory: they stay close;
+tests/test_soak.py holds the growth to the byte budgets the configuration sets).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import tempfile
 import threading
@@ -27,6 +29,9 @@ from wanps.proto.codec import model_checksum
 from wanps.server.checkpoint import read_checkpoint
 from wanps.worker.optimizer import Optimizer, bind_to_flat
 from wanps.worker.tasks import get_task
+
+
+RSS_SAMPLE_S = 0.2  # how often the RSS of the server and of this process is read while training
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class SoakResult:
     server_peak_rss_mib: float
     server_rss_after_tenth_mib: float
     workers_peak_rss_mib: float
+    # This process (the workers) after the first tenth of training, and the most sampled since.
+    workers_rss_after_tenth_mib: float
+    workers_rss_most_after_tenth_mib: float
     accuracy: float
     invariants: str  # "ok" or what failed
     recoveries: int
@@ -114,17 +122,21 @@ def run_soak(config: SoakConfig, work_dir: Path) -> SoakResult:
         joined.wait(config.time_limit_s)
         join_seconds = time.monotonic() - started
         started = time.monotonic()
-        rss_samples: list[tuple[float, float]] = []  # (seconds since start, server RSS MiB)
+        # (seconds since start, server RSS MiB, this process's RSS MiB), every RSS_SAMPLE_S
+        rss_samples: list[tuple[float, float, float]] = []
         deadline = started + config.time_limit_s
         while alive := [t for t in threads if t.is_alive()]:
             if time.monotonic() > deadline:
                 stop.set()
                 raise TimeoutError(f"soak did not finish {config.rounds} rounds within {config.time_limit_s:.0f} s "
                                    "(a deadlock or a stall)")
-            rss_samples.append((time.monotonic() - started, _rss_mib(server.pid, "VmRSS")))
-            alive[0].join(0.5)
+            rss_samples.append((time.monotonic() - started, _rss_mib(server.pid, "VmRSS"),
+                                _rss_mib(os.getpid(), "VmRSS")))
+            alive[0].join(RSS_SAMPLE_S)
         seconds = time.monotonic() - started
-        rss_after_tenth = next((rss for t, rss in rss_samples if t >= seconds / 10), 0.0)
+        after_tenth = [(server_rss, workers_rss) for t, server_rss, workers_rss in rss_samples if t >= seconds / 10]
+        rss_after_tenth, workers_rss_after_tenth = after_tenth[0] if after_tenth else (0.0, 0.0)
+        workers_rss_most = max((workers_rss for _, workers_rss in after_tenth), default=0.0)
         if errors:
             raise RuntimeError(f"{len(errors)} workers failed; first: {errors[0]!r}") from errors[0]
         server_peak = _rss_mib(server.pid, "VmHWM")
@@ -156,6 +168,7 @@ def run_soak(config: SoakConfig, work_dir: Path) -> SoakResult:
         pushes_per_s=version * config.workers / seconds, server_peak_rss_mib=server_peak,
         server_rss_after_tenth_mib=rss_after_tenth,
         workers_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        workers_rss_after_tenth_mib=workers_rss_after_tenth, workers_rss_most_after_tenth_mib=workers_rss_most,
         accuracy=accuracy, invariants=invariants, recoveries=recoveries[0])
 
 
@@ -168,7 +181,9 @@ def print_soak(result: SoakResult) -> None:
         ("pushes/s", f"{result.pushes_per_s:.0f}"),
         ("server peak RSS", f"{result.server_peak_rss_mib:.0f} MiB "
                             f"(RSS after a tenth of the run: {result.server_rss_after_tenth_mib:.0f} MiB)"),
-        ("worker process peak RSS", f"{result.workers_peak_rss_mib:.0f} MiB ({result.workers} workers)"),
+        ("worker process peak RSS", f"{result.workers_peak_rss_mib:.0f} MiB ({result.workers} workers; "
+                                    f"{result.workers_rss_after_tenth_mib:.0f} after a tenth, "
+                                    f"{result.workers_rss_most_after_tenth_mib:.0f} at most since)"),
         ("final accuracy", f"{result.accuracy:.2%}"),
         ("recoveries", str(result.recoveries)),
         ("invariants", result.invariants),

@@ -6,6 +6,7 @@ fixed sleep) and keep copying the rest of its output to a log file.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -82,6 +83,9 @@ class ManagedProcess:
                 self.popen.wait(5)
         if self._pump is not None:
             self._pump.join(5)
+            if self._pump.is_alive():  # a grandchild holding the output pipe open keeps it reading
+                logging.getLogger(__name__).warning("%s: its log pump still runs 5 s after the process ended",
+                                                    self.name)
         return self.popen.returncode
 
 

@@ -98,6 +98,7 @@ class _Pipe:
         self.last_deliver_at = 0.0
         self.stopped = False
         self.delivered_eof = False
+        self.held_back = False  # the pump waits: this connection's undelivered bytes are at their bound
         self._has_segments = asyncio.Event()
         self._has_space = asyncio.Event()
 
@@ -121,7 +122,9 @@ class _Pipe:
                     segment = data if len(data) <= SEGMENT_BYTES else data[offset : offset + SEGMENT_BYTES]
                     while self.inflight >= self.link.inflight_limit() and not self.stopped:
                         self._has_space.clear()
+                        self.held_back = True
                         await self._has_space.wait()
+                    self.held_back = False
                     if self.stopped:
                         return
                     deliver_at = await self.link.admit(len(segment))
@@ -232,6 +235,11 @@ class LinkEmulator:
     def bytes_queued(self) -> int:
         """Bytes read from a source but not yet delivered, over all connections and directions."""
         return sum(pipe.inflight for pipe in self._pipes)
+
+    @property
+    def pipes_held_back(self) -> int:
+        """Directions of connections that read no more: their undelivered bytes reached the bound."""
+        return sum(pipe.held_back for pipe in self._pipes)
 
     @property
     def active_connections(self) -> int:

@@ -37,6 +37,9 @@ class LinkDirection:
         self.queue_s = queue_s
         self.tx_end = epoch
         self.bytes_forwarded = 0
+        # Transmission time reserved so far: each segment's size * 8 / the bandwidth it was
+        # charged at. Tests read it (a count, not a clock) to see which rate bytes went at.
+        self.serializer_s = 0.0
         self.stalled_until = 0.0  # monotonic time; no byte is admitted before it
 
     async def admit(self, size: int) -> float:
@@ -52,7 +55,9 @@ class LinkDirection:
             # Time-based wait: it cannot deadlock on a stalled peer of another connection.
             await asyncio.sleep(backlog_s - self.queue_s)
         start = max(now, self.tx_end)
-        self.tx_end = start + size * 8 / self.trace.bandwidth_bps(start - self.epoch)
+        transmit_s = size * 8 / self.trace.bandwidth_bps(start - self.epoch)
+        self.serializer_s += transmit_s
+        self.tx_end = start + transmit_s
         return self.delivery_time(self.tx_end)
 
     def delivery_time(self, now: float) -> float:

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+import time
+import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,6 +30,31 @@ def _quiet_readonly_buffer_warning() -> Iterator[None]:
         yield
 
 
+def join_threads(threads: Sequence[threading.Thread], timeout_s: float, errors: Sequence[BaseException] = ()) -> None:
+    """Join every thread within one shared `timeout_s` (a bound on a hang, not a speed). A
+    thread still running fails the test naming it, with the stack it is stuck in and the
+    errors the threads reported so far (a join with a timeout alone says nothing)."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [thread for thread in threads if thread.is_alive()]
+    if stuck:
+        frames = sys._current_frames()
+        stacks = "\n".join(f"--- {thread.name} is at:\n" + "".join(traceback.format_stack(frames[thread.ident]))
+                           for thread in stuck if thread.ident in frames)
+        raise AssertionError(f"{len(stuck)} of {len(threads)} threads still running after {timeout_s:g} s "
+                             f"(errors so far: {list(errors)!r}):\n{stacks}")
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 60.0, poll_s: float = 0.01) -> None:
+    """Poll `condition` until it is true; `timeout_s` only bounds a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(poll_s)
+
+
 class LoopThread:
     """An event loop on its own thread, to host gRPC services next to blocking test code."""
 
@@ -41,7 +69,7 @@ class LoopThread:
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        join_threads([self.thread], 10)  # closing a loop that still runs would raise anyway
         self.loop.close()
 
 

@@ -1,4 +1,4 @@
-"""Smoke tests of `wanps bench push` (with shards), `aggregate`, `wire` and `scrape` at tiny sizes.
+"""Smoke tests of `wanps bench push` (with shards), `aggregate`, `wire`, `scrape` and `linkem` at tiny sizes.
 
 They check that the benchmarks run end to end against real servers and report a sane
 structure; they assert nothing about speed (timings on a shared machine are not stable),
@@ -142,3 +142,17 @@ def test_bench_scrape_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     by_interval = {row["interval_s"]: row for row in result["intervals"]}
     assert by_interval[15.0]["fraction_of_round"] == pytest.approx(scrape["server_cpu_ms_per_scrape"] / 1000 / 15)
     assert by_interval[15.0]["target_met"]
+
+
+def test_bench_linkem_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every case runs and reports; how close the figures come to the settings is the
+    benchmark's to print (docs/benchmarks.md), not this test's to assert."""
+    out = tmp_path / "linkem.json"
+    argv = ["linkem", "--seconds", "0.2", "--bandwidths", "40", "--delays", "5", "--pings", "3", "--grpc-calls", "1",
+            "--no-step", "--json", str(out)]
+    assert main(argv) == 0
+    assert "goodput, 2 connections" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"].split(",")[0] for r in rows] == [
+        "goodput", "goodput", "RTT", "stall", "gRPC echo of 2 MiB through `wanps linkem`"]
+    assert all(r["measured"] for r in rows)

@@ -366,20 +366,32 @@ def fuzz_join(examples: int) -> None:
                name=st.one_of(st.text(max_size=30), st.text(min_size=60, max_size=70),
                               st.sampled_from(["a\nforged log line", "x" * 65, "\u202etxt.exe", "tab\there"])))
         def property_(role, num_params, fingerprint, name):
-            if role not in (pb.ROLE_WORKER, pb.ROLE_OBSERVER):
-                expected = I
-            elif num_params > MAX_ELEMENTS:
-                expected = RE
-            elif name_problem(name) is not None or num_params == 0 or not fingerprint:
-                expected = I
-            elif num_params != NUM_PARAMS or fingerprint != FINGERPRINT:
-                expected = FP
-            else:
-                expected = OK
             request = pb.JoinRequest(role=role, num_params=num_params, model_fingerprint=fingerprint, name=name)
-            check(fuzzed, lambda: fuzzed.client.stub.Join(request, timeout=10), expected, request)
+            check(fuzzed, lambda: fuzzed.client.stub.Join(request, timeout=10), expected_join(request), request)
 
         property_()
+
+
+def expected_join(request: pb.JoinRequest) -> grpc.StatusCode | None:
+    if request.role not in (pb.ROLE_WORKER, pb.ROLE_OBSERVER):
+        return I
+    if request.num_params > MAX_ELEMENTS:
+        return RE
+    if (request.shard_index, request.shard_count, request.total_params) != (0, 0, 0):
+        # A shard view; this server is the single one, shard 0 of 1 (server/shard.py).
+        if not 0 <= request.shard_index < request.shard_count:
+            return I  # names no shard
+        if (request.shard_index, request.shard_count) != (0, 1):
+            return FP  # takes this server for another shard
+        if request.num_params != request.total_params:
+            return I  # not the length of shard 0/1's range: the whole vector
+    if request.structure:
+        return I  # a structure the fingerprint is not the digest of (nothing random is)
+    if name_problem(request.name) is not None or request.num_params == 0 or not request.model_fingerprint:
+        return I
+    if request.num_params != NUM_PARAMS or request.model_fingerprint != FINGERPRINT:
+        return FP
+    return OK
 
 
 # ---------------------------------------------------------------------------- SeedModel
@@ -458,22 +470,14 @@ def fuzz_pull_and_updates(examples: int) -> None:
                from_version=st.one_of(st.integers(0, ADVANCED_ROUNDS + 3), st.integers(0, U64)),
                data=st.data())
         def property_(worker, from_version, data):
-            version = fuzzed.core.version
             secret = secrets_for(data.draw, fuzzed, worker)
             pull = pb.PullModelRequest(worker_id=worker, member_secret=secret)
             check(fuzzed, lambda: list(fuzzed.client.stub.PullModel(pull, timeout=10)),
                   fuzzed.identity_code(worker, secret), pull)
             request = pb.UpdatesRequest(worker_id=worker, from_version=from_version, member_secret=secret)
-            if fuzzed.identity_code(worker, secret) is not OK:
-                expected = fuzzed.identity_code(worker, secret)
-            elif from_version > version:
-                expected = FP  # ahead of the server
-            elif from_version < version - HISTORY:
-                expected = FP  # no longer in the history: pull the model again
-            elif from_version == version:
+            expected = expected_updates(fuzzed, request)
+            if expected is WAITS:
                 return  # a valid stream that waits for the next round: nothing to check here
-            else:
-                expected = OK
 
             def first_delta():
                 stream = fuzzed.client.stub.Updates(request, timeout=10)
@@ -484,6 +488,23 @@ def fuzz_pull_and_updates(examples: int) -> None:
             check(fuzzed, first_delta, expected, request)
 
         property_()
+
+
+WAITS = "waits"  # an Updates stream that is valid and waits for the next round to close
+
+
+def expected_updates(fuzzed: Fuzzed, request: pb.UpdatesRequest) -> grpc.StatusCode | None | str:
+    version = fuzzed.core.version
+    identity = fuzzed.identity_code(request.worker_id, request.member_secret)
+    if identity is not OK:
+        return identity
+    if request.from_version > version:
+        return FP  # ahead of the server
+    if request.from_version < version - HISTORY:
+        return FP  # no longer in the history: pull the model again
+    if request.from_version == version:
+        return WAITS
+    return OK
 
 
 def fuzz_ping_and_leave(examples: int) -> None:
@@ -553,8 +574,41 @@ def corrupted(draw, valid: bytes) -> bytes:
     return draw(st.binary(max_size=64))
 
 
+def expected_parsed(fuzzed: Fuzzed, method: str, messages: list) -> grpc.StatusCode | None | str:
+    """The status the reference rules give corrupted bytes that still parse: whatever request
+    they decode to is judged like any other, so OK only for one that is actually valid."""
+    request = messages[0]
+    name = method.rsplit("/", 1)[1]
+    if name == "Join":
+        return expected_join(request)
+    if name == "SeedModel":
+        return expected_seed(fuzzed, messages, fuzzed.workers[0])
+    if name in ("PullModel", "Leave"):
+        return fuzzed.identity_code(request.worker_id, request.member_secret)
+    if name == "Push":
+        return expected_push(fuzzed, messages)
+    if name == "Updates":
+        return expected_updates(fuzzed, request)
+    if name == "Ping":
+        if len(request.padding) > MAX_PING_PADDING:
+            return RE
+        if request.reply_bytes > MAX_PING_PADDING:
+            return I
+        return OK if request.worker_id == 0 else fuzzed.identity_code(request.worker_id, request.member_secret)
+    if name == "Report":
+        return expected_report(request)
+    if name == "SetPolicy":
+        return expected_set_policy(request)
+    if name == "Decisions":
+        return expected_decisions(fuzzed)
+    assert name == "GetState", name
+    return OK  # no field of its can make it invalid
+
+
 def fuzz_corrupt_bytes(examples: int) -> None:
-    """Every RPC of both services gets truncated, bit-flipped and random request bytes."""
+    """Every RPC of both services gets truncated, bit-flipped and random request bytes: bytes
+    that do not parse get INVALID_ARGUMENT; bytes that do are the request they decode to, and
+    get exactly the status the reference rules give it (no "anything but a crash")."""
     with fuzzed_cluster() as fuzzed:
         methods = [("/wanps.v1.ParameterServer/" + name, fuzzed.raw_server, spec, fuzzed.server_state)
                    for name, spec in SERVER_METHODS.items()]
@@ -567,38 +621,42 @@ def fuzz_corrupt_bytes(examples: int) -> None:
             def property_(data):
                 method, channel, (valid, streaming_in, streaming_out), state = data.draw(st.sampled_from(methods))
                 raw = data.draw(corrupted(valid.SerializeToString()))
+                copies = data.draw(st.integers(1, 2)) if streaming_in else 1
+                parsed = parse_as(type(valid), raw)
+                if parsed is None:
+                    expected = I
+                else:
+                    expected = expected_parsed(fuzzed, method, [parsed] * copies)
+                # A valid Updates stream from the current version waits for a round that
+                # nothing here closes: its short deadline ends it, and that is all it may do.
+                waits = expected is WAITS
+                if waits:
+                    expected = grpc.StatusCode.DEADLINE_EXCEEDED
 
                 def call():
                     if streaming_in:
-                        messages = iter([raw] * data.draw(st.integers(1, 2)))
-                        return channel.stream_unary(method)(messages, timeout=10)
+                        return channel.stream_unary(method)(iter([raw] * copies), timeout=10)
                     if streaming_out:
-                        stream = channel.unary_stream(method)(raw, timeout=STREAM_WAIT_S)
+                        stream = channel.unary_stream(method)(raw, timeout=STREAM_WAIT_S if waits else 10)
                         for _ in stream:  # the first message shows the call was accepted
                             stream.cancel()
                             return None
                         return None
                     return channel.unary_unary(method)(raw, timeout=10)
 
-                # Bytes that still parse are a different, valid-looking request: any answer but a crash,
-                # and a refusal must change nothing. Bytes that do not parse: INVALID_ARGUMENT.
-                parses = parses_as(type(valid), raw)
-                allowed = {OK, I, FP, NF, PD, RE, grpc.StatusCode.CANCELLED} if parses else {I}
-                if parses and streaming_out:
-                    allowed.add(grpc.StatusCode.DEADLINE_EXCEEDED)  # accepted, waiting for the next round
-                check(fuzzed, call, allowed, (method, raw), state=state)
+                check(fuzzed, call, expected, (method, raw, parsed), state=state)
 
             property_()
         finally:
             controller_raw.close()
 
 
-def parses_as(message_type, raw: bytes) -> bool:
+def parse_as(message_type, raw: bytes):
+    """The message `raw` decodes to, or None when it does not parse."""
     try:
-        message_type.FromString(raw)
-        return True
+        return message_type.FromString(raw)
     except Exception:
-        return False
+        return None
 
 
 # ---------------------------------------------------------------------------- controller
@@ -627,6 +685,28 @@ def sample_is_valid(s: pb.LinkSample) -> bool:
             and s.direction in (0, 1, 2) and s.timed_bytes <= s.bytes and 0 <= s.queued_s <= s.seconds)
 
 
+def expected_decisions(fuzzed: Fuzzed) -> grpc.StatusCode | None | str:
+    """Any worker id may follow the decisions; the stream's first message is the decision in
+    force, and before the controller's first decision (made on a first report) it waits."""
+    core = fuzzed.cluster.controller.service.core
+    return OK if core.book.relevant(core.reported_round) else WAITS
+
+
+def expected_report(request: pb.ReportRequest) -> grpc.StatusCode | None:
+    if len(request.samples) > 512:
+        return RE
+    if request.round > MAX_ROUND or any(s.round > MAX_ROUND for s in request.samples):
+        return grpc.StatusCode.OUT_OF_RANGE  # decisions are scheduled rounds ahead of it
+    if request.num_params > MAX_PARAMS or not all(sample_is_valid(s) for s in request.samples):
+        return I
+    return OK
+
+
+def expected_set_policy(request: pb.SetPolicyRequest) -> grpc.StatusCode | None:
+    valid = request.policy in POLICIES and (request.policy != "static" or 0 < request.delta <= 1)
+    return OK if valid else I
+
+
 def fuzz_controller(examples: int) -> None:
     with fuzzed_cluster(advance=False) as fuzzed:
         ctl = fuzzed.controller
@@ -642,36 +722,30 @@ def fuzz_controller(examples: int) -> None:
                 request = pb.ReportRequest(worker_id=data.draw(st.integers(0, U64)),
                                            round=data.draw(st.one_of(st.integers(0, 1000), st.integers(0, U64))),
                                            samples=samples, num_params=data.draw(st.integers(0, U64)))
-                if len(samples) > 512:
-                    expected = RE
-                elif request.round > MAX_ROUND or any(s.round > MAX_ROUND for s in samples):
-                    expected = grpc.StatusCode.OUT_OF_RANGE  # decisions are scheduled rounds ahead of it
-                elif request.num_params > MAX_PARAMS or not all(sample_is_valid(s) for s in samples):
-                    expected = I
-                else:
-                    expected = OK
-                check(fuzzed, lambda: ctl.Report(request, timeout=10), expected, request, state=state)
+                check(fuzzed, lambda: ctl.Report(request, timeout=10), expected_report(request), request, state=state)
             elif rpc == "SetPolicy":
                 name = data.draw(st.one_of(st.sampled_from(POLICIES), st.text(max_size=12)))
                 delta = data.draw(st.one_of(st.floats(0, 1), st.floats(allow_nan=True, allow_infinity=True)))
                 tau = data.draw(st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1)))
                 request = pb.SetPolicyRequest(policy=name, tau=tau, delta=delta)
-                valid = name in POLICIES and (name != "static" or 0 < delta <= 1)
-                code = check(fuzzed, lambda: ctl.SetPolicy(request, timeout=10), OK if valid else I, request,
-                             state=state)
+                code = check(fuzzed, lambda: ctl.SetPolicy(request, timeout=10), expected_set_policy(request),
+                             request, state=state)
                 if code is OK:
                     assert fuzzed.cluster.controller.service.core.policy.name == name
             elif rpc == "GetState":
                 check(fuzzed, lambda: ctl.GetState(pb.GetStateRequest(), timeout=10), OK, rpc, state=state)
             else:
                 request = pb.DecisionsRequest(worker_id=data.draw(st.integers(0, U64)))
+                expected = expected_decisions(fuzzed)
+                waits = expected is WAITS  # no decision yet: the stream waits, its short deadline ends it
 
                 def first_decision():
-                    stream = ctl.Decisions(request, timeout=10)
+                    stream = ctl.Decisions(request, timeout=STREAM_WAIT_S if waits else 10)
                     next(stream)
                     stream.cancel()
 
-                check(fuzzed, first_decision, OK, request, state=state)
+                check(fuzzed, first_decision, grpc.StatusCode.DEADLINE_EXCEEDED if waits else OK, request,
+                      state=state)
 
         property_()
 

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from conftest import join_threads
 from wanps.worker import Optimizer
 from wanps.worker.cli import build_parser
 from wanps.worker.tasks import GPT2_SMALL, GPT2_TINY, SEQUENCE_TASKS, MarkovTokens, get_task
@@ -99,8 +100,7 @@ def test_gpt2_tiny_trains_through_a_real_cluster(make_cluster):
     threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(170)
+    join_threads(threads, 170, errors)
     assert not errors, errors
     assert cluster.core.version >= rounds
     trained = task.build_model(0)

@@ -7,7 +7,8 @@ keeps these tests short. The blackhole is a `wanps linkem` stall: it holds every
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -25,8 +26,13 @@ pytestmark = pytest.mark.timeout(60)
 FAST = Keepalive(time_s=0.2, timeout_s=0.5, min_recv_interval_s=0.1)
 
 
-async def watch_through_link(stall_s: float, watch_s: float) -> tuple[str, float]:
-    """A health Watch stream through linkem; stall the link; how and when the stream ends."""
+# An HTTP/2 PING frame (or its ACK) is 9 bytes of header and 8 of payload.
+PING_FRAME_BYTES = 17
+
+
+@asynccontextmanager
+async def watch_through_link() -> AsyncIterator[tuple[LinkEmulator, grpc.aio.UnaryStreamCall]]:
+    """A health Watch stream through linkem, past its first message; closes everything."""
     options = grpc_channel_options(DEFAULT_MAX_MESSAGE_BYTES, FAST)
     server = grpc.aio.server(options=options)
     health = health_aio.HealthServicer()
@@ -35,39 +41,62 @@ async def watch_through_link(stall_s: float, watch_s: float) -> tuple[str, float
     port = server.add_insecure_port(f"{LOCALHOST}:0")
     await server.start()
     emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, port, LinkTrace.fixed(1000, 1))
-    link_port = await emulator.start()
-    channel = grpc.aio.insecure_channel(f"{LOCALHOST}:{link_port}", options=options)
+    await emulator.start()
+    channel = grpc.aio.insecure_channel(f"{LOCALHOST}:{emulator.bound_port}", options=options)
     try:
         stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         first = await stream.read()
         assert first.status == health_pb2.HealthCheckResponse.SERVING
-        if stall_s > 0:
-            emulator.stall(stall_s)
-        started = time.monotonic()
-        try:
-            message = await asyncio.wait_for(stream.read(), watch_s)
-            return f"message {message}", time.monotonic() - started
-        except asyncio.TimeoutError:
-            return "open", time.monotonic() - started
-        except grpc.aio.AioRpcError as exc:
-            return exc.code().name, time.monotonic() - started
+        yield emulator, stream
     finally:
         await channel.close()
         await emulator.close()
         await server.stop(0)
 
 
+async def how_the_stream_ends(stream: grpc.aio.UnaryStreamCall, within_s: float) -> str:
+    try:
+        message = await asyncio.wait_for(stream.read(), within_s)
+        return f"message {message}"
+    except asyncio.TimeoutError:
+        return "open"
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+
+
 def test_a_silently_dead_link_ends_the_stream_unavailable():
-    outcome, seconds = run(watch_through_link(stall_s=30.0, watch_s=15.0), timeout_s=40)
-    assert outcome == "UNAVAILABLE", outcome
-    assert seconds < 5.0  # FAST: ping after 0.2 s idle, dropped 0.5 s later; not the 15 s the test waits
+    async def scenario() -> str:
+        async with watch_through_link() as (emulator, stream):
+            # Longer than the test waits: only keepalive can end the stream (FAST: a ping after
+            # 0.2 s idle, dropped 0.5 s later). The 20 s bound is a hang bound, not a speed.
+            emulator.stall(600.0)
+            return await how_the_stream_ends(stream, within_s=20.0)
+
+    assert run(scenario(), timeout_s=40) == "UNAVAILABLE"
 
 
 def test_the_server_accepts_our_pings_on_a_quiet_stream():
-    # Pings every 0.2 s for 3 s on a stream that carries no data: a server that counted them
-    # as abuse would end it with GOAWAY (UNAVAILABLE "too_many_pings") well within that.
-    outcome, seconds = run(watch_through_link(stall_s=0.0, watch_s=3.0), timeout_s=20)
-    assert outcome == "open", outcome
+    # A stream that carries no data: a server that counted our pings as abuse would end it
+    # with GOAWAY (UNAVAILABLE "too_many_pings") after its second strike. Counted, not timed:
+    # wait until the link has carried a dozen of our pings, then the stream must still be open.
+    pings = 12
+
+    async def scenario() -> tuple[str, int]:
+        async with watch_through_link() as (emulator, stream):
+            quiet_from = emulator.bytes_client_to_target
+            ended = asyncio.ensure_future(how_the_stream_ends(stream, within_s=60.0))
+            # Polls the emulator's byte count; bounded by the scenario's timeout.
+            while not ended.done() and emulator.bytes_client_to_target - quiet_from < pings * PING_FRAME_BYTES:
+                await asyncio.sleep(0.05)
+            carried = emulator.bytes_client_to_target - quiet_from
+            outcome = ended.result() if ended.done() else "open"
+            ended.cancel()
+            await asyncio.gather(ended, return_exceptions=True)
+            return outcome, carried
+
+    outcome, carried = run(scenario(), timeout_s=40)
+    assert outcome == "open", f"{outcome} after {carried} bytes of pings"
+    assert carried >= pings * PING_FRAME_BYTES
 
 
 def test_the_defaults_ping_within_a_minute_and_let_clients_ping():

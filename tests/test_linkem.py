@@ -2,6 +2,12 @@
 
 All traffic stays on 127.0.0.1 with ports picked by the kernel (port 0). Coroutines run on
 the production event loop (uvloop, via `wanps.rpc.config.run_async`), each under a time bound.
+
+Timing assertions here are lower bounds only (a byte cannot arrive before the link lets it),
+which a loaded machine cannot break; what the link does per second of wall clock is counted
+by the emulator itself (bytes forwarded and queued, transmission time reserved). How close
+goodput and RTT come to the set values is a figure of `wanps bench linkem`
+(docs/benchmarks.md), not an assertion.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from typing import TypeVar
 import pytest
 
 from wanps.linkem.cli import main
-from wanps.linkem.proxy import LinkEmulator
+from wanps.linkem.proxy import TIMER_SLACK_S, LinkEmulator
 from wanps.linkem.shaper import DEFAULT_QUEUE_MS, SEGMENT_BYTES
 from wanps.linkem.trace import LinkTrace, TracePoint
 from wanps.rpc.config import run_async
@@ -227,132 +233,160 @@ async def push(port: int, total: int, stop: Callable[[], bool] = lambda: False) 
     return sent
 
 
-def goodput_mbit(reads: list[tuple[float, int]]) -> float:
-    """Goodput from the first read to the last, not counting the first read's bytes."""
-    assert len(reads) >= 10, f"too few reads to measure: {len(reads)}"
-    duration = reads[-1][0] - reads[0][0]
-    return sum(n for _, n in reads[1:]) * 8 / duration / 1e6
+def most_bytes_by(trace: LinkTrace, t: float) -> float:
+    """The most bytes a link following `trace` (not looping) can have transmitted `t` seconds
+    after it started: the integral of its bandwidth, plus one segment (a segment started just
+    before a step down is charged at the old, faster rate)."""
+    assert not trace.loop
+    total = 0.0
+    points = trace.points
+    for i, point in enumerate(points):
+        start = point.time_s
+        end = points[i + 1].time_s if i + 1 < len(points) else float("inf")
+        if t > start:
+            total += (min(t, end) - start) * point.bandwidth_mbit * 1e6 / 8
+    return total + SEGMENT_BYTES
 
 
-def window_mbit(reads: list[tuple[float, int]], epoch: float, start: float, end: float) -> float:
-    """Goodput of the reads whose trace time falls in [start, end)."""
-    in_window = sum(n for t, n in reads if start <= t - epoch < end)
-    return in_window * 8 / (end - start) / 1e6
+def assert_never_faster(reads: list[tuple[float, int]], epoch: float, trace: LinkTrace, delay_s: float) -> None:
+    """Every read at the destination: the bytes received so far are no more than the link
+    could have transmitted by then (a read is never earlier than its delivery, so load can
+    only make the bound looser)."""
+    received = 0
+    for at, size in reads:
+        received += size
+        transmitted_by = at - epoch - delay_s + TIMER_SLACK_S
+        assert received <= most_bytes_by(trace, transmitted_by), (
+            f"{received} bytes received {at - epoch:.3f} s after the link started: more than "
+            f"{most_bytes_by(trace, transmitted_by):.0f} the trace lets through by then")
 
 
 # --------------------------------------------------------------------------- emulator
 
 
-@pytest.mark.timeout(30)
-def test_throughput_follows_fixed_bandwidth() -> None:
-    bandwidth_mbit = 40.0
+@pytest.mark.timeout(90)
+def test_throughput_never_exceeds_the_fixed_bandwidth_and_every_byte_is_charged_at_it() -> None:
+    bandwidth_mbit, delay_ms = 40.0, 2.0
+    trace = LinkTrace([TracePoint(0, bandwidth_mbit, delay_ms)], loop=False)
     total = 5_000_000  # 1 s at 40 Mbit/s
 
-    async def scenario() -> tuple[float, LinkEmulator]:
+    async def scenario() -> tuple[list[tuple[float, int]], float, LinkEmulator]:
         sink = Sink()
         sink.expected = total
         sink_port = await sink.start()
-        emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, sink_port, LinkTrace.fixed(bandwidth_mbit, 2))
+        emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, sink_port, trace)
         port = await emulator.start()
         try:
             sent = await push(port, total)
             assert sent == total
             await sink.got_bytes.wait()
-            return goodput_mbit(sink.reads), emulator
+            return list(sink.reads), emulator.epoch, emulator
         finally:
             await emulator.close()
             await sink.close()
 
-    measured, emulator = run(scenario(), timeout_s=20)
-    print(f"goodput {measured:.2f} Mbit/s at {bandwidth_mbit} Mbit/s")
-    assert measured == pytest.approx(bandwidth_mbit, rel=0.10)
+    reads, epoch, emulator = run(scenario(), timeout_s=60)
+    assert sum(n for _, n in reads) == total
+    assert_never_faster(reads, epoch, trace, delay_ms / 1e3)
+    # The serializer's own account: every byte reserved size * 8 / 40 Mbit/s of transmission.
+    assert emulator._uplink.serializer_s == pytest.approx(total * 8 / (bandwidth_mbit * 1e6))
     assert emulator.bytes_client_to_target == total
     assert emulator.bytes_target_to_client == 0
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_connections_share_one_link() -> None:
-    bandwidth_mbit = 40.0
+    bandwidth_mbit, delay_ms = 40.0, 2.0
+    trace = LinkTrace([TracePoint(0, bandwidth_mbit, delay_ms)], loop=False)
     per_connection = 2_500_000  # two together: 1 s at 40 Mbit/s
 
-    async def scenario() -> tuple[float, int]:
+    async def scenario() -> tuple[list[tuple[float, int]], float, LinkEmulator]:
         sink = Sink()
         sink.expected = 2 * per_connection
         sink_port = await sink.start()
-        emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, sink_port, LinkTrace.fixed(bandwidth_mbit, 2))
+        emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, sink_port, trace)
         port = await emulator.start()
         try:
             sent = await asyncio.gather(push(port, per_connection), push(port, per_connection))
             assert sent == [per_connection, per_connection]
             await sink.got_bytes.wait()
-            return goodput_mbit(sink.reads), emulator.bytes_client_to_target
+            return list(sink.reads), emulator.epoch, emulator
         finally:
             await emulator.close()
             await sink.close()
 
-    aggregate, forwarded = run(scenario(), timeout_s=20)
-    print(f"aggregate goodput of 2 connections {aggregate:.2f} Mbit/s at {bandwidth_mbit} Mbit/s")
-    # Per-connection links would give ~2x; one shared link gives the set bandwidth.
-    assert aggregate == pytest.approx(bandwidth_mbit, rel=0.10)
-    assert forwarded == 2 * per_connection
+    reads, epoch, emulator = run(scenario(), timeout_s=60)
+    # Per-connection links would let twice as many bytes through by any moment; one shared
+    # link keeps the aggregate under the set bandwidth.
+    assert_never_faster(reads, epoch, trace, delay_ms / 1e3)
+    assert emulator.connections_accepted == 2
+    assert emulator.bytes_client_to_target == 2 * per_connection
+    assert emulator._uplink.serializer_s == pytest.approx(2 * per_connection * 8 / (bandwidth_mbit * 1e6))
 
 
-@pytest.mark.timeout(30)
-def test_round_trip_time_is_twice_the_delay() -> None:
+@pytest.mark.timeout(60)
+def test_round_trip_time_is_at_least_twice_the_delay() -> None:
     delay_ms = 80.0
 
-    async def scenario() -> list[float]:
-        async with echo_through_link(LinkTrace.fixed(1000, delay_ms)) as (_, port):
+    messages = [f"ping {i:04d}".encode() * 10 for i in range(5)]
+
+    async def scenario() -> tuple[list[float], LinkEmulator]:
+        async with echo_through_link(LinkTrace.fixed(1000, delay_ms)) as (emulator, port):
             reader, writer = await asyncio.open_connection(LOCALHOST, port)
             rtts = []
-            for i in range(5):
-                message = f"ping {i:04d}".encode() * 10
+            for message in messages:
                 started = time.monotonic()
                 writer.write(message)
                 await writer.drain()
                 assert await reader.readexactly(len(message)) == message
                 rtts.append((time.monotonic() - started) * 1e3)
             writer.close()
-            return rtts
+            return rtts, emulator
 
-    rtts = run(scenario(), timeout_s=10)
-    print("RTTs ms:", ", ".join(f"{r:.1f}" for r in rtts))
-    expected = 2 * delay_ms
-    for rtt in rtts:
-        assert abs(rtt - expected) <= 0.10 * expected + 3, rtts
+    rtts, emulator = run(scenario(), timeout_s=30)
+    # Each way is held for the delay (a timer may fire TIMER_SLACK_S early); how little more
+    # it takes is `wanps bench linkem`'s figure.
+    assert min(rtts) >= 2 * (delay_ms - TIMER_SLACK_S * 1e3), rtts
+    echoed = sum(len(m) for m in messages)
+    assert emulator.bytes_client_to_target == emulator.bytes_target_to_client == echoed
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_bandwidth_step_mid_transfer_is_followed() -> None:
-    trace = LinkTrace([TracePoint(0, 40, 2), TracePoint(1.0, 10, 2)], loop=False)
-    end_s = 2.0
+    delay_ms = 2.0
+    trace = LinkTrace([TracePoint(0, 40, delay_ms), TracePoint(1.0, 10, delay_ms)], loop=False)
+    first_second_bytes = 40e6 / 8  # what the link can carry before the step
+    target = 6_000_000  # past that: the last MB must go at 10 Mbit/s
 
-    async def scenario() -> tuple[float, float]:
+    async def scenario() -> tuple[list[tuple[float, int]], float, int, float]:
         sink = Sink()
+        sink.expected = target
         sink_port = await sink.start()
         emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, sink_port, trace)
         port = await emulator.start()
         try:
-            sender = asyncio.create_task(push(port, 50_000_000, stop=lambda: emulator.trace_time() > end_s))
-            # Poll the trace clock: bounded by the end time and by the outer timeout.
-            while emulator.trace_time() < end_s:
-                await asyncio.sleep(0.05)
+            sender = asyncio.create_task(push(port, 50_000_000, stop=sink.got_bytes.is_set))
+            await sink.got_bytes.wait()
             sender.cancel()
-            reads = list(sink.reads)
-            before = window_mbit(reads, emulator.epoch, 0.25, 0.95)
-            after = window_mbit(reads, emulator.epoch, 1.25, 1.95)
-            return before, after
+            # One synchronous read of the counters (no await in between): bytes admitted onto
+            # the link are those forwarded plus those still queued.
+            admitted = emulator.bytes_client_to_target + emulator.bytes_queued
+            return list(sink.reads), emulator.epoch, admitted, emulator._uplink.serializer_s
         finally:
             await emulator.close()
             await sink.close()
 
-    before, after = run(scenario(), timeout_s=15)
-    print(f"before step {before:.2f} Mbit/s (set 40), after step {after:.2f} Mbit/s (set 10)")
-    assert before == pytest.approx(40, rel=0.10)
-    assert after == pytest.approx(10, rel=0.10)
+    reads, epoch, admitted, serializer_s = run(scenario(), timeout_s=60)
+    assert_never_faster(reads, epoch, trace, delay_ms / 1e3)
+    # The serializer's account splits the admitted bytes by the rate they were charged at:
+    # serializer_s = fast * 8 / 40e6 + slow * 8 / 10e6, fast + slow = admitted.
+    slow = (serializer_s - admitted * 8 / 40e6) / (8 / 10e6 - 8 / 40e6)
+    fast = admitted - slow
+    assert fast <= first_second_bytes + SEGMENT_BYTES + 1, (fast, slow)
+    assert slow >= target - first_second_bytes - SEGMENT_BYTES - 1, (fast, slow)
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_half_close_carries_all_data_both_ways() -> None:
     payload = os.urandom(1_000_000 + 123)
 
@@ -371,13 +405,13 @@ def test_half_close_carries_all_data_both_ways() -> None:
             writer.close()
             return echoed, emulator
 
-    echoed, emulator = run(scenario(), timeout_s=10)
+    echoed, emulator = run(scenario(), timeout_s=30)
     assert echoed == payload
     assert emulator.bytes_client_to_target == len(payload)
     assert emulator.bytes_target_to_client == len(payload)
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_failing_connections_do_not_kill_the_emulator() -> None:
     async def expect_closed(port: int) -> None:
         reader, writer = await asyncio.open_connection(LOCALHOST, port)
@@ -417,10 +451,10 @@ def test_failing_connections_do_not_kill_the_emulator() -> None:
             writer.close()
             return answer
 
-    assert run(scenario(), timeout_s=10) == b"still alive"
+    assert run(scenario(), timeout_s=30) == b"still alive"
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_stalled_receiver_bounds_memory_and_backpressures_the_sender() -> None:
     bandwidth_mbit, delay_ms = 200.0, 10.0
     # The emulator's per-connection bound: what the link holds (bandwidth * (queue + delay)),
@@ -428,7 +462,7 @@ def test_stalled_receiver_bounds_memory_and_backpressures_the_sender() -> None:
     bound = bandwidth_mbit * 1e6 / 8 * (DEFAULT_QUEUE_MS + delay_ms) / 1e3 + 5 * SEGMENT_BYTES
     offered = 64_000_000
 
-    async def scenario() -> tuple[int, int]:
+    async def scenario() -> tuple[bool, int, int, int]:
         release = asyncio.Event()
 
         async def never_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -440,65 +474,88 @@ def test_stalled_receiver_bounds_memory_and_backpressures_the_sender() -> None:
             LOCALHOST, 0, LOCALHOST, server.sockets[0].getsockname()[1], LinkTrace.fixed(bandwidth_mbit, delay_ms)
         )
         port = await emulator.start()
-        writes = 0
+        _, writer = await asyncio.open_connection(LOCALHOST, port)
+        chunk = os.urandom(CHUNK)
+        sent = 0
 
-        def count_write_and_go_on() -> bool:
-            nonlocal writes
-            writes += 1
-            return False
+        async def send() -> None:
+            nonlocal sent
+            while sent < offered:
+                writer.write(chunk)
+                sent += len(chunk)
+                await writer.drain()
 
+        sender = asyncio.create_task(send())
+        high_water = writer.transport.get_write_buffer_limits()[1]
+
+        def held_back() -> bool:
+            # The emulator reads no more from the sender (its connection's undelivered bytes
+            # reached their bound) and the sender's own buffer is over its high-water mark, so
+            # its drain() waits: TCP backpressure reached it.
+            return emulator.pipes_held_back == 1 and writer.transport.get_write_buffer_size() > high_water
+
+        most_queued = 0
         try:
-            # The receiver never reads, so the sender must end up blocked: expect the timeout.
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(push(port, offered, stop=count_write_and_go_on), 1.5)
-            return writes * CHUNK, emulator.bytes_queued
+            # Polls the counters; bounded by the scenario's timeout. Without the bound the
+            # emulator would take the sender's 64 MB into memory instead.
+            while not sender.done() and not held_back() and most_queued <= bound:
+                most_queued = max(most_queued, emulator.bytes_queued)
+                await asyncio.sleep(0.01)
+            most_queued = max(most_queued, emulator.bytes_queued)
+            return sender.done(), sent, emulator.bytes_queued, most_queued
         finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            writer.transport.abort()
             release.set()
             await emulator.close()
             server.close()
             await server.wait_closed()
 
-    sent, queued = run(scenario(), timeout_s=10)
-    print(f"stalled receiver: sender wrote {sent / 1e6:.1f} MB, emulator holds {queued / 1e6:.2f} MB (bound {bound / 1e6:.2f} MB)")
-    assert sent < offered
-    assert bound / 2 <= queued <= bound
+    sender_finished, sent, queued, most_queued = run(scenario(), timeout_s=60)
+    print(f"stalled receiver: sender wrote {sent / 1e6:.1f} MB, emulator holds {queued / 1e6:.2f} MB "
+          f"(most {most_queued / 1e6:.2f}, bound {bound / 1e6:.2f} MB)")
+    assert not sender_finished and sent < offered
+    assert bound / 2 <= queued <= most_queued <= bound
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_cli_subprocess_forwards_and_exits_cleanly(stop_signal: signal.Signals, tmp_path) -> None:
     payload = os.urandom(300_000)
-    # A slow trace in the environment that the --bandwidth-mbit/--delay-ms flags must override:
-    # through it the echo would take > 4 s instead of a few ms.
+    # A glacial trace in the environment that the --bandwidth-mbit/--delay-ms flags must
+    # override: through it the echo would take hours (1 kbit/s, 10 minutes each way), so it
+    # cannot finish within this test's bound; the log names the trace in use.
     slow_trace = tmp_path / "slow.csv"
-    slow_trace.write_text("time_s,bandwidth_mbit,delay_ms\n0,1,300\n")
+    slow_trace.write_text("time_s,bandwidth_mbit,delay_ms\n0,0.001,600000\n")
 
     async def scenario() -> tuple[int | None, bytes, bytes]:
         server, target_port = await start_echo_server()
         env = {k: v for k, v in os.environ.items() if not k.startswith("WANPS_LINKEM_")}
         env["WANPS_LINKEM_TARGET"] = f"{LOCALHOST}:{target_port}"  # the env fallback of --target
         env["WANPS_LINKEM_TRACE"] = str(slow_trace)
+        env["WANPS_LOG_LEVEL"] = "INFO"  # the startup line names the trace
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "wanps.linkem.cli",
             "--listen", f"{LOCALHOST}:0", "--bandwidth-mbit", "200", "--delay-ms", "5",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
         )
         try:
-            line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()  # Python's start-up, loaded
             assert line.startswith("LISTENING "), line
             host, _, port = line.split()[1].rpartition(":")
             assert host == LOCALHOST and int(port) > 0
             reader, writer = await asyncio.open_connection(LOCALHOST, int(port))
-            started = time.monotonic()
             writer.write(payload)
             writer.write_eof()
-            echoed = await reader.read()
-            echo_s = time.monotonic() - started
+            try:  # a bound on a hang (the glacial trace), not a speed: seconds against hours
+                echoed = await asyncio.wait_for(reader.read(), 30)
+            except asyncio.TimeoutError:
+                raise AssertionError("no echo: the env trace was used instead of the flags") from None
             writer.close()
-            assert echo_s < 1.0, f"echo took {echo_s:.2f} s: the env trace was used instead of the flags"
             proc.send_signal(stop_signal)  # by PID: only the process this test started
             rest_of_stdout, stderr = await asyncio.wait_for(proc.communicate(), 10)
             assert rest_of_stdout == b"", "only the LISTENING line goes to stdout"
@@ -510,9 +567,10 @@ def test_cli_subprocess_forwards_and_exits_cleanly(stop_signal: signal.Signals, 
             server.close()
             await server.wait_closed()
 
-    returncode, echoed, stderr = run(scenario(), timeout_s=25)
+    returncode, echoed, stderr = run(scenario(), timeout_s=100)
     assert echoed == payload
     assert returncode == 0, stderr.decode()
+    assert "trace=LinkTrace.fixed(bandwidth_mbit=200.0, delay_ms=5.0)" in stderr.decode(), stderr.decode()
 
 
 def test_cli_rejects_bad_arguments(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -605,14 +663,15 @@ def test_cli_downlink_flags(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
 # --------------------------------------------------------------------------- gRPC over the link
 
 
-@pytest.mark.timeout(60)
-def test_grpc_through_cli_is_fast_on_a_fast_link() -> None:
-    """gRPC (HTTP/2) crosses the proxy intact; at a high bandwidth setting it is not the bottleneck."""
+@pytest.mark.timeout(120)
+def test_grpc_crosses_the_cli_link_intact() -> None:
+    """gRPC (HTTP/2) crosses the proxy intact, every byte accounted for. Its throughput at a
+    high bandwidth setting is `wanps bench linkem`'s figure (docs/benchmarks.md)."""
     grpc = pytest.importorskip("grpc")
     message_bytes = 2 * 1024 * 1024
-    calls = 12
+    calls = 4
 
-    async def scenario() -> float:
+    async def scenario() -> int:
         async def echo(request: bytes, context: object) -> bytes:
             return request
 
@@ -631,24 +690,25 @@ def test_grpc_through_cli_is_fast_on_a_fast_link() -> None:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         )
         try:
-            line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()  # Python's start-up, loaded
             assert line.startswith("LISTENING "), line
             address = line.split()[1]
+            answered = 0
             async with grpc.aio.insecure_channel(address, options=options) as channel:
                 call = channel.unary_unary("/test.Echo/Echo")
-                payload = os.urandom(message_bytes)
-                assert await call(payload, timeout=10) == payload  # warm-up: connect, HTTP/2 windows
-                started = time.monotonic()
-                for _ in range(calls):
-                    assert await call(payload, timeout=10) == payload
-                elapsed = time.monotonic() - started
-            return 2 * calls * message_bytes / elapsed / 1e6
+                for i in range(calls):
+                    payload = os.urandom(message_bytes)
+                    assert await call(payload, timeout=20) == payload, f"call {i} came back different"
+                    answered += 1
+            return answered
         finally:
-            proc.terminate()
-            await asyncio.wait_for(proc.wait(), 10)
+            proc.terminate()  # by PID: only the process this test started
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
             await server.stop(None)
 
     # grpc.aio runs on the standard asyncio loop.
-    mbyte_s = asyncio.run(asyncio.wait_for(scenario(), 45))
-    print(f"gRPC echo through linkem: {mbyte_s:.1f} MB/s (both directions counted)")
-    assert mbyte_s >= 20, f"gRPC through linkem only {mbyte_s:.1f} MB/s"
+    assert asyncio.run(asyncio.wait_for(scenario(), 100)) == calls

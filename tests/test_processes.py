@@ -8,6 +8,7 @@ import pytest
 from wanps.deploy.processes import start_process
 from wanps.proto import wanps_pb2 as pb
 
+from conftest import join_threads
 from wire import RawClient
 
 SPAWNS = 60
@@ -39,6 +40,5 @@ def test_children_start_while_grpc_is_busy_in_this_process(make_cluster, tmp_pat
             child.stop()
     finally:
         stop.set()
-        for thread in pingers:
-            thread.join(10)
+        join_threads(pingers, 10)
     assert codes == [0] * SPAWNS, [(i, code) for i, code in enumerate(codes) if code]

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from conftest import join_threads, wait_until
 from wanps.proto.codec import model_crc32
 from wanps.server.service import ServerConfig, start_server
 from wanps.worker import Optimizer
@@ -56,17 +57,15 @@ def test_a_server_restarted_empty_is_reseeded_by_the_workers(loop_thread):
     observer_thread = threading.Thread(target=observe)
     observer_thread.start()
     try:
-        observer_thread.join(60)
+        join_threads([observer_thread], 60, errors)
         assert observers, errors
         observer = observers[0]
-        while server.service.core.version < first_life and not errors:
-            threads[0].join(0.02)
+        wait_until(lambda: server.service.core.version >= first_life or errors, f"version {first_life}")
         observer.poll()
         loop_thread.run(server.stop(0))
         server = loop_thread.run(start_server(ServerConfig(port=port, **config)))
         restarted.set()
-        for thread in threads:
-            thread.join(90)
+        join_threads(threads, 90, errors)
         assert not errors, errors
         core = server.service.core
         assert core.version >= second_life
@@ -119,8 +118,7 @@ def test_a_straggler_past_the_round_deadline_loses_nothing(loop_thread):
     try:
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join(90)
+        join_threads(threads, 90, errors)
         assert not errors, errors
         core = server.service.core
         metrics = server.service.metrics

@@ -19,6 +19,7 @@ from wanps.rpc.errors import FailedPrecondition
 from wanps.server.aggregate import aggregate, blocked_mean
 from wanps.server.history import RoundHistory
 
+from conftest import join_threads
 from wire import RawClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -217,8 +218,7 @@ def test_concurrent_pulls_share_one_snapshot_and_get_the_exact_model(make_cluste
             "wanps_grpc_server_started_total", {"service": "wanps.v1.ParameterServer", "method": "PullModel"}) or 0
         wait_until(lambda: started() == 3, "three pulls waiting for the start")
         client.join(d, fingerprint_of([("w", (d,), "torch.float32")]))  # the 4th member: the cluster starts
-        for thread in threads:
-            thread.join(60)
+        join_threads(threads, 60)
         assert len(snapshots) == 1
         assert all(version == 0 and torch.equal(values, model) for version, values in pulled.values())
         wait_until(lambda: service._snapshot is None, "the snapshot to be freed after the last pull")

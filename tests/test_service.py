@@ -11,6 +11,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from conftest import join_threads
 from wanps.proto import wanps_pb2 as pb
 from wanps.server import service as service_module
 from wanps.worker import Observer, Optimizer
@@ -251,8 +252,7 @@ def test_optimizers_keep_identical_replicas_and_conserve_the_model(make_cluster)
     for thread in threads:
         thread.start()
     observer = Observer(observer_model, cluster.server_address, keep_deltas=True)
-    for thread in threads:
-        thread.join(90)
+    join_threads(threads, 90, errors)
     assert not errors, errors
     final_version = cluster.core.version
     assert final_version == 60

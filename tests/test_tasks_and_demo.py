@@ -43,14 +43,16 @@ def test_shards_are_disjoint_and_cover_the_data():
         get_task("imagenet")
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(330)
 def test_demo_reaches_its_target_and_writes_results(tmp_path):
+    # The demo stops at its target (0.25 s of training on a quiet machine); --time-limit
+    # only bounds a hang, as large as this test's own bound allows, so load cannot fail it.
     out = tmp_path / "results"
     done = subprocess.run(
         wanps_command("demo", "--task", "synthetic", "--workers", "2", "--policy", "static", "--tau", "2", "--target-accuracy", "0.9", "--lr", "0.2",
-                      "--delta", "0.1", "--time-limit", "90", "--eval-every", "0.5", "--out", str(out),
+                      "--delta", "0.1", "--time-limit", "240", "--eval-every", "0.5", "--out", str(out),
                       "--no-progress"),
-        capture_output=True, text=True, timeout=180,
+        capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((out / "demo.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import join_threads, wait_until
 from wanps.proto.codec import Update
 from wanps.server.checkpoint import read_checkpoint
 from wanps.server.service import ServerConfig, start_server
@@ -18,7 +19,11 @@ from wanps.worker.layout import ModelMismatch, collect_module, layout_of, with_b
 from wanps.worker.skip_rule import SkipRule
 from wanps.worker.tasks import get_task
 
-pytestmark = pytest.mark.timeout(120)
+# Bounds on a hang, not on speed. The one "a worker did not finish" (a 90 s join per thread, 120 s
+# per test) fits load, not a race: with tau <= 1 both workers end within a round of each other,
+# so worker 0 was still in its last rounds at its 90 s join while worker 1 had just ended.
+pytestmark = pytest.mark.timeout(300)
+WORKERS_TIMEOUT_S = 240
 TASK = get_task("synthetic")  # 32 features, 4 classes
 
 
@@ -30,8 +35,9 @@ def bn_mlp(seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model.to(dtype)
 
 
-def in_threads(count: int, work: Callable[[int], object], timeout: float = 90) -> dict[int, object]:
-    """Run work(i) for i in range(count) on threads; their results, or the first error raised."""
+def in_threads(count: int, work: Callable[[int], object], timeout: float = WORKERS_TIMEOUT_S) -> dict[int, object]:
+    """Run work(i) for i in range(count) on threads; their results, or the first error raised
+    (a thread still running at `timeout` fails naming it, with its stack)."""
     results: dict[int, object] = {}
     errors: list[BaseException] = []
 
@@ -44,10 +50,9 @@ def in_threads(count: int, work: Callable[[int], object], timeout: float = 90) -
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(timeout)
+    join_threads(threads, timeout, errors)
     assert not errors, errors
-    assert len(results) == count, "a worker did not finish"
+    assert len(results) == count  # every thread ended, none with an error: each left its result
     return results
 
 
@@ -289,7 +294,7 @@ def test_buffers_survive_a_server_restart_from_a_checkpoint(loop_thread, tmp_pat
             batches = TASK.batches(opt.rank, 2, 32, i + 1)
             while opt.round < rounds:
                 if opt.round == pause_at:
-                    assert resume.wait(60)
+                    assert resume.wait(WORKERS_TIMEOUT_S)
                 x, y = next(batches)
                 opt.zero_grad()
                 TASK.loss(model, x, y).backward()
@@ -299,10 +304,19 @@ def test_buffers_survive_a_server_restart_from_a_checkpoint(loop_thread, tmp_pat
                     "recoveries": opt.session.recoveries}
 
         results: dict = {}
-        runner = threading.Thread(target=lambda: results.update(in_threads(2, work)))
+        runner_errors: list[BaseException] = []
+
+        def run_workers() -> None:
+            try:
+                results.update(in_threads(2, work))
+            except BaseException as exc:  # surfaced below
+                runner_errors.append(exc)
+
+        runner = threading.Thread(target=run_workers)
         runner.start()
-        while server.service.core.version < pause_at and runner.is_alive():
-            runner.join(0.02)
+        wait_until(lambda: server.service.core.version >= pause_at or not runner.is_alive(),
+                   f"version {pause_at}", timeout_s=WORKERS_TIMEOUT_S)
+        assert not runner_errors, runner_errors
         assert server.service.core.version == pause_at  # both workers wait before computing round 10
         loop_thread.run(server.stop(0))  # writes the final checkpoint
         saved = read_checkpoint(tmp_path)["model"]
@@ -319,8 +333,9 @@ def test_buffers_survive_a_server_restart_from_a_checkpoint(loop_thread, tmp_pat
             assert int(follower[1].num_batches_tracked) == int(count_at.round())
             assert torch.equal(follower[1].running_mean, mean_at)
             resume.set()
-            runner.join(90)
-            assert len(results) == 2, "the workers did not finish"
+            join_threads([runner], WORKERS_TIMEOUT_S, runner_errors)
+            assert not runner_errors, runner_errors
+            assert len(results) == 2
             a, b = results[0], results[1]
             assert a["recoveries"] >= 1 and b["recoveries"] >= 1
             assert a["version"] == b["version"] == rounds + 1  # close() synced once more, in round 22

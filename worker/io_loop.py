@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 from wanps.rpc.config import event_loop_factory
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class IoLoop:
@@ -64,5 +66,7 @@ class IoLoop:
     def stop(self, timeout: float = 10.0) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=timeout)
+        if self._thread.is_alive():  # a callback that never returns; the daemon thread is left behind
+            log.warning("%s: the I/O loop did not stop within %.0f s", self._thread.name, timeout)
         # Not closed: grpc's poller thread may still post to every loop it has seen,
         # which on a closed loop raises "Event loop is closed" (harmless, but noise).
