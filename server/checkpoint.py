@@ -175,6 +175,9 @@ class CheckpointScheduler:
         self.metrics = metrics
         # Rounds below this survive a crash: the last checkpoint's version (PushReply.durable_version).
         self.durable_version = core.version
+        # The newest snapshot handed to the writer (PushReply.snapshot_version): workers keep the
+        # rounds dropped from their push logs apart on each side of it.
+        self.snapshot_version = core.version
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-checkpoint")
         self._pending: Future | None = None
 
@@ -184,7 +187,9 @@ class CheckpointScheduler:
             return
         if self._pending is not None and not self._pending.done():
             return
-        self._pending = self._writer.submit(self._write, core_state(self.core))
+        state = core_state(self.core)
+        self.snapshot_version = state["version"]
+        self._pending = self._writer.submit(self._write, state)
 
     def wait(self) -> None:
         """Until the write in progress (if any) is done."""
