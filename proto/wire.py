@@ -8,6 +8,10 @@ CHUNK_ELEMENTS = 128 * 1024
 MAX_PARAMS = 2**31 - 1
 # The most link samples one ReportRequest carries: workers send no more, the controller refuses more.
 MAX_SAMPLES_PER_REPORT = 512
+# The largest staleness any part accepts: the server's --tau-max (it holds tau_max + 1 open
+# rounds), the controller's --tau/--tau-max and SetPolicy's tau, a decision on the wire, a
+# worker's --tau. Far beyond any useful value; it keeps a typo (or a uint32 of -1) out.
+MAX_TAU = 1024
 
 
 class WireError(ValueError):

@@ -30,6 +30,7 @@ from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import MAX_ROUND, ControllerConfig
 from wanps.rpc.auth import sync_channel
 from wanps.proto.codec import MAX_PARAMS
+from wanps.proto.wire import MAX_TAU
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.rpc.limits import Limits
@@ -609,7 +610,7 @@ def fuzz_controller(examples: int) -> None:
                 delta = data.draw(st.one_of(st.floats(0, 1), st.floats(allow_nan=True, allow_infinity=True)))
                 tau = data.draw(st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1)))
                 request = pb.SetPolicyRequest(policy=name, tau=tau, delta=delta)
-                valid = name in POLICIES and (name != "static" or 0 < delta <= 1)
+                valid = name in POLICIES and (name != "static" or (0 < delta <= 1 and tau <= MAX_TAU))
                 code = check(fuzzed, lambda: ctl.SetPolicy(request, timeout=10), OK if valid else I, request,
                              state=state)
                 if code is OK:
