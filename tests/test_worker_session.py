@@ -165,6 +165,7 @@ def test_interrupt_stops_a_worker_reconnecting_to_a_server_that_is_gone(make_clu
     try:
         wait_until(lambda: opt.version >= 3, 30, "training")
         loop_thread.run(cluster.server.stop(0))
+        cluster.stop = lambda: None  # stopped here; the fixture must not stop it again
         wait_until(lambda: opt.session.recoveries >= 1, 30, "the worker reconnecting")
         opt.interrupt()
         thread.join(10)
