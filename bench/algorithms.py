@@ -33,6 +33,7 @@ from wanps.bench.simulate import SimulationConfig, SimulationResult, simulate
 from wanps.worker.skip_rule import alphas_from_spec
 from wanps.worker.tasks import get_task
 from wanps.worker.update_rule import UpdateConfig
+from wanps.rpc.config import EnvDefaultsParser, int_at_least
 
 SASG_METHODS = ("sgd", "sparse", "lasg", "sasg")
 DEF_METHODS = ("ef", "def", "def-a")
@@ -52,8 +53,8 @@ def small_cnn(seed: int) -> nn.Module:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wanps bench algorithms", description=__doc__.split("\n\n")[0])
+def build_parser() -> EnvDefaultsParser:
+    parser = EnvDefaultsParser(prog="wanps bench algorithms", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/algorithms.json")
     parser.add_argument("--studies", default="sasg,def,compressors", help="Comma-separated subset.")
     parser.add_argument("--quick", action="store_true",
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     # compressors
     parser.add_argument("--sizes", default=",".join(map(str, COMPRESSOR_SIZES)))
     parser.add_argument("--compressor-ratio", type=float, default=0.01)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int_at_least(1), default=7)
     return parser
 
 

@@ -8,7 +8,6 @@ to the host: that copy is timed too.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import zlib
@@ -18,15 +17,16 @@ import torch
 
 from wanps.bench.report import load_summary, machine_info, text_table, write_json
 from wanps.proto.checksum import model_checksum
+from wanps.rpc.config import EnvDefaultsParser, int_at_least
 
 DEFAULT_SIZES = (1_000_000, 10_000_000, 124_000_000)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wanps bench checksum", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="Elements d.")
-    parser.add_argument("--repeats", type=int, default=7, help="Timed calls per size and method.")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the server uses 1).")
+def build_parser() -> EnvDefaultsParser:
+    parser = EnvDefaultsParser(prog="wanps bench checksum", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int_at_least(1), nargs="+", default=list(DEFAULT_SIZES), help="Elements d.")
+    parser.add_argument("--repeats", type=int_at_least(1), default=7, help="Timed calls per size and method.")
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch intra-op threads (the server uses 1).")
     parser.add_argument("--device", default="cpu", help="Also time the checksum on this device (e.g. cuda).")
     parser.add_argument("--json", default="", help="Also write the rows (and the machine's load) to this file.")
     return parser

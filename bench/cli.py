@@ -5,6 +5,8 @@ import importlib
 import sys
 import warnings
 
+from wanps.deploy.processes import stopping_on_signals
+
 # name -> (module with a `main(argv)`, what it measures)
 BENCHMARKS = {
     "push": ("wanps.bench.push", "push ingest: pairs/s through the full server path vs a bare gRPC echo; --shards"),
@@ -45,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wanps bench: unknown benchmark {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(BENCHMARKS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    # SIGTERM unwinds like SIGINT, so a benchmark's finally blocks stop the processes it started.
+    with stopping_on_signals():
+        return int(module.main(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

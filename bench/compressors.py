@@ -8,7 +8,6 @@ the wire encoding cost the same for every sparse compressor.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Sequence
@@ -18,18 +17,19 @@ import torch
 from wanps.bench.report import load_summary, machine_info, text_table, write_json
 from wanps.worker.error_feedback import elements_for
 from wanps.worker.compressors import COMPRESSORS, make_compressor
+from wanps.rpc.config import EnvDefaultsParser, fraction, int_at_least
 
 DEFAULT_SIZES = (1_000_000, 10_000_000, 25_000_000)
 DEFAULT_COMPRESSORS = ("topk", "topk-sampled", "random-block")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wanps bench compressors", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="Elements d.")
-    parser.add_argument("--ratio", type=float, default=0.01, help="Compression ratio delta (k = ceil(delta*d)).")
+def build_parser() -> EnvDefaultsParser:
+    parser = EnvDefaultsParser(prog="wanps bench compressors", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int_at_least(1), nargs="+", default=list(DEFAULT_SIZES), help="Elements d.")
+    parser.add_argument("--ratio", type=fraction, default=0.01, help="Compression ratio delta (k = ceil(delta*d)).")
     parser.add_argument("--compressors", nargs="+", choices=sorted(COMPRESSORS), default=list(DEFAULT_COMPRESSORS))
-    parser.add_argument("--repeats", type=int, default=7, help="Timed calls per (compressor, size).")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (workers use 1 by default).")
+    parser.add_argument("--repeats", type=int_at_least(1), default=7, help="Timed calls per (compressor, size).")
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch intra-op threads (workers use 1 by default).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="Also write the rows (and the machine's load) to this file.")
     return parser

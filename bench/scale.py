@@ -32,7 +32,6 @@ producing them costs nothing). Reported per row:
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import re
@@ -53,6 +52,7 @@ from wanps.deploy.processes import ManagedProcess, start_process, wanps_command
 from wanps.worker.error_feedback import elements_for
 from wanps.worker.optimizer import Optimizer
 from wanps.worker.session import WorkerSession
+from wanps.rpc.config import EnvDefaultsParser, int_at_least
 
 DEFAULT_PARAMS = (10_000_000, 124_000_000)
 DEFAULT_WORKERS = (2, 4)
@@ -501,14 +501,14 @@ def parse_count(text: str) -> int:
     return int(float(number) * scale)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> EnvDefaultsParser:
     defaults = ScaleConfig()
-    parser = argparse.ArgumentParser(prog="wanps bench scale", description=__doc__.splitlines()[0])
+    parser = EnvDefaultsParser(prog="wanps bench scale", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=",".join(_count(p) for p in defaults.params),
                         help="Model sizes, comma-separated (10M, 124M, ...).")
     parser.add_argument("--workers", default=",".join(map(str, defaults.workers)), help="Worker counts.")
     parser.add_argument("--deltas", default=",".join(f"{x:g}" for x in defaults.deltas), help="Compression ratios.")
-    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="Measured rounds per row.")
+    parser.add_argument("--rounds", type=int_at_least(1), default=defaults.rounds, help="Measured rounds per row.")
     parser.add_argument("--warmup-rounds", type=int, default=defaults.warmup_rounds)
     parser.add_argument("--compressor", default=defaults.compressor)
     parser.add_argument("--server-flags", default="", help="More `wanps server` flags, e.g. '--history-mb 64'.")

@@ -17,7 +17,6 @@ with up to cpu_per_scrape of scrape work; that is shown against the round time m
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -38,18 +37,19 @@ from wanps.proto import codec
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.proto.codec import fingerprint_of
+from wanps.rpc.config import EnvDefaultsParser, fraction, int_at_least
 
 INTERVALS_S = (1.0, 15.0)
 TARGET_FRACTION = 0.01
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wanps bench scrape", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=8, help="Simulated workers W.")
-    parser.add_argument("--params", type=int, default=1_000_000, help="Model parameters d.")
-    parser.add_argument("--delta", type=float, default=0.01, help="Elements per push / d.")
-    parser.add_argument("--rounds", type=int, default=100, help="Rounds R of traffic before scraping.")
-    parser.add_argument("--scrapes", type=int, default=300, help="Scrapes N measured.")
+def build_parser() -> EnvDefaultsParser:
+    parser = EnvDefaultsParser(prog="wanps bench scrape", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int_at_least(1), default=8, help="Simulated workers W.")
+    parser.add_argument("--params", type=int_at_least(1), default=1_000_000, help="Model parameters d.")
+    parser.add_argument("--delta", type=fraction, default=0.01, help="Elements per push / d.")
+    parser.add_argument("--rounds", type=int_at_least(1), default=100, help="Rounds R of traffic before scraping.")
+    parser.add_argument("--scrapes", type=int_at_least(1), default=300, help="Scrapes N measured.")
     parser.add_argument("--json", default="", help="Also write the results to this file.")
     return parser
 
@@ -141,9 +141,6 @@ def summarize(scrape: dict, round_s: float) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.workers < 1 or args.params < 1 or not 0 < args.delta <= 1 or args.rounds < 1 or args.scrapes < 1:
-        print("wanps bench scrape: --workers, --params, --rounds, --scrapes >= 1 and 0 < --delta <= 1")
-        return 2
     with tempfile.TemporaryDirectory(prefix="wanps-bench-scrape-") as logs:
         server = start_process("server", wanps_command(
             "server", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",

@@ -12,7 +12,6 @@ tests/test_soak.py holds the growth to the byte budgets the configuration sets).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import tempfile
@@ -26,6 +25,7 @@ import torch
 from wanps.bench.report import write_json
 from wanps.deploy.processes import start_process, wanps_command
 from wanps.proto.codec import model_checksum
+from wanps.rpc.config import EnvDefaultsParser, float_at_least, int_at_least
 from wanps.server.checkpoint import read_checkpoint
 from wanps.worker.optimizer import Optimizer, bind_to_flat
 from wanps.worker.tasks import get_task
@@ -193,21 +193,19 @@ def print_soak(result: SoakResult) -> None:
         print(f"  {name:<26}{value}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> EnvDefaultsParser:
     defaults = SoakConfig()
-    parser = argparse.ArgumentParser(prog="wanps bench soak", description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--rounds", type=int, default=defaults.rounds)
-    parser.add_argument("--time-limit", type=float, default=defaults.time_limit_s, help="Seconds before giving up.")
+    parser = EnvDefaultsParser(prog="wanps bench soak", description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int_at_least(1), default=defaults.workers)
+    parser.add_argument("--rounds", type=int_at_least(1), default=defaults.rounds)
+    parser.add_argument("--time-limit", type=float_at_least(0, above=True), default=defaults.time_limit_s,
+                        help="Seconds before giving up.")
     parser.add_argument("--json", default="", help="Also write the figures here.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.workers < 1 or args.rounds < 1 or args.time_limit <= 0:
-        print("wanps bench soak: --workers, --rounds and --time-limit must be positive")
-        return 2
     torch.set_num_threads(1)
     config = SoakConfig(workers=args.workers, rounds=args.rounds, time_limit_s=args.time_limit)
     with tempfile.TemporaryDirectory(prefix="wanps-soak-") as work_dir:

@@ -48,7 +48,7 @@ from pathlib import Path
 from wanps.bench.report import text_table, write_json
 from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, predicted_for, sent_delta
 from wanps.deploy.demo import DemoConfig, default_trace, run_demo
-from wanps.rpc.config import EnvDefaultsParser
+from wanps.rpc.config import EnvDefaultsParser, float_at_least, int_at_least
 
 
 @dataclass(frozen=True)
@@ -638,10 +638,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="Taus and deltas per side of best-static's grid (default 3: 3 x 3 runs).")
     parser.add_argument("--conditions", default="", help=f"Comma-separated subset of {', '.join(CONDITIONS)}.")
     parser.add_argument("--methods", default="", help=f"Comma-separated subset of {', '.join(METHODS)}.")
-    parser.add_argument("--seeds", type=int, default=0, help="Number of seeds (default: 1 quick, 3 full).")
-    parser.add_argument("--first-seed", type=int, default=0,
+    parser.add_argument("--seeds", type=int_at_least(0), default=0, help="Number of seeds (default: 1 quick, 3 full).")
+    parser.add_argument("--first-seed", type=int_at_least(0), default=0,
                         help="Seeds run from this one (to add seeds to an earlier --out; --summarize reads them all).")
-    parser.add_argument("--time-limit", type=float, default=0.0, help="Seconds per run before giving up.")
+    parser.add_argument("--time-limit", type=float_at_least(0), default=0.0,
+                        help="Seconds per run before giving up (0: the plan's).")
     parser.add_argument("--out", default="results")
     parser.add_argument("--controller-arg", action="append", default=[], metavar="FLAG",
                         help="Extra `wanps controller` flag for every run, repeatable "

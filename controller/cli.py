@@ -7,8 +7,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 
 import grpc
 
@@ -19,7 +21,8 @@ from wanps.controller.service import ControllerConfig, start_controller
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.rpc.auth import add_client_security_flags, client_security_from_args, sync_channel
-from wanps.rpc.config import EnvDefaultsParser
+from wanps.proto.wire import MAX_TAU
+from wanps.rpc.config import EnvDefaultsParser, float_at_least, fraction, host_port, int_at_least
 from wanps.rpc.serving import add_serve_flags, serve_main, serve_settings_from_args
 
 
@@ -32,28 +35,31 @@ def parse_config(argv: list[str] | None) -> ControllerConfig:
                         help="dsgd: tau 0, delta 1. static: --tau and --delta. deco: DeCo on the slowest link. "
                              "deco-hetero: DeCo's tau, each worker its own delta. accordion: tau 0, delta by "
                              "gradient-norm regime (a baseline).")
-    parser.add_argument("--tau", env="WANPS_TAU", type=int, default=policy.tau,
+    parser.add_argument("--tau", env="WANPS_TAU", type=int_at_least(0, MAX_TAU), default=policy.tau,
                         help="Staleness for 'static' (and the adaptive policies' start).")
-    parser.add_argument("--delta", env="WANPS_DELTA", type=float, default=policy.delta,
+    parser.add_argument("--delta", env="WANPS_DELTA", type=fraction, default=policy.delta,
                         help="Fraction of elements sent per round for 'static' (and the adaptive start), in (0, 1].")
-    parser.add_argument("--tau-max", env="WANPS_CONTROLLER_TAU_MAX", type=int, default=policy.tau_max,
+    parser.add_argument("--tau-max", env="WANPS_CONTROLLER_TAU_MAX", type=int_at_least(0, MAX_TAU),
+                        default=policy.tau_max,
                         help="Largest tau an adaptive policy picks (workers also clamp to the server's).")
-    parser.add_argument("--bits-per-element", env="WANPS_BITS_PER_ELEMENT", type=float,
+    parser.add_argument("--bits-per-element", env="WANPS_BITS_PER_ELEMENT", type=float_at_least(0, above=True),
                         default=policy.bits_per_element,
                         help="Wire bits per sent element in DeCo's model. Default: measured from the workers' "
                              "pushes (64 = uint32 index + float32 until the first push); 32 reproduces the paper.")
-    parser.add_argument("--every-rounds", env="WANPS_DECIDE_EVERY", type=int, default=policy.every_rounds,
+    parser.add_argument("--every-rounds", env="WANPS_DECIDE_EVERY", type=int_at_least(0), default=policy.every_rounds,
                         help="Recompute adaptive decisions every E rounds (0: decide once, on the first estimates).")
-    parser.add_argument("--change-threshold", env="WANPS_CHANGE_THRESHOLD", type=float,
+    parser.add_argument("--change-threshold", env="WANPS_CHANGE_THRESHOLD", type=float_at_least(0),
                         default=policy.change_threshold,
                         help="Also recompute when an estimate moves by more than this fraction.")
-    parser.add_argument("--window-s", env="WANPS_ESTIMATOR_WINDOW_S", type=float, default=estimator.window_s,
+    parser.add_argument("--window-s", env="WANPS_ESTIMATOR_WINDOW_S", type=float_at_least(0, above=True),
+                        default=estimator.window_s,
                         help="Sliding window of link samples (seconds).")
-    parser.add_argument("--max-streams-per-worker", env="WANPS_CONTROLLER_MAX_STREAMS_PER_WORKER", type=int,
+    parser.add_argument("--max-streams-per-worker", env="WANPS_CONTROLLER_MAX_STREAMS_PER_WORKER", type=int_at_least(1),
                         default=defaults.max_streams_per_worker, help="Open Decisions streams per worker id.")
-    parser.add_argument("--max-workers", env="WANPS_CONTROLLER_MAX_WORKERS", type=int, default=defaults.max_workers,
+    parser.add_argument("--max-workers", env="WANPS_CONTROLLER_MAX_WORKERS", type=int_at_least(1),
+                        default=defaults.max_workers,
                         help="Workers whose links are tracked at once (ids silent for --window-s make room).")
-    parser.add_argument("--overhead-max-ratio", env="WANPS_OVERHEAD_MAX_RATIO", type=float,
+    parser.add_argument("--overhead-max-ratio", env="WANPS_OVERHEAD_MAX_RATIO", type=float_at_least(0),
                         default=policy.overhead_max_ratio,
                         help="Cap of the measured per-round overhead DeCo adds to T_comp, in T_comps "
                              "(0: no overhead term, the paper's model). Default: none in the ps time model "
@@ -80,19 +86,21 @@ def decide_main(argv: list[str]) -> int:
     parser = EnvDefaultsParser(prog="wanps controller decide",
                                description="DeCo's (tau, delta) for a link, as JSON (Algorithm 1, Theorem 3), in the "
                                            "parameter-server and the paper's time model.")
-    parser.add_argument("--params", type=int, required=True, help="Model parameters d.")
-    parser.add_argument("--bandwidth-mbit", type=float, required=True, help="Bandwidth a (the uplink), Mbit/s.")
-    parser.add_argument("--down-bandwidth-mbit", type=float, default=None,
+    parser.add_argument("--params", type=int_at_least(1), required=True, help="Model parameters d.")
+    parser.add_argument("--bandwidth-mbit", type=float_at_least(0, above=True), required=True,
+                        help="Bandwidth a (the uplink), Mbit/s.")
+    parser.add_argument("--down-bandwidth-mbit", type=float_at_least(0, above=True), default=None,
                         help="Downlink bandwidth, Mbit/s (default: --bandwidth-mbit, a symmetric link).")
-    parser.add_argument("--download-factor", type=float, default=1.0,
+    parser.add_argument("--download-factor", type=float_at_least(0), default=1.0,
                         help="Bytes a worker downloads per byte it pushes: the round's union (about the number of "
                              "workers at small delta; the controller measures it). Default 1.")
-    parser.add_argument("--latency-ms", type=float, required=True, help="End-to-end latency b, ms.")
-    parser.add_argument("--t-comp-ms", type=float, required=True, help="Compute time per step, ms.")
-    parser.add_argument("--bits-per-element", type=float, default=DEFAULT_BITS_PER_ELEMENT,
+    parser.add_argument("--latency-ms", type=float_at_least(0), required=True, help="End-to-end latency b, ms.")
+    parser.add_argument("--t-comp-ms", type=float_at_least(0), required=True, help="Compute time per step, ms.")
+    parser.add_argument("--bits-per-element", type=float_at_least(0, above=True), default=DEFAULT_BITS_PER_ELEMENT,
                         help="Wire bits per sent element (64: uint32 index + float32 value; 32: the paper's model).")
-    parser.add_argument("--tau-max", type=int, default=PolicyConfig().tau_max, help="Largest tau considered.")
-    parser.add_argument("--overhead-ms", type=float, default=0.0,
+    parser.add_argument("--tau-max", type=int_at_least(0, MAX_TAU), default=PolicyConfig().tau_max,
+                        help="Largest tau considered.")
+    parser.add_argument("--overhead-ms", type=float_at_least(0), default=0.0,
                         help="Fixed cost per round beyond T_comp, ms (the controller measures it; 0: the paper).")
     parser.add_argument("--time-model", choices=TIME_MODELS, default=DEFAULT_TIME_MODEL,
                         help="The form whose decision is printed at the top level (both are printed under 'forms').")
@@ -110,6 +118,16 @@ def decide_main(argv: list[str]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _one_line_errors(prog: str, address: str) -> Iterator[None]:
+    """A refused or failed admin call: one line naming the controller and why, exit code 1."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        print(f"{prog}: {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def _admin_stub(parser: EnvDefaultsParser, args) -> tuple[grpc.Channel, pb_grpc.ControllerStub]:
     try:
         security = client_security_from_args(args)
@@ -121,14 +139,14 @@ def _admin_stub(parser: EnvDefaultsParser, args) -> tuple[grpc.Channel, pb_grpc.
 
 def set_policy_main(argv: list[str]) -> int:
     parser = EnvDefaultsParser(prog="wanps controller set-policy", description="Switch a running controller's policy.")
-    parser.add_argument("--controller", env="WANPS_CONTROLLER", default="127.0.0.1:50052")
+    parser.add_argument("--controller", env="WANPS_CONTROLLER", type=host_port, default="127.0.0.1:50052")
     parser.add_argument("--policy", choices=POLICIES, required=True)
-    parser.add_argument("--tau", type=int, default=PolicyConfig().tau)
-    parser.add_argument("--delta", type=float, default=PolicyConfig().delta)
+    parser.add_argument("--tau", type=int_at_least(0, MAX_TAU), default=PolicyConfig().tau)
+    parser.add_argument("--delta", type=fraction, default=PolicyConfig().delta)
     add_client_security_flags(parser)
     args = parser.parse_args(argv)
     channel, stub = _admin_stub(parser, args)
-    with channel:
+    with channel, _one_line_errors(parser.prog, args.controller):
         reply = stub.SetPolicy(pb.SetPolicyRequest(policy=args.policy, tau=args.tau, delta=args.delta), timeout=10)
     decision = reply.decision if reply.HasField("decision") else None
     print(json.dumps({"policy": args.policy, "decision": None if decision is None else {
@@ -138,11 +156,11 @@ def set_policy_main(argv: list[str]) -> int:
 
 def status_main(argv: list[str]) -> int:
     parser = EnvDefaultsParser(prog="wanps controller status", description="A running controller's state as JSON.")
-    parser.add_argument("--controller", env="WANPS_CONTROLLER", default="127.0.0.1:50052")
+    parser.add_argument("--controller", env="WANPS_CONTROLLER", type=host_port, default="127.0.0.1:50052")
     add_client_security_flags(parser)
     args = parser.parse_args(argv)
     channel, stub = _admin_stub(parser, args)
-    with channel:
+    with channel, _one_line_errors(parser.prog, args.controller):
         state = stub.GetState(pb.GetStateRequest(), timeout=10)
     print(json.dumps({
         "policy": state.policy,

@@ -16,10 +16,14 @@ import numpy as np
 
 from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DENSE_BITS_PER_ELEMENT, DENSE_FROM_DELTA, overhead_sample
 from wanps.proto.decisions import Decision, decision_for_round
-from wanps.controller.decisions import DecisionBook
+from wanps.controller.decisions import MAX_PENDING_DECISIONS, DecisionBook
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
 from wanps.controller.policy import (ClusterView, PolicyConfig, Proposal, deco_input, differs_enough, estimates_moved,
                                      propose, slowest_down, slowest_link)
+
+
+class TooManyPendingDecisions(RuntimeError):
+    """A policy switch would schedule one more decision ahead than the book keeps."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class ControllerCore:
         self.reported_round = 0
         self._proposal: Proposal | None = None  # what the newest decision carries
         self._estimates_at_decision: dict[int, LinkEstimate] = {}
+        # Whether a report moved its worker's estimate past the threshold since the last
+        # decision (checked per report for the reporting worker only: O(1), not O(workers)).
+        self._moved_since_decision = False
         self._decided_at_round: int | None = None
         self._progress: deque[tuple[float, int]] = deque(maxlen=64)  # (time, reported round)
         self._traffic: dict[int, deque[tuple[float, str, int]]] = {}
@@ -91,6 +98,10 @@ class ControllerCore:
         if estimate is not None:
             estimator.forget_before(estimate.window_start_s)
             self.estimates[report.worker_id] = estimate
+            before = self._estimates_at_decision.get(report.worker_id)
+            if estimates_moved({} if before is None else {report.worker_id: before}, {report.worker_id: estimate},
+                               self.policy.change_threshold):
+                self._moved_since_decision = True
         self.sample_overhead(now_s)
         return self.maybe_decide(now_s)
 
@@ -100,11 +111,23 @@ class ControllerCore:
         self._traffic.pop(worker_id, None)
 
     def set_policy(self, policy: PolicyConfig, now_s: float) -> Decision | None:
-        """Switch policy at run time; decide at once if the new policy can."""
+        """Switch policy at run time; decide at once if the new policy can. Refused (changing
+        nothing) when the decision would be one more than the book keeps ahead."""
+        if self._would_add_pending() and self.book.pending(self.reported_round) >= MAX_PENDING_DECISIONS:
+            raise TooManyPendingDecisions(
+                f"{MAX_PENDING_DECISIONS} decisions are already scheduled ahead of round {self.reported_round}; "
+                "switch again once the workers have reached them")
         self.policy = policy
         self._proposal = None
         self._decided_at_round = None
         return self.maybe_decide(now_s)
+
+    def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
+        """Record a decision by hand (tests, drills), pruned like any other."""
+        decision = self.book.add(from_round, tau, delta, policy, reason)
+        self.book.prune(self.reported_round)
+        self._history.append(decision)
+        return decision
 
     # ------------------------------------------------------------------ deciding
 
@@ -233,7 +256,7 @@ class ControllerCore:
             if self.policy.every_rounds == 0:
                 return None  # E = infinity: the first measured decision stands
             due = self.reported_round - self._decided_at_round >= self.policy.every_rounds
-            moved = estimates_moved(self._estimates_at_decision, self.estimates, self.policy.change_threshold)
+            moved = self._moved_since_decision
             # A move does not replace a decision that has not taken effect yet: noisy
             # estimates (a starved CPU, pings queued behind deltas) would otherwise publish
             # a decision per report, each superseding the last before any worker used it.
@@ -253,20 +276,36 @@ class ControllerCore:
         else:
             self._decided_at_round = self.reported_round
             self._estimates_at_decision = dict(self.estimates)
+            self._moved_since_decision = False
         if not differs_enough(self._proposal, proposal, self.policy):
             return None
-        self._proposal = proposal
-        # Round 0 only for the first decision of a cluster nobody has trained yet. A restarted
-        # controller hears reports of round R > 0 first; its first decision then holds from a
-        # round every worker reaches after hearing of it, like any switch (workers keep their
-        # last decision until then).
-        fresh_cluster = self.book.latest is None and self.reported_round == 0
-        from_round = 0 if fresh_cluster else self.switch_round()
         self.book.prune(self.reported_round)
-        decision = self.book.add(from_round, proposal.tau, proposal.delta, self.policy.name, proposal.reason,
-                                 proposal.worker_delta, proposal.predicted_iter_s or 0.0)
+        if self._would_add_pending() and self.book.pending(self.reported_round) >= MAX_PENDING_DECISIONS:
+            return None  # the book is full of switches ahead: decide again once rounds reach them
+        self._proposal = proposal
+        decision = self.book.add(self._next_from_round(), proposal.tau, proposal.delta, self.policy.name,
+                                 proposal.reason, proposal.worker_delta, proposal.predicted_iter_s or 0.0)
+        self.book.prune(self.reported_round)
         self._history.append(decision)
         return decision
+
+    def _next_from_round(self) -> int:
+        """Where the next decision holds from. Round 0 only for the first decision of a cluster
+        nobody has trained yet. A restarted controller hears reports of round R > 0 first; its
+        first decision then holds from a round every worker reaches after hearing of it, like
+        any switch (workers keep their last decision until then). Never before a decision
+        already scheduled: the newest decision must hold from there on (at the same round it
+        replaces the older one), not be overtaken by an older one scheduled later."""
+        latest = self.book.latest
+        if latest is None and self.reported_round == 0:
+            return 0
+        scheduled = latest.from_round if latest is not None and latest.from_round > self.reported_round else 0
+        return max(self.switch_round(), scheduled)
+
+    def _would_add_pending(self) -> bool:
+        """Whether the next decision adds one to those ahead (rather than replacing the newest)."""
+        latest = self.book.latest
+        return latest is None or self._next_from_round() != latest.from_round
 
     def switch_round(self) -> int:
         """A round every worker reaches only after it has heard of a decision made now.

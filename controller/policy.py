@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from wanps.controller.deco import (DEFAULT_BITS_PER_ELEMENT, DEFAULT_TIME_MODEL, TIME_MODELS, DecoDecision, DecoInput,
                                    deco, delta_for_tau)
 from wanps.controller.estimator import LinkEstimate
+from wanps.proto.wire import MAX_TAU
 
 POLICIES = ("dsgd", "static", "deco", "deco-hetero", "accordion")
 
@@ -72,10 +73,10 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.name!r}")
-        if self.tau < 0 or not 0.0 < self.delta <= 1.0:
-            raise ValueError(f"need tau >= 0 and delta in (0, 1]; got tau {self.tau}, delta {self.delta}")
-        if self.every_rounds < 0 or self.switch_margin_rounds < 1 or self.tau_max < 0:
-            raise ValueError("every_rounds must be >= 0, switch_margin_rounds >= 1, tau_max >= 0")
+        if not 0 <= self.tau <= MAX_TAU or not 0.0 < self.delta <= 1.0:
+            raise ValueError(f"need tau in [0, {MAX_TAU}] and delta in (0, 1]; got tau {self.tau}, delta {self.delta}")
+        if self.every_rounds < 0 or self.switch_margin_rounds < 1 or not 0 <= self.tau_max <= MAX_TAU:
+            raise ValueError(f"every_rounds must be >= 0, switch_margin_rounds >= 1, tau_max in [0, {MAX_TAU}]")
         if self.bits_per_element is not None and not (0.0 < self.bits_per_element < math.inf):
             raise ValueError(f"bits_per_element must be > 0 and finite; got {self.bits_per_element}")
         if not 0.0 <= self.overhead_quantile <= 1.0 or not (self.overhead_max_ratio is None

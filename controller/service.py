@@ -2,6 +2,12 @@
 
 The state and the decision loop live in `ControllerCore` (controller/engine.py); this
 module decodes reports, streams the decision book, and exports metrics.
+
+Single writer: every call into the core (reports with their estimators and Theil-Sen fits,
+policy switches, reads of the book and the estimates) runs on one dedicated thread, so the
+core needs no locks and its work never stalls the event loop that serves every worker's
+streams. A report refreshes only its own worker's gauges (and the cluster's), so the
+gauge work per second is O(workers), not O(workers^2).
 """
 from __future__ import annotations
 
@@ -9,14 +15,16 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from wanps.proto.decisions import Decision, decision_to_message
-from wanps.controller.engine import ControllerCore, Report, with_policy
+from wanps.controller.engine import ControllerCore, Report, TooManyPendingDecisions, with_policy
 from wanps.controller.estimator import (DIRECTION_DOWN, DIRECTION_UP, KIND_COMPUTE, KIND_DOWNLOAD, KIND_PING, KIND_PUSH,
                                        EstimatorConfig, Sample)
 from wanps.controller.policy import PolicyConfig
@@ -29,6 +37,8 @@ from wanps.rpc.limits import StreamLimiter
 from wanps.rpc.status import mapped_errors
 
 log = logging.getLogger("wanps.controller")
+
+T = TypeVar("T")
 
 # Rounds beyond this are refused (OUT_OF_RANGE): decisions are scheduled rounds ahead of the
 # newest reported round and must still fit the wire's uint64 (2**62 rounds is ~146 years at 1 GHz).
@@ -102,6 +112,8 @@ class ControllerService(pb_grpc.ControllerServicer):
         self.metrics = metrics
         # Decision ids start at the wall clock in ms: above any id a previous controller gave out.
         self.core = ControllerCore(config.policy, config.estimator, first_decision_id=time.time_ns() // 1_000_000)
+        # The core's one thread (see the module): every call into it goes through _on_core.
+        self._core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-controller-core")
         self._changed = asyncio.Event()
         self._closing = False
         self._streams = StreamLimiter(config.max_streams_per_worker)
@@ -109,9 +121,12 @@ class ControllerService(pb_grpc.ControllerServicer):
         # No decision before the first report: a restarted controller must learn the round the
         # workers are at before it schedules anything (workers report as soon as they connect).
 
-    def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
-        """Record a decision by hand and stream it to every subscriber. Call on the event loop."""
-        decision = self.core.book.add(from_round, tau, delta, policy, reason)
+    async def _on_core(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._core_thread, function, *args)
+
+    async def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
+        """Record a decision by hand and stream it to every subscriber (tests, drills)."""
+        decision = await self._on_core(self.core.decide, from_round, tau, delta, policy, reason)
         self._publish(decision)
         return decision
 
@@ -133,6 +148,7 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     def close(self) -> None:
         self.begin_shutdown()
+        self._core_thread.shutdown(wait=True, cancel_futures=True)
 
     async def Decisions(self, request: pb.DecisionsRequest, context) -> AsyncIterator[pb.Decision]:
         sent: set[int] = set()
@@ -142,25 +158,34 @@ class ControllerService(pb_grpc.ControllerServicer):
         try:
             while not self._closing:
                 changed = self._changed
-                for decision in self.core.book.relevant(self.core.reported_round):
+                relevant = await self._on_core(self._relevant_decisions)
+                for decision in relevant:
                     if decision.decision_id not in sent:
                         sent.add(decision.decision_id)
                         yield decision_to_message(decision)
+                sent &= {decision.decision_id for decision in relevant}  # bounded like the book
                 await changed.wait()
         finally:
             self.metrics.subscribers.dec()
             self._streams.release(request.worker_id)
 
+    def _relevant_decisions(self) -> list[Decision]:
+        return self.core.book.relevant(self.core.reported_round)
+
     async def Report(self, request: pb.ReportRequest, context) -> pb.ReportReply:
         now = time.monotonic()
         async with mapped_errors(context):
-            samples = self._accept_report(request, now)
+            decision = await self._on_core(self._report_on_core, request, now)
+        self._publish(decision)
+        return pb.ReportReply()
+
+    def _report_on_core(self, request: pb.ReportRequest, now: float) -> Decision | None:
+        samples = self._accept_report(request, now)
         for sample in samples:
             self.metrics.samples.labels(kind=sample.kind).inc()
         decision = self.core.report(Report(request.worker_id, request.round, request.num_params, tuple(samples)), now)
-        self._publish(decision)
-        self._refresh_gauges()
-        return pb.ReportReply()
+        self._refresh_gauges(request.worker_id)
+        return decision
 
     def _accept_report(self, request: pb.ReportRequest, now: float) -> list[Sample]:
         """Validate a report whole (a refused one changes nothing) and decode its samples."""
@@ -211,9 +236,11 @@ class ControllerService(pb_grpc.ControllerServicer):
                         pass
         return len(self._last_report) < self.config.max_workers
 
-    def _refresh_gauges(self) -> None:
+    def _refresh_gauges(self, worker_id: int) -> None:
+        """After `worker_id`'s report: its link gauges (only its estimate changed) and the cluster's."""
         self.metrics.max_round.set(self.core.reported_round)
-        for worker_id, estimate in self.core.estimates.items():
+        estimate = self.core.estimates.get(worker_id)
+        if estimate is not None:
             self.metrics.bandwidth.labels(worker=str(worker_id)).set(estimate.bandwidth_bps)
             if estimate.down_bandwidth_bps is not None:
                 self.metrics.down_bandwidth.labels(worker=str(worker_id)).set(estimate.down_bandwidth_bps)
@@ -227,18 +254,27 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     async def SetPolicy(self, request: pb.SetPolicyRequest, context) -> pb.SetPolicyReply:
         async with mapped_errors(context):
-            try:
-                policy = with_policy(self.core.policy, request.policy,
-                                     request.tau if request.policy == "static" else None,
-                                     request.delta if request.policy == "static" else None)
-            except ValueError as exc:
-                raise InvalidArgument(str(exc)) from None
-        decision = self.core.set_policy(policy, time.monotonic())
+            decision, policy = await self._on_core(self._set_policy_on_core, request, time.monotonic())
         self._publish(decision)
         log.info("policy switched to %s", policy.name)
         return pb.SetPolicyReply(decision=decision_to_message(decision)) if decision else pb.SetPolicyReply()
 
+    def _set_policy_on_core(self, request: pb.SetPolicyRequest, now: float) -> tuple[Decision | None, PolicyConfig]:
+        try:
+            policy = with_policy(self.core.policy, request.policy,
+                                 request.tau if request.policy == "static" else None,
+                                 request.delta if request.policy == "static" else None)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        try:
+            return self.core.set_policy(policy, now), policy
+        except TooManyPendingDecisions as exc:
+            raise ResourceExhausted(str(exc)) from None
+
     async def GetState(self, request: pb.GetStateRequest, context) -> pb.ControllerState:
+        return await self._on_core(self._state_on_core)
+
+    def _state_on_core(self) -> pb.ControllerState:
         core = self.core
         links = [pb.WorkerLink(worker_id=w, bandwidth_bps=e.bandwidth_bps, latency_s=e.latency_s,
                                t_comp_s=e.t_comp_s or 0.0, push_samples=e.push_samples, ping_samples=e.ping_samples,

@@ -49,7 +49,13 @@ fi
 if [ -n "${WANPS_WAN_TRACE:-}" ]; then
     servers="${WANPS_SERVER:?WANPS_SERVER (or WANPS_SHARD_ADDRESS) must name the server}"
     # The worker waits for the proxies (gRPC wait-for-ready), so no start-up race to handle here.
-    # The proxies are children of the worker's process once exec'd; all end with the container.
+    # The proxies are children of the worker's process once exec'd. In a container all end with
+    # it; run anywhere else, a proxy must not outlive the worker: setpriv makes the kernel send it
+    # SIGTERM when its parent (this shell, then the worker it becomes) ends (PR_SET_PDEATHSIG).
+    pdeathsig=""
+    if command -v setpriv >/dev/null 2>&1; then
+        pdeathsig="setpriv --pdeathsig TERM --"
+    fi
     linked=""
     port=15051
     old_ifs=$IFS
@@ -60,7 +66,7 @@ if [ -n "${WANPS_WAN_TRACE:-}" ]; then
             echo "$me: more than $MAX_SHARDS servers in WANPS_SERVER" >&2
             exit 2
         fi
-        wanps linkem --listen "127.0.0.1:$port" --target "$server" --trace "$WANPS_WAN_TRACE" &
+        $pdeathsig wanps linkem --listen "127.0.0.1:$port" --target "$server" --trace "$WANPS_WAN_TRACE" &
         linked="$linked${linked:+,}127.0.0.1:$port"
         port=$((port + 1))
     done

@@ -16,7 +16,6 @@ import logging
 import sys
 import time
 import urllib.request
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -27,8 +26,10 @@ import torch
 from wanps.proto.decisions import decision_for_round
 from wanps.controller.policy import POLICIES
 from wanps.rpc.auth import ClientSecurity, add_client_security_flags, client_security_env, client_security_from_args
-from wanps.deploy.processes import ManagedProcess, start_process, stop_all, wanps_command
-from wanps.rpc.config import EnvDefaultsParser, setup_logging
+from wanps.worker.tasks import TASKS
+from wanps.deploy.processes import ManagedProcess, start_process, stop_all, stopping_on_signals, wanps_command
+from wanps.proto.wire import MAX_TAU
+from wanps.rpc.config import EnvDefaultsParser, float_at_least, fraction, int_at_least, setup_logging
 
 log = logging.getLogger("wanps.demo")
 
@@ -395,18 +396,19 @@ def decisions_summary(per_round: list[list]) -> str:
 def parse_config(argv: list[str] | None) -> tuple[DemoConfig, ClientSecurity]:
     d = DemoConfig()
     p = EnvDefaultsParser(prog="wanps demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workers", type=int, default=d.workers, env="WANPS_DEMO_WORKERS")
-    p.add_argument("--task", default=d.task, env="WANPS_DEMO_TASK")
+    p.add_argument("--workers", type=int_at_least(1), default=d.workers, env="WANPS_DEMO_WORKERS")
+    p.add_argument("--task", default=d.task, choices=sorted(TASKS), env="WANPS_DEMO_TASK")
     p.add_argument("--policy", default=d.policy, choices=POLICIES, env="WANPS_DEMO_POLICY")
-    p.add_argument("--tau", type=int, default=d.tau, env="WANPS_DEMO_TAU")
-    p.add_argument("--delta", type=float, default=d.delta, env="WANPS_DEMO_DELTA")
-    p.add_argument("--tau-max", type=int, default=d.tau_max)
-    p.add_argument("--lr", type=float, default=d.lr, env="WANPS_DEMO_LR")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, env="WANPS_DEMO_BATCH_SIZE")
-    p.add_argument("--target-accuracy", type=float, default=d.target_accuracy, env="WANPS_DEMO_TARGET")
-    p.add_argument("--time-limit", type=float, default=d.time_limit_s, env="WANPS_DEMO_TIME_LIMIT",
-                   help="Seconds of training before giving up.")
-    p.add_argument("--eval-every", type=float, default=d.eval_every_s, help="Seconds between evaluations.")
+    p.add_argument("--tau", type=int_at_least(0, MAX_TAU), default=d.tau, env="WANPS_DEMO_TAU")
+    p.add_argument("--delta", type=fraction, default=d.delta, env="WANPS_DEMO_DELTA")
+    p.add_argument("--tau-max", type=int_at_least(0, MAX_TAU), default=d.tau_max)
+    p.add_argument("--lr", type=float_at_least(0, above=True), default=d.lr, env="WANPS_DEMO_LR")
+    p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size, env="WANPS_DEMO_BATCH_SIZE")
+    p.add_argument("--target-accuracy", type=fraction, default=d.target_accuracy, env="WANPS_DEMO_TARGET")
+    p.add_argument("--time-limit", type=float_at_least(0, above=True), default=d.time_limit_s,
+                   env="WANPS_DEMO_TIME_LIMIT", help="Seconds of training before giving up.")
+    p.add_argument("--eval-every", type=float_at_least(0, above=True), default=d.eval_every_s,
+                   help="Seconds between evaluations.")
     p.add_argument("--trace", default=d.trace, env="WANPS_DEMO_TRACE",
                    help="Link trace CSV (time_s,bandwidth_mbit,delay_ms); default: the shipped varying trace.")
     p.add_argument("--direct", action="store_true", help="No link emulator.")
@@ -415,7 +417,7 @@ def parse_config(argv: list[str] | None) -> tuple[DemoConfig, ClientSecurity]:
                         "connection gets its own emulated link.")
     p.add_argument("--out", default=d.out_dir, env="WANPS_DEMO_OUT")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int_at_least(0), default=d.seed)
     add_client_security_flags(p)
     a = p.parse_args(argv)
     try:
@@ -433,13 +435,13 @@ def parse_config(argv: list[str] | None) -> tuple[DemoConfig, ClientSecurity]:
 def main(argv: list[str] | None = None) -> int:
     config, security = parse_config(argv)
     setup_logging("WARNING")
-    warnings.filterwarnings("ignore", message="The given buffer is not writable")
     torch.set_num_threads(1)
     shards = f", {config.shards} shards" if config.shards > 1 else ""
     print(f"wanps demo: {config.workers} workers{shards}, {config.task}, policy {config.policy} "
           f"(tau {config.tau}, delta {config.delta:g}), target {config.target_accuracy:.0%}, "
           f"link {'direct' if config.direct else Path(config.trace or default_trace()).name}", flush=True)
-    result = run_demo(config, security)
+    with stopping_on_signals():  # SIGTERM stops every process the demo started, as SIGINT does
+        result = run_demo(config, security)
     print("\nresults\n" + results_table(result))
     print(f"\nwrote {Path(config.out_dir) / 'demo.json'} and {Path(config.out_dir) / 'demo.png'}; "
           f"logs in {Path(config.out_dir) / 'logs'}")

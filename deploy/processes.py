@@ -3,9 +3,16 @@
 Used by `wanps demo`, the benchmarks and the end-to-end tests. Every service prints one
 `LISTENING host:port ...` line on stdout once it serves; we wait for that line (never a
 fixed sleep) and keep copying the rest of its output to a log file.
+
+A supervisor takes its children with it however it ends: an exception or SIGINT
+(KeyboardInterrupt) runs its `finally` (stop_all); SIGTERM does the same inside
+`stopping_on_signals()` (it raises SystemExit(143) in the main thread); and when it is
+killed outright (SIGKILL, a test timeout), every child gets SIGTERM from the kernel
+(PR_SET_PDEATHSIG, set before exec), which every wanps process obeys within seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -13,9 +20,10 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 
 class ProcessFailed(RuntimeError):
@@ -91,7 +99,9 @@ class ManagedProcess:
 
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM when the parent dies (Linux), so a supervisor
-    that is killed outright (a test timeout, SIGKILL) leaves no orphaned services behind."""
+    that is killed outright (a test timeout, SIGKILL) leaves no orphaned services behind.
+    (The kernel sends it when the *thread* that started the child ends: start children from
+    a thread that lives as long as they should, the main thread in every supervisor here.)"""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -165,3 +175,32 @@ def stop_all(processes: Sequence[ManagedProcess], timeout: float = 15.0) -> None
     """Stop in reverse start order (clients before the services they talk to)."""
     for process in reversed(processes):
         process.stop(timeout)
+
+
+class Terminated(SystemExit):
+    """SIGTERM reached a supervisor inside `stopping_on_signals`: unwind, stopping the children."""
+
+
+@contextlib.contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """Inside: SIGTERM raises `Terminated` (SystemExit, code 143) in the main thread, as SIGINT
+    raises KeyboardInterrupt, so the supervisor's `finally` blocks stop its children. A second
+    SIGTERM while that runs is ignored (the cleanup is already under way). On the main thread
+    only (signal handlers live there); elsewhere it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    terminating = False
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        nonlocal terminating
+        if terminating:
+            return
+        terminating = True
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -20,7 +20,7 @@ from wanps.linkem.faults import Fault, parse_faults
 from wanps.linkem.proxy import LinkEmulator
 from wanps.linkem.shaper import DEFAULT_QUEUE_MS
 from wanps.linkem.trace import LinkTrace
-from wanps.rpc.config import EnvDefaultsParser, run_async, setup_logging, split_host_port
+from wanps.rpc.config import EnvDefaultsParser, float_at_least, host_port, run_async, setup_logging, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +32,30 @@ def build_parser() -> EnvDefaultsParser:
         description="User-space WAN link emulator: a TCP proxy adding delay and a bandwidth limit "
         "that follow a trace. Prints 'LISTENING HOST:PORT' once ready.",
     )
-    parser.add_argument("--listen", env="WANPS_LINKEM_LISTEN", help="HOST:PORT to listen on (port 0 picks one)")
-    parser.add_argument("--target", env="WANPS_LINKEM_TARGET", help="HOST:PORT to forward to")
+    parser.add_argument("--listen", env="WANPS_LINKEM_LISTEN", type=host_port,
+                        help="HOST:PORT to listen on (port 0 picks one)")
+    parser.add_argument("--target", env="WANPS_LINKEM_TARGET", type=host_port, help="HOST:PORT to forward to")
     parser.add_argument("--trace", env="WANPS_LINKEM_TRACE", help="CSV trace file (time_s,bandwidth_mbit,delay_ms)")
-    parser.add_argument("--bandwidth-mbit", env="WANPS_LINKEM_BANDWIDTH_MBIT", type=float, help="fixed link bandwidth, Mbit/s")
-    parser.add_argument("--delay-ms", env="WANPS_LINKEM_DELAY_MS", type=float, help="fixed one-way delay, ms")
+    parser.add_argument("--bandwidth-mbit", env="WANPS_LINKEM_BANDWIDTH_MBIT", type=float_at_least(0, above=True),
+                        help="fixed link bandwidth, Mbit/s")
+    parser.add_argument("--delay-ms", env="WANPS_LINKEM_DELAY_MS", type=float_at_least(0),
+                        help="fixed one-way delay, ms")
     parser.add_argument("--down-trace", env="WANPS_LINKEM_DOWN_TRACE",
                         help="CSV trace of the downlink (target -> client) alone; default: the link's")
-    parser.add_argument("--down-bandwidth-mbit", env="WANPS_LINKEM_DOWN_BANDWIDTH_MBIT", type=float,
+    parser.add_argument("--down-bandwidth-mbit", env="WANPS_LINKEM_DOWN_BANDWIDTH_MBIT", type=float_at_least(0, above=True),
                         help="fixed downlink bandwidth, Mbit/s (default: --bandwidth-mbit)")
-    parser.add_argument("--down-delay-ms", env="WANPS_LINKEM_DOWN_DELAY_MS", type=float,
+    parser.add_argument("--down-delay-ms", env="WANPS_LINKEM_DOWN_DELAY_MS", type=float_at_least(0),
                         help="fixed downlink one-way delay, ms (default: --delay-ms)")
     parser.add_argument("--no-loop", action="store_true", help="play the trace(s) once, then hold the last row")
-    parser.add_argument("--queue-ms", env="WANPS_LINKEM_QUEUE_MS", type=float, default=DEFAULT_QUEUE_MS,
+    parser.add_argument("--queue-ms", env="WANPS_LINKEM_QUEUE_MS", type=float_at_least(0), default=DEFAULT_QUEUE_MS,
                         help="link queue (router buffer) in ms of transmit time")
     parser.add_argument("--faults", env="WANPS_LINKEM_FAULTS", default="",
                         help="fault schedule, seconds after start: 'reset@5,stall@8:3' (a reset at 5 s, "
                              "a 3 s stall at 8 s); SIGUSR1 also resets and SIGUSR2 stalls for --stall-s")
-    parser.add_argument("--stall-s", env="WANPS_LINKEM_STALL_S", type=float, default=3.0,
+    parser.add_argument("--stall-s", env="WANPS_LINKEM_STALL_S", type=float_at_least(0, above=True), default=3.0,
                         help="length of a stall triggered by SIGUSR2")
-    parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO")
+    parser.add_argument("--log-level", env="WANPS_LOG_LEVEL", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), type=str.upper)
     return parser
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -179,6 +180,19 @@ def push_messages(header: pb.PushHeader, update: Update | None) -> tuple[list[pb
 # ---------------------------------------------------------------------------- decode
 
 
+def view_bytes(raw: bytes, dtype: torch.dtype) -> torch.Tensor:
+    """A zero-copy tensor over received bytes (the wire contract: decoding never copies).
+
+    torch warns that it cannot mark such a tensor read-only. Silenced here, at this call only:
+    it is safe because nothing writes to a decoded tensor (the server's core only reads
+    updates, and copies what it keeps; apply_delta reads the delta into the model; a worker
+    copies a delta to its device or reads it), so the immutable bytes are never written through.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return torch.frombuffer(raw, dtype=dtype)
+
+
 def join_chunks(parts: list[bytes]) -> bytes:
     """One chunk needs no copy; several are concatenated once."""
     if len(parts) == 1:
@@ -199,7 +213,7 @@ def decode_indices(raw: bytes, count: int, num_params: int) -> torch.Tensor:
         if negative.size:
             raise WireError(f"indices: {int(negative[0]) + 2**32} is out of range for a model of {num_params} parameters")
         raise WireError("indices: must be strictly increasing (sorted, no duplicates)")
-    indices = torch.frombuffer(raw, dtype=torch.int32)
+    indices = view_bytes(raw, torch.int32)
     first, last = int(view[0]), int(view[-1])
     if first < 0 or last >= num_params:
         bad = first if first < 0 else last
@@ -226,9 +240,9 @@ def decode_values(raw: bytes, count: int, value_dtype: int) -> torch.Tensor:
     if dtype == torch.float32:
         if not np.isfinite(np.frombuffer(raw, dtype="<f4")).all():
             raise WireError("values: NaN or infinite values are not accepted")
-        return torch.frombuffer(raw, dtype=dtype)
+        return view_bytes(raw, dtype)
     # The server aggregates in float32: upcast here so the core never sees 16-bit values.
-    values = torch.frombuffer(raw, dtype=dtype).to(torch.float32)
+    values = view_bytes(raw, dtype).to(torch.float32)
     if not bool(torch.isfinite(values).all()):
         raise WireError("values: NaN or infinite values are not accepted")
     return values

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from wanps.proto import wanps_pb2 as pb
+from wanps.proto.wire import MAX_TAU
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class Decision:
         return self.worker_delta.get(worker_id, self.delta) if worker_id is not None else self.delta
 
     def __post_init__(self) -> None:
-        if self.tau < 0:
-            raise ValueError(f"tau must be >= 0, got {self.tau}")
+        if not 0 <= self.tau <= MAX_TAU:
+            raise ValueError(f"tau must be in [0, {MAX_TAU}], got {self.tau}")
         if not 0.0 < self.delta <= 1.0:
             raise ValueError(f"delta must be in (0, 1], got {self.delta}")
         if self.from_round < 0:

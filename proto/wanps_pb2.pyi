@@ -194,16 +194,18 @@ class PushMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[SparseChunk, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("duplicate", "version", "late", "durable_version")
+    __slots__ = ("duplicate", "version", "late", "durable_version", "snapshot_version")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LATE_FIELD_NUMBER: _ClassVar[int]
     DURABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     duplicate: bool
     version: int
     late: bool
     durable_version: int
-    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., late: _Optional[bool] = ..., durable_version: _Optional[int] = ...) -> None: ...
+    snapshot_version: int
+    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., late: _Optional[bool] = ..., durable_version: _Optional[int] = ..., snapshot_version: _Optional[int] = ...) -> None: ...
 
 class UpdatesRequest(_message.Message):
     __slots__ = ("worker_id", "from_version", "member_secret")

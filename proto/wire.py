@@ -15,6 +15,11 @@ MAX_SAMPLES_PER_REPORT = 512
 # server send more than this per call.
 MAX_PROBE_BYTES = 1024 * 1024
 
+# The largest staleness any part accepts: the server's --tau-max (it holds tau_max + 1 open
+# rounds), the controller's --tau/--tau-max and SetPolicy's tau, a decision on the wire, a
+# worker's --tau. Far beyond any useful value; it keeps a typo (or a uint32 of -1) out.
+MAX_TAU = 1024
+
 
 class WireError(ValueError):
     """A payload that breaks the wire rules. The message says which rule and why."""

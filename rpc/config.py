@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -40,14 +41,85 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` shows each flag's default (as ArgumentDefaultsHelpFormatter, but not for flags
+    whose default is nothing: None, False, ''), and descriptions keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" not in text and action.option_strings and action.default is not argparse.SUPPRESS
+                and action.default not in (None, False, "")):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _typed(name: str, convert: Callable[[str], Any], check: Callable[[Any], str | None]) -> Callable[[str], Any]:
+    """An argparse `type=`: converts, then `check` returns what is wrong (None: fine). A bad
+    value is a one-line usage error naming the flag: `argument --min-workers: must be >= 1, got -1`."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        problem = check(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An integer flag in [low, high]."""
+    def check(value: int) -> str | None:
+        if value < low or (high is not None and value > high):
+            return f"must be >= {low}" if high is None else f"must be in [{low}, {high}]"
+        return None
+    return _typed("an integer", int, check)
+
+
+def float_at_least(low: float, *, above: bool = False, high: float | None = None) -> Callable[[str], float]:
+    """A finite number flag >= low (> low with `above`), and <= high when given."""
+    def check(value: float) -> str | None:
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if value < low or (above and value == low):
+            return f"must be {'>' if above else '>='} {low:g}"
+        if high is not None and value > high:
+            return f"must be <= {high:g}"
+        return None
+    return _typed("a number", float, check)
+
+
+def fraction(text: str) -> float:
+    """A ratio in (0, 1] (delta: the fraction of elements sent)."""
+    return _typed("a number", float, lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]")(text)
+
+
+def host_port(text: str) -> str:
+    """HOST:PORT (IPv6 as [HOST]:PORT), checked as split_host_port reads it; returned as given."""
+    def check(value: str) -> str | None:
+        try:
+            split_host_port(value)
+        except ValueError:
+            return "expected HOST:PORT (IPv6 as [HOST]:PORT, port 0-65535)"
+        return None
+    return _typed("HOST:PORT", str, check)(text)
+
+
 class EnvDefaultsParser(argparse.ArgumentParser):
     """argparse with an environment-variable fallback for every flag that names one.
 
     `parser.add_argument("--port", env="WANPS_PORT", type=int, default=0)`: the flag wins,
     then the variable, then the default. The variable is read when parsing, never at import.
+    `--help` shows the defaults (HelpFormatter); typed flags (int_at_least, fraction,
+    host_port, ...) refuse bad values with one usage line, exit code 2.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self._env_names: dict[str, str] = {}
         self._env_only: dict[str, str] = {}
@@ -58,9 +130,10 @@ class EnvDefaultsParser(argparse.ArgumentParser):
         self._env_only[dest] = env
         line = f"{env}: {help}"
         self.epilog = f"{self.epilog}\n{line}" if self.epilog else f"environment-only settings:\n{line}"
-        self.formatter_class = argparse.RawDescriptionHelpFormatter
 
     def add_argument(self, *args: Any, env: str | None = None, **kwargs: Any):  # type: ignore[override]
+        if not kwargs.get("help") and kwargs.get("default") not in (None, False, "", argparse.SUPPRESS):
+            kwargs["help"] = "(default: %(default)s)"  # argparse prints no line at all for a flag without help
         if env is not None:
             kwargs["help"] = (kwargs.get("help") or "") + f" [env {env}]"
         action = super().add_argument(*args, **kwargs)

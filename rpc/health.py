@@ -1,9 +1,10 @@
 """`wanps health ADDRESS [--service NAME]`: ask a service's gRPC health service; exit 0 when SERVING.
 
 The container health check of every wanps image (server, controller), and the Kubernetes probe
-of a TLS deployment (the kubelet's own gRPC probe speaks plaintext only). It takes the client's
-TLS settings (flags or WANPS_TLS_* variables, as `wanps worker` does). It imports only gRPC, not
-torch, so a check costs a fraction of a second.
+of a TLS deployment (the kubelet's own gRPC probe speaks plaintext only). It imports only gRPC,
+not torch, so a check costs a fraction of a second. It dials as every wanps client does
+(wanps.rpc.auth): over TLS with `--tls-ca` (or WANPS_TLS_CA; a client certificate for mutual
+TLS), sending the token when one is set (health checks are exempt from it by default).
 """
 from __future__ import annotations
 
@@ -30,8 +31,6 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--timeout", env="WANPS_HEALTH_TIMEOUT", type=float, default=3.0,
                         help="Seconds to wait for an answer.")
     parser.add_argument("--quiet", action="store_true", help="Print nothing, only set the exit code.")
-    # The health service is exempt from the token by default; a token given is sent all the same
-    # (for services started with --auth-exempt '').
     add_client_security_flags(parser)
     return parser
 
@@ -54,11 +53,13 @@ def check(address: str, service: str = "", timeout: float = 3.0,
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    address = args.address or os.environ.get("WANPS_HEALTH_ADDRESS") or "127.0.0.1:50051"
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be > 0, got {args.timeout}")
     try:
         security = client_security_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    address = args.address or os.environ.get("WANPS_HEALTH_ADDRESS") or "127.0.0.1:50051"
     code, line = check(address, args.service, args.timeout, security)
     if not args.quiet:
         print(line, file=sys.stdout if code == 0 else sys.stderr)

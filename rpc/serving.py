@@ -25,7 +25,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from wanps.rpc.auth import ServerSecurity, add_server_security_flags, server_security_from_args
-from wanps.rpc.config import EnvDefaultsParser, event_loop_factory, run_async, setup_logging, split_host_port
+from wanps.rpc.config import (EnvDefaultsParser, event_loop_factory, host_port, int_at_least, run_async, setup_logging,
+                              split_host_port)
 from wanps.rpc.guard import MalformedRequestGuard
 from wanps.rpc.metrics import GrpcServerMetrics
 from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_channel_options
@@ -67,13 +68,13 @@ def add_serve_flags(parser: EnvDefaultsParser, defaults: ServeConfig, *, env_pre
     """The flags every service takes: --listen, --metrics-listen, --max-message-mb, token and
     TLS, --no-uvloop, --log-level. `env_prefix` names the address variables
     (WANPS_SERVER -> WANPS_SERVER_LISTEN, WANPS_SERVER_METRICS_LISTEN)."""
-    parser.add_argument("--listen", env=f"{env_prefix}_LISTEN", default=f"{defaults.host}:{defaults.port}",
+    parser.add_argument("--listen", env=f"{env_prefix}_LISTEN", type=host_port, default=f"{defaults.host}:{defaults.port}",
                         help="HOST:PORT for gRPC (port 0 = any free port).")
     metrics_default = (METRICS_OFF if defaults.metrics_port < 0
                        else f"{defaults.metrics_host}:{defaults.metrics_port}")
     parser.add_argument("--metrics-listen", env=f"{env_prefix}_METRICS_LISTEN", default=metrics_default,
                         help=f"HOST:PORT for Prometheus metrics (port 0 = any free port, '{METRICS_OFF}' = none).")
-    parser.add_argument("--max-message-mb", env=max_message_env, type=int,
+    parser.add_argument("--max-message-mb", env=max_message_env, type=int_at_least(1),
                         default=defaults.max_message_bytes // 2**20, help="gRPC message size limit (MiB).")
     add_server_security_flags(parser)
     parser.add_argument("--no-uvloop", action="store_true", env="WANPS_NO_UVLOOP",

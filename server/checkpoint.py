@@ -197,6 +197,9 @@ class CheckpointScheduler:
         self.metrics = metrics
         # Rounds below this survive a crash: the last checkpoint's version (PushReply.durable_version).
         self.durable_version = core.version
+        # The newest snapshot handed to the writer (PushReply.snapshot_version): workers keep the
+        # rounds dropped from their push logs apart on each side of it.
+        self.snapshot_version = core.version
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-checkpoint")
         self._pending: Future | None = None
 
@@ -211,6 +214,7 @@ class CheckpointScheduler:
         except Exception:  # the round is closed already: a lost checkpoint must not stop its publication
             self._failed("checkpoint snapshot at version %d failed", self.core.version)
             return
+        self.snapshot_version = state["version"]
         self._pending = self._writer.submit(self._write, state)
 
     def wait(self) -> None:

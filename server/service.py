@@ -447,8 +447,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         kind = "late" if result.late else "duplicate" if result.duplicate else ("skip" if header.skip else "update")
         self.metrics.pushes.labels(kind=kind).inc()
         durable = self.checkpoints.durable_version if self.checkpoints is not None else result.version
+        snapshot = self.checkpoints.snapshot_version if self.checkpoints is not None else result.version
         return pb.PushReply(duplicate=result.duplicate, version=result.version, late=result.late,
-                            durable_version=durable)
+                            durable_version=durable, snapshot_version=snapshot)
 
     async def _receive_push(self, request_iterator, open_stream: ExitStack
                             ) -> tuple[pb.PushHeader, bytearray, bytearray]:

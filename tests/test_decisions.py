@@ -17,7 +17,8 @@ def dec(decision_id: int, from_round: int, tau: int = 1, delta: float = 0.1) -> 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"tau": -1}, "tau must be >= 0"),
+        ({"tau": -1}, r"tau must be in \[0, 1024\]"),
+        ({"tau": 1025}, r"tau must be in \[0, 1024\], got 1025"),
         ({"delta": 0.0}, "delta must be in"),
         ({"delta": -0.5}, "delta must be in"),
         ({"delta": 1.5}, "delta must be in"),

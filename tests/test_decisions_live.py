@@ -84,10 +84,7 @@ def test_all_workers_switch_at_the_decisions_round(make_cluster):
     threads, per_round, errors, resume, optimizers = run_paused_workers(cluster, 40, 10)
     service = cluster.controller.service
 
-    async def decide():
-        return service.decide(from_round=25, tau=0, delta=0.5, policy="static", reason="test switch")
-
-    cluster.loop.run(decide())
+    cluster.loop.run(service.decide(from_round=25, tau=0, delta=0.5, policy="static", reason="test switch"))
     try:
         wait_until_heard(optimizers, 0, 0.5, 25)
     finally:

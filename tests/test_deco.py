@@ -198,7 +198,7 @@ def test_decide_cli_prints_both_forms_as_json():
     bad = subprocess.run(wanps_command("controller", "decide", "--params", "0", "--bandwidth-mbit", "1",
                                        "--latency-ms", "1", "--t-comp-ms", "1"), capture_output=True, text=True,
                          timeout=60)
-    assert bad.returncode == 2 and "num_params" in bad.stderr
+    assert bad.returncode == 2 and "argument --params: must be >= 1, got 0" in bad.stderr
 
 
 def test_overhead_is_part_of_the_step_in_theorem3_and_in_algorithm1():

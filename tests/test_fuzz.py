@@ -30,7 +30,7 @@ from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import MAX_ROUND, ControllerConfig
 from wanps.rpc.auth import sync_channel
 from wanps.proto.codec import MAX_PARAMS
-from wanps.proto.wire import name_problem
+from wanps.proto.wire import MAX_TAU, name_problem
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.rpc.limits import Limits
@@ -705,7 +705,8 @@ def expected_report(request: pb.ReportRequest) -> grpc.StatusCode | None:
 
 
 def expected_set_policy(request: pb.SetPolicyRequest) -> grpc.StatusCode | None:
-    valid = request.policy in POLICIES and (request.policy != "static" or 0 < request.delta <= 1)
+    valid = request.policy in POLICIES and (request.policy != "static" or
+                                            (0 < request.delta <= 1 and request.tau <= MAX_TAU))
     return OK if valid else I
 
 

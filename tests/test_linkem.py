@@ -650,7 +650,8 @@ def test_cli_downlink_flags(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     cases = [
         (["--bandwidth-mbit", "5", "--delay-ms", "1", "--down-trace", str(path), "--down-delay-ms", "3"], "not both"),
         (["--trace", str(uplink_trace), "--down-bandwidth-mbit", "50"], "needs both --down-bandwidth-mbit"),
-        (["--bandwidth-mbit", "5", "--delay-ms", "1", "--down-bandwidth-mbit", "0"], "downlink:"),
+        (["--bandwidth-mbit", "5", "--delay-ms", "1", "--down-bandwidth-mbit", "0"],
+         "argument --down-bandwidth-mbit: must be > 0"),
         (["--bandwidth-mbit", "5", "--delay-ms", "1", "--down-trace", "/nonexistent/d.csv"], "bad --down-trace"),
     ]
     for argv, message in cases:

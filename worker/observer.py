@@ -51,7 +51,7 @@ class Observer:
                                             join_timeout_s, observer=True, structure=self.layout.structure,
                                             trainable_params=self.layout.trainable)
             self.worker_id = reply.worker_id
-            pulled = self.session.pull(join_timeout_s)
+            pulled = self.session.first_pull(join_timeout_s)
             flat.copy_(pulled.values)
             self._show(frozen=True)
             self.replica = replica_for(self.session, flat, pulled)

@@ -24,6 +24,7 @@ round, so all workers hold identical buffers after every sync.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import socket
 import time
@@ -40,6 +41,7 @@ from wanps.rpc.auth import ClientSecurity
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.codec import Update
 from wanps.worker.binding import ModelBinding
+from wanps.worker.io_loop import Interrupted
 from wanps.worker.layout import (collect_module, collect_parameters, layout_of, trainable_part,
                                  with_buffers)
 from wanps.worker.metrics import WorkerMetrics
@@ -60,6 +62,8 @@ METADATA_KEYS = ("params", "param_names", "name", "initial_lr")
 DEFAULT_BUFFER_SYNC_EVERY = 16
 NOTHING_TO_TRAIN = ("the model has no trainable parameters (requires_grad=True) to train; "
                     "use wanps.worker.Observer to follow a cluster")
+# close() after interrupt(): how long the pushes in flight and the Leave may still take.
+STOP_GRACE_S = 2.0
 
 
 def model_fingerprint(params: Iterable[torch.Tensor]) -> bytes:
@@ -262,7 +266,9 @@ class Optimizer(torch.optim.Optimizer):
             self._join(name or socket.gethostname(), join_timeout_s)
             if controller:
                 self.session.follow_decisions()
-                if not self.session.wait_for_decision(decision_timeout_s):
+                decided = self.session.wait_for_decision(decision_timeout_s)
+                self.session.raise_if_interrupted()  # interrupt() wakes that wait too
+                if not decided:
                     log.warning("no decision from the controller within %.0f s; using tau %d delta %g",
                                 decision_timeout_s, tau, delta)
             else:
@@ -294,7 +300,7 @@ class Optimizer(torch.optim.Optimizer):
             log.info("buffer sync every %d rounds (the server's tau_max is %d)", self.buffer_sync_every, self.tau_max)
         if reply.must_seed:
             self.session.seed(self.replica)
-        pulled = self.session.pull(timeout)
+        pulled = self.session.first_pull(timeout)
         self.replica.copy_(pulled.values)
         self._binding.refresh_parameters(frozen=True)
         self._binding.load_buffers()
@@ -462,6 +468,9 @@ class Optimizer(torch.optim.Optimizer):
             self._binding.load_buffers()  # the mean of the workers' buffers, the same in every worker
 
     def _raise_failed_pushes(self) -> None:
+        """Also what every wait calls while idle (at least once a second): an interrupted
+        worker stops here."""
+        self.session.raise_if_interrupted()
         while self._in_flight and self._in_flight[0].done():
             self._in_flight.popleft().result()  # raises the server's refusal, if any
         for late in self.session.take_late_updates():
@@ -530,6 +539,14 @@ class Optimizer(torch.optim.Optimizer):
     def skip_rule(self) -> SkipRule | None:
         return self.rule.skip_rule
 
+    def interrupt(self) -> None:
+        """Stop waiting: whatever this worker waits for (joining, a round, a reconnect) is given
+        up and the waiting call (step(), wait_for_version(), close()) raises
+        `wanps.worker.Interrupted`; close() then only says goodbye (pushes in flight and a
+        Leave, STOP_GRACE_S each at most). Safe from any thread and from a signal handler:
+        `wanps worker` calls it on SIGTERM and SIGINT."""
+        self.session.interrupt()
+
     def close(self, timeout: float = 60.0) -> None:
         """Wait for pushes in flight, leave at a round boundary, and close the connections.
 
@@ -537,28 +554,66 @@ class Optimizer(torch.optim.Optimizer):
         model ends at y_T = x_T - mean(e_T) on the server and in this replica. A model with
         buffers syncs them once more in the same final round. Either way close() then waits
         for that round to be applied, so workers that close after the same round end with
-        identical state_dict()s (parameters and buffers)."""
+        identical state_dict()s (parameters and buffers). After interrupt() (or when it comes
+        during close), close() takes at most a few seconds: see `interrupt`."""
         if self.closed:
             return
         self._reattach()
         self.closed = True
         try:
-            deadline = time.monotonic() + timeout
-            try:
-                # A connection lost since the last step: re-send this worker's last pushes, so
-                # the others need not wait out its lease.
-                self._replica.catch_up(self.session.deltas, 0, on_idle=self._raise_failed_pushes)
-            except ConnectionLost:
-                self._recover(timeout_s=max(1.0, timeout / 2))
-            residual = self.rule.final_residual() if self.rule.config.error_feedback == "def" else None
-            if residual is not None or self.layout.has_buffers:
-                self._push_final_round(residual, deadline)
-            for future in self._in_flight:
-                future.result(max(0.0, deadline - time.monotonic()))
-            self._in_flight.clear()
-            self.session.leave()
+            if not self.session.interrupted:
+                try:
+                    self._close_in_step(timeout)
+                    return
+                except Interrupted:
+                    pass
+            self._close_stopping()
         finally:
             self.session.close()
+
+    def _close_stopping(self) -> None:
+        """close() of an interrupted worker: give the pushes in flight and a Leave a moment
+        (so the others need not wait out this worker's lease), then go."""
+        deadline = time.monotonic() + STOP_GRACE_S
+        for future in self._in_flight:
+            try:
+                future.result(max(0.0, deadline - time.monotonic()))
+            except BaseException:  # noqa: BLE001 - stopping: what is not done by now is given up
+                break
+        for future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+        if not self.session.lost:
+            try:
+                self.session.leave(timeout=STOP_GRACE_S, interruptible=False)
+            except Exception as exc:  # noqa: BLE001 - the server may be gone: nothing more to do
+                log.info("worker %s: no Leave on the way out (%s)", self.worker_id, exc)
+
+    def _close_in_step(self, timeout: float) -> None:
+        """close() of a worker nobody interrupted (see close)."""
+        deadline = time.monotonic() + timeout
+        try:
+            # A connection lost since the last step: re-send this worker's last pushes, so
+            # the others need not wait out its lease.
+            self._replica.catch_up(self.session.deltas, 0, on_idle=self._raise_failed_pushes)
+        except ConnectionLost:
+            self._recover(timeout_s=max(1.0, timeout / 2))
+        residual = self.rule.final_residual() if self.rule.config.error_feedback == "def" else None
+        if residual is not None or self.layout.has_buffers:
+            self._push_final_round(residual, deadline)
+        try:
+            for future in self._in_flight:
+                while not future.done():  # in slices: interrupt() must not wait out a stalled push
+                    self.session.raise_if_interrupted()
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"close(): pushes still in flight after {timeout:g} s")
+                    concurrent.futures.wait([future], timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+                future.result()  # raises the server's refusal, if any
+        finally:
+            for future in self._in_flight:
+                future.cancel()  # timed out: a push still running must not outlive close()
+            self._in_flight.clear()
+        self.session.leave()
 
     def _push_final_round(self, residual: Update | None, deadline: float) -> None:
         """One last round: DEF's residual flush and/or a buffer sync."""

@@ -9,7 +9,9 @@ order, each once the replica has reached the version it was computed at. Pushes 
 (worker, round), so a replay the server already has is acknowledged as a duplicate. A
 worker that is no longer a member (lease ran out, or the server resumed from a checkpoint
 taken before it joined) joins again, seeding the model if the server has none.
-Error-feedback state lives in the optimizer and is never touched by any of this.
+Error-feedback state lives in the optimizer; the one thing recovery hands it is the summed
+update of rounds the push log had dropped over its cap and the server lost: it goes back
+into the residual (as a late push's does), and those rounds are replayed empty.
 """
 from __future__ import annotations
 
@@ -80,6 +82,31 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# What gRPC's UNAVAILABLE details say, per cause a person can act on (checked in this order).
+_TLS_WORDS = ("tls handshake", "ssl", "certificate", "hostname verification")
+
+
+def connection_cause(exc: grpc.aio.AioRpcError, address: str) -> str:
+    """Why a call to `address` failed, in words that say what to check: nothing listening, a
+    name that does not resolve, TLS, the token, or no answer in time."""
+    code, details = exc.code(), exc.details() or ""
+    lowered = details.lower()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"the server at {address} refused the cluster token (check --token-file / WANPS_TOKEN)"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer from {address} in time"
+    if "connection refused" in lowered:
+        return f"connection refused: nothing listens at {address}"
+    if "resolving" in lowered or "dns" in lowered or "name not found" in lowered:
+        return f"cannot resolve the host of {address}"
+    if any(word in lowered for word in _TLS_WORDS):
+        return (f"TLS handshake with {address} failed (check --tls-ca, --tls-server-name and that the "
+                f"server serves TLS): {details}")
+    if "socket closed" in lowered:
+        return (f"{address} closed the connection (a TLS server dialled without TLS? use --tls-ca or --tls)")
+    return f"{code.name}: {details}"
+
+
 def recover(session: WorkerSession, replica: Replica, wait_for_version: Callable[[int], None], tau_max: int,
             next_round: int, timeout: float) -> Recovery:
     """Reconnect `session` and bring `replica` and the server back in step (see the module)."""
@@ -105,13 +132,21 @@ def recover(session: WorkerSession, replica: Replica, wait_for_version: Callable
              replica_was_at, ", pulled the model" if pulled else "")
     # Send again, in order, every push the server has neither applied nor holds.
     held = set(reply.held_rounds)
+    session.push_log.restart_at(reply.version)
+    lost = session.push_log.take_lost(reply.version, held)
+    if lost is not None:
+        # Rounds dropped from the log that the server lost: their mass goes out again through
+        # error feedback (the optimizer restores it at its next step), the rounds close empty.
+        session.late_updates.append(lost)
+        log.info("worker %d: the summed update of rounds the push log had dropped goes back into error feedback",
+                 session.worker_id)
     futures = []
     for round_ in range(max(reply.version, reply.first_round), next_round):
         if round_ in held:
             continue
         logged = session.push_log.get(round_)
         if logged is None:
-            # Not in the log (older than its cap): an empty update keeps the round closing.
+            # Not in the log (dropped over its cap; its mass went back above): an empty update keeps the round closing.
             wait_for_version(round_ - tau_max)
             empty = codec.Update(values=torch.empty(0), indices=torch.empty(0, dtype=torch.int32))
             logged = session.log_push(round_, replica.version, empty)
@@ -139,7 +174,7 @@ def _resume_with_backoff(session: WorkerSession, deadline: float) -> pb.ResumeRe
                 raise
             if time.monotonic() >= deadline:
                 raise ConnectionLost(f"server unreachable until the recovery deadline: {describe(exc)}") from exc
-            time.sleep(next(delays))
+            session.sleep(next(delays))  # cut short by interrupt() (a stopping worker)
 
 
 def _pull_into(session: WorkerSession, replica: Replica, timeout: float) -> PulledModel:

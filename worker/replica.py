@@ -15,6 +15,7 @@ import torch
 
 from wanps.proto import codec
 from wanps.proto.staging import DeviceStaging
+from wanps.worker.io_loop import Interrupted
 from wanps.worker.recovery import ConnectionLost
 from wanps.worker.session import ReceivedDelta, ReplicaDiverged
 
@@ -32,8 +33,8 @@ class Replica:
         self.on_apply: Callable[[ReceivedDelta], None] | None = None
 
     def apply(self, item: ReceivedDelta | BaseException) -> None:
-        if isinstance(item, ConnectionLost):
-            raise item  # the owner recovers (WorkerSession.recover) and waits again
+        if isinstance(item, (ConnectionLost, Interrupted)):
+            raise item  # lost: the owner recovers (WorkerSession.recover) and waits again; interrupted: it stops
         if isinstance(item, BaseException):
             raise RuntimeError("the update stream from the server failed") from item
         if item.version != self.version + 1:

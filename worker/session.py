@@ -36,17 +36,20 @@ from wanps.rpc.auth import ClientSecurity, aio_channel
 from wanps.rpc.options import DEFAULT_MAX_MESSAGE_BYTES
 from wanps.worker import recovery
 from wanps.worker.layout import ModelMismatch
-from wanps.worker.io_loop import IoLoop
+from wanps.worker.io_loop import Interrupted, IoLoop
 from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.push_log import LoggedPush, PushLog
 from wanps.worker.recovery import (FORGOTTEN_CODES, RECONNECT_CODES, RECONNECT_OPTIONS, ConnectionLost, Recovery,
-                                   backoff_delays, describe)
+                                   backoff_delays, connection_cause, describe)
 from wanps.worker.telemetry import PING_TIMEOUT_S, Telemetry
 
 if TYPE_CHECKING:
     from wanps.worker.replica import Replica
 
 log = logging.getLogger("wanps.worker")
+
+# While the first join or pull waits for an unreachable server: a line at most this often (and when the cause changes).
+WAIT_LOG_INTERVAL_S = 10.0
 
 
 class ReplicaDiverged(RuntimeError):
@@ -92,6 +95,8 @@ class WorkerSession:
         # The secret the server handed this member at Join: every call naming worker_id carries it.
         self.member_secret = b""
         self.num_params: int | None = None
+        # Single writer: only the I/O loop's thread adds to them (_count_sent, _count_received),
+        # so += needs no lock; any thread may read them.
         self.bytes_up = 0
         self.bytes_down = 0
         self._decisions: dict[int, Decision] = {}
@@ -114,6 +119,9 @@ class WorkerSession:
         # whole vector's size), sent with every Join; num_params is then the shard's range.
         self.shard_view: tuple[int, int, int] | None = None
         self._io = IoLoop(use_uvloop)
+        # Set by interrupt() (on the loop): wakes the training thread's sleeps and waits.
+        self._interrupt_event = threading.Event()
+        self._io.on_interrupt(self._wake_on_interrupt)
         self._security, self._max_message_bytes = security, max_message_bytes
         self._server_channel = self._io.call(lambda: self._make_channel(server, RECONNECT_OPTIONS))
         self._server = pb_grpc.ParameterServerStub(self._server_channel)
@@ -132,7 +140,7 @@ class WorkerSession:
 
     def join(self, num_params: int, fingerprint: bytes, name: str = "", observer: bool = False,
              timeout: float = 60.0, *, structure: Sequence[TensorSpec] = (),
-             trainable_params: int | None = None) -> pb.JoinReply:
+             trainable_params: int | None = None, wait_for_ready: bool = True) -> pb.JoinReply:
         """`num_params`: the replicated vector's size; `structure`: its tensors (so a refusal
         names the first that differs); `trainable_params`: the pushed prefix [0, T), the
         model size reported to the controller (DeCo's S_g); default num_params."""
@@ -141,9 +149,10 @@ class WorkerSession:
                                  structure=structures.to_messages(structure))
         if self.shard_view is not None:
             request.shard_index, request.shard_count, request.total_params = self.shard_view
-        reply = self._io.call(lambda: self._server.Join(request, wait_for_ready=True, timeout=timeout))
+        reply = self._io.call(lambda: self._server.Join(request, wait_for_ready=wait_for_ready, timeout=timeout))
         self.worker_id, self.member_secret, self.num_params = reply.worker_id, reply.member_secret, num_params
         self.trainable_params = num_params if trainable_params is None else trainable_params
+        self.push_log.trainable = self.trainable_params
         if self.metrics is not None:
             self.metrics.worker_id.set(reply.worker_id)
         self.incarnation = reply.incarnation
@@ -153,21 +162,58 @@ class WorkerSession:
 
     def first_join(self, num_params: int, fingerprint: bytes, name: str, timeout: float, *, observer: bool = False,
                    structure: Sequence[TensorSpec] = (), trainable_params: int | None = None) -> pb.JoinReply:
-        """`join` as a person's script meets it: a different model is `ModelMismatch`, a request
-        the server calls malformed (a name too long or with control characters) a ValueError, a
-        server that does not answer within `timeout` a ConnectionError naming the address."""
-        try:
-            return self.join(num_params, fingerprint, name, observer=observer, timeout=timeout, structure=structure,
-                             trainable_params=trainable_params)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # Join refuses only a different model so
-                raise ModelMismatch(f"the cluster refused this model: {exc.details()}") from exc
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ValueError(f"the server at {self.server_address} refused to join: {exc.details()}") from None
-            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-                raise ConnectionError(f"no wanps server answered at {self.server_address} within {timeout:g} s "
-                                      f"({exc.code().name}: {exc.details()})") from None
-            raise
+        """`join` as a person's script meets it. A server that cannot be reached is tried again
+        with backoff, with a line logged while waiting that names the cause (nothing listening,
+        TLS, a name that does not resolve); still unreachable after `timeout`: a ConnectionError
+        naming the address and the cause. A refused token is a ConnectionError at once (waiting
+        would not change it); a different model is `ModelMismatch`; a request the server calls
+        malformed (a name too long or with control characters) a ValueError."""
+        deadline = time.monotonic() + timeout
+        delays = backoff_delays()
+        waiting = _WaitingLine(f"waiting for the wanps server at {self.server_address}", deadline)
+        while True:
+            try:
+                return self.join(num_params, fingerprint, name, observer=observer,
+                                 timeout=max(0.1, deadline - time.monotonic()), structure=structure,
+                                 trainable_params=trainable_params, wait_for_ready=False)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # Join refuses only a different model so
+                    raise ModelMismatch(f"the cluster refused this model: {exc.details()}") from exc
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise ValueError(f"the server at {self.server_address} refused to join: {exc.details()}") from None
+                cause = connection_cause(exc, self.server_address)
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise ConnectionError(cause) from None
+                if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(f"no wanps server answered at {self.server_address} within {timeout:g} s: "
+                                          f"{cause}") from None
+                waiting.note(cause)
+                self.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+
+    def first_pull(self, timeout: float) -> PulledModel:
+        """The first pull after joining, as a person's script meets it. It waits for the cluster
+        to start (the server's --min-workers); a connection that breaks meanwhile (a link reset)
+        is tried again with backoff, as a later reconnect would be, within `timeout`."""
+        deadline = time.monotonic() + timeout
+        delays = backoff_delays()
+        waiting = _WaitingLine(f"the model pull from {self.server_address} broke", deadline)
+        while True:
+            try:
+                return self.pull(max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                raise TimeoutError(f"no model from {self.server_address} within {timeout:g} s: the cluster has "
+                                   "not started (fewer workers joined than the server's --min-workers?) or the "
+                                   "link is too slow for the model") from None
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(f"the model pull from {self.server_address} kept failing for "
+                                          f"{timeout:g} s: {connection_cause(exc, self.server_address)}") from None
+                waiting.note(connection_cause(exc, self.server_address))
+                self.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
 
     def probe(self, timeout: float) -> pb.PingReply:
         """One Ping, waiting up to `timeout` for the server: its version and which shard it is."""
@@ -197,11 +243,15 @@ class WorkerSession:
                                     values=array[offset : offset + CHUNK_ELEMENTS].tobytes(),
                                     member_secret=self.member_secret)
 
-        self._count_sent(4 * num_params)
-        return self._io.call(lambda: self._server.SeedModel(chunks()))
+        async def seed_model() -> pb.SeedModelReply:
+            self._count_sent(4 * num_params)  # on the loop: the counters' single writer
+            return await self._server.SeedModel(chunks())
+
+        return self._io.call(seed_model)
 
     def pull(self, timeout: float | None = None) -> PulledModel:
-        """The model at the server's current version; waits until the cluster has started."""
+        """The model at the server's current version; waits until the cluster has started.
+        A pull still running after `timeout` is cancelled (TimeoutError)."""
         return self._io.call(self._pull, timeout)
 
     async def _pull(self) -> PulledModel:
@@ -211,16 +261,20 @@ class WorkerSession:
         header: pb.ModelChunk | None = None
         filled = 0  # bytes
         request = pb.PullModelRequest(worker_id=self.worker_id, member_secret=self.member_secret)
-        async for chunk in self._server.PullModel(request, wait_for_ready=True):
-            if header is None:
-                header = chunk
-                values = torch.empty(chunk.num_params, dtype=torch.float32)
-                target = memoryview(values.numpy()).cast("B")
-            raw = chunk.values
-            if chunk.offset * 4 != filled or filled + len(raw) > len(target):
-                raise ReplicaDiverged(f"model chunk at offset {chunk.offset} out of order")
-            target[filled : filled + len(raw)] = raw
-            filled += len(raw)
+        call = self._server.PullModel(request, wait_for_ready=True)
+        try:
+            async for chunk in call:
+                if header is None:
+                    header = chunk
+                    values = torch.empty(chunk.num_params, dtype=torch.float32)
+                    target = memoryview(values.numpy()).cast("B")
+                raw = chunk.values
+                if chunk.offset * 4 != filled or filled + len(raw) > len(target):
+                    raise ReplicaDiverged(f"model chunk at offset {chunk.offset} out of order")
+                target[filled : filled + len(raw)] = raw
+                filled += len(raw)
+        finally:
+            call.cancel()  # a no-op once it ended; otherwise (cancelled, an error above) it must not go on
         if header is None or values is None or filled != len(target):
             raise ReplicaDiverged("model pull ended early")
         target.release()
@@ -230,13 +284,15 @@ class WorkerSession:
         return PulledModel(version=header.version, values=values, model_checksum=header.model_checksum,
                            rank=header.rank, world_size=header.world_size, first_round=header.first_round)
 
-    def leave(self, timeout: float = 30.0) -> int:
+    def leave(self, timeout: float = 30.0, *, interruptible: bool = True) -> int:
         """Leave at a round boundary. -1 when the server no longer knows this worker (or knows
-        its id as another member's: a server restarted without --resume)."""
+        its id as another member's: a server restarted without --resume).
+        `interruptible=False`: a stopping worker's last call (it still says goodbye)."""
         self._leaving = True
         try:
             request = pb.LeaveRequest(worker_id=self.worker_id, member_secret=self.member_secret)
-            reply = self._io.call(lambda: self._server.Leave(request, timeout=timeout))
+            reply = self._io.call(lambda: self._server.Leave(request, timeout=timeout), timeout + 1.0,
+                                  interruptible=interruptible)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in FORGOTTEN_CODES:
                 return -1
@@ -287,8 +343,9 @@ class WorkerSession:
         value_parts: list[bytes] = []
         started = 0.0
         first_chunk_bytes = 0
+        call = self._server.Updates(request, wait_for_ready=True)
         try:
-            async for chunk in self._server.Updates(request, wait_for_ready=True):
+            async for chunk in call:
                 if not index_parts and not value_parts:
                     # The worker cannot see when the server sent a delta (no shared clock), and
                     # the first chunk's arrival includes waiting for the round to close: only
@@ -323,6 +380,8 @@ class WorkerSession:
         except BaseException as exc:  # handed to the training thread, which raises it
             if not self._closed:
                 self.deltas.put(exc)
+        finally:
+            call.cancel()  # a no-op once it ended; after a bad delta it must not stream on
 
     def follow_decisions(self, report_samples: bool = True) -> None:
         """Follow the controller's decisions; workers also ping the server and report samples."""
@@ -340,9 +399,9 @@ class WorkerSession:
         assert self._controller is not None
         delays = backoff_delays()
         while not self._closed:
+            stream = self._controller.Decisions(pb.DecisionsRequest(worker_id=self.worker_id or 0),
+                                                wait_for_ready=True)
             try:
-                stream = self._controller.Decisions(pb.DecisionsRequest(worker_id=self.worker_id or 0),
-                                                    wait_for_ready=True)
                 async for message in stream:
                     delays = backoff_delays()
                     decision = decision_from_message(message)
@@ -353,6 +412,8 @@ class WorkerSession:
                 raise
             except (grpc.aio.AioRpcError, ValueError) as exc:
                 log.warning("controller stream lost (%s); keeping the last decision", exc)
+            finally:
+                stream.cancel()  # after a refused decision (ValueError) the stream would go on otherwise
             await asyncio.sleep(next(delays))
 
     async def _ping(self, padding: bytes, reply_bytes: int = 0) -> None:
@@ -413,11 +474,11 @@ class WorkerSession:
 
     def send(self, logged: LoggedPush) -> concurrent.futures.Future[pb.PushReply]:
         """Send a logged push on the current connection."""
-        self._count_sent(logged.nbytes)
         generation = self._generation
         return self._io.submit(lambda: self._push(logged, generation))
 
     async def _push(self, logged: LoggedPush, generation: int) -> pb.PushReply:
+        self._count_sent(logged.nbytes)  # on the loop: the counters' single writer
         started = time.monotonic()
         try:
             # Not wait_for_ready: a push must not wait out a server restart and then reach a
@@ -436,17 +497,19 @@ class WorkerSession:
         self.telemetry.push_acknowledged(logged.nbytes, started, acked, logged.round, elements)
         if self.metrics is not None:
             self.metrics.push_seconds.observe(seconds)
-        self.push_log.forget_below(reply.durable_version)
+        self.push_log.note_reply(reply.version, reply.durable_version, reply.snapshot_version)
         if reply.late and logged.update is not None:
             self.late_updates.append(logged.update)
         return reply
 
     def _count_sent(self, nbytes: int) -> None:
+        """On the I/O loop only (see bytes_up)."""
         self.bytes_up += nbytes
         if self.metrics is not None:
             self.metrics.sent_bytes.inc(nbytes)
 
     def _count_received(self, nbytes: int) -> None:
+        """On the I/O loop only (see bytes_up)."""
         self.bytes_down += nbytes
         if self.metrics is not None:
             self.metrics.received_bytes.inc(nbytes)
@@ -482,21 +545,70 @@ class WorkerSession:
         self._generation += 1
         self._lost = False
 
+    @property
+    def lost(self) -> bool:
+        """The connection is known lost (recover() has not run since)."""
+        return self._lost
+
+    # ------------------------------------------------------------------ stopping
+
+    def interrupt(self) -> None:
+        """Give up whatever the session waits for (joining, pulling, reconnecting, a round):
+        every blocking method raises `Interrupted` from now on. Safe from any thread and from a
+        signal handler."""
+        self._io.interrupt()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._io.interrupted
+
+    def raise_if_interrupted(self) -> None:
+        self._io.raise_if_interrupted()
+
+    def _wake_on_interrupt(self) -> None:
+        """On the loop, after interrupt(): wake the training thread wherever it waits."""
+        self._interrupt_event.set()
+        self._decision_event.set()
+        self.deltas.put(Interrupted("the worker is stopping"))
+
+    def sleep(self, seconds: float) -> None:
+        """time.sleep that interrupt() cuts short (with `Interrupted`)."""
+        self._interrupt_event.wait(seconds)
+        self.raise_if_interrupted()
+
     # ------------------------------------------------------------------ shutdown
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        stopping = self.interrupted
 
         async def shutdown() -> None:
-            await self.telemetry.report_remaining()
+            if not stopping:  # a stopping worker does not wait on a controller that may be gone
+                await self.telemetry.report_remaining()
             await self._io.cancel_tasks()
             await self._server_channel.close()
             if self._controller_channel is not None:
                 await self._controller_channel.close()
 
         try:
-            self._io.call(shutdown, timeout=10.0)
+            self._io.call(shutdown, timeout=10.0, interruptible=False)
         finally:
             self._io.stop()
+
+
+class _WaitingLine:
+    """The line a person sees while a first join or pull waits: at once, then at most every
+    WAIT_LOG_INTERVAL_S, and whenever the cause changes."""
+
+    def __init__(self, what: str, deadline: float) -> None:
+        self.what, self.deadline = what, deadline
+        self._logged_at: float | None = None
+        self._cause = ""
+
+    def note(self, cause: str) -> None:
+        now = time.monotonic()
+        if self._logged_at is None or cause != self._cause or now - self._logged_at >= WAIT_LOG_INTERVAL_S:
+            log.warning("%s: %s; trying again for up to %.0f s more", self.what, cause, max(0.0, self.deadline - now))
+            self._logged_at, self._cause = now, cause
