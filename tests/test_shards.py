@@ -30,6 +30,7 @@ from wanps.controller.estimator import KIND_PUSH
 from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
 from wanps.deploy.processes import ManagedProcess, start_process, stop_all, wanps_command
+from conftest import join_threads, wait_until
 from wanps.proto import structure as structures
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
@@ -42,7 +43,7 @@ from wanps.server.cli import parse_config as server_config
 from wanps.server.core import CoreConfig, ServerCore
 from wanps.server.service import RunningServer, ServerConfig, start_server
 from wanps.server.shard import ShardMismatch, ShardSpec, ShardView, check_view, parse_shard
-from wanps.worker import Optimizer
+from wanps.worker import Interrupted, Optimizer
 from wanps.worker.layout import ModelMismatch, collect_module, layout_of
 from wanps.worker.observer import Observer
 from wanps.worker.session import WorkerSession
@@ -710,3 +711,30 @@ def test_the_demo_runs_over_two_shards(tmp_path):
     assert result["bytes_up"] > 0 and result["bytes_down"] > 0
     assert sorted(path.name for path in (out / "logs").glob("server-*.log")) == ["server-0.log", "server-1.log"]
     assert "2 shards" in done.stdout
+
+
+def test_interrupt_stops_a_sharded_worker_waiting_for_its_first_pull(shards):
+    """interrupt() reaches every shard's session: a worker joined to two shards and waiting
+    for a cluster that never starts (min_workers 2) raises Interrupted at once."""
+    servers = shards(2, min_workers=2)
+    holder: list[Optimizer] = []
+    outcome: list[BaseException] = []
+
+    class Recording(Optimizer):
+        def __init__(self, *args, **kwargs) -> None:
+            holder.append(self)
+            super().__init__(*args, **kwargs)
+
+    def construct() -> None:
+        try:
+            Recording(nn.Linear(4, 2), server=addresses(servers), lr=0.1, join_timeout_s=600)
+        except BaseException as exc:  # noqa: BLE001 - what the test checks
+            outcome.append(exc)
+
+    thread = threading.Thread(target=construct)
+    thread.start()
+    wait_until(lambda: all(len(server.service.view.members) == 1 for server in servers),
+               "the worker joined to both shards")
+    holder[0].interrupt()
+    join_threads([thread], 30)
+    assert len(outcome) == 1 and isinstance(outcome[0], Interrupted), outcome

@@ -560,13 +560,17 @@ class ShardedSession:
         self._must_seed = [False] * len(self.shards)
         return next((reply for reply in replies if reply is not None), pb.SeedModelReply())
 
-    def pull(self, timeout: float | None = None) -> ShardedPull:
+    def first_pull(self, timeout: float) -> ShardedPull:
+        """The first pull of every shard, each retried as WorkerSession.first_pull retries it."""
+        return self.pull(timeout, first=True)
+
+    def pull(self, timeout: float | None = None, *, first: bool = False) -> ShardedPull:
         """Every shard's model, in parallel, into one vector on the host."""
         assert self.num_params is not None
         values = torch.empty(self.num_params, dtype=torch.float32)
 
         def pull_one(index: int, shard: WorkerSession) -> tuple[PulledModel, int]:
-            pulled = shard.pull(timeout)
+            pulled = shard.first_pull(timeout) if first else shard.pull(timeout)
             start, stop = self.ranges[index]
             values[start:stop].copy_(pulled.values)
             checksum = checksum_part(values[start:stop], start)
@@ -589,9 +593,27 @@ class ShardedSession:
         self.replica = ShardedReplica(values, self.ranges, pulled.versions)
         return self.replica
 
-    def leave(self, timeout: float = 30.0) -> int:
+    def leave(self, timeout: float = 30.0, *, interruptible: bool = True) -> int:
         """Leave every shard at a round boundary; the lead's last round (-1: it no longer knew us)."""
-        return self._each(lambda _, shard: shard.leave(timeout))[0]
+        return self._each(lambda _, shard: shard.leave(timeout, interruptible=interruptible))[0]
+
+    # ------------------------------------------------------------------ stopping (WorkerSession's, on every shard)
+
+    @property
+    def lost(self) -> bool:
+        return any(shard.lost for shard in self.shards)
+
+    def interrupt(self) -> None:
+        for shard in self.shards:
+            shard.interrupt()
+
+    @property
+    def interrupted(self) -> bool:
+        return any(shard.interrupted for shard in self.shards)
+
+    def raise_if_interrupted(self) -> None:
+        for shard in self.shards:
+            shard.raise_if_interrupted()
 
     # ------------------------------------------------------------------ background streams
 
