@@ -30,7 +30,8 @@ from wanps.controller.estimator import KIND_PUSH
 from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
 from wanps.deploy.processes import ManagedProcess, start_process, stop_all, wanps_command
-from conftest import join_threads, wait_until
+from conftest import join_threads
+from conftest import wait_until as wait_for
 from wanps.proto import structure as structures
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto import wanps_pb2_grpc as pb_grpc
@@ -733,8 +734,8 @@ def test_interrupt_stops_a_sharded_worker_waiting_for_its_first_pull(shards):
 
     thread = threading.Thread(target=construct)
     thread.start()
-    wait_until(lambda: all(len(server.service.view.members) == 1 for server in servers),
-               "the worker joined to both shards")
+    wait_for(lambda: all(len(server.service.view.members) == 1 for server in servers),
+             "the worker joined to both shards")
     holder[0].interrupt()
     join_threads([thread], 30)
     assert len(outcome) == 1 and isinstance(outcome[0], Interrupted), outcome
