@@ -47,6 +47,11 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
                              "docs/operations.md, 'Server memory').")
     parser.add_argument("--history-rounds", env="WANPS_HISTORY_ROUNDS", type=int, default=defaults.history_rounds,
                         help="The most closed rounds kept for followers, whatever their size.")
+    parser.add_argument("--max-compressed-followers", env="WANPS_MAX_COMPRESSED_FOLLOWERS", type=int,
+                        default=defaults.max_compressed_followers,
+                        help="Updates streams with their own downlink compression (a worker's --downlink-delta) "
+                             "held at once; each keeps a downlink residual of 4 bytes per parameter here "
+                             "(docs/operations.md, 'Server memory'). 0: refuse every one.")
     parser.add_argument("--max-payload-elements", env="WANPS_MAX_PAYLOAD_ELEMENTS", type=int,
                         default=limits.max_payload_elements,
                         help="Largest model (parameters) and push (elements) accepted.")
@@ -98,13 +103,15 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
     config = ServerConfig(
         **serve, tau_max=args.tau_max, min_workers=args.min_workers, checksum_every=checksum_every(args.checksum_every),
         torch_threads=args.torch_threads, core_threads=args.core_threads, history_rounds=args.history_rounds,
-        history_mb=args.history_mb,
+        history_mb=args.history_mb, max_compressed_followers=args.max_compressed_followers,
         limits=limits, lease_s=args.lease_s,
         round_deadline_s=args.round_deadline_s, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume_dir=args.resume, audit=args.audit,
         check_core_thread=args.check_core_thread,
         shard_index=shard.index, shard_count=shard.count,
     )
+    if config.max_compressed_followers < 0:
+        parser.error(f"--max-compressed-followers must be >= 0, got {config.max_compressed_followers}")
     if config.history_mb < 0 or config.history_rounds < 1:
         parser.error("--history-mb must be >= 0 and --history-rounds >= 1")
     if config.lease_s < 0 or config.round_deadline_s < 0 or config.checkpoint_every < 0:

@@ -19,6 +19,7 @@ from wanps.worker.error_feedback import VALUE_DTYPES
 from wanps.worker.compressors import COMPRESSORS
 from wanps.worker.layout import ModelMismatch
 from wanps.worker.optimizer import Optimizer
+from wanps.worker.session import check_downlink_delta
 from wanps.worker.shards import ShardOrderError, server_addresses
 from wanps.worker.skip_rule import SkipRule, alphas_from_spec
 from wanps.worker.update_rule import ERROR_FEEDBACK_MODES
@@ -86,6 +87,10 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--tau", env="WANPS_TAU", type=int, default=0, help="Staleness without a controller.")
     parser.add_argument("--delta", env="WANPS_DELTA", type=float, default=1.0,
                         help="Compression ratio without a controller.")
+    parser.add_argument("--downlink-delta", env="WANPS_DOWNLINK_DELTA", type=float, default=None, metavar="F",
+                        help="For a slow downlink: download only this fraction (0, 1] of elements per round, the "
+                             "rest kept on the server as this worker's downlink residual (default: every round's "
+                             "full delta).")
     parser.add_argument("--compressor", env="WANPS_COMPRESSOR", choices=sorted(COMPRESSORS), default="topk",
                         help="How sparse pushes pick elements (random-block: every worker needs the same --seed).")
     parser.add_argument("--error-feedback", env="WANPS_ERROR_FEEDBACK", choices=ERROR_FEEDBACK_MODES, default="ef",
@@ -126,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         servers = server_addresses(args.server)
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        check_downlink_delta(args.downlink_delta)
+    except ValueError:
+        parser.error(f"--downlink-delta must be a fraction of elements in (0, 1], got {args.downlink_delta}")
     setup_logging(args.log_level)
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     torch.set_num_threads(max(1, args.threads))
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed,
                         error_feedback=args.error_feedback, def_lambda=args.def_lambda, momentum=args.momentum,
                         skip_rule=skip_rule_from_flags(args.sasg_max_delay, args.sasg_alpha, args.lr),
-                        security=security, registry=registry)
+                        security=security, registry=registry, downlink_delta=args.downlink_delta)
     except (ShardOrderError, ModelMismatch, ConnectionError) as exc:  # the cluster is not what --server says
         print(f"wanps worker: {exc}", file=sys.stderr)
         return 2
