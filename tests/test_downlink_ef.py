@@ -21,9 +21,12 @@ from wanps.proto.codec import Update, apply_delta
 from wanps.server.downlink import DownlinkResidual, check_fraction, elements_per_round
 from wanps.server.service import ServerConfig, start_server
 from wanps.worker import Optimizer
+from wanps.worker.cli import main as worker_main
+from wanps.worker.replica import Replica
+from wanps.worker.session import WorkerSession
 from wanps.worker.tasks import get_task
 from tests.test_shards import start_shards
-from tests.wire import RawClient
+from tests.wire import FINGERPRINT, RawClient
 
 def wait_until(condition, what: str, timeout: float = 30.0) -> None:
     """Wait for a condition the server reaches on its own threads (bounded; not a fixed sleep)."""
@@ -311,3 +314,67 @@ def test_over_two_shards_each_shard_keeps_its_ranges_residual(loop_thread):
     assert torch.equal(finals["slow"], mirrored)
     assert not torch.equal(finals["slow"], whole), "the downlink compressed nothing"
     assert all(server.service.core_thread_violations == [] for server in servers)
+
+
+@pytest.mark.timeout(120)
+def test_recovery_pulls_a_compressed_member_even_when_it_is_only_behind(make_cluster):
+    """A plain member behind the same server process catches up through the stream; a
+    compressed one must pull: its residual went with its old stream, and a new stream's
+    residual starts from the model. Driven round by round: member A pushes by hand, member B
+    is a WorkerSession whose replica the test advances."""
+    cluster = make_cluster(min_workers=2, tau_max=4, policy=None)
+    service = cluster.server.service
+    client = RawClient(cluster.server_address)
+    session = WorkerSession(cluster.server_address, downlink_delta=0.25)
+    generator = torch.Generator().manual_seed(3)
+    try:
+        a = client.join().worker_id
+        b = session.join(16, FINGERPRINT).worker_id
+        client.secrets[b] = session.member_secret  # so the test can push as B while its session is down
+        client.seed(a, torch.randn(16, generator=generator))
+        pulled = session.pull(timeout=10)
+        replica = Replica(pulled.values.clone(), pulled.version)
+        session.follow_updates(replica.version)
+
+        def close_round(round_: int, computed_at: int) -> None:
+            for worker_id in (a, b):
+                indices = torch.randperm(16, generator=generator)[:8].sort().values.tolist()
+                client.push(worker_id, round_, indices, torch.randn(8, generator=generator).tolist(), computed_at)
+
+        for round_ in range(5):
+            close_round(round_, replica.version)
+            replica.catch_up(session.deltas, round_ + 1, deadline=time.monotonic() + 10)
+        (mirror,) = service.downlink_mirrors().values()
+        assert torch.equal(replica.values, mirror)
+        assert not torch.equal(mirror, cluster.core.model), "nothing is pending: the test would prove nothing"
+        # B's stream breaks at version 5; the cluster closes three more rounds meanwhile.
+        session._mark_lost(ConnectionError("test: B's stream broke"))
+        for round_ in range(5, 8):
+            close_round(round_, 5)
+        assert cluster.core.version == 8 and replica.version == 5
+        recovery = session.recover(replica, lambda v: None, tau_max=4, next_round=8, timeout=30)
+        # The same server process, ahead of the replica: a plain member would follow on; B pulls.
+        assert not recovery.rejoined and recovery.pulled
+        assert replica.version == 8 and torch.equal(replica.values, cluster.core.model)
+        for round_ in range(8, 11):  # its new stream's rounds, each checked by its follower checksum
+            close_round(round_, replica.version)
+            replica.catch_up(session.deltas, round_ + 1, deadline=time.monotonic() + 10)
+        wait_until(lambda: len(service.downlink_mirrors()) == 1, "the old stream's residual to go")
+        (mirror,) = service.downlink_mirrors().values()
+        assert torch.equal(replica.values, mirror)
+    finally:
+        session.close()
+        client.close()
+
+
+@pytest.mark.parametrize("fraction", [0.0, *BAD_FRACTIONS])
+def test_a_worker_refuses_a_bad_downlink_fraction_before_it_joins(fraction, capsys):
+    model = get_task("synthetic").build_model(0)
+    # No server at this address: the refusal comes before any connection.
+    with pytest.raises(ValueError, match=r"downlink_delta must be a fraction of elements in \(0, 1\]"):
+        Optimizer(model, server="127.0.0.1:1", downlink_delta=fraction)
+    with pytest.raises(SystemExit) as exited:
+        worker_main(["--server", "127.0.0.1:1", f"--downlink-delta={fraction}"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("wanps worker: error: --downlink-delta must be a fraction of elements in (0, 1]")
