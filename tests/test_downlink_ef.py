@@ -378,3 +378,38 @@ def test_a_worker_refuses_a_bad_downlink_fraction_before_it_joins(fraction, caps
     assert exited.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("wanps worker: error: --downlink-delta must be a fraction of elements in (0, 1]")
+
+
+def test_rounds_that_close_together_reach_a_compressed_follower_as_one_step(make_cluster):
+    """Two rounds closed by one push: the compressed stream gets the first empty and the
+    second with the top-k of the whole residual, checked by the follower checksum."""
+    cluster = make_cluster(min_workers=2, tau_max=4, policy=None)
+    service = cluster.server.service
+    client = RawClient(cluster.server_address)
+    try:
+        a, b = client.join().worker_id, client.join().worker_id
+        observer = client.join(observer=True).worker_id
+        client.seed(a, torch.arange(16, dtype=torch.float32))
+        _, replica = client.pull(observer)
+        stream = client.stub.Updates(pb.UpdatesRequest(worker_id=observer, from_version=0, downlink_delta=0.25,
+                                                       member_secret=client.secret(observer)), timeout=30)
+        client.push(a, 0, [0, 1, 2], [0.5, 0.25, 1.0])
+        client.push(a, 1, [3, 4, 5], [2.0, -1.0, 0.125], computed_at=0)
+        client.push(b, 1, [6, 7], [4.0, 8.0], computed_at=0)
+        wait_until(lambda: len(service.downlink_mirrors()) == 1, "the compressed stream to open")
+        client.push(b, 0, [8], [16.0])  # closes rounds 0 and 1 in one core call
+        assert cluster.core.version == 2
+        first, second = next(stream), next(stream)
+        assert (first.round, first.version, first.total_count, first.last) == (0, 1, 0, True)
+        assert (second.round, second.version, second.total_count, second.last) == (1, 2, 4, True)
+        indices = torch.frombuffer(bytearray(second.indices), dtype=torch.int32)
+        values = torch.frombuffer(bytearray(second.values), dtype=torch.float32)
+        # The four largest of both rounds' means (each / 2 workers): 16/2, 8/2, 4/2, 2/2.
+        assert indices.tolist() == [3, 6, 7, 8] and values.tolist() == [1.0, 2.0, 4.0, 8.0]
+        apply_delta(replica, Update(values=values, indices=indices))
+        assert second.has_follower_checksum and second.follower_checksum == model_checksum(replica)
+        (mirror,) = service.downlink_mirrors().values()
+        assert torch.equal(replica, mirror)
+        stream.cancel()
+    finally:
+        client.close()
