@@ -208,17 +208,19 @@ class PushReply(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., late: _Optional[bool] = ..., durable_version: _Optional[int] = ..., snapshot_version: _Optional[int] = ...) -> None: ...
 
 class UpdatesRequest(_message.Message):
-    __slots__ = ("worker_id", "from_version", "member_secret")
+    __slots__ = ("worker_id", "from_version", "member_secret", "downlink_delta")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_DELTA_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     from_version: int
     member_secret: bytes
-    def __init__(self, worker_id: _Optional[int] = ..., from_version: _Optional[int] = ..., member_secret: _Optional[bytes] = ...) -> None: ...
+    downlink_delta: float
+    def __init__(self, worker_id: _Optional[int] = ..., from_version: _Optional[int] = ..., member_secret: _Optional[bytes] = ..., downlink_delta: _Optional[float] = ...) -> None: ...
 
 class DeltaChunk(_message.Message):
-    __slots__ = ("round", "version", "total_count", "indices", "values", "last", "has_model_checksum", "model_checksum", "pushed", "skipped", "dense")
+    __slots__ = ("round", "version", "total_count", "indices", "values", "last", "has_model_checksum", "model_checksum", "pushed", "skipped", "dense", "has_follower_checksum", "follower_checksum")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +232,8 @@ class DeltaChunk(_message.Message):
     PUSHED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
+    HAS_FOLLOWER_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWER_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     round: int
     version: int
     total_count: int
@@ -241,7 +245,9 @@ class DeltaChunk(_message.Message):
     pushed: int
     skipped: int
     dense: bool
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_checksum: _Optional[bool] = ..., model_checksum: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ...) -> None: ...
+    has_follower_checksum: bool
+    follower_checksum: int
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_checksum: _Optional[bool] = ..., model_checksum: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ..., has_follower_checksum: _Optional[bool] = ..., follower_checksum: _Optional[int] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("worker_id", "sent_unix_ns", "padding", "member_secret", "reply_bytes")

@@ -49,6 +49,11 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
     parser.add_argument("--history-rounds", env="WANPS_HISTORY_ROUNDS", type=int_at_least(1),
                         default=defaults.history_rounds,
                         help="The most closed rounds kept for followers, whatever their size.")
+    parser.add_argument("--max-compressed-followers", env="WANPS_MAX_COMPRESSED_FOLLOWERS", type=int_at_least(0),
+                        default=defaults.max_compressed_followers,
+                        help="Updates streams with their own downlink compression (a worker's --downlink-delta) "
+                             "held at once; each keeps a downlink residual of 4 bytes per parameter here "
+                             "(docs/operations.md, 'Server memory'). 0: refuse every one.")
     parser.add_argument("--max-payload-elements", env="WANPS_MAX_PAYLOAD_ELEMENTS", type=int_at_least(1),
                         default=limits.max_payload_elements,
                         help="Largest model (parameters) and push (elements) accepted.")
@@ -100,7 +105,7 @@ def parse_config(argv: list[str] | None) -> ServerConfig:
             **serve, tau_max=args.tau_max, min_workers=args.min_workers,
             checksum_every=checksum_every(args.checksum_every), torch_threads=args.torch_threads,
             core_threads=args.core_threads, history_rounds=args.history_rounds, history_mb=args.history_mb,
-            limits=limits, lease_s=args.lease_s, round_deadline_s=args.round_deadline_s,
+            max_compressed_followers=args.max_compressed_followers, limits=limits, lease_s=args.lease_s, round_deadline_s=args.round_deadline_s,
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume_dir=args.resume,
             audit=args.audit, check_core_thread=args.check_core_thread,
             shard_index=shard.index, shard_count=shard.count,

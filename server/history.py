@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import OrderedDict
+import dataclasses
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 
 from wanps.proto import codec
@@ -52,6 +53,17 @@ def encode_round(closed: ClosedRound) -> tuple[pb.DeltaChunk, ...]:
         last.has_model_checksum = True
         last.model_checksum = closed.model_checksum
     return tuple(chunks)
+
+
+def encode_follower_round(closed: ClosedRound, delta: codec.Update, follower_checksum: int | None
+                          ) -> tuple[pb.DeltaChunk, ...]:
+    """A closed round as one compressed follower receives it (server/downlink.py): its own
+    delta, and on the last chunk the checksum its replica must have (not the model's)."""
+    chunks = encode_round(dataclasses.replace(closed, delta=delta, model_checksum=None))
+    if follower_checksum is not None:
+        chunks[-1].has_follower_checksum = True
+        chunks[-1].follower_checksum = follower_checksum
+    return chunks
 
 
 def payload_bytes(chunks: tuple[pb.DeltaChunk, ...]) -> int:
@@ -119,13 +131,15 @@ class RoundHistory:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def follow(self, from_round: int, pin: bool = False) -> AsyncIterator[pb.DeltaChunk]:
-        """Every round's chunks from `from_round` on, as they are published. `pin`: keep the
-        rounds this stream has yet to send beyond the byte budget (for member workers)."""
+    async def follow(self, from_round: int, pin: bool = False, until: int | None = None
+                     ) -> AsyncIterator[pb.DeltaChunk]:
+        """Every round's chunks from `from_round` on (before `until`, if given), as they are
+        published. `pin`: keep the rounds this stream has yet to send beyond the byte budget
+        (for member workers)."""
         follower = next(self._follower_ids)
         next_round = from_round
         try:
-            while not self.closed:
+            while not self.closed and (until is None or next_round < until):
                 if pin:
                     self._pins[follower] = next_round
                 entry = self._rounds.get(next_round)
@@ -143,3 +157,45 @@ class RoundHistory:
                 await self._changed.wait()
         finally:
             self._pins.pop(follower, None)
+
+
+class FollowerRounds:
+    """One compressed follower's own encoded rounds (server/downlink.py), in publication order,
+    for its `Updates` stream. At most `keep` wait: a follower further behind has fallen out of
+    its stream, like one out of the history, and pulls the model again."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = max(1, keep)
+        self._rounds: deque[tuple[pb.DeltaChunk, ...]] = deque()
+        self._changed = asyncio.Event()
+        self.failure: Exception | None = None
+        self.closed = False
+
+    def publish(self, round_: int, chunks: tuple[pb.DeltaChunk, ...]) -> None:
+        if self.failure is not None:
+            return
+        if len(self._rounds) >= self._keep:
+            self._rounds.clear()
+            self.failure = FailedPrecondition(
+                f"round {round_}: this compressed follower is more than {self._keep} rounds behind; "
+                "pull the model again")
+        else:
+            self._rounds.append(chunks)
+        self._changed.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._changed.set()
+
+    async def follow(self) -> AsyncIterator[pb.DeltaChunk]:
+        while True:
+            if self.failure is not None:
+                raise self.failure
+            if self._rounds:
+                for chunk in self._rounds.popleft():
+                    yield chunk
+                continue
+            if self.closed:
+                return
+            self._changed.clear()
+            await self._changed.wait()

@@ -86,6 +86,22 @@ class ServerMetrics:
         self.checkpoint_version = Gauge(
             "wanps_server_checkpoint_version", "Model version of the last checkpoint written.", registry=registry
         )
+        # Per-follower downlink compression (server/downlink.py, UpdatesRequest.downlink_delta).
+        self.compressed_followers = Gauge(
+            "wanps_server_compressed_followers",
+            "Updates streams with their own downlink compression (bounded by --max-compressed-followers).",
+            registry=registry,
+        )
+        self.downlink_residual_bytes = Gauge(
+            "wanps_server_downlink_residual_bytes",
+            "Memory held for compressed followers' downlink residuals: 4 bytes per parameter each.",
+            registry=registry,
+        )
+        self.compressed_downlink_bytes = Counter(
+            "wanps_server_compressed_downlink_bytes",
+            "Tensor payload bytes of compressed followers' own rounds (also counted in sent_bytes).",
+            registry=registry,
+        )
         # Which key-range shard this server is (0 of 1: the single server); every other series is this shard's.
         self.shard_index = Gauge("wanps_server_shard_index", "This server's shard index (--shard I/N: I).",
                                  registry=registry)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import secrets
 import threading
@@ -42,7 +43,9 @@ from wanps.rpc.limits import Limits, StreamLimiter, TokenBucket
 from wanps.rpc.member_secrets import member_secret_digest, new_member_secret
 from wanps.rpc.status import REFUSALS, mapped_errors, status_for
 from wanps.server.core import ClosedRound, CoreConfig, CoreView, PushResult, ServerCore
-from wanps.server.history import DEFAULT_HISTORY_MB, RoundHistory, encode_round
+from wanps.server.downlink import DownlinkResidual, check_fraction
+from wanps.server.history import (DEFAULT_HISTORY_MB, FollowerRounds, RoundHistory, encode_follower_round,
+                                  encode_round)
 from wanps.server.memory import release_free_memory
 from wanps.server.metrics import ServerMetrics
 from wanps.server import shard as shards
@@ -97,6 +100,10 @@ class ServerConfig(ServeConfig):
     # `shard_count`; 0 of 1 is the single server.
     shard_index: int = 0
     shard_count: int = 1
+    # Updates streams with their own downlink compression (UpdatesRequest.downlink_delta,
+    # server/downlink.py) held at once; each costs 4 bytes per parameter on the server (its
+    # downlink residual) and O(d) core-thread work per round. Above it: RESOURCE_EXHAUSTED.
+    max_compressed_followers: int = 4
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(tau_max=self.tau_max, min_workers=self.min_workers, checksum_every=self.checksum_every,
@@ -140,7 +147,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def __init__(self, core: ServerCore, metrics: ServerMetrics, history_rounds: int,
                  limits: Limits | None = None, *, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  sweep_interval_s: float = 1.0, history_mb: float | None = None,
-                 check_core_thread: bool = False, core_threads: int = 1) -> None:
+                 check_core_thread: bool = False, core_threads: int = 1, max_compressed_followers: int = 4) -> None:
         if core_threads not in (1, 2):
             raise ValueError(f"core_threads must be 1 or 2, got {core_threads}")
         self.core = core
@@ -152,6 +159,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.view: CoreView = core.view()  # replaced (never changed) by the core thread after each call
         budget = None if history_mb is None else int(history_mb * 2**20)
         self.history = RoundHistory(history_rounds, budget, pin_rounds=core.config.tau_max + 1)
+        self._history_rounds = history_rounds  # also the most rounds a compressed follower may lag
         # A resumed core starts at its checkpoint's version: older rounds are not in the history.
         self.history.published_through = core.version - 1
         self._core_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanps-core")
@@ -177,6 +185,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self._sweeper: asyncio.Task | None = None
         self._serving = False  # start_background ran: a final checkpoint is due at close
         self._closing = False
+        # Compressed followers (server/downlink.py): stream id -> its residual, touched on the
+        # core thread only, and its queue of encoded rounds, touched on the event loop only.
+        self.max_compressed_followers = max_compressed_followers
+        self._downlinks: dict[int, DownlinkResidual] = {}
+        self._downlink_rounds: dict[int, FollowerRounds] = {}  # may hold a stream the core refused, briefly
+        self._downlink_ids = itertools.count(1)
         # Which process a worker's replica was synced with (see ResumeReply.incarnation).
         self.incarnation = secrets.randbits(63) or 1
         self._refresh_events()
@@ -274,6 +288,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.history.close()
+        for rounds in self._downlink_rounds.values():
+            rounds.close()
 
     def close(self) -> None:
         """After the gRPC server stopped (or failed to start): write the final checkpoint of a
@@ -505,14 +521,63 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if self.checkpoints is not None:
             self.checkpoints.after_close(closed)
         encoded = [(c, encode_round(c)) for c in closed]
+        followers = self._encode_for_compressed_followers(closed)
         assert self._loop is not None
         # Two hops: the acknowledgement of the push that closed the round goes out before the
         # round's delta. Otherwise a worker's push time includes downloading the delta, and
         # the controller reads half the link's bandwidth (measured by `wanps bench estimate`).
         # Publications stay in order: each hop is FIFO.
-        self._loop.call_soon_threadsafe(self._loop.call_soon, self._after_close, encoded)
+        self._loop.call_soon_threadsafe(self._loop.call_soon, self._after_close, encoded, followers)
 
-    def _after_close(self, encoded: list[tuple[ClosedRound, tuple[pb.DeltaChunk, ...]]]) -> None:
+    def _encode_for_compressed_followers(self, closed: tuple[ClosedRound, ...]
+                                         ) -> dict[int, list[tuple[int, tuple[pb.DeltaChunk, ...]]]]:
+        """On the core thread, after the rounds were applied: each compressed follower's own
+        rounds. The model is at the last round's version, so that round carries the follower's
+        top-k of its residual and the earlier ones of the batch (several rounds close in one
+        call only when pushes ran ahead) carry nothing: their deltas stay in the residual."""
+        if not self._downlinks:
+            return {}
+        model = self._core.model
+        last = closed[-1]
+        empty = codec.Update(values=torch.empty(0), indices=torch.empty(0, dtype=torch.int32))
+        encoded: dict[int, list[tuple[int, tuple[pb.DeltaChunk, ...]]]] = {}
+        for stream_id, residual in self._downlinks.items():
+            rounds = [(c.round, encode_follower_round(c, empty, None)) for c in closed[:-1]]
+            update = residual.step(model)
+            checksum = residual.checksum() if last.model_checksum is not None else None
+            rounds.append((last.round, encode_follower_round(last, update, checksum)))
+            encoded[stream_id] = rounds
+        return encoded
+
+    def _open_downlink(self, stream_id: int, fraction: float) -> int:
+        """On the core thread: a compressed follower's residual, zero (its replica is the model
+        at the core's version now). Returns that version."""
+        if len(self._downlinks) >= self.max_compressed_followers:
+            raise ResourceExhausted(f"this server already holds {len(self._downlinks)} compressed downlinks, its "
+                                    f"limit (--max-compressed-followers {self.max_compressed_followers}; each "
+                                    "costs 4 bytes per parameter)")
+        model = self._core.model
+        if model is None:
+            raise FailedPrecondition("the model is not seeded yet: pull it before asking for a compressed downlink")
+        self._downlinks[stream_id] = DownlinkResidual(model, fraction)
+        return self._core.version
+
+    def downlink_mirrors(self) -> dict[int, torch.Tensor]:
+        """For tests and tools, from any thread but the event loop (it waits for the core
+        thread): a copy of each compressed follower's replica as the server mirrors it."""
+        return self._core_thread.submit(lambda: {i: r.mirror.clone() for i, r in self._downlinks.items()}).result()
+
+    def _close_downlink(self, stream_id: int) -> None:
+        """On the core thread: the stream ended; its residual goes (a new stream pulls first)."""
+        self._downlinks.pop(stream_id, None)
+
+    def _after_close(self, encoded: list[tuple[ClosedRound, tuple[pb.DeltaChunk, ...]]],
+                     followers: dict[int, list[tuple[int, tuple[pb.DeltaChunk, ...]]]]) -> None:
+        for stream_id, rounds in followers.items():
+            queue = self._downlink_rounds.get(stream_id)
+            if queue is not None:
+                for round_, chunks in rounds:
+                    queue.publish(round_, chunks)
         now = time.monotonic()
         for closed, chunks in encoded:
             self.history.publish(closed.round, chunks)
@@ -538,11 +603,50 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 )
             member = request.worker_id in view.members  # a worker's stream pins what it has yet to send
             with self._streams.open(request.worker_id, "Updates"):
+                if request.downlink_delta:
+                    await self._follow_compressed(request, member, context)
+                    return
                 async for chunk in self.history.follow(request.from_version, pin=member):
                     self.metrics.sent_bytes.inc(len(chunk.indices) + len(chunk.values))
                     await write_message(context, chunk)
         return
         yield  # noqa: an async generator for gRPC and the interceptors; the chunks go out by write_message
+
+    async def _follow_compressed(self, request: pb.UpdatesRequest, member: bool, context) -> None:
+        """A compressed follower's stream (server/downlink.py): the shared history's rounds up to
+        the version its residual starts from (its replica reaches the model there exactly), then
+        its own rounds, encoded on the core thread as they close."""
+        fraction = request.downlink_delta
+        try:
+            check_fraction(fraction)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        # The queue is in place before the core thread knows the stream: a round that closes
+        # right after the residual is made finds it; the `finally` drops both, however it ends.
+        stream_id = next(self._downlink_ids)
+        rounds = self._downlink_rounds[stream_id] = FollowerRounds(self._history_rounds)
+        try:
+            start_version = await self._on_core(lambda: self._open_downlink(stream_id, fraction))
+            self._report_downlinks()
+            async for chunk in self.history.follow(request.from_version, pin=member, until=start_version):
+                self.metrics.sent_bytes.inc(len(chunk.indices) + len(chunk.values))
+                await write_message(context, chunk)
+            async for chunk in rounds.follow():
+                nbytes = len(chunk.indices) + len(chunk.values)
+                self.metrics.sent_bytes.inc(nbytes)
+                self.metrics.compressed_downlink_bytes.inc(nbytes)
+                await write_message(context, chunk)
+        finally:
+            self._downlink_rounds.pop(stream_id, None)
+            self._report_downlinks()
+            try:  # not awaited: a cancelled stream's handler ends now; the core thread drops the residual next
+                self._core_thread.submit(lambda: self._close_downlink(stream_id))
+            except RuntimeError:  # shutting down: the residuals go with the process
+                pass
+
+    def _report_downlinks(self) -> None:
+        self.metrics.compressed_followers.set(len(self._downlink_rounds))
+        self.metrics.downlink_residual_bytes.set(len(self._downlink_rounds) * 4 * (self.view.num_params or 0))
 
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
         # Padding lets workers probe bandwidth (the request's: the uplink; the reply's, of
@@ -679,7 +783,8 @@ async def start_server(config: ServerConfig, registry: CollectorRegistry | None 
                                      checkpoint_every=config.checkpoint_every,
                                      sweep_interval_s=config.sweep_interval_s(), history_mb=config.history_mb,
                                      check_core_thread=config.check_core_thread,
-                                     core_threads=config.core_threads)
+                                     core_threads=config.core_threads,
+                                     max_compressed_followers=config.max_compressed_followers)
     running = await start_grpc_service(
         service, pb_grpc.add_ParameterServerServicer_to_server, pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
         config, registry)

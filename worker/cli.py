@@ -28,6 +28,7 @@ from wanps.worker.compressors import COMPRESSORS
 from wanps.worker.layout import ModelMismatch
 from wanps.worker.io_loop import Interrupted
 from wanps.worker.optimizer import Optimizer
+from wanps.worker.session import check_downlink_delta
 from wanps.worker.shards import ShardOrderError, server_addresses
 from wanps.worker.skip_rule import SkipRule, alphas_from_spec
 from wanps.worker.update_rule import ERROR_FEEDBACK_MODES
@@ -137,6 +138,10 @@ def build_parser() -> EnvDefaultsParser:
                         help="Staleness without a controller.")
     parser.add_argument("--delta", env="WANPS_DELTA", type=fraction, default=1.0,
                         help="Compression ratio without a controller, in (0, 1].")
+    parser.add_argument("--downlink-delta", env="WANPS_DOWNLINK_DELTA", type=fraction, default=None, metavar="F",
+                        help="For a slow downlink: download only this fraction (0, 1] of elements per round, the "
+                             "rest kept on the server as this worker's downlink residual (default: every round's "
+                             "full delta).")
     parser.add_argument("--compressor", env="WANPS_COMPRESSOR", choices=sorted(COMPRESSORS), default="topk",
                         help="How sparse pushes pick elements (random-block: every worker needs the same --seed).")
     parser.add_argument("--error-feedback", env="WANPS_ERROR_FEEDBACK", choices=ERROR_FEEDBACK_MODES, default="ef",
@@ -181,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         skip_rule = skip_rule_from_flags(args.sasg_max_delay, args.sasg_alpha, args.lr)
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        check_downlink_delta(args.downlink_delta)
+    except ValueError:
+        parser.error(f"--downlink-delta must be a fraction of elements in (0, 1], got {args.downlink_delta}")
     setup_logging(args.log_level)
     torch.set_num_threads(args.threads)
     stop = SignalStop()
@@ -207,7 +216,8 @@ def train(args: argparse.Namespace, parser: EnvDefaultsParser, task: Any, skip_r
                         tau=args.tau, delta=args.delta, name=args.name or None, use_uvloop=not args.no_uvloop,
                         compressor=args.compressor, value_dtype=args.value_dtype, compressor_seed=args.seed,
                         error_feedback=args.error_feedback, def_lambda=args.def_lambda, momentum=args.momentum,
-                        skip_rule=skip_rule, security=security, registry=registry)
+                        skip_rule=skip_rule, security=security, registry=registry,
+                        downlink_delta=args.downlink_delta)
     except (ShardOrderError, ModelMismatch, ConnectionError) as exc:  # the cluster is not what --server says
         print(f"wanps worker: {exc}", file=sys.stderr)
         return 2

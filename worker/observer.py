@@ -27,12 +27,13 @@ class Observer:
     def __init__(self, model: nn.Module | Iterable[torch.Tensor], server: str | Sequence[str], *,
                  controller: str | None = None, name: str | None = None, keep_deltas: bool = False,
                  join_timeout_s: float = 600.0, use_uvloop: bool = True, security: ClientSecurity | None = None,
-                 recover_timeout_s: float = 600.0) -> None:
+                 recover_timeout_s: float = 600.0, downlink_delta: float | None = None) -> None:
         """`model`: the module (follows every parameter and persistent buffer, as
         `Optimizer(model)` replicates them) or parameters (only those, as `Optimizer(params)`).
         A cluster of workers that passed parameters of a model without buffers can be followed
         with the module too: unnamed tensors match any name. `server`: one address, or every
-        shard's in shard order ("A,B,C" or a list), as for the Optimizer."""
+        shard's in shard order ("A,B,C" or a list), as for the Optimizer. `downlink_delta`: the
+        Optimizer's (a compressed downlink; the replica is then the model minus a residual)."""
         self.model = model
         self.recover_timeout_s = recover_timeout_s  # poll() gives up reconnecting after this
         if isinstance(model, nn.Module):
@@ -44,7 +45,8 @@ class Observer:
         flat = self._binding.flat
         self.fingerprint = self.layout.fingerprint()
         # With a controller, the observer also follows decisions (to show tau and delta), reporting nothing.
-        self.session = open_session(server, controller, use_uvloop=use_uvloop, security=security)
+        self.session = open_session(server, controller, use_uvloop=use_uvloop, security=security,
+                                    downlink_delta=downlink_delta)
         try:
             name = name or f"observer@{socket.gethostname()}"[:MAX_NAME_CHARS]
             reply = self.session.first_join(flat.numel(), self.fingerprint, name,

@@ -46,7 +46,7 @@ from wanps.worker.layout import (collect_module, collect_parameters, layout_of, 
                                  with_buffers)
 from wanps.worker.metrics import WorkerMetrics
 from wanps.worker.recovery import ConnectionLost
-from wanps.worker.session import ReceivedDelta
+from wanps.worker.session import ReceivedDelta, check_downlink_delta
 from wanps.worker.shards import open_session, replica_for
 from wanps.worker.skip_rule import SkipRule, step_squared_norm
 from wanps.worker.update_rule import UpdateConfig, UpdateRule
@@ -158,6 +158,7 @@ class Optimizer(torch.optim.Optimizer):
         registry: CollectorRegistry | None = None,
         param_groups: Iterable[dict] | None = None,
         buffer_sync_every: int = DEFAULT_BUFFER_SYNC_EVERY,
+        downlink_delta: float | None = None,
     ) -> None:
         """`params`: the model (an nn.Module: every parameter and persistent buffer is
         replicated; parameters with requires_grad=False are frozen: seeded, never pushed), or,
@@ -203,6 +204,12 @@ class Optimizer(torch.optim.Optimizer):
         8 bytes per buffer element per worker (index + float32 value, only elements that
         differ), every B rounds; a model without buffers never syncs.
 
+        `downlink_delta`: for a slow downlink, the fraction in (0, 1] of elements this worker
+        downloads per round: the top of what its replica lacks, the rest kept on the server as
+        this worker's downlink residual (bidirectional error feedback, server/downlink.py), so
+        its replica is the server's model minus that residual. None (default): every round's
+        full aggregated delta (the replica bit-identical to the server's model).
+
         `registry`: a prometheus_client CollectorRegistry to count this worker's pushes, bytes,
         tau, delta and staleness on (docs/metrics.md); None (default) counts nothing.
 
@@ -217,6 +224,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if buffer_sync_every < 1:
             raise ValueError(f"buffer_sync_every must be >= 1, got {buffer_sync_every}")
+        check_downlink_delta(downlink_delta)
         module = params if isinstance(params, nn.Module) else None
         if module is not None:
             if not any(p.requires_grad for p in module.parameters()):
@@ -261,7 +269,8 @@ class Optimizer(torch.optim.Optimizer):
         self._final_round: int | None = None
         self.metrics = WorkerMetrics(registry) if registry is not None else None
         # `security`: token and TLS to dial with (ClientSecurity.from_env() reads the WANPS_TOKEN* / WANPS_TLS* variables).
-        self.session = open_session(server, controller, use_uvloop=use_uvloop, security=security, metrics=self.metrics)
+        self.session = open_session(server, controller, use_uvloop=use_uvloop, security=security, metrics=self.metrics,
+                                    downlink_delta=downlink_delta)
         try:
             self._join(name or socket.gethostname(), join_timeout_s)
             if controller:
@@ -534,6 +543,11 @@ class Optimizer(torch.optim.Optimizer):
     @property
     def bytes_down(self) -> int:
         return self.session.bytes_down
+
+    @property
+    def delta_bytes(self) -> int:
+        """Of bytes_down: the rounds' deltas alone (what a compressed downlink makes smaller)."""
+        return self.session.delta_bytes
 
     @property
     def skip_rule(self) -> SkipRule | None:

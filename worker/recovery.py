@@ -123,7 +123,10 @@ def recover(session: WorkerSession, replica: Replica, wait_for_version: Callable
     # The same server process and a replica behind it: the update stream catches it up
     # (or fails with FAILED_PRECONDITION when it fell out of the history, and we pull then).
     pulled = False
-    if not in_step and not (same_process and replica.version < reply.version):
+    # A compressed downlink's replica is the model minus a residual the server dropped with
+    # the broken stream (server/downlink.py): only a pull puts it back in step.
+    compressed = bool(session.downlink_delta)
+    if compressed or (not in_step and not (same_process and replica.version < reply.version)):
         _pull_into(session, replica, PULL_TIMEOUT_S)
         pulled = True
     session.incarnation = reply.incarnation

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -52,6 +53,15 @@ log = logging.getLogger("wanps.worker")
 WAIT_LOG_INTERVAL_S = 10.0
 
 
+def check_downlink_delta(downlink_delta: float | None) -> None:
+    """None (off) or a fraction of elements in (0, 1]; a ValueError naming the option otherwise."""
+    if downlink_delta is None:
+        return
+    if not (isinstance(downlink_delta, (int, float)) and math.isfinite(downlink_delta) and 0 < downlink_delta <= 1):
+        raise ValueError(f"downlink_delta must be a fraction of elements in (0, 1] (or None: off), "
+                         f"got {downlink_delta!r}")
+
+
 class ReplicaDiverged(RuntimeError):
     """The replica's checksum differs from the server's at the same version."""
 
@@ -86,7 +96,15 @@ class WorkerSession:
         use_uvloop: bool = True,
         security: ClientSecurity | None = None,
         metrics: WorkerMetrics | None = None,
+        downlink_delta: float | None = None,
     ) -> None:
+        """`downlink_delta`: ask the server for this follower's own downlink compression
+        (UpdatesRequest.downlink_delta, server/downlink.py): each round the top fraction of what
+        the replica lacks, the rest kept on the server. The replica is then the server's model
+        minus that residual, checked by the server's follower checksum; recovery always pulls.
+        None: the full aggregated delta of every round (replicas bit-identical to the model)."""
+        check_downlink_delta(downlink_delta)
+        self.downlink_delta = downlink_delta
         self.server_address = server
         self.metrics = metrics  # None: count nothing (library users who do not scrape)
         self.controller_address = controller
@@ -99,6 +117,7 @@ class WorkerSession:
         # so += needs no lock; any thread may read them.
         self.bytes_up = 0
         self.bytes_down = 0
+        self.delta_bytes = 0  # of bytes_down: the rounds' deltas (not pulls or probes)
         self._decisions: dict[int, Decision] = {}
         self._decision_event = threading.Event()
         self._decisions_lock = threading.Lock()
@@ -337,7 +356,7 @@ class WorkerSession:
 
     async def _follow_updates(self, from_version: int) -> None:
         request = pb.UpdatesRequest(worker_id=self.worker_id, from_version=from_version,
-                                    member_secret=self.member_secret)
+                                    member_secret=self.member_secret, downlink_delta=self.downlink_delta or 0.0)
         generation = self._generation
         index_parts: list[bytes] = []
         value_parts: list[bytes] = []
@@ -362,10 +381,15 @@ class WorkerSession:
                 delta = codec.decode_delta(index_raw, value_raw, chunk.total_count, self.num_params, chunk.dense)
                 nbytes = len(index_raw) + len(value_raw)
                 self._count_received(nbytes)
+                self.delta_bytes += nbytes
                 self.telemetry.delta_received(nbytes, nbytes - first_chunk_bytes, started, time.monotonic(),
                                               chunk.round)
-                self.deltas.put(ReceivedDelta(chunk.round, chunk.version, delta,
-                                              chunk.model_checksum if chunk.has_model_checksum else None, nbytes,
+                # A compressed follower's replica is checked against its own checksum (the model's
+                # minus its downlink residual), never the model's.
+                checksum = (chunk.follower_checksum if chunk.has_follower_checksum
+                            else chunk.model_checksum if chunk.has_model_checksum and not self.downlink_delta
+                            else None)
+                self.deltas.put(ReceivedDelta(chunk.round, chunk.version, delta, checksum, nbytes,
                                               chunk.pushed + chunk.skipped))
             # The server ended the stream: it is shutting down.
             self._mark_lost(ConnectionError("the server ended the update stream"), generation)

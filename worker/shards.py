@@ -92,15 +92,16 @@ def server_addresses(server: str | Sequence[str]) -> list[str]:
 
 def open_session(server: str | Sequence[str], controller: str | None = None, *,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, use_uvloop: bool = True,
-                 security: ClientSecurity | None = None, metrics: WorkerMetrics | None = None
-                 ) -> WorkerSession | ShardedSession:
-    """The session for one server (a `WorkerSession`, as ever) or for N shards."""
+                 security: ClientSecurity | None = None, metrics: WorkerMetrics | None = None,
+                 downlink_delta: float | None = None) -> WorkerSession | ShardedSession:
+    """The session for one server (a `WorkerSession`, as ever) or for N shards. `downlink_delta`
+    (WorkerSession's) goes to every shard's stream: each shard keeps its own range's residual."""
     addresses = server_addresses(server)
     if len(addresses) == 1:
         return WorkerSession(addresses[0], controller, max_message_bytes=max_message_bytes, use_uvloop=use_uvloop,
-                             security=security, metrics=metrics)
+                             security=security, metrics=metrics, downlink_delta=downlink_delta)
     return ShardedSession(addresses, controller, max_message_bytes=max_message_bytes, use_uvloop=use_uvloop,
-                          security=security, metrics=metrics)
+                          security=security, metrics=metrics, downlink_delta=downlink_delta)
 
 
 def replica_for(session: WorkerSession | ShardedSession, values: torch.Tensor, pulled: PulledModel
@@ -411,8 +412,10 @@ class ShardedSession:
 
     def __init__(self, servers: Sequence[str], controller: str | None = None, *,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, use_uvloop: bool = True,
-                 security: ClientSecurity | None = None, metrics: WorkerMetrics | None = None) -> None:
+                 security: ClientSecurity | None = None, metrics: WorkerMetrics | None = None,
+                 downlink_delta: float | None = None) -> None:
         self.addresses = list(servers)
+        self.downlink_delta = downlink_delta
         self.server_address = ",".join(self.addresses)
         self.controller_address = controller
         self.metrics = metrics
@@ -424,7 +427,8 @@ class ShardedSession:
                 # Only the lead (shard 0) talks to the controller: one worker, one identity.
                 self.shards.append(WorkerSession(address, controller if index == 0 else None,
                                                  max_message_bytes=max_message_bytes, use_uvloop=use_uvloop,
-                                                 security=security, metrics=shard_metrics))
+                                                 security=security, metrics=shard_metrics,
+                                                 downlink_delta=downlink_delta))
         except BaseException:
             for shard in self.shards:
                 shard.close()
@@ -460,6 +464,10 @@ class ShardedSession:
     @property
     def bytes_down(self) -> int:
         return sum(shard.bytes_down for shard in self.shards)
+
+    @property
+    def delta_bytes(self) -> int:
+        return sum(shard.delta_bytes for shard in self.shards)
 
     @property
     def recoveries(self) -> int:
