@@ -377,7 +377,7 @@ def test_a_worker_refuses_a_bad_downlink_fraction_before_it_joins(fraction, caps
         worker_main(["--server", "127.0.0.1:1", f"--downlink-delta={fraction}"])
     assert exited.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("wanps worker: error: --downlink-delta must be a fraction of elements in (0, 1]")
+    assert error == f"wanps worker: error: argument --downlink-delta: must be in (0, 1], got {fraction}"
 
 
 def test_rounds_that_close_together_reach_a_compressed_follower_as_one_step(make_cluster):

@@ -28,7 +28,6 @@ from wanps.worker.compressors import COMPRESSORS
 from wanps.worker.layout import ModelMismatch
 from wanps.worker.io_loop import Interrupted
 from wanps.worker.optimizer import Optimizer
-from wanps.worker.session import check_downlink_delta
 from wanps.worker.shards import ShardOrderError, server_addresses
 from wanps.worker.skip_rule import SkipRule, alphas_from_spec
 from wanps.worker.update_rule import ERROR_FEEDBACK_MODES
@@ -186,10 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         skip_rule = skip_rule_from_flags(args.sasg_max_delay, args.sasg_alpha, args.lr)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        check_downlink_delta(args.downlink_delta)
-    except ValueError:
-        parser.error(f"--downlink-delta must be a fraction of elements in (0, 1], got {args.downlink_delta}")
     setup_logging(args.log_level)
     torch.set_num_threads(args.threads)
     stop = SignalStop()
