@@ -35,7 +35,7 @@ CHUNK = 64 * 1024
 SCENARIO_TIMEOUT_S = 120.0
 
 
-class _Sink:
+class Sink:
     """A TCP server that reads and discards, timestamping each read; `done` once `expected` bytes came."""
 
     def __init__(self, expected: int = 0) -> None:
@@ -67,7 +67,7 @@ class _Sink:
         await self.server.wait_closed()
 
 
-async def _push(port: int, total: int, stop: Callable[[], bool] = lambda: False) -> int:
+async def push_bytes(port: int, total: int, stop: Callable[[], bool] = lambda: False) -> int:
     _, writer = await asyncio.open_connection(LOCALHOST, port)
     chunk = os.urandom(CHUNK)
     sent = 0
@@ -108,11 +108,11 @@ def _window_mbit(reads: list[tuple[float, int]], epoch: float, start: float, end
 async def goodput(bandwidth_mbit: float, seconds: float, connections: int) -> dict[str, Any]:
     total = int(bandwidth_mbit * 1e6 / 8 * seconds)
     per_connection = total // connections
-    sink = _Sink(per_connection * connections)
+    sink = Sink(per_connection * connections)
     emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, await sink.start(), LinkTrace.fixed(bandwidth_mbit, 2))
     port = await emulator.start()
     try:
-        await asyncio.gather(*(_push(port, per_connection) for _ in range(connections)))
+        await asyncio.gather(*(push_bytes(port, per_connection) for _ in range(connections)))
         await sink.done.wait()
         measured = _goodput_mbit(sink.reads)
     finally:
@@ -166,11 +166,11 @@ async def round_trip(delay_ms: float, pings: int) -> dict[str, Any]:
 async def bandwidth_step() -> list[dict[str, Any]]:
     trace = LinkTrace([TracePoint(0, 40, 2), TracePoint(1.0, 10, 2)], loop=False)
     end_s = 2.0
-    sink = _Sink()
+    sink = Sink()
     emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, await sink.start(), trace)
     port = await emulator.start()
     try:
-        sender = asyncio.create_task(_push(port, 50_000_000, stop=lambda: emulator.trace_time() > end_s))
+        sender = asyncio.create_task(push_bytes(port, 50_000_000, stop=lambda: emulator.trace_time() > end_s))
         for _ in range(int(end_s / 0.05) + 100):  # polls the trace clock, bounded
             if emulator.trace_time() >= end_s:
                 break

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import pytest
 
+from wanps.bench.linkem import Sink, push_bytes
 from wanps.linkem.cli import main
 from wanps.linkem.proxy import TIMER_SLACK_S, LinkEmulator
 from wanps.linkem.shaper import DEFAULT_QUEUE_MS, SEGMENT_BYTES
@@ -140,38 +141,6 @@ def test_shipped_wan_varying_trace() -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-class Sink:
-    """A TCP server that reads and discards, recording (monotonic time, bytes) per read."""
-
-    def __init__(self) -> None:
-        self.reads: list[tuple[float, int]] = []
-        self.total = 0
-        self.got_bytes = asyncio.Event()
-        self.expected = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, LOCALHOST, 0)
-        return self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(CHUNK):
-                self.reads.append((time.monotonic(), len(data)))
-                self.total += len(data)
-                if self.expected and self.total >= self.expected:
-                    self.got_bytes.set()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-
 async def start_echo_server(
     on_connect: Callable[[int], str] = lambda n: "echo",
 ) -> tuple[asyncio.Server, int]:
@@ -214,23 +183,6 @@ async def echo_through_link(trace: LinkTrace, on_connect: Callable[[int], str] =
         await emulator.close()
         server.close()
         await server.wait_closed()
-
-
-async def push(port: int, total: int, stop: Callable[[], bool] = lambda: False) -> int:
-    """Send `total` bytes (or until `stop()`) to `port`, then half-close. Returns bytes sent."""
-    _, writer = await asyncio.open_connection(LOCALHOST, port)
-    chunk = os.urandom(CHUNK)
-    sent = 0
-    try:
-        while sent < total and not stop():
-            piece = chunk[: total - sent]
-            writer.write(piece)
-            await writer.drain()
-            sent += len(piece)
-        writer.write_eof()
-    except ConnectionError:
-        pass
-    return sent
 
 
 def most_bytes_by(trace: LinkTrace, t: float) -> float:
@@ -277,9 +229,9 @@ def test_throughput_never_exceeds_the_fixed_bandwidth_and_every_byte_is_charged_
         emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, sink_port, trace)
         port = await emulator.start()
         try:
-            sent = await push(port, total)
+            sent = await push_bytes(port, total)
             assert sent == total
-            await sink.got_bytes.wait()
+            await sink.done.wait()
             return list(sink.reads), emulator.epoch, emulator
         finally:
             await emulator.close()
@@ -307,9 +259,9 @@ def test_connections_share_one_link() -> None:
         emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, sink_port, trace)
         port = await emulator.start()
         try:
-            sent = await asyncio.gather(push(port, per_connection), push(port, per_connection))
+            sent = await asyncio.gather(push_bytes(port, per_connection), push_bytes(port, per_connection))
             assert sent == [per_connection, per_connection]
-            await sink.got_bytes.wait()
+            await sink.done.wait()
             return list(sink.reads), emulator.epoch, emulator
         finally:
             await emulator.close()
@@ -365,8 +317,8 @@ def test_bandwidth_step_mid_transfer_is_followed() -> None:
         emulator = LinkEmulator(LOCALHOST, 0, LOCALHOST, sink_port, trace)
         port = await emulator.start()
         try:
-            sender = asyncio.create_task(push(port, 50_000_000, stop=sink.got_bytes.is_set))
-            await sink.got_bytes.wait()
+            sender = asyncio.create_task(push_bytes(port, 50_000_000, stop=sink.done.is_set))
+            await sink.done.wait()
             sender.cancel()
             # One synchronous read of the counters (no await in between): bytes admitted onto
             # the link are those forwarded plus those still queued.
