@@ -22,7 +22,18 @@ def fake_wanps(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script = bin_dir / "wanps"
-    script.write_text(f'#!/bin/sh\necho "$* | server=${{WANPS_SERVER:-}} shard=${{WANPS_SHARD:-}}" >> {tmp_path}/calls.log\n')
+    # A stand-in worker lives until FAKE_WORKER_WAITS_FOR calls are logged (10 s at most), as a
+    # real one outlives its proxies' start: they die with it (PR_SET_PDEATHSIG in the script).
+    script.write_text(f"""#!/bin/sh
+echo "$* | server=${{WANPS_SERVER:-}} shard=${{WANPS_SHARD:-}}" >> {tmp_path}/calls.log
+if [ "$1" = worker ] && [ -n "${{FAKE_WORKER_WAITS_FOR:-}}" ]; then
+    i=0
+    while [ "$(wc -l < {tmp_path}/calls.log)" -lt "$FAKE_WORKER_WAITS_FOR" ] && [ "$i" -lt 200 ]; do
+        sleep 0.05
+        i=$((i + 1))
+    done
+fi
+""")
     script.chmod(0o755)
     return tmp_path
 
@@ -63,7 +74,7 @@ def test_a_worker_without_shard_settings_keeps_its_server(fake_wanps) -> None:
 
 def test_each_shard_gets_its_own_emulated_link(fake_wanps) -> None:
     env = {"WANPS_SHARDS": "2", "WANPS_SHARD_ADDRESS": "wanps-server-{}.wanps-server:50051",
-           "WANPS_WAN_TRACE": "/opt/wanps/traces/wan-varying.csv"}
+           "WANPS_WAN_TRACE": "/opt/wanps/traces/wan-varying.csv", "FAKE_WORKER_WAITS_FOR": "3"}
     result = run_script("compose-worker.sh", fake_wanps, env)
     assert result.returncode == 0, result.stderr
     trace = "--trace /opt/wanps/traces/wan-varying.csv"
