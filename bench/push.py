@@ -32,6 +32,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -143,10 +144,15 @@ async def _start_echo_server(max_message_bytes: int) -> tuple[grpc.aio.Server, i
 
 
 def _client_process(conn: Connection, spec: ClientSpec) -> None:
-    """Entry point of a spawned client process; reports any failure over the pipe."""
+    """Entry point of a spawned client process."""
+    _run_reporting_failures(conn, lambda: _client_main(conn, spec))
+
+
+def _run_reporting_failures(conn: Connection, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a client process's main coroutine; any failure goes to the parent over the pipe."""
     warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable")
     try:
-        run_async(_client_main(conn, spec))
+        run_async(main())
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -306,13 +312,7 @@ class ShardClientSpec:
 
 
 def _shard_client_process(conn: Connection, spec: ShardClientSpec) -> None:
-    warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable")
-    try:
-        run_async(_shard_client_main(conn, spec))
-    except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
+    _run_reporting_failures(conn, lambda: _shard_client_main(conn, spec))
 
 
 def _split_by_shard(update: codec.Update, targets: tuple[ShardTarget, ...]) -> list[codec.Update]:
