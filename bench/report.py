@@ -28,22 +28,28 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def copy_bandwidth(num_floats: int = 64 * 2**20, repeats: int = 5) -> float:
-    """GB/s of a float32 copy on one thread (bytes read + bytes written), best of `repeats`."""
+def _best_seconds_on_one_thread(run, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `run` with torch on one thread (after one
+    untimed call that touches the pages)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        src = torch.ones(num_floats)
-        dst = torch.empty(num_floats)
-        dst.copy_(src)  # touch the pages first
+        run()
         best = float("inf")
         for _ in range(repeats):
             started = time.perf_counter()
-            dst.copy_(src)
+            run()
             best = min(best, time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)
-    return 2 * 4 * num_floats / best / 1e9
+    return best
+
+
+def copy_bandwidth(num_floats: int = 64 * 2**20, repeats: int = 5) -> float:
+    """GB/s of a float32 copy on one thread (bytes read + bytes written), best of `repeats`."""
+    src = torch.ones(num_floats)
+    dst = torch.empty(num_floats)
+    return 2 * 4 * num_floats / _best_seconds_on_one_thread(lambda: dst.copy_(src), repeats) / 1e9
 
 
 SORT_RATE_ELEMENTS = 800_000
@@ -53,19 +59,8 @@ def sort_milliseconds(elements: int = SORT_RATE_ELEMENTS, repeats: int = 5) -> f
     """ms of `torch.sort` of `elements` random int64 on one thread, best of `repeats`: with
     `copy_bandwidth`, how fast this machine is at the server's work, so figures from two
     machines can be read against each other (800K: a round of 8 pushes of 100K pairs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        keys = torch.randint(0, 1 << 30, (elements,), generator=torch.Generator().manual_seed(0))
-        torch.sort(keys)
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            torch.sort(keys)
-            best = min(best, time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(threads)
-    return best * 1e3
+    keys = torch.randint(0, 1 << 30, (elements,), generator=torch.Generator().manual_seed(0))
+    return _best_seconds_on_one_thread(lambda: torch.sort(keys), repeats) * 1e3
 
 
 def machine_rates() -> dict[str, float]:

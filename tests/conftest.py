@@ -55,6 +55,36 @@ def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 60
         time.sleep(poll_s)
 
 
+class OptimizerInThread:
+    """An Optimizer built on a thread of its own: its constructor joins and pulls, which may
+    wait. `optimizer` is set as soon as construction begins, so a test can interrupt() it
+    while it waits; `errors` holds what construction raised; `join()` waits (bounded)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from wanps.worker import Optimizer
+
+        self.optimizer: Any = None
+        self.errors: list[BaseException] = []
+        holder = self
+
+        class Recording(Optimizer):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                holder.optimizer = self
+                super().__init__(*args, **kwargs)
+
+        def construct() -> None:
+            try:
+                Recording(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - what the test checks
+                self.errors.append(exc)
+
+        self.thread = threading.Thread(target=construct, name="optimizer-in-thread")
+        self.thread.start()
+
+    def join(self, timeout_s: float) -> None:
+        join_threads([self.thread], timeout_s)
+
+
 class LoopThread:
     """An event loop on its own thread, to host gRPC services next to blocking test code."""
 

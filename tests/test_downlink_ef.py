@@ -15,6 +15,7 @@ import grpc
 import pytest
 import torch
 
+from conftest import wait_until
 from wanps.proto import wanps_pb2 as pb
 from wanps.proto.checksum import model_checksum
 from wanps.proto.codec import Update, apply_delta
@@ -28,12 +29,15 @@ from wanps.worker.tasks import get_task
 from tests.test_shards import start_shards
 from tests.wire import FINGERPRINT, RawClient
 
-def wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    """Wait for a condition the server reaches on its own threads (bounded; not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+def train_rounds(opt: Optimizer, model: torch.nn.Module, task, seed: int, rounds: int) -> None:
+    """Train `model` through `opt` until its round `rounds`, then wait for that version."""
+    batches = task.batches(opt.rank, opt.world_size, 32, seed)
+    while opt.round < rounds:
+        x, y = next(batches)
+        opt.zero_grad()
+        task.loss(model, x, y).backward()
+        opt.step()
+    opt.wait_for_version(rounds, timeout_s=60)
 
 
 BAD_FRACTIONS = (-0.1, 1.5, math.nan, math.inf, -math.inf)
@@ -130,13 +134,7 @@ def test_a_compressed_follower_downloads_less_trains_and_resyncs_to_the_model(ma
                             name=name, downlink_delta=downlink_delta)
             try:
                 initial_accuracy = task.accuracy(model)
-                batches = task.batches(opt.rank, opt.world_size, 32, seed)
-                while opt.round < rounds:
-                    x, y = next(batches)
-                    opt.zero_grad()
-                    task.loss(model, x, y).backward()
-                    opt.step()
-                opt.wait_for_version(rounds, timeout_s=60)
+                train_rounds(opt, model, task, seed, rounds)
                 finals[name] = dict(version=opt.version, replica=opt.replica.clone(), delta_bytes=opt.delta_bytes,
                                     accuracy=task.accuracy(model), initial_accuracy=initial_accuracy)
                 trained.wait()
@@ -277,13 +275,7 @@ def test_over_two_shards_each_shard_keeps_its_ranges_residual(loop_thread):
             opt = Optimizer(model.parameters(), server=address, lr=0.2, tau=1, delta=0.1, name=name,
                             downlink_delta=downlink_delta)
             try:
-                batches = task.batches(opt.rank, opt.world_size, 32, seed)
-                while opt.round < rounds:
-                    x, y = next(batches)
-                    opt.zero_grad()
-                    task.loss(model, x, y).backward()
-                    opt.step()
-                opt.wait_for_version(rounds, timeout_s=60)
+                train_rounds(opt, model, task, seed, rounds)
                 finals[name] = opt.replica.clone()
                 trained.wait()
                 checked.wait()

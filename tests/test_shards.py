@@ -30,7 +30,7 @@ from wanps.controller.estimator import KIND_PUSH
 from wanps.controller.policy import PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
 from wanps.deploy.processes import ManagedProcess, start_process, stop_all, wanps_command
-from conftest import join_threads
+from conftest import OptimizerInThread
 from conftest import wait_until as wait_for
 from wanps.proto import structure as structures
 from wanps.proto import wanps_pb2 as pb
@@ -718,24 +718,9 @@ def test_interrupt_stops_a_sharded_worker_waiting_for_its_first_pull(shards):
     """interrupt() reaches every shard's session: a worker joined to two shards and waiting
     for a cluster that never starts (min_workers 2) raises Interrupted at once."""
     servers = shards(2, min_workers=2)
-    holder: list[Optimizer] = []
-    outcome: list[BaseException] = []
-
-    class Recording(Optimizer):
-        def __init__(self, *args, **kwargs) -> None:
-            holder.append(self)
-            super().__init__(*args, **kwargs)
-
-    def construct() -> None:
-        try:
-            Recording(nn.Linear(4, 2), server=addresses(servers), lr=0.1, join_timeout_s=600)
-        except BaseException as exc:  # noqa: BLE001 - what the test checks
-            outcome.append(exc)
-
-    thread = threading.Thread(target=construct)
-    thread.start()
+    building = OptimizerInThread(nn.Linear(4, 2), server=addresses(servers), lr=0.1, join_timeout_s=600)
     wait_for(lambda: all(len(server.service.view.members) == 1 for server in servers),
              "the worker joined to both shards")
-    holder[0].interrupt()
-    join_threads([thread], 30)
-    assert len(outcome) == 1 and isinstance(outcome[0], Interrupted), outcome
+    building.optimizer.interrupt()
+    building.join(30)
+    assert len(building.errors) == 1 and isinstance(building.errors[0], Interrupted), building.errors

@@ -19,6 +19,7 @@ from wanps.linkem.proxy import LinkEmulator
 from wanps.linkem.trace import LinkTrace
 from wanps.proto import codec
 from wanps.rpc.auth import ClientSecurity, ServerSecurity
+from conftest import OptimizerInThread
 from wanps.worker import Interrupted, Optimizer
 from wanps.worker.optimizer import model_fingerprint
 from wanps.worker.session import ReceivedDelta, WorkerSession
@@ -118,27 +119,12 @@ def test_bytes_up_and_down_are_counted_on_the_io_thread_only(make_cluster):
 
 def test_interrupt_stops_a_worker_waiting_for_a_cluster_that_never_starts(make_cluster):
     cluster = make_cluster(min_workers=2, policy=None)
-    holder: list[Optimizer] = []
-    outcome: list[BaseException] = []
-
-    class Recording(Optimizer):
-        def __init__(self, *args, **kwargs) -> None:
-            holder.append(self)
-            super().__init__(*args, **kwargs)
-
-    def construct() -> None:
-        try:
-            Recording(nn.Linear(4, 2), server=cluster.server_address, lr=0.1, join_timeout_s=600)
-        except BaseException as exc:  # noqa: BLE001 - what the test checks
-            outcome.append(exc)
-
-    thread = threading.Thread(target=construct)
-    thread.start()
+    building = OptimizerInThread(nn.Linear(4, 2), server=cluster.server_address, lr=0.1, join_timeout_s=600)
     wait_until(lambda: started(cluster.server_registry, "PullModel") >= 1, 30, "the first pull waiting")
-    holder[0].interrupt()
-    thread.join(10)  # a generous bound: interrupt() cancels the waiting pull at once
-    assert not thread.is_alive(), "interrupt() did not stop the waiting pull"
-    assert len(outcome) == 1 and isinstance(outcome[0], Interrupted)
+    building.optimizer.interrupt()
+    building.thread.join(10)  # a generous bound: interrupt() cancels the waiting pull at once
+    assert not building.thread.is_alive(), "interrupt() did not stop the waiting pull"
+    assert len(building.errors) == 1 and isinstance(building.errors[0], Interrupted)
 
 
 def test_interrupt_stops_a_worker_reconnecting_to_a_server_that_is_gone(make_cluster, loop_thread):
