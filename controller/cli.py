@@ -68,13 +68,21 @@ def parse_config(argv: list[str] | None) -> ControllerConfig:
                         help="DeCo's round time: ps = the parameter server's (upload and download of a round in "
                              "series, each direction estimated apart); paper = Theorem 3 as published (one "
                              "transfer per round).")
+    parser.add_argument("--link-share", env="WANPS_LINK_SHARE", type=fraction, default=policy.link_share,
+                        help="Share of each estimated bandwidth DeCo plans a round's transfers on, in (0, 1] "
+                             "(headroom: a queue that forms can drain; 1: the link filled exactly).")
+    parser.add_argument("--switch-margin-s", env="WANPS_SWITCH_MARGIN_S", type=float_at_least(0),
+                        default=policy.switch_margin_s,
+                        help="A decision holds from this much training time ahead (at the recent speed; at "
+                             "least 10 rounds), so every worker hears of it before its round.")
     args = parser.parse_args(argv)
     serve = serve_settings_from_args(parser, args)
     try:
         policy = PolicyConfig(name=args.policy, tau=args.tau, delta=args.delta, tau_max=args.tau_max,
                               bits_per_element=args.bits_per_element, every_rounds=args.every_rounds,
                               change_threshold=args.change_threshold, overhead_max_ratio=args.overhead_max_ratio,
-                              time_model=args.time_model)
+                              time_model=args.time_model, link_share=args.link_share,
+                              switch_margin_s=args.switch_margin_s)
         estimator = EstimatorConfig(window_s=args.window_s)
     except ValueError as exc:
         parser.error(str(exc))

@@ -36,6 +36,8 @@ class Report:
 
 # Bounds on a measured wire cost per element: a bad report cannot make DeCo price a push at ~0.
 MIN_MEASURED_BITS = 8.0
+# The training speed a switch is scheduled by: of the last few seconds of reports.
+RECENT_SPEED_S = 3.0
 MAX_MEASURED_BITS = 256.0
 
 
@@ -311,10 +313,12 @@ class ControllerCore:
         """A round every worker reaches only after it has heard of a decision made now.
 
         Reports arrive about once a second, so the newest reported round can lag the
-        fastest worker; the margin covers `switch_margin_s` of training at the measured
-        speed, and at least `switch_margin_rounds` rounds.
+        fastest worker; the margin covers `switch_margin_s` of training at the speed of the
+        last few seconds (after a link drop, the last 10 s would count rounds at the old,
+        faster speed, and the switch would come many seconds late), and at least
+        `switch_margin_rounds` rounds.
         """
-        iteration = self.measured_iteration_s()
+        iteration = self.measured_iteration_s(RECENT_SPEED_S) or self.measured_iteration_s()
         if iteration is None:
             # Speed unknown (fewer than two reports): rounds may already be running unseen.
             return self.reported_round + self.policy.switch_margin_rounds_cold

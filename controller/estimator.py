@@ -4,7 +4,14 @@ Per worker and per direction, over a sliding window of the newest samples (`wind
 
 - latency b: a low quantile (default the 10th percentile) of ping round-trip times. The
   low end is the path's own delay; higher RTTs carry queueing behind bulk traffic. This is
-  the min-RTT idea of BBR, made robust to a single lucky sample.
+  the min-RTT idea of BBR, made robust to a single lucky sample. Pings the server stamped
+  (`one_way_up_s`) give it per direction: the low quantile of the way up plus that of the
+  way down (the clocks' offset cancels in the sum). A ping seldom finds both directions
+  idle when the downlink carries deltas most of a round, each direction alone more often.
+- one-way transfers (`transfer_s`, worker/one_way.py): a push, probe or delta the server
+  stamped is timed in its own direction, without the round trip and without queueing on the
+  other direction; it is put on the line as (bytes, transfer_s + b). The rules below for
+  `queued_s` and `timed_bytes` are for samples without it.
 - uplink bandwidth a: pushes, and pings padded as bandwidth probes, report (bytes, seconds from
   send to acknowledgement). A push that waited behind the worker's own earlier pushes (with
   tau pushes in flight the link is busy with them) reports that wait as `queued_s`; the
@@ -64,6 +71,10 @@ class Sample:
     # worker's own earlier traffic (a push behind the pushes in flight before it). When > 0,
     # the rest is the transfer alone (no round trip in it), as a download's timed part is.
     queued_s: float = 0.0
+    # One-way timing (worker/one_way.py): the bytes' own time in their direction (0: not
+    # measured), and an unpadded ping's server arrival - worker send (None: not stamped).
+    transfer_s: float = 0.0
+    one_way_up_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,8 +116,11 @@ class EstimatorConfig:
 
 
 def on_line(sample: Sample, latency_s: float) -> float:
-    """A push's or probe's seconds on the line b + 8 bytes/a: as measured, or, for a transfer
-    that queued behind the worker's own traffic, its own transfer time plus b."""
+    """A push's or probe's seconds on the line b + 8 bytes/a: its one-way transfer plus b;
+    without one, as measured, or, for a transfer that queued behind the worker's own
+    traffic, its own transfer time plus b."""
+    if sample.transfer_s > 0:
+        return sample.transfer_s + latency_s
     if sample.queued_s > 0:
         return sample.seconds - sample.queued_s + latency_s
     return sample.seconds
@@ -182,8 +196,12 @@ class LinkEstimator:
         c = self.config
         if len(ups) < c.min_pushes or len(pings) < c.min_pings:
             return None
-        ping_times = [p.seconds for p in pings]
-        latency = float(np.quantile(ping_times, c.latency_quantile))
+        latency = self._latency(pings)
+        # The zero-byte end of the line: the pings' round trips, or, when the server stamped
+        # them, b itself (one-way points hold no queueing of the other way, so the round
+        # trips, which do, would pull the line's intercept up and flatten its slope).
+        stamped = any(p.one_way_up_s is not None for p in pings)
+        ping_times = [latency] * len(pings) if stamped else [p.seconds for p in pings]
         up = self._bandwidth(np.array([s.nbytes for s in ups], dtype=np.float64),
                              np.array([on_line(s, latency) for s in ups], dtype=np.float64), ping_times, latency)
         if up is None:
@@ -192,7 +210,8 @@ class LinkEstimator:
         # same line once the round trip its first chunk's arrival hides is added back.
         downs = [(s.nbytes, on_line(s, latency)) for s in samples
                  if s.kind == KIND_PING and s.direction == DIRECTION_DOWN and s.nbytes > 0]
-        downs += [(s.timed_bytes, s.seconds + latency) for s in samples if s.kind == KIND_DOWNLOAD and s.timed_bytes > 0]
+        downs += [(s.nbytes, s.transfer_s + latency) if s.transfer_s > 0 else (s.timed_bytes, s.seconds + latency)
+                  for s in samples if s.kind == KIND_DOWNLOAD and (s.transfer_s > 0 or s.timed_bytes > 0)]
         down = None
         if len(downs) >= c.min_pushes:
             down = self._bandwidth(np.array([n for n, _ in downs], dtype=np.float64),
@@ -202,6 +221,18 @@ class LinkEstimator:
                             push_samples=len(ups), ping_samples=len(pings), method=up[1],
                             window_start_s=window_start_s, down_bandwidth_bps=None if down is None else down[0],
                             down_samples=len(downs), down_method=None if down is None else down[1])
+
+    def _latency(self, pings: list[Sample]) -> float:
+        """b: the low quantile of round trips, or, from stamped pings, of each way's."""
+        q = self.config.latency_quantile
+        stamped = [p for p in pings if p.one_way_up_s is not None]
+        if len(stamped) >= self.config.min_pings:
+            up = np.array([p.one_way_up_s for p in stamped])
+            down = np.array([p.seconds for p in stamped]) - up
+            # Neither quantile alone means anything (each holds the clocks' offset); their sum
+            # is a round trip without queueing either way.
+            return max(0.0, float(np.quantile(up, q) + np.quantile(down, q)))
+        return float(np.quantile([p.seconds for p in pings], q))
 
     def _bandwidth(self, sizes: np.ndarray, times: np.ndarray, ping_times: list[float],
                    latency: float) -> tuple[float, str] | None:

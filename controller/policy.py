@@ -26,7 +26,8 @@ baseline whose (tau, delta) comes from DeCo at the start. A new
 decision is published only if it differs enough (tau changes, or delta by more than
 `delta_hysteresis` relative), so estimation noise does not make tau flap. Each decision
 holds from a round far enough ahead (`switch_margin_rounds`, and `switch_margin_s` of
-training at the measured speed) that every worker has it before it gets there.
+training at the speed of the last few seconds) that every worker has it before it gets there.
+DeCo plans on `link_share` of each estimated bandwidth (headroom, so a queue can drain).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class PolicyConfig:
     delta_hysteresis: float = 0.2
     # A decision holds from at least this many rounds, and this much training time, ahead.
     switch_margin_rounds: int = 10
-    switch_margin_s: float = 3.0
+    switch_margin_s: float = 2.0
     # ... and this many rounds ahead while the training speed is not known yet.
     switch_margin_rounds_cold: int = 100
     # accordion: (heavy, light) compression deltas and the critical-regime threshold.
@@ -69,6 +70,11 @@ class PolicyConfig:
     overhead_min_samples: int = 5
     # DeCo's round time: "ps" (upload and download in series) or "paper" (Theorem 3 as published).
     time_model: str = DEFAULT_TIME_MODEL
+    # The share of each estimated bandwidth DeCo plans a round's transfers on. DeCo's choice
+    # fills the link exactly (a round's transfer = its step), so anything it did not price
+    # (a slower moment, a retransmission) queues, the queue reads as latency, and a larger
+    # latency makes DeCo send more per round: the queue stands. Headroom lets it drain.
+    link_share: float = 0.9
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -82,6 +88,8 @@ class PolicyConfig:
         if not 0.0 <= self.overhead_quantile <= 1.0 or not (self.overhead_max_ratio is None
                                                              or self.overhead_max_ratio >= 0.0):
             raise ValueError("overhead_quantile must be in [0, 1] and overhead_max_ratio >= 0")
+        if not 0.0 < self.link_share <= 1.0:
+            raise ValueError(f"link_share must be in (0, 1]; got {self.link_share}")
         if self.time_model not in TIME_MODELS:
             raise ValueError(f"time_model must be one of {', '.join(TIME_MODELS)}; got {self.time_model!r}")
 
@@ -145,9 +153,11 @@ def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: floa
     # The aggregated delta a worker downloads is up to n times its own push (traffic_factor):
     # the PS form sends it down the downlink after the push; the paper's form takes the
     # larger of the two transfers as the round's one.
-    return DecoInput(num_params=view.num_params, bandwidth_bps=bandwidth, latency_s=latency,
+    share = config.link_share
+    return DecoInput(num_params=view.num_params, bandwidth_bps=bandwidth * share, latency_s=latency,
                      t_comp_s=max(t_comp, 1e-6), bits_per_element=view.bits_per_element,
-                     tau_max=config.tau_max, overhead_s=view.overhead_s, down_bandwidth_bps=down_bandwidth,
+                     tau_max=config.tau_max, overhead_s=view.overhead_s,
+                     down_bandwidth_bps=None if down_bandwidth is None else down_bandwidth * share,
                      download_factor=max(view.traffic_factor, 1e-6), time_model=config.time_model)
 
 

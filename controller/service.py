@@ -43,6 +43,8 @@ T = TypeVar("T")
 # Rounds beyond this are refused (OUT_OF_RANGE): decisions are scheduled rounds ahead of the
 # newest reported round and must still fit the wire's uint64 (2**62 rounds is ~146 years at 1 GHz).
 MAX_ROUND = 2**62
+# One-way transfer times above an hour are no link's (LinkSample.transfer_s).
+MAX_TRANSFER_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -211,9 +213,16 @@ class ControllerService(pb_grpc.ControllerServicer):
                 raise InvalidArgument(f"timed_bytes {sample.timed_bytes} exceeds the sample's bytes {sample.bytes}")
             if not 0 <= sample.queued_s <= sample.seconds:
                 raise InvalidArgument(f"queued_s must be within [0, seconds]; got {sample.queued_s} of {sample.seconds}")
+            # A download's one-way transfer may exceed its `seconds` (first to last chunk): only bounded.
+            if not (math.isfinite(sample.transfer_s) and 0 <= sample.transfer_s <= MAX_TRANSFER_S):
+                raise InvalidArgument(f"transfer_s must be within [0, {MAX_TRANSFER_S:g}] seconds; got {sample.transfer_s}")
+            if sample.has_one_way and not math.isfinite(sample.one_way_up_s):
+                raise InvalidArgument("one_way_up_s must be finite")
             samples.append(Sample(kind=kind, nbytes=sample.bytes, seconds=sample.seconds, at_s=now, round=sample.round,
                                   grad_norm=sample.grad_norm, elements=sample.elements, direction=direction,
-                                  timed_bytes=sample.timed_bytes, queued_s=sample.queued_s))
+                                  timed_bytes=sample.timed_bytes, queued_s=sample.queued_s,
+                                  transfer_s=sample.transfer_s,
+                                  one_way_up_s=sample.one_way_up_s if sample.has_one_way else None))
         if request.worker_id not in self._last_report and not self._make_room(now):
             raise ResourceExhausted(f"the controller tracks at most {self.config.max_workers} workers' links "
                                     f"(--max-workers); none has been silent for {self.config.estimator.window_s:g} s")

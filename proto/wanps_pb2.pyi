@@ -194,18 +194,20 @@ class PushMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[SparseChunk, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("duplicate", "version", "late", "durable_version", "snapshot_version")
+    __slots__ = ("duplicate", "version", "late", "durable_version", "snapshot_version", "received_ns")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LATE_FIELD_NUMBER: _ClassVar[int]
     DURABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_NS_FIELD_NUMBER: _ClassVar[int]
     duplicate: bool
     version: int
     late: bool
     durable_version: int
     snapshot_version: int
-    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., late: _Optional[bool] = ..., durable_version: _Optional[int] = ..., snapshot_version: _Optional[int] = ...) -> None: ...
+    received_ns: int
+    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., late: _Optional[bool] = ..., durable_version: _Optional[int] = ..., snapshot_version: _Optional[int] = ..., received_ns: _Optional[int] = ...) -> None: ...
 
 class UpdatesRequest(_message.Message):
     __slots__ = ("worker_id", "from_version", "member_secret", "downlink_delta")
@@ -220,7 +222,7 @@ class UpdatesRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., from_version: _Optional[int] = ..., member_secret: _Optional[bytes] = ..., downlink_delta: _Optional[float] = ...) -> None: ...
 
 class DeltaChunk(_message.Message):
-    __slots__ = ("round", "version", "total_count", "indices", "values", "last", "has_model_checksum", "model_checksum", "pushed", "skipped", "dense", "has_follower_checksum", "follower_checksum")
+    __slots__ = ("round", "version", "total_count", "indices", "values", "last", "has_model_checksum", "model_checksum", "pushed", "skipped", "dense", "has_follower_checksum", "follower_checksum", "sent_ns")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +236,7 @@ class DeltaChunk(_message.Message):
     DENSE_FIELD_NUMBER: _ClassVar[int]
     HAS_FOLLOWER_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     FOLLOWER_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SENT_NS_FIELD_NUMBER: _ClassVar[int]
     round: int
     version: int
     total_count: int
@@ -247,7 +250,8 @@ class DeltaChunk(_message.Message):
     dense: bool
     has_follower_checksum: bool
     follower_checksum: int
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_checksum: _Optional[bool] = ..., model_checksum: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ..., has_follower_checksum: _Optional[bool] = ..., follower_checksum: _Optional[int] = ...) -> None: ...
+    sent_ns: int
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_checksum: _Optional[bool] = ..., model_checksum: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ..., has_follower_checksum: _Optional[bool] = ..., follower_checksum: _Optional[int] = ..., sent_ns: _Optional[int] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("worker_id", "sent_unix_ns", "padding", "member_secret", "reply_bytes")
@@ -264,18 +268,20 @@ class PingRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., sent_unix_ns: _Optional[int] = ..., padding: _Optional[bytes] = ..., member_secret: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class PingReply(_message.Message):
-    __slots__ = ("sent_unix_ns", "version", "padding", "shard_index", "shard_count")
+    __slots__ = ("sent_unix_ns", "version", "padding", "shard_index", "shard_count", "received_ns")
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_NS_FIELD_NUMBER: _ClassVar[int]
     sent_unix_ns: int
     version: int
     padding: bytes
     shard_index: int
     shard_count: int
-    def __init__(self, sent_unix_ns: _Optional[int] = ..., version: _Optional[int] = ..., padding: _Optional[bytes] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
+    received_ns: int
+    def __init__(self, sent_unix_ns: _Optional[int] = ..., version: _Optional[int] = ..., padding: _Optional[bytes] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., received_ns: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id", "member_secret")
@@ -349,7 +355,7 @@ class Decision(_message.Message):
     def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., worker_delta: _Optional[_Mapping[int, float]] = ..., predicted_iter_s: _Optional[float] = ...) -> None: ...
 
 class LinkSample(_message.Message):
-    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm", "elements", "direction", "timed_bytes", "queued_s")
+    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm", "elements", "direction", "timed_bytes", "queued_s", "transfer_s", "has_one_way", "one_way_up_s")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[LinkSample.Kind]
@@ -380,6 +386,9 @@ class LinkSample(_message.Message):
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
     TIMED_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUEUED_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    HAS_ONE_WAY_FIELD_NUMBER: _ClassVar[int]
+    ONE_WAY_UP_S_FIELD_NUMBER: _ClassVar[int]
     kind: LinkSample.Kind
     bytes: int
     seconds: float
@@ -390,7 +399,10 @@ class LinkSample(_message.Message):
     direction: LinkSample.Direction
     timed_bytes: int
     queued_s: float
-    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ..., elements: _Optional[int] = ..., direction: _Optional[_Union[LinkSample.Direction, str]] = ..., timed_bytes: _Optional[int] = ..., queued_s: _Optional[float] = ...) -> None: ...
+    transfer_s: float
+    has_one_way: bool
+    one_way_up_s: float
+    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ..., elements: _Optional[int] = ..., direction: _Optional[_Union[LinkSample.Direction, str]] = ..., timed_bytes: _Optional[int] = ..., queued_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., has_one_way: _Optional[bool] = ..., one_way_up_s: _Optional[float] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("worker_id", "round", "samples", "num_params")

@@ -66,6 +66,14 @@ def encode_follower_round(closed: ClosedRound, delta: codec.Update, follower_che
     return chunks
 
 
+def stamp_sent(chunks: tuple[pb.DeltaChunk, ...], sent_ns: int) -> None:
+    """Mark a round's chunks with when they go to the streams (DeltaChunk.sent_ns), once, at
+    publication: a stream that replays the round later times it from its own previous
+    arrival instead (worker/one_way.py), so the first stamp is the right one."""
+    for chunk in chunks:
+        chunk.sent_ns = sent_ns
+
+
 def payload_bytes(chunks: tuple[pb.DeltaChunk, ...]) -> int:
     return sum(len(c.indices) + len(c.values) for c in chunks)
 

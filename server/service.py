@@ -45,7 +45,7 @@ from wanps.rpc.status import REFUSALS, mapped_errors, status_for
 from wanps.server.core import ClosedRound, CoreConfig, CoreView, PushResult, ServerCore
 from wanps.server.downlink import DownlinkResidual, check_fraction
 from wanps.server.history import (DEFAULT_HISTORY_MB, FollowerRounds, RoundHistory, encode_follower_round,
-                                  encode_round)
+                                  encode_round, stamp_sent)
 from wanps.server.memory import release_free_memory
 from wanps.server.metrics import ServerMetrics
 from wanps.server import shard as shards
@@ -442,6 +442,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         open_stream = ExitStack()  # counts against its worker's stream limit from the header on
         try:
             header, index_raw, value_raw = await self._receive_push(request_iterator, open_stream)
+            received_ns = time.monotonic_ns()  # the last message is in: the uplink's part is over
             view = self.view
             view.authenticate(header.worker_id, header.member_secret)
             # Decode and validate on a pool thread, in parallel with the core thread's work;
@@ -465,7 +466,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         durable = self.checkpoints.durable_version if self.checkpoints is not None else result.version
         snapshot = self.checkpoints.snapshot_version if self.checkpoints is not None else result.version
         return pb.PushReply(duplicate=result.duplicate, version=result.version, late=result.late,
-                            durable_version=durable, snapshot_version=snapshot)
+                            durable_version=durable, snapshot_version=snapshot, received_ns=received_ns)
 
     async def _receive_push(self, request_iterator, open_stream: ExitStack
                             ) -> tuple[pb.PushHeader, bytearray, bytearray]:
@@ -573,13 +574,18 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
     def _after_close(self, encoded: list[tuple[ClosedRound, tuple[pb.DeltaChunk, ...]]],
                      followers: dict[int, list[tuple[int, tuple[pb.DeltaChunk, ...]]]]) -> None:
+        # The moment the rounds go to the streams, stamped on every chunk (DeltaChunk.sent_ns):
+        # followers time their downlink from it (worker/one_way.py).
+        sent_ns = time.monotonic_ns()
         for stream_id, rounds in followers.items():
             queue = self._downlink_rounds.get(stream_id)
             if queue is not None:
                 for round_, chunks in rounds:
+                    stamp_sent(chunks, sent_ns)
                     queue.publish(round_, chunks)
         now = time.monotonic()
         for closed, chunks in encoded:
+            stamp_sent(chunks, sent_ns)
             self.history.publish(closed.round, chunks)
             self.metrics.rounds_closed.inc()
             for staleness in closed.staleness:
@@ -651,6 +657,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
         # Padding lets workers probe bandwidth (the request's: the uplink; the reply's, of
         # `reply_bytes`: the downlink); both are bounded so a ping stays cheap.
+        received_ns = time.monotonic_ns()  # one-way timing (PingReply.received_ns)
         async with mapped_errors(context):
             if len(request.padding) > MAX_PING_PADDING:
                 raise ResourceExhausted(f"ping padding is limited to {MAX_PING_PADDING} bytes")
@@ -669,7 +676,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             self.metrics.probe_bytes.labels(direction="down").inc(request.reply_bytes)
         return pb.PingReply(sent_unix_ns=request.sent_unix_ns, version=self.view.version,
                             padding=bytes(request.reply_bytes), shard_index=self.shard.index,
-                            shard_count=self.shard.count)
+                            shard_count=self.shard.count, received_ns=received_ns)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         async with mapped_errors(context):

@@ -163,20 +163,25 @@ def test_best_static_reports_the_fastest_grid_point_as_an_oracle_and_summarize_r
 
     plan = BenchPlan(conditions=("smoke",), methods=("deco", BEST_STATIC), seeds=(0,), time_limit_s=45,
                      target_accuracy=0.85, batch_size=64, lr=0.2, out_dir=str(tmp_path), grid=2)
-    times = {(1, 0.005): 30.0, (1, 0.01): 20.0, (2, 0.005): None, (2, 0.01): 25.0}
-    ran = []
+    times = {(1, 0.005): 12.0, (1, 0.01): 8.0, (2, 0.005): None, (2, 0.01): 10.0}
+    ran, cutoffs = [], []
 
-    def run_point(out, tau, delta):  # stands in for the cluster: writes what a run writes
+    def run_point(out, tau, delta, time_limit_s):  # stands in for the cluster: writes what a run writes
         ran.append((tau, delta))
+        cutoffs.append(time_limit_s)
         out.mkdir(parents=True)
-        result = demo_result(times[(tau, delta)], accuracy=0.97 if times[(tau, delta)] else 0.6)
+        reached = times[(tau, delta)] is not None and (time_limit_s is None or times[(tau, delta)] <= time_limit_s)
+        result = demo_result(times[(tau, delta)] if reached else None, accuracy=0.97 if reached else 0.6)
         (out / "demo.json").write_text(json.dumps(result))
         return result
 
     row = run_best_static(plan, CONDITIONS["smoke"], 0, tmp_path, (2, 0.01), "deco's run", run_point)
     assert sorted(ran) == sorted(times)
+    # the centre runs first and uncut; the others stop a margin past the fastest so far
+    assert ran[0] == (2, 0.01) and cutoffs[0] is None and cutoffs[1] == pytest.approx(10.0 * 1.25 + 5)
+    assert min(c for c in cutoffs if c is not None) == pytest.approx(8.0 * 1.25 + 5)
     assert row["method"] == BEST_STATIC and row["oracle"] is True
-    assert row["best"] == {"tau": 1, "delta": 0.01} and row["time_to_target_s"] == 20.0
+    assert row["best"] == {"tau": 1, "delta": 0.01} and row["time_to_target_s"] == 8.0
     assert row["grid_center"] == {"tau": 2, "delta": 0.01, "from": "deco's run"}
     assert len(row["grid"]) == 4 and {g["reached_target"] for g in row["grid"]} == {True, False}
     rows, rebuilt = rows_from_runs(tmp_path)

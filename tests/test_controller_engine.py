@@ -46,7 +46,7 @@ def test_static_and_dsgd_decide_once_at_round_zero():
 
 
 def test_deco_bootstraps_then_decides_from_the_slowest_link_ahead_of_the_reported_round():
-    core = ControllerCore(PolicyConfig(name="deco", tau=1, delta=0.1, every_rounds=20, switch_margin_rounds=10,
+    core = ControllerCore(PolicyConfig(name="deco", tau=1, delta=0.1, every_rounds=20, switch_margin_rounds=10, link_share=1.0,
                                        switch_margin_s=3.0))
     bootstrap = core.maybe_decide(0.0)
     assert (bootstrap.from_round, bootstrap.tau, bootstrap.delta) == (0, 1, 0.1)
@@ -102,7 +102,7 @@ def test_a_moved_estimate_does_not_replace_a_decision_before_it_takes_effect():
 @pytest.mark.parametrize("time_model", ["ps", "paper"])
 def test_traffic_factor_prices_the_download(time_model):
     # No overhead term: the synthetic 10 rounds/s against a 20 ms T_comp would otherwise add one.
-    core = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0, time_model=time_model))
+    core = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0, time_model=time_model, link_share=1.0))
     core.maybe_decide(0.0)
     decisions = run(core, {1: (20e6, 0.1, 0.02), 2: (20e6, 0.1, 0.02)}, 6, download_factor=2.0)
     assert core.traffic_factor() == pytest.approx(2.0)
@@ -255,7 +255,7 @@ def pushes_of(t: float, bandwidth: float, rtt: float, t_comp: float, bytes_per_e
 
 def test_deco_prices_a_sent_element_at_its_measured_wire_cost():
     # float16 values with uint32 indices: 6 bytes, 48 bits per element.
-    core = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0))
+    core = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0, link_share=1.0))
     core.maybe_decide(0.0)
     assert core.bits_per_element() == 64  # nothing pushed yet: uint32 index + float32 value
     decisions = []
@@ -288,3 +288,34 @@ def test_a_configured_wire_cost_overrides_the_measured_one():
     assert core.bits_per_element() == 32
     with pytest.raises(ValueError):
         PolicyConfig(name="deco", bits_per_element=0.0)
+
+
+def test_deco_plans_on_the_link_share_of_each_estimate():
+    """Headroom: DeCo's choice fills the link it plans on, so it plans on `link_share` of it."""
+    decisions = {}
+    for share in (1.0, 0.8):
+        core = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0, link_share=share))
+        core.maybe_decide(0.0)
+        decisions[share] = run(core, {1: (20e6, 0.1, 0.02)}, 6)[0]
+    # the download, priced on the uplink's estimate until measured, shares the same scale
+    expected = deco(DecoInput(num_params=D, bandwidth_bps=0.8 * 20e6, latency_s=0.1, t_comp_s=0.02, tau_max=8,
+                              download_factor=1.0, down_bandwidth_bps=0.8 * 20e6))
+    assert decisions[0.8].delta == pytest.approx(expected.delta, rel=1e-6)
+    assert decisions[0.8].delta < decisions[1.0].delta
+    with pytest.raises(ValueError, match="link_share"):
+        PolicyConfig(link_share=0.0)
+
+
+def test_a_switch_after_a_slowdown_is_scheduled_at_the_new_speed():
+    """After training slows (a link drop), the margin counts rounds at the recent speed: at
+    the last 10 s's (mostly fast) speed the switch would land many seconds late."""
+    core = ControllerCore(PolicyConfig(name="deco", switch_margin_rounds=1, switch_margin_s=2.0))
+    t, round_ = 0.0, 0
+    for _ in range(8):  # 8 s at 50 rounds/s
+        core.report(Report(1, round_, D, ()), t)
+        t, round_ = t + 1.0, round_ + 50
+    for _ in range(4):  # then 4 s at 5 rounds/s
+        core.report(Report(1, round_, D, ()), t)
+        t, round_ = t + 1.0, round_ + 5
+    margin = core.switch_round() - core.reported_round
+    assert margin == 10  # 2 s at 5 rounds/s, not 2 s at the 10 s window's ~20 rounds/s

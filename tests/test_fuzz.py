@@ -678,13 +678,18 @@ def link_samples(draw) -> pb.LinkSample:
         direction=draw(st.one_of(st.integers(0, 2), st.integers(0, 2**31 - 1))),
         timed_bytes=draw(st.one_of(st.just(0), st.integers(0, 10**7), st.integers(0, U64))),
         queued_s=draw(st.one_of(st.just(0.0), st.floats(0, 10), weird)),
+        transfer_s=draw(st.one_of(st.just(0.0), st.floats(0, 10), st.floats(3000, 5000), weird)),
+        has_one_way=draw(st.booleans()),
+        one_way_up_s=draw(st.one_of(st.floats(-1e6, 1e6), weird)),
     )
 
 
 def sample_is_valid(s: pb.LinkSample) -> bool:
     return (s.kind in (1, 2, 3, 4) and math.isfinite(s.seconds) and s.seconds >= 0
             and math.isfinite(s.grad_norm) and s.grad_norm >= 0 and s.elements <= MAX_PARAMS
-            and s.direction in (0, 1, 2) and s.timed_bytes <= s.bytes and 0 <= s.queued_s <= s.seconds)
+            and s.direction in (0, 1, 2) and s.timed_bytes <= s.bytes and 0 <= s.queued_s <= s.seconds
+            and math.isfinite(s.transfer_s) and 0 <= s.transfer_s <= 3600
+            and (not s.has_one_way or math.isfinite(s.one_way_up_s)))
 
 
 def expected_decisions(fuzzed: Fuzzed) -> grpc.StatusCode | None | str:

@@ -375,6 +375,7 @@ class WorkerSession:
                 value_parts.append(chunk.values)
                 if not chunk.last:
                     continue
+                arrived = time.monotonic()  # before decoding: the link's part is over
                 index_raw, value_raw = codec.join_chunks(index_parts), codec.join_chunks(value_parts)
                 index_parts, value_parts = [], []
                 assert self.num_params is not None
@@ -382,8 +383,8 @@ class WorkerSession:
                 nbytes = len(index_raw) + len(value_raw)
                 self._count_received(nbytes)
                 self.delta_bytes += nbytes
-                self.telemetry.delta_received(nbytes, nbytes - first_chunk_bytes, started, time.monotonic(),
-                                              chunk.round)
+                self.telemetry.delta_received(nbytes, nbytes - first_chunk_bytes, started, arrived, chunk.round,
+                                              chunk.sent_ns)
                 # A compressed follower's replica is checked against its own checksum (the model's
                 # minus its downlink residual), never the model's.
                 checksum = (chunk.follower_checksum if chunk.has_follower_checksum
@@ -440,7 +441,7 @@ class WorkerSession:
                 stream.cancel()  # after a refused decision (ValueError) the stream would go on otherwise
             await asyncio.sleep(next(delays))
 
-    async def _ping(self, padding: bytes, reply_bytes: int = 0) -> None:
+    async def _ping(self, padding: bytes, reply_bytes: int = 0) -> pb.PingReply:
         generation, worker_id = self._generation, self.worker_id
         try:
             reply = await self._server.Ping(
@@ -456,6 +457,7 @@ class WorkerSession:
         self._count_sent(len(padding))
         if reply.padding:
             self._count_received(len(reply.padding))
+        return reply
 
     def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
         self.telemetry.record_compute(seconds, round_, grad_norm)
@@ -518,7 +520,7 @@ class WorkerSession:
         acked = time.monotonic()
         seconds = acked - started
         elements = 0 if logged.update is None else logged.update.count
-        self.telemetry.push_acknowledged(logged.nbytes, started, acked, logged.round, elements)
+        self.telemetry.push_acknowledged(logged.nbytes, started, acked, logged.round, elements, reply.received_ns)
         if self.metrics is not None:
             self.metrics.push_seconds.observe(seconds)
         self.push_log.note_reply(reply.version, reply.durable_version, reply.snapshot_version)

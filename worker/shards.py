@@ -317,7 +317,10 @@ def _summed(total: pb.LinkSample | None, sample: pb.LinkSample) -> pb.LinkSample
     return pb.LinkSample(kind=total.kind, round=total.round, unix_ns=max(total.unix_ns, sample.unix_ns),
                          bytes=total.bytes + sample.bytes, elements=total.elements + sample.elements,
                          timed_bytes=total.timed_bytes + sample.timed_bytes, direction=total.direction,
-                         seconds=slowest.seconds, queued_s=slowest.queued_s)
+                         seconds=slowest.seconds, queued_s=slowest.queued_s,
+                         # one-way times too: the round's transfer is over when its slowest part is
+                         transfer_s=max(total.transfer_s, sample.transfer_s) if total.transfer_s and sample.transfer_s
+                         else 0.0)
 
 
 class _RoundSamples:

@@ -21,10 +21,11 @@ from wanps.proto import wanps_pb2 as pb
 from wanps.proto.wire import MAX_SAMPLES_PER_REPORT
 from wanps.proto import wanps_pb2_grpc as pb_grpc
 from wanps.worker.io_loop import IoLoop
+from wanps.worker.one_way import OneWayClock
 from wanps.worker.probes import DOWN, UP, ProbePlanner
 
-# ping(padding, reply_bytes): one Ping to the server, raising AioRpcError if it fails.
-Ping = Callable[[bytes, int], Awaitable[None]]
+# ping(padding, reply_bytes): one Ping to the server, its reply, or AioRpcError if it fails.
+Ping = Callable[[bytes, int], Awaitable[pb.PingReply]]
 _DIRECTION = {UP: pb.LinkSample.DIRECTION_UP, DOWN: pb.LinkSample.DIRECTION_DOWN}
 
 log = logging.getLogger("wanps.worker")
@@ -61,6 +62,9 @@ class Telemetry:
         self.num_params = 0
         self.reported_round = 0
         self.probes = ProbePlanner()
+        # Each direction timed on its own from the server's stamps (worker/one_way.py); the
+        # send-to-acknowledgement times below remain for a server that sends no stamps.
+        self.one_way = OneWayClock()
         # When this worker's link was last seen busy with its own traffic, each way: the
         # newest push acknowledgement, and the newest delta's last chunk (time.monotonic()).
         self._uplink_busy_until = 0.0
@@ -85,10 +89,12 @@ class Telemetry:
 
     def sample(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0,
                elements: int = 0, timed_bytes: int = 0, direction: int = pb.LinkSample.DIRECTION_UNSPECIFIED,
-               queued_s: float = 0.0) -> None:
+               queued_s: float = 0.0, transfer_s: float | None = None, one_way_up_s: float | None = None) -> None:
         link_sample = pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
                                     unix_ns=time.time_ns(), grad_norm=grad_norm, elements=elements,
-                                    timed_bytes=timed_bytes, direction=direction, queued_s=queued_s)
+                                    timed_bytes=timed_bytes, direction=direction, queued_s=queued_s,
+                                    transfer_s=transfer_s or 0.0, has_one_way=one_way_up_s is not None,
+                                    one_way_up_s=one_way_up_s or 0.0)
         if self.forward is not None:
             self.forward(link_sample)
         else:
@@ -97,6 +103,10 @@ class Telemetry:
         now = time.monotonic()
         if kind == pb.LinkSample.KIND_PING and nbytes == 0:
             self.probes.rtt(seconds, now)
+        elif kind == pb.LinkSample.KIND_PUSH and transfer_s:
+            self.probes.traffic(UP, nbytes, transfer_s, now, round_trip=False)
+        elif kind == pb.LinkSample.KIND_DOWNLOAD and transfer_s:
+            self.probes.traffic(DOWN, nbytes, transfer_s, now, round_trip=False)
         elif kind == pb.LinkSample.KIND_PUSH:
             if queued_s > 0:  # the transfer alone: from the link freeing up to the acknowledgement
                 self.probes.traffic(UP, nbytes, seconds - queued_s, now, round_trip=False)
@@ -110,8 +120,12 @@ class Telemetry:
         if self.collecting:
             self.samples.append(link_sample)
 
-    def push_acknowledged(self, nbytes: int, sent_at: float, acked_at: float, round_: int, elements: int) -> None:
-        """A push's sample, with the time it waited behind this worker's earlier pushes."""
+    def push_acknowledged(self, nbytes: int, sent_at: float, acked_at: float, round_: int, elements: int,
+                          received_ns: int = 0) -> None:
+        """A push's sample: its uplink transfer from the server's stamp of its arrival
+        (`received_ns`), and, for the controllers that read only round trips, the time it
+        waited behind this worker's earlier pushes."""
+        transfer = self.one_way.up_transfer(sent_at, received_ns, acked_at)
         queued = self._queued_s(sent_at, acked_at, self._uplink_busy_until)
         self._uplink_busy_until = max(self._uplink_busy_until, acked_at)
         if queued > 0 and nbytes > 0 and self._acks:
@@ -127,13 +141,17 @@ class Telemetry:
             if transfer < acked_at - sent_at:
                 queued = acked_at - sent_at - transfer
         self._acks.append((acked_at, nbytes, queued > 0))
-        self.sample(pb.LinkSample.KIND_PUSH, nbytes, acked_at - sent_at, round_, elements=elements, queued_s=queued)
+        self.sample(pb.LinkSample.KIND_PUSH, nbytes, acked_at - sent_at, round_, elements=elements, queued_s=queued,
+                    transfer_s=transfer)
 
     def delta_received(self, nbytes: int, timed_bytes: int, first_chunk_at: float, last_chunk_at: float,
-                       round_: int) -> None:
+                       round_: int, sent_ns: int = 0) -> None:
+        """A delta's sample: its downlink transfer from the server's stamp of when it went out
+        (`sent_ns`), and its first-to-last-chunk time."""
+        transfer = self.one_way.down_transfer(sent_ns, last_chunk_at, last_chunk_at)
         self._downlink_busy_until = max(self._downlink_busy_until, last_chunk_at)
         self.sample(pb.LinkSample.KIND_DOWNLOAD, nbytes, last_chunk_at - first_chunk_at, round_,
-                    timed_bytes=timed_bytes)
+                    timed_bytes=timed_bytes, transfer_s=transfer)
 
     def _queued_s(self, sent_at: float, done_at: float, busy_until: float) -> float:
         """How long a transfer sent at `sent_at` waited for the link behind this worker's own
@@ -196,25 +214,31 @@ class Telemetry:
                 if size:
                     await self._probe(ping, direction, size)
 
-    async def _timed_ping(self, ping: Ping, padding: bytes, reply_bytes: int) -> float | None:
+    async def _timed_ping(self, ping: Ping, padding: bytes, reply_bytes: int) -> tuple[float, float, int] | None:
+        """(sent at, arrived at, the server's stamp) of one ping; None if it failed. An unpadded
+        one is an RTT sample (and sets the one-way clocks' bases)."""
         started = time.monotonic()
         try:
-            await ping(padding, reply_bytes)
+            reply = await ping(padding, reply_bytes)
         except grpc.aio.AioRpcError:
             return None
-        seconds = time.monotonic() - started
+        arrived = time.monotonic()
+        received_ns = reply.received_ns if reply is not None else 0
         if not padding and not reply_bytes:
-            self.sample(pb.LinkSample.KIND_PING, 0, seconds, self.reported_round)
-        return seconds
+            one_way_up = self.one_way.ping(started, received_ns, arrived)
+            self.sample(pb.LinkSample.KIND_PING, 0, arrived - started, self.reported_round, one_way_up_s=one_way_up)
+        return started, arrived, received_ns
 
     async def _probe(self, ping: Ping, direction: str, size: int) -> None:
         """One probe of `size` bytes: padding up, or a reply that carries them down. A probe
         queues behind this worker's pushes (up) or deltas (down) like any of its traffic."""
-        sent_at = time.monotonic()
-        seconds = await self._timed_ping(ping, bytes(size) if direction == UP else b"", size if direction == DOWN else 0)
-        if seconds is None:
+        timed = await self._timed_ping(ping, bytes(size) if direction == UP else b"", size if direction == DOWN else 0)
+        if timed is None:
             return
-        done_at = time.monotonic()
+        sent_at, done_at, received_ns = timed
+        seconds = done_at - sent_at
+        transfer = (self.one_way.up_transfer(sent_at, received_ns, done_at) if direction == UP
+                    else self.one_way.down_transfer(received_ns, done_at, done_at))
         busy_until = self._uplink_busy_until if direction == UP else self._downlink_busy_until
         queued = self._queued_s(sent_at, done_at, busy_until)
         if queued and direction == DOWN:
@@ -223,6 +247,9 @@ class Telemetry:
             # delta reads the link. No sample (the next probe still waits out its share).
             self.probes.probe_done(direction, size, seconds, done_at, round_trip=True, readable=False)
             return
-        self.probes.probe_done(direction, size, seconds - queued, done_at, round_trip=queued == 0)
+        if transfer:
+            self.probes.probe_done(direction, size, transfer, done_at, round_trip=False)
+        else:
+            self.probes.probe_done(direction, size, seconds - queued, done_at, round_trip=queued == 0)
         self.sample(pb.LinkSample.KIND_PING, size, seconds, self.reported_round, direction=_DIRECTION[direction],
-                    queued_s=queued)
+                    queued_s=queued, transfer_s=transfer)
