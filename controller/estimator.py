@@ -8,6 +8,8 @@ Per worker and per direction, over a sliding window of the newest samples (`wind
   (`one_way_up_s`) give it per direction: the low quantile of the way up plus that of the
   way down (the clocks' offset cancels in the sum). A ping seldom finds both directions
   idle when the downlink carries deltas most of a round, each direction alone more often.
+  Pings are read over `latency_window_s` (30 s), longer than the bandwidth's window: a
+  queue the worker's own traffic keeps standing for seconds is not the path's delay.
 - one-way transfers (`transfer_s`, worker/one_way.py): a push, probe or delta the server
   stamped is timed in its own direction, without the round trip and without queueing on the
   other direction; it is put on the line as (bytes, transfer_s + b). The rules below for
@@ -34,7 +36,8 @@ Failure modes (documented in docs/controller.md): too few samples -> no estimate
 controller keeps its last decision); pushes so small that the transfer is lost in RTT
 jitter -> bandwidth is noisy (the estimate reports how many pushes it used and the
 spread); bursts that queue behind each other -> bandwidth underestimated (the upper
-quantile limits this); a link whose latency changes -> the window forgets in `window_s`.
+quantile limits this); a link whose latency changes -> the window forgets in `window_s` (its latency in
+`latency_window_s`).
 
 `LinkEstimator.estimate` only reads the samples; the caller drops the ones an estimate no
 longer needs with `forget_before(estimate.window_start_s)`.
@@ -113,6 +116,12 @@ class EstimatorConfig:
     # followed in seconds, not after the whole window has aged out).
     change_window_s: float = 3.0
     change_ratio: float = 0.3
+    # b is read over this longer window of pings: a queue the workers' own traffic keeps
+    # standing for seconds (after a link drop, before the decisions catch up) is not the
+    # path's delay, and reading it as one made DeCo raise tau and send more (BBR keeps its
+    # minimum RTT over 10 s for the same reason). A path whose delay really grows is
+    # followed this much later.
+    latency_window_s: float = 30.0
 
 
 def on_line(sample: Sample, latency_s: float) -> float:
@@ -159,11 +168,17 @@ class LinkEstimator:
     def __init__(self, config: EstimatorConfig | None = None) -> None:
         self.config = config or EstimatorConfig()
         self._samples: deque[Sample] = deque(maxlen=self.config.max_samples)
+        # Unpadded pings of the last `latency_window_s` (kept past `forget_before`: see b above).
+        self._latency_pings: deque[Sample] = deque(maxlen=self.config.max_samples)
 
     def add(self, sample: Sample) -> None:
         if sample.seconds < 0 or sample.nbytes < 0 or not 0 <= sample.queued_s <= sample.seconds:
             raise ValueError("samples need seconds >= 0, bytes >= 0 and queued_s in [0, seconds]")
         self._samples.append(sample)
+        if sample.kind == KIND_PING and sample.nbytes == 0:
+            self._latency_pings.append(sample)
+            while self._latency_pings[0].at_s < sample.at_s - self.config.latency_window_s:
+                self._latency_pings.popleft()
 
     def _since(self, start_s: float) -> list[Sample]:
         return [s for s in self._samples if s.at_s >= start_s]
@@ -172,8 +187,9 @@ class LinkEstimator:
         """The estimate from the samples of the last `window_s`; from the last `change_window_s`
         only when those disagree with the whole window (the link changed). Changes nothing."""
         c = self.config
-        full = self._estimate(self._since(now_s - c.window_s), now_s - c.window_s)
-        recent = self._estimate(self._since(now_s - c.change_window_s), now_s - c.change_window_s)
+        latency_pings = [p for p in self._latency_pings if p.at_s >= now_s - max(c.latency_window_s, c.window_s)]
+        full = self._estimate(self._since(now_s - c.window_s), now_s - c.window_s, latency_pings)
+        recent = self._estimate(self._since(now_s - c.change_window_s), now_s - c.change_window_s, latency_pings)
         if full is not None and recent is not None:
             changed = abs(recent.bandwidth_bps / full.bandwidth_bps - 1.0) > c.change_ratio
             if full.down_bandwidth_bps is not None and recent.down_bandwidth_bps is not None:
@@ -187,7 +203,7 @@ class LinkEstimator:
         not pull later estimates back towards the old link."""
         self._samples = deque(self._since(start_s), maxlen=self.config.max_samples)
 
-    def _estimate(self, samples: list[Sample], window_start_s: float) -> LinkEstimate | None:
+    def _estimate(self, samples: list[Sample], window_start_s: float, latency_pings: list[Sample]) -> LinkEstimate | None:
         # Padded pings (bandwidth probes) are points on the same line as pushes.
         ups = [s for s in samples if s.nbytes > 0 and (s.kind == KIND_PUSH
                                                       or (s.kind == KIND_PING and s.direction != DIRECTION_DOWN))]
@@ -196,7 +212,7 @@ class LinkEstimator:
         c = self.config
         if len(ups) < c.min_pushes or len(pings) < c.min_pings:
             return None
-        latency = self._latency(pings)
+        latency = self._latency(latency_pings or pings)
         # The zero-byte end of the line: the pings' round trips, or, when the server stamped
         # them, b itself (one-way points hold no queueing of the other way, so the round
         # trips, which do, would pull the line's intercept up and flatten its slope).

@@ -165,3 +165,23 @@ def test_a_downlink_change_alone_is_followed():
     changed = est.estimate(25.0)
     assert changed.down_bandwidth_bps == pytest.approx(10 * MBIT, rel=0.15)
     assert changed.bandwidth_bps == pytest.approx(10 * MBIT, rel=0.15)
+
+
+def test_a_standing_queue_of_a_few_seconds_is_not_read_as_the_paths_latency():
+    """After a link drop the workers' own traffic can keep a queue standing for seconds;
+    every ping then waits in it. b stays the path's delay (it is read over 30 s of pings);
+    read as latency, DeCo raised tau and sent more, which kept the queue standing."""
+    estimator = LinkEstimator()
+    for i in range(40):  # 20 s of a 100 ms path
+        estimator.add(Sample(KIND_PING, 0, 0.1, i * 0.5))
+        estimator.add(Sample(KIND_PUSH, 40_000 * (1 + i % 3), 0.1 + 8 * 40_000 * (1 + i % 3) / 10e6, i * 0.5))
+    for i in range(40, 64):  # then 12 s in which every ping waited 0.9 s in a queue
+        estimator.add(Sample(KIND_PING, 0, 1.0, i * 0.5))
+        estimator.add(Sample(KIND_PUSH, 40_000 * (1 + i % 3), 1.0 + 8 * 40_000 * (1 + i % 3) / 10e6, i * 0.5))
+    estimate = estimator.estimate(32.0)
+    assert estimate is not None and estimate.latency_s == pytest.approx(0.1)
+    # a delay that stays for longer than the latency window is the path's
+    for i in range(64, 140):
+        estimator.add(Sample(KIND_PING, 0, 1.0, i * 0.5))
+        estimator.add(Sample(KIND_PUSH, 40_000, 1.0 + 8 * 40_000 / 10e6, i * 0.5))
+    assert estimator.estimate(70.0).latency_s == pytest.approx(1.0)
