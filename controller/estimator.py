@@ -45,7 +45,7 @@ longer needs with `forget_before(estimate.window_start_s)`.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -116,6 +116,7 @@ class EstimatorConfig:
     # followed in seconds, not after the whole window has aged out).
     change_window_s: float = 3.0
     change_ratio: float = 0.3
+    change_min_points: int = 3  # of that direction in the recent window
     # b is read over this longer window of pings: a queue the workers' own traffic keeps
     # standing for seconds (after a link drop, before the decisions catch up) is not the
     # path's delay, and reading it as one made DeCo raise tau and send more (BBR keeps its
@@ -190,13 +191,26 @@ class LinkEstimator:
         latency_pings = [p for p in self._latency_pings if p.at_s >= now_s - max(c.latency_window_s, c.window_s)]
         full = self._estimate(self._since(now_s - c.window_s), now_s - c.window_s, latency_pings)
         recent = self._estimate(self._since(now_s - c.change_window_s), now_s - c.change_window_s, latency_pings)
-        if full is not None and recent is not None:
-            changed = abs(recent.bandwidth_bps / full.bandwidth_bps - 1.0) > c.change_ratio
-            if full.down_bandwidth_bps is not None and recent.down_bandwidth_bps is not None:
-                changed = changed or abs(recent.down_bandwidth_bps / full.down_bandwidth_bps - 1.0) > c.change_ratio
-            if changed:
-                return recent
-        return full
+        if full is None or recent is None:
+            return full
+        # Each direction follows its own change: a change of one direction no longer swaps the
+        # other's estimate for its few recent points, which swing widely at a step, and DeCo
+        # takes the slowest of the workers' links, so one such swing set everyone's delta.
+        up_changed = (recent.push_samples >= c.change_min_points
+                      and abs(recent.bandwidth_bps / full.bandwidth_bps - 1.0) > c.change_ratio)
+        down_changed = (full.down_bandwidth_bps is not None and recent.down_bandwidth_bps is not None
+                        and recent.down_samples >= c.change_min_points
+                        and abs(recent.down_bandwidth_bps / full.down_bandwidth_bps - 1.0) > c.change_ratio)
+        if not (up_changed or down_changed):
+            return full
+        estimate = replace(full, window_start_s=recent.window_start_s)
+        if up_changed:
+            estimate = replace(estimate, bandwidth_bps=recent.bandwidth_bps, push_samples=recent.push_samples,
+                               method=recent.method)
+        if down_changed:
+            estimate = replace(estimate, down_bandwidth_bps=recent.down_bandwidth_bps,
+                               down_samples=recent.down_samples, down_method=recent.down_method)
+        return estimate
 
     def forget_before(self, start_s: float) -> None:
         """Drop the samples taken before `start_s`: after a change, what came before it must

@@ -185,3 +185,16 @@ def test_a_standing_queue_of_a_few_seconds_is_not_read_as_the_paths_latency():
         estimator.add(Sample(KIND_PING, 0, 1.0, i * 0.5))
         estimator.add(Sample(KIND_PUSH, 40_000, 1.0 + 8 * 40_000 / 10e6, i * 0.5))
     assert estimator.estimate(70.0).latency_s == pytest.approx(1.0)
+
+
+def test_a_change_of_one_direction_keeps_the_others_estimate():
+    """The downlink steps; the uplink's estimate stays the whole window's, not its recent few points'."""
+    rng = np.random.default_rng(5)
+    est = LinkEstimator()
+    feed_probes(est, up=10 * MBIT, down=40 * MBIT, rtt=0.1, t0=0, t1=20, rng=rng, jitter=0.002)
+    before = est.estimate(20.0)
+    feed_probes(est, up=10 * MBIT, down=10 * MBIT, rtt=0.1, t0=20, t1=25, rng=rng, jitter=0.002)
+    after = est.estimate(25.0)
+    assert after.down_bandwidth_bps == pytest.approx(10 * MBIT, rel=0.15)
+    assert after.push_samples > est.config.change_window_s / 0.05 + 5  # the up estimate read the whole window
+    assert after.bandwidth_bps == pytest.approx(before.bandwidth_bps, rel=0.15)
