@@ -133,6 +133,9 @@ class BenchPlan:
     grid: int = 3
     # No run longer than this, whatever its condition says (None: the condition's limit).
     time_limit_cap_s: float | None = None
+    # best-static searches its grid on the first this-many seeds of the plan, and runs only the
+    # grid's best point on the others (None: every seed searches its own grid).
+    grid_seeds: int | None = None
 
 
 # Minutes: one condition in the paper's regime (the CNN on the varying trace: b/T_comp ~0.8,
@@ -343,6 +346,17 @@ def best_static_row(condition: str, seed: int, run_dir: Path) -> dict:
                       "time_to_target_s": r["time_to_target_s"], "final_accuracy": r["final_accuracy"],
                       "measured_iter_s": r["measured_iter_s"], "predicted_ps_iter_s": r["predicted_ps_iter_s"]}
                      for p, r in points]}
+
+
+def searched_best(searched: list[dict]) -> tuple[int, float]:
+    """The grid point with the lowest median time to target over the seeds that searched
+    (a point that missed the target in a seed counts as slower than any that reached it)."""
+    times: dict[tuple[int, float], list[float]] = {}
+    for row in searched:
+        for point in row["grid"]:
+            time = point["time_to_target_s"] if point["reached_target"] else math.inf
+            times.setdefault((point["tau"], point["delta"]), []).append(time)
+    return min(times, key=lambda p: (statistics.median(times[p]), p))
 
 
 def grid_center_for(plan: BenchPlan, condition: Condition, seed: int, traces_dir: Path,
@@ -616,13 +630,20 @@ def run_bench(plan: BenchPlan) -> dict:
     with tempfile.TemporaryDirectory(prefix="wanps-bench-") as traces:
         for condition_name in plan.conditions:
             condition = CONDITIONS[condition_name]
-            for seed in plan.seeds:
+            searched: list[dict] = []  # best-static rows of the seeds that searched a grid
+            for index, seed in enumerate(plan.seeds):
                 # best-static is centred on what deco did in the same condition and seed: last.
                 for method in sorted(plan.methods, key=lambda m: m == BEST_STATIC):
                     print(f"[bench] {condition_name} / {method} / seed {seed} ...", flush=True)
-                    if method == BEST_STATIC:
+                    if method == BEST_STATIC and searched and plan.grid_seeds is not None \
+                            and index >= plan.grid_seeds:
+                        point = searched_best(searched)
+                        row = run_best_static(replace(plan, grid=1), condition, seed, Path(traces), point,
+                                              f"the best point of seed(s) {', '.join(str(r['seed']) for r in searched)}'s grids")
+                    elif method == BEST_STATIC:
                         center, centered_on = grid_center_for(plan, condition, seed, Path(traces), rows)
                         row = run_best_static(plan, condition, seed, Path(traces), center, centered_on)
+                        searched.append(row)
                     else:
                         row = run_one(plan, condition, method, seed, Path(traces))
                     print(f"[bench]   reached {row['reached_target']} in {row['time_to_target_s']} s, "
@@ -653,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                              "best-static on a 2 x 2 grid): checks the machinery, measures nothing.")
     parser.add_argument("--grid", type=int, default=0,
                         help="Taus and deltas per side of best-static's grid (default 3: 3 x 3 runs).")
+    parser.add_argument("--grid-seeds", type=int_at_least(1), default=0,
+                        help="best-static searches its grid on the first N seeds only; later seeds run only "
+                             "the best point found (default: every seed searches its own grid).")
     parser.add_argument("--conditions", default="", help=f"Comma-separated subset of {', '.join(CONDITIONS)}.")
     parser.add_argument("--methods", default="", help=f"Comma-separated subset of {', '.join(METHODS)}.")
     parser.add_argument("--seeds", type=int_at_least(0), default=0, help="Number of seeds (default: 1 quick, 3 full).")
@@ -683,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.grid <= 5:
             parser.error(f"--grid takes 1 to 5 (taus and deltas per side); got {args.grid}")
         plan = replace(plan, grid=args.grid)
+    if args.grid_seeds:
+        plan = replace(plan, grid_seeds=args.grid_seeds)
     if args.conditions:
         plan = replace(plan, conditions=tuple(args.conditions.split(",")))
     if args.methods:

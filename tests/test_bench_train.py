@@ -194,3 +194,34 @@ def test_the_quick_plan_runs_the_cnn_in_the_papers_regime_for_minutes():
     assert limit_of(QUICK, CONDITIONS["cnn-varying"]) == 240  # capped below the condition's 360 s
     assert limit_of(BenchPlan(conditions=(), methods=(), seeds=(), time_limit_s=300, target_accuracy=0.97,
                               batch_size=64, lr=0.1, out_dir="x"), CONDITIONS["cnn-varying"]) == 360
+
+
+def test_later_seeds_run_the_point_the_searched_grids_found_fastest(tmp_path):
+    """--grid-seeds: the grid is searched on the first seeds; the others run its best point only."""
+    import json
+    from dataclasses import replace
+
+    from wanps.bench.train import searched_best
+
+    def grid(times):
+        return [{"tau": t, "delta": d, "reached_target": x is not None, "time_to_target_s": x}
+                for (t, d), x in times.items()]
+
+    searched = [{"seed": 0, "grid": grid({(1, 0.01): 20.0, (2, 0.01): 18.0, (2, 0.02): None})},
+                {"seed": 1, "grid": grid({(1, 0.01): 21.0, (2, 0.01): 30.0, (2, 0.02): 10.0})}]
+    # medians: (1, 0.01) 20.5, (2, 0.01) 24.0, (2, 0.02) inf (missed once)
+    assert searched_best(searched) == (1, 0.01)
+    plan = BenchPlan(conditions=("smoke",), methods=(BEST_STATIC,), seeds=(0, 1, 2), time_limit_s=45,
+                     target_accuracy=0.85, batch_size=64, lr=0.2, out_dir=str(tmp_path), grid=3, grid_seeds=2)
+    ran = []
+
+    def run_point(out, tau, delta, time_limit_s):
+        ran.append((tau, delta))
+        out.mkdir(parents=True)
+        result = demo_result(15.0, accuracy=0.97)
+        (out / "demo.json").write_text(json.dumps(result))
+        return result
+
+    row = run_best_static(replace(plan, grid=1), CONDITIONS["smoke"], 2, tmp_path, (1, 0.01), "seed 0-1's grids",
+                          run_point)
+    assert ran == [(1, 0.01)] and row["best"] == {"tau": 1, "delta": 0.01}
