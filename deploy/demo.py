@@ -225,7 +225,9 @@ def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict
         "measured_iter_s": measured_iteration_s(rounds),
         "decisions": [{"id": d.decision_id, "from_round": d.from_round, "tau": d.tau, "delta": d.delta,
                        "predicted_iter_s": d.predicted_iter_s, "reason": d.reason,
-                       "worker_delta": {str(k): v for k, v in d.worker_delta.items()}} for d in decisions],
+                       "worker_delta": {str(k): v for k, v in d.worker_delta.items()},
+                       "worker_downlink_delta": {str(k): v for k, v in d.worker_downlink_delta.items()}}
+                      for d in decisions],
         "controller_state": controller_state,
         "link_track": link_track,
         "trace_offset_s": round(trace_offset_s, 3),
