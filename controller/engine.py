@@ -122,9 +122,11 @@ class ControllerCore:
         self._decided_at_round = None
         return self.maybe_decide(now_s)
 
-    def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
+    def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str,
+               worker_downlink_delta: dict[int, float] | None = None) -> Decision:
         """Record a decision by hand (tests, drills), pruned like any other."""
-        decision = self.book.add(from_round, tau, delta, policy, reason)
+        decision = self.book.add(from_round, tau, delta, policy, reason,
+                                 worker_downlink_delta=worker_downlink_delta)
         self.book.prune(self.reported_round)
         self._history.append(decision)
         return decision
