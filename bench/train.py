@@ -695,8 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds or args.first_seed:
         count = args.seeds or len(plan.seeds)
         plan = replace(plan, seeds=tuple(range(args.first_seed, args.first_seed + count)))
-    if args.time_limit:
-        plan = replace(plan, time_limit_s=args.time_limit)
+    if args.time_limit:  # every run's limit, a condition's own (the CNN's 360 s) included
+        plan = replace(plan, time_limit_s=args.time_limit, time_limit_cap_s=args.time_limit)
     plan = replace(plan, out_dir=args.out, controller_args=tuple(args.controller_arg))
     unknown = [c for c in plan.conditions if c not in CONDITIONS] + [m for m in plan.methods if m not in METHODS]
     if unknown:
