@@ -582,15 +582,16 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self._report_downlinks()
         return version
 
-    def _set_downlink(self, stream_id: int, rounds: FollowerRounds, fraction: float) -> int:
+    def _set_downlink(self, stream_id: int, rounds: FollowerRounds, fraction: float) -> tuple[int, str]:
         """On the core thread (SetDownlink): open, retune or drain the stream's residual from
-        the next round that closes. Returns the version it holds after."""
+        the next round that closes. Returns the version it holds after, and what changed."""
         residual = self._downlinks.get(stream_id)
         if residual is not None:
             residual.retune(fraction or None)  # 0: drain
-        elif fraction:
-            self._open_downlink(stream_id, rounds, fraction)
-        return self._core.version
+            return self._core.version, f"fraction {fraction:g}" if fraction else "uncompressed (draining its residual)"
+        if fraction:
+            return self._open_downlink(stream_id, rounds, fraction), f"fraction {fraction:g}"
+        return self._core.version, "uncompressed already"
 
     def downlink_mirrors(self) -> dict[int, torch.Tensor]:
         """For tests and tools, from any thread but the event loop (it waits for the core
@@ -714,9 +715,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 raise FailedPrecondition(f"worker {request.worker_id} has no Updates stream open under stream_key "
                                          f"{request.stream_key}")
             stream_id, rounds = found
-            version = await self._on_core(lambda: self._set_downlink(stream_id, rounds, fraction))
-            log.info("worker %d: downlink %s from version %d", request.worker_id,
-                     f"fraction {fraction:g}" if fraction else "uncompressed (draining its residual)", version)
+            version, change = await self._on_core(lambda: self._set_downlink(stream_id, rounds, fraction))
+            log.info("worker %d: downlink %s from version %d", request.worker_id, change, version)
             return pb.SetDownlinkReply(version=version)
 
     def _report_downlinks(self) -> None:

@@ -52,7 +52,9 @@ log = logging.getLogger("wanps.worker")
 
 # While the first join or pull waits for an unreachable server: a line at most this often (and when the cause changes).
 WAIT_LOG_INTERVAL_S = 10.0
-SET_DOWNLINK_TIMEOUT_S = 10.0  # one SetDownlink call (a later step tries again)
+# One SetDownlink call (a later step tries again; the call is idempotent). Its reply may queue
+# behind the deltas on a slow downlink (a residual draining at 3 Mbit/s takes seconds).
+SET_DOWNLINK_TIMEOUT_S = 60.0
 
 
 def check_downlink_delta(downlink_delta: float | None) -> None:
