@@ -54,8 +54,9 @@ from wanps.rpc.config import EnvDefaultsParser, float_at_least, int_at_least
 @dataclass(frozen=True)
 class Condition:
     name: str
-    # (bandwidth Mbit/s, one-way delay ms) per worker; None = the shipped varying trace.
-    links: tuple[tuple[float, float], ...] | None
+    # (bandwidth Mbit/s, one-way delay ms) per worker, or (up Mbit/s, one-way delay ms, down
+    # Mbit/s) for an asymmetric link; None = the shipped varying trace.
+    links: tuple[tuple[float, ...], ...] | None
     description: str
     task: str = "mnist"
     # None: the plan's target accuracy, time limit and learning rate; the demo's tau_max.
@@ -89,6 +90,11 @@ CONDITIONS: dict[str, Condition] = {
     "cnn-fixed-10M-50ms": Condition("cnn-fixed-10M-50ms", fixed(10, 50), "CNN, 10 Mbit/s, RTT 100 ms",
                                     task="mnist-cnn", target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4,
                                     batch_size=96),
+    # One slow downlink (an egress-limited site) among symmetric links: deco is bound by it,
+    # deco-hetero gives that follower its own downlink fraction (docs/controller.md).
+    "cnn-slow-down": Condition("cnn-slow-down", (*fixed(20, 50, workers=3), (20, 50, 3)),
+                               "CNN, 4 x 20 Mbit/s up, 3 x 20 + 1 x 3 Mbit/s down, RTT 100 ms", task="mnist-cnn",
+                               target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4, batch_size=96),
     # `--smoke`: the whole pipeline (best-static's grid included) in minutes, numbers meaningless.
     "smoke": Condition("smoke", fixed(20, 10, workers=2), "smoke: synthetic task, 2 x 20 Mbit/s, RTT 20 ms",
                        task="synthetic", target_accuracy=0.995, time_limit_s=25, lr=0.2, tau_max=4, workers=2),
@@ -151,13 +157,28 @@ SMOKE = BenchPlan(conditions=("smoke",), methods=("static", "deco", BEST_STATIC)
 
 
 def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
+    """One fixed trace per worker (its uplink's, and its downlink's unless it has its own)."""
     if condition.links is None:
         return ()
     paths = []
-    for i, (bandwidth, delay) in enumerate(condition.links):
+    for i, (bandwidth, delay, *_) in enumerate(condition.links):
         path = folder / f"{condition.name}-{i}.csv"
         path.write_text(f"time_s,bandwidth_mbit,delay_ms\n0,{bandwidth},{delay}\n")
         paths.append(str(path))
+    return tuple(paths)
+
+
+def write_down_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
+    """Per worker, the trace of a downlink of its own ("" for a symmetric link); () when none has one."""
+    if condition.links is None or all(len(link) == 2 for link in condition.links):
+        return ()
+    paths = []
+    for i, (_, delay, *down) in enumerate(condition.links):
+        path = ""
+        if down:
+            path = str(folder / f"{condition.name}-{i}-down.csv")
+            Path(path).write_text(f"time_s,bandwidth_mbit,delay_ms\n0,{down[0]},{delay}\n")
+        paths.append(path)
     return tuple(paths)
 
 
@@ -251,6 +272,7 @@ def run_demo_at(plan: BenchPlan, condition: Condition, seed: int, traces_dir: Pa
                         batch_size=condition.batch_size or plan.batch_size, target_accuracy=target_of(plan, condition),
                         time_limit_s=time_limit_s or limit_of(plan, condition),
                         worker_traces=write_traces(condition, traces_dir),
+                        worker_down_traces=write_down_traces(condition, traces_dir),
                         controller_args=(*controller_args, *plan.controller_args), out_dir=str(out),
                         progress=False, seed=seed, track_links=True)
     load = os.getloadavg()[0]  # other jobs on the machine slow every method; the rows say how busy it was
@@ -605,7 +627,7 @@ def plot_decisions(row: dict, condition: str, out_dir: Path) -> Path:
         trace = LinkTrace.from_csv(default_trace())
         set_at = lambda t: trace.at(t).bandwidth_mbit  # noqa: E731
     else:
-        slowest = min(b for b, _ in links)
+        slowest = min(link[0] for link in links)
         set_at = lambda t: slowest  # noqa: E731
     decisions = sorted(row.get("decision_trace", []), key=lambda d: (d["from_round"], d["id"]))
 
@@ -716,8 +738,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds or args.first_seed:
         count = args.seeds or len(plan.seeds)
         plan = replace(plan, seeds=tuple(range(args.first_seed, args.first_seed + count)))
-    if args.time_limit:
-        plan = replace(plan, time_limit_s=args.time_limit)
+    if args.time_limit:  # every run's limit, a condition's own (the CNN's 360 s) included
+        plan = replace(plan, time_limit_s=args.time_limit, time_limit_cap_s=args.time_limit)
     plan = replace(plan, out_dir=args.out, controller_args=tuple(args.controller_arg))
     unknown = [c for c in plan.conditions if c not in CONDITIONS] + [m for m in plan.methods if m not in METHODS]
     if unknown:

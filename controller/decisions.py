@@ -21,9 +21,10 @@ class DecisionBook:
         return len(self._decisions)
 
     def add(self, from_round: int, tau: int, delta: float, policy: str, reason: str,
-            worker_delta: dict[int, float] | None = None, predicted_iter_s: float = 0.0) -> Decision:
+            worker_delta: dict[int, float] | None = None, predicted_iter_s: float = 0.0,
+            worker_downlink_delta: dict[int, float] | None = None) -> Decision:
         decision = Decision(self._next_id, from_round, tau, delta, policy, reason, dict(worker_delta or {}),
-                            predicted_iter_s)
+                            predicted_iter_s, dict(worker_downlink_delta or {}))
         self._next_id += 1
         self._decisions.append(decision)
         return decision

@@ -19,7 +19,7 @@ from wanps.proto.decisions import Decision, decision_for_round
 from wanps.controller.decisions import MAX_PENDING_DECISIONS, DecisionBook
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
 from wanps.controller.policy import (ClusterView, PolicyConfig, Proposal, deco_input, differs_enough, estimates_moved,
-                                     propose, slowest_down, slowest_link)
+                                     pricing_downlink, propose, slowest_link)
 
 
 class TooManyPendingDecisions(RuntimeError):
@@ -124,9 +124,11 @@ class ControllerCore:
         self._decided_at_round = None
         return self.maybe_decide(now_s)
 
-    def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
+    def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str,
+               worker_downlink_delta: dict[int, float] | None = None) -> Decision:
         """Record a decision by hand (tests, drills), pruned like any other."""
-        decision = self.book.add(from_round, tau, delta, policy, reason)
+        decision = self.book.add(from_round, tau, delta, policy, reason,
+                                 worker_downlink_delta=worker_downlink_delta)
         self.book.prune(self.reported_round)
         self._history.append(decision)
         return decision
@@ -180,7 +182,7 @@ class ControllerCore:
         view = ClusterView(round=self.reported_round, num_params=self.num_params, estimates=self.estimates,
                            traffic_factor=self.traffic_factor(), overhead_s=self.overhead_s(),
                            bits_per_element=self.bits_per_element())
-        x = deco_input(view, bandwidth, latency, t_comp, self.policy, slowest_down(self.estimates))
+        x = deco_input(view, bandwidth, latency, t_comp, self.policy, pricing_downlink(self.policy, self.estimates))
         measured = (t1 - t0) / (r1 - r0)
         total, weights = 0.0, 0.0
         for decision, rounds in self._decisions_over(r0, r1):
@@ -286,7 +288,8 @@ class ControllerCore:
             return None  # the book is full of switches ahead: decide again once rounds reach them
         self._proposal = proposal
         decision = self.book.add(self._next_from_round(), proposal.tau, proposal.delta, self.policy.name,
-                                 proposal.reason, proposal.worker_delta, proposal.predicted_iter_s or 0.0)
+                                 proposal.reason, proposal.worker_delta, proposal.predicted_iter_s or 0.0,
+                                 proposal.worker_downlink_delta)
         self.book.prune(self.reported_round)
         self._history.append(decision)
         return decision

@@ -5,10 +5,11 @@ Policies:
 - `static`: a fixed (tau, delta), decided once (the CocktailSGD-style baseline).
 - `deco`: DeCo (controller/deco.py) on the slowest link (lowest bandwidth, highest latency
   and compute time over the workers), one (tau, delta) for all, as the paper does.
-- `deco-hetero` (beyond the paper): tau from `deco`, then each worker its own delta_i =
-  delta*(tau) of its own uplink, scaled so that sum(delta_i) <= n * delta(deco): every
-  worker downloads the union of all selections, so the slowest link's download budget
-  still binds; within it, slow uplinks send less and fast ones more.
+- `deco-hetero` (beyond the paper): a shared tau, each worker its own delta_i = delta*(tau)
+  of its own uplink, and a follower whose downlink cannot carry the union of the
+  selections in the round time the decision targets its own downlink fraction (a
+  compressed downlink with a residual on the server, server/downlink.py); see
+  `hetero_proposal`.
 - `accordion` (a baseline, Accordion-style): tau 0; every E rounds, compare the mean
   gradient norm of the last interval with the one before; a relative change of at least
   `accordion_eta` marks a critical regime and gets the light compression
@@ -115,6 +116,8 @@ class Proposal:
     reason: str
     worker_delta: dict[int, float] = field(default_factory=dict)
     predicted_iter_s: float | None = None
+    # deco-hetero: the followers given their own downlink fraction (absent: uncompressed).
+    worker_downlink_delta: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -180,29 +183,95 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
     bandwidth, latency, t_comp = slowest_link(view.estimates)
     if t_comp is None:
         return None
+    if config.name == "deco-hetero":
+        return hetero_proposal(config, view, bandwidth, latency, t_comp)
     down = slowest_down(view.estimates)
-    decision: DecoDecision = deco(deco_input(view, bandwidth, latency, t_comp, config, down))
-    reason = (f"{decision.reason} ({config.time_model} form): a {bandwidth / 1e6:.1f} up / {down / 1e6:.1f} down "
-              f"Mbit/s, b {latency * 1e3:.0f} ms, "
-              f"T_comp {t_comp * 1e3:.1f} ms + overhead {view.overhead_s * 1e3:.1f} ms, traffic x{view.traffic_factor:.1f}, "
-              f"{view.bits_per_element:.1f} bits/element")
-    if config.name == "deco":
-        return Proposal(decision.tau, decision.delta, reason, predicted_iter_s=decision.predicted_iter_s)
-    # deco-hetero: shared tau, each worker the delta its own uplink carries at that tau, then
-    # scaled so the total stays within what deco sends: every worker downloads the union of
-    # all selections, so the slowest link's download budget (n * deco's delta) binds everyone.
+    x = deco_input(view, bandwidth, latency, t_comp, config, down)
+    decision: DecoDecision = deco(x)
+    return Proposal(decision.tau, decision.delta, deco_reason(decision, x, view, config.link_share),
+                    predicted_iter_s=decision.predicted_iter_s)
+
+
+def deco_reason(decision: DecoDecision, x: DecoInput, view: ClusterView, share: float) -> str:
+    """The decision and what it was made on: the estimates (DeCo planned on `share` of them)."""
+    return (f"{decision.reason} ({x.time_model} form): a {x.bandwidth_bps / share / 1e6:.1f} up / "
+            f"{x.downlink_bps / share / 1e6:.1f} down Mbit/s (planned on {share:.0%}), b {x.latency_s * 1e3:.0f} ms, "
+            f"T_comp {x.t_comp_s * 1e3:.1f} ms + overhead "
+            f"{view.overhead_s * 1e3:.1f} ms, traffic x{view.traffic_factor:.1f}, "
+            f"{view.bits_per_element:.1f} bits/element")
+
+
+def down_of(estimate: LinkEstimate) -> float:
+    """A worker's downlink bandwidth: its own estimate, else its uplink's (symmetric until measured)."""
+    return estimate.down_bandwidth_bps if estimate.down_bandwidth_bps is not None else estimate.bandwidth_bps
+
+
+def slow_downlinks(estimates: dict[int, LinkEstimate]) -> set[int]:
+    """The workers whose downlink is slower than every uplink: the asymmetric followers a
+    compressed downlink is for. Without downlink estimates (each taken as its uplink), none."""
+    slowest_up = min(e.bandwidth_bps for e in estimates.values())
+    return {w for w, e in estimates.items() if down_of(e) < slowest_up}
+
+
+def pricing_downlink(config: PolicyConfig, estimates: dict[int, LinkEstimate]) -> float:
+    """The downlink DeCo prices a round's download on under this policy: the slowest one,
+    except for deco-hetero, where followers on slow downlinks may get their own downlink
+    fraction and the slowest of the others binds (`hetero_proposal`)."""
+    if config.name == "deco-hetero":
+        slow = slow_downlinks(estimates)
+        if len(slow) < len(estimates):
+            return min(down_of(e) for w, e in estimates.items() if w not in slow)
+    return slowest_down(estimates)
+
+
+def hetero_proposal(config: PolicyConfig, view: ClusterView, bandwidth: float, latency: float, t_comp: float
+                    ) -> Proposal:
+    """deco-hetero: a shared tau, per-worker uplink deltas, per-follower downlink fractions.
+
+    Every uncompressed follower downloads the union of all selections each round, so under
+    bit-identical replicas the slowest downlink caps what everybody may send, and a single
+    slow downlink (an egress-limited site, a consumer line) drags every delta down. Instead:
+    1. DeCo (tau, delta, and the round time T it targets) on the slowest uplink (`bandwidth`,
+       with the largest `latency` and `t_comp`) and on the
+       slowest downlink among the followers that are not slower than every uplink
+       (`pricing_downlink`): the asymmetric ones are left out of the bind;
+    2. a follower whose downlink cannot carry the union (traffic_factor * delta * S_g, as
+       DeCo prices the download) within T gets its own downlink fraction: what its downlink
+       carries in T, T * a_down / S_g (S_g the wire bits of a dense round; a compressed
+       follower receives its own top-k, no union). The rest stays on the server as its
+       downlink residual and reaches it in later rounds;
+    3. each worker's uplink delta is delta*(tau) of its own uplink, shrunk so that the sum
+       stays within n * delta: the union then fits what step 1 priced, which only the
+       uncompressed followers have to carry.
+    """
+    assert view.num_params is not None
+    down = pricing_downlink(config, view.estimates)
+    x = deco_input(view, bandwidth, latency, t_comp, config, down)
+    decision = deco(x)
+    round_s = decision.predicted_iter_s
+    union_bits = x.download_factor * decision.delta * x.gradient_bits
+    floor = 1.0 / view.num_params
+    worker_downlink_delta = {}
+    for worker_id in sorted(slow_downlinks(view.estimates)):
+        worker_down = down_of(view.estimates[worker_id]) * config.link_share  # headroom, as DeCo's
+        if union_bits / worker_down > round_s:
+            worker_downlink_delta[worker_id] = min(1.0, max(floor, round_s * worker_down / x.gradient_bits))
     own_deltas = {}
     for worker_id, estimate in view.estimates.items():
+        # A compressed follower no longer downloads the union: its uplink alone sets its delta.
+        own_down = down if worker_id in worker_downlink_delta else estimate.down_bandwidth_bps
         own = deco_input(view, estimate.bandwidth_bps, estimate.latency_s, estimate.t_comp_s or t_comp, config,
-                         estimate.down_bandwidth_bps)
+                         own_down)
         own_deltas[worker_id] = max(own.min_delta, delta_for_tau(own, decision.tau))
     budget = decision.delta * len(own_deltas)
     total = sum(own_deltas.values())
     shrink = min(1.0, budget / total) if total > 0 else 1.0
-    floor = 1.0 / view.num_params
     worker_delta = {w: min(1.0, max(floor, d * shrink)) for w, d in own_deltas.items()}
-    return Proposal(decision.tau, decision.delta, "hetero " + reason, worker_delta=worker_delta,
-                    predicted_iter_s=decision.predicted_iter_s)
+    compressed = ", ".join(f"worker {w} {f:.4g} ({down_of(view.estimates[w]) / 1e6:.1f} Mbit/s down)"
+                           for w, f in worker_downlink_delta.items())
+    reason = f"hetero {deco_reason(decision, x, view, config.link_share)}; downlink fractions: {compressed or 'none'}"
+    return Proposal(decision.tau, decision.delta, reason, worker_delta=worker_delta,
+                    predicted_iter_s=decision.predicted_iter_s, worker_downlink_delta=worker_downlink_delta)
 
 
 def differs_enough(old: Proposal | None, new: Proposal, config: PolicyConfig) -> bool:
@@ -212,10 +281,14 @@ def differs_enough(old: Proposal | None, new: Proposal, config: PolicyConfig) ->
         return True
     if abs(math.log(new.delta / old.delta)) > math.log1p(config.delta_hysteresis):
         return True
-    for worker_id, delta in new.worker_delta.items():
-        before = old.worker_delta.get(worker_id)
-        if before is None or abs(math.log(delta / before)) > math.log1p(config.delta_hysteresis):
-            return True
+    for new_deltas, old_deltas in ((new.worker_delta, old.worker_delta),
+                                   (new.worker_downlink_delta, old.worker_downlink_delta)):
+        if new_deltas is new.worker_downlink_delta and set(new_deltas) != set(old_deltas):
+            return True  # a follower's downlink turns compressed or uncompressed
+        for worker_id, delta in new_deltas.items():
+            before = old_deltas.get(worker_id)
+            if before is None or abs(math.log(delta / before)) > math.log1p(config.delta_hysteresis):
+                return True
     return False
 
 

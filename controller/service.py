@@ -126,9 +126,11 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def _on_core(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._core_thread, function, *args)
 
-    async def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str) -> Decision:
+    async def decide(self, from_round: int, tau: int, delta: float, policy: str, reason: str,
+                     worker_downlink_delta: dict[int, float] | None = None) -> Decision:
         """Record a decision by hand and stream it to every subscriber (tests, drills)."""
-        decision = await self._on_core(self.core.decide, from_round, tau, delta, policy, reason)
+        decision = await self._on_core(self.core.decide, from_round, tau, delta, policy, reason,
+                                       worker_downlink_delta)
         self._publish(decision)
         return decision
 

@@ -50,6 +50,8 @@ class DemoConfig:
     trace: str = ""  # empty: the shipped varying trace
     # One trace per worker (overrides `trace`), e.g. one slow link among fast ones.
     worker_traces: tuple[str, ...] = ()
+    # One downlink trace per worker ("": the link's own trace both ways), for asymmetric links.
+    worker_down_traces: tuple[str, ...] = ()
     # Extra flags for `wanps controller` (e.g. ("--every-rounds", "0")).
     controller_args: tuple[str, ...] = ()
     # Poll the controller's estimates at every evaluation (the PNG's second panel, the bench's
@@ -106,9 +108,11 @@ def start_cluster(config: DemoConfig, log_dir: Path, env: dict[str, str] | None 
     if not config.direct:
         for i in range(config.workers):
             trace = config.worker_traces[i] if config.worker_traces else (config.trace or default_trace())
+            down = config.worker_down_traces[i] if config.worker_down_traces else ""
+            down_args = ("--down-trace", down) if down else ()
             links.append([start_process(f"linkem-{i}" if config.shards == 1 else f"linkem-{i}-{index}", wanps_command(
-                "linkem", "--listen", "127.0.0.1:0", "--target", server.address, "--trace", trace), log_dir)
-                for index, server in enumerate(servers)])
+                "linkem", "--listen", "127.0.0.1:0", "--target", server.address, "--trace", trace, *down_args),
+                log_dir) for index, server in enumerate(servers)])
         for link in (link for worker_links in links for link in worker_links):
             link.wait_ready(30)
     return servers, controller, links
@@ -225,7 +229,9 @@ def run_demo(config: DemoConfig, security: ClientSecurity | None = None) -> dict
         "measured_iter_s": measured_iteration_s(rounds),
         "decisions": [{"id": d.decision_id, "from_round": d.from_round, "tau": d.tau, "delta": d.delta,
                        "predicted_iter_s": d.predicted_iter_s, "reason": d.reason,
-                       "worker_delta": {str(k): v for k, v in d.worker_delta.items()}} for d in decisions],
+                       "worker_delta": {str(k): v for k, v in d.worker_delta.items()},
+                       "worker_downlink_delta": {str(k): v for k, v in d.worker_downlink_delta.items()}}
+                      for d in decisions],
         "controller_state": controller_state,
         "link_track": link_track,
         "trace_offset_s": round(trace_offset_s, 3),

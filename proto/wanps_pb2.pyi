@@ -210,19 +210,39 @@ class PushReply(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., late: _Optional[bool] = ..., durable_version: _Optional[int] = ..., snapshot_version: _Optional[int] = ..., received_ns: _Optional[int] = ...) -> None: ...
 
 class UpdatesRequest(_message.Message):
-    __slots__ = ("worker_id", "from_version", "member_secret", "downlink_delta")
+    __slots__ = ("worker_id", "from_version", "member_secret", "downlink_delta", "stream_key")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
     DOWNLINK_DELTA_FIELD_NUMBER: _ClassVar[int]
+    STREAM_KEY_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     from_version: int
     member_secret: bytes
     downlink_delta: float
-    def __init__(self, worker_id: _Optional[int] = ..., from_version: _Optional[int] = ..., member_secret: _Optional[bytes] = ..., downlink_delta: _Optional[float] = ...) -> None: ...
+    stream_key: int
+    def __init__(self, worker_id: _Optional[int] = ..., from_version: _Optional[int] = ..., member_secret: _Optional[bytes] = ..., downlink_delta: _Optional[float] = ..., stream_key: _Optional[int] = ...) -> None: ...
+
+class SetDownlinkRequest(_message.Message):
+    __slots__ = ("worker_id", "member_secret", "stream_key", "downlink_delta")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    STREAM_KEY_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_DELTA_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    member_secret: bytes
+    stream_key: int
+    downlink_delta: float
+    def __init__(self, worker_id: _Optional[int] = ..., member_secret: _Optional[bytes] = ..., stream_key: _Optional[int] = ..., downlink_delta: _Optional[float] = ...) -> None: ...
+
+class SetDownlinkReply(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class DeltaChunk(_message.Message):
-    __slots__ = ("round", "version", "total_count", "indices", "values", "last", "has_model_checksum", "model_checksum", "pushed", "skipped", "dense", "has_follower_checksum", "follower_checksum", "sent_ns")
+    __slots__ = ("round", "version", "total_count", "indices", "values", "last", "has_model_checksum", "model_checksum", "pushed", "skipped", "dense", "has_follower_checksum", "follower_checksum", "sent_ns", "downlink_delta")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +257,7 @@ class DeltaChunk(_message.Message):
     HAS_FOLLOWER_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     FOLLOWER_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     SENT_NS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_DELTA_FIELD_NUMBER: _ClassVar[int]
     round: int
     version: int
     total_count: int
@@ -251,7 +272,8 @@ class DeltaChunk(_message.Message):
     has_follower_checksum: bool
     follower_checksum: int
     sent_ns: int
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_checksum: _Optional[bool] = ..., model_checksum: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ..., has_follower_checksum: _Optional[bool] = ..., follower_checksum: _Optional[int] = ..., sent_ns: _Optional[int] = ...) -> None: ...
+    downlink_delta: float
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., total_count: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., last: _Optional[bool] = ..., has_model_checksum: _Optional[bool] = ..., model_checksum: _Optional[int] = ..., pushed: _Optional[int] = ..., skipped: _Optional[int] = ..., dense: _Optional[bool] = ..., has_follower_checksum: _Optional[bool] = ..., follower_checksum: _Optional[int] = ..., sent_ns: _Optional[int] = ..., downlink_delta: _Optional[float] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("worker_id", "sent_unix_ns", "padding", "member_secret", "reply_bytes")
@@ -328,8 +350,15 @@ class DecisionsRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("decision_id", "from_round", "tau", "delta", "policy", "reason", "worker_delta", "predicted_iter_s")
+    __slots__ = ("decision_id", "from_round", "tau", "delta", "policy", "reason", "worker_delta", "predicted_iter_s", "worker_downlink_delta")
     class WorkerDeltaEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class WorkerDownlinkDeltaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +373,7 @@ class Decision(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     WORKER_DELTA_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ITER_S_FIELD_NUMBER: _ClassVar[int]
+    WORKER_DOWNLINK_DELTA_FIELD_NUMBER: _ClassVar[int]
     decision_id: int
     from_round: int
     tau: int
@@ -352,7 +382,8 @@ class Decision(_message.Message):
     reason: str
     worker_delta: _containers.ScalarMap[int, float]
     predicted_iter_s: float
-    def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., worker_delta: _Optional[_Mapping[int, float]] = ..., predicted_iter_s: _Optional[float] = ...) -> None: ...
+    worker_downlink_delta: _containers.ScalarMap[int, float]
+    def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., worker_delta: _Optional[_Mapping[int, float]] = ..., predicted_iter_s: _Optional[float] = ..., worker_downlink_delta: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class LinkSample(_message.Message):
     __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm", "elements", "direction", "timed_bytes", "queued_s", "transfer_s", "has_one_way", "one_way_up_s")

@@ -76,6 +76,11 @@ class ParameterServerStub:
                 request_serializer=wanps_dot_proto_dot_wanps__pb2.ResumeRequest.SerializeToString,
                 response_deserializer=wanps_dot_proto_dot_wanps__pb2.ResumeReply.FromString,
                 _registered_method=True)
+        self.SetDownlink = channel.unary_unary(
+                '/wanps.v1.ParameterServer/SetDownlink',
+                request_serializer=wanps_dot_proto_dot_wanps__pb2.SetDownlinkRequest.SerializeToString,
+                response_deserializer=wanps_dot_proto_dot_wanps__pb2.SetDownlinkReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -145,6 +150,17 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDownlink(self, request, context):
+        """Issue 15, fields from 70: change the downlink compression of one of the caller's open
+        Updates streams (the one opened with `stream_key`) from the next round that closes, with
+        no pull and nothing lost (docs/architecture.md, "Downlink compression"). A fraction in
+        (0, 1] starts or retunes the stream's downlink residual; 0 drains the residual and hands
+        the stream back to the shared rounds once the follower's replica equals the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +203,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Resume,
                     request_deserializer=wanps_dot_proto_dot_wanps__pb2.ResumeRequest.FromString,
                     response_serializer=wanps_dot_proto_dot_wanps__pb2.ResumeReply.SerializeToString,
+            ),
+            'SetDownlink': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDownlink,
+                    request_deserializer=wanps_dot_proto_dot_wanps__pb2.SetDownlinkRequest.FromString,
+                    response_serializer=wanps_dot_proto_dot_wanps__pb2.SetDownlinkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +428,33 @@ class ParameterServer:
             '/wanps.v1.ParameterServer/Resume',
             wanps_dot_proto_dot_wanps__pb2.ResumeRequest.SerializeToString,
             wanps_dot_proto_dot_wanps__pb2.ResumeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDownlink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wanps.v1.ParameterServer/SetDownlink',
+            wanps_dot_proto_dot_wanps__pb2.SetDownlinkRequest.SerializeToString,
+            wanps_dot_proto_dot_wanps__pb2.SetDownlinkReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,6 +18,14 @@ so `r_f <- r_f + delta_round - C(r_f + delta_round)`, the error-feedback recursi
 residual recomputed from x and m_f each round instead of accumulated (no drift: a rounding
 left in one round is part of the next round's residual).
 
+A residual is retuned while its stream stays open (`retune`, from `SetDownlink`): a new
+fraction holds from the next round; "off" drains it: every pending element goes each round
+(dense when that is cheaper, never more than a model pull), until a round leaves the mirror
+equal to the model to the bit (`drained`), usually the first or the second: m - (m - x) is x
+exactly when m and x are within a factor of two (Sterbenz), and a rounding left in one round
+is the next round's residual. The follower's replica is then the model, and its stream goes
+back to the rounds every follower gets.
+
 What is exact (bit-for-bit) and what is not: the follower applies the same `apply_delta`
 with the same values in the same order, so its replica equals `m_f` to the bit at every
 version; the server sends `checksum(m_f)` (the follower's own expected checksum) when a
@@ -57,9 +65,20 @@ class DownlinkResidual:
 
     def __init__(self, model: torch.Tensor, fraction: float) -> None:
         check_fraction(fraction)
-        self.fraction = float(fraction)
         self.mirror = model.detach().clone()  # the follower's replica; residual zero (it just synced)
-        self.k = elements_per_round(fraction, self.mirror.numel())
+        self.retune(fraction)
+
+    def retune(self, fraction: float | None) -> None:
+        """The fraction for the rounds from now on; None: drain (see the module)."""
+        if fraction is not None:
+            check_fraction(fraction)
+        self.draining = fraction is None
+        self.fraction = 1.0 if fraction is None else float(fraction)
+        self.k = elements_per_round(self.fraction, self.mirror.numel())
+
+    def drained(self, model: torch.Tensor) -> bool:
+        """Draining, and the follower's replica is the model, to the bit."""
+        return self.draining and torch.equal(self.mirror, model)
 
     @property
     def nbytes(self) -> int:
@@ -78,9 +97,11 @@ class DownlinkResidual:
         else:
             indices = pending.abs().topk(self.k, sorted=False).indices
             indices = indices[pending[indices] != 0]  # elements already equal cost nothing to skip
-        indices = indices.sort().values.to(torch.int32)
-        values = pending[indices.long()]
-        update = Update(values=values, indices=indices)
+        if 2 * indices.numel() > pending.numel():
+            update = Update(values=pending, indices=None)  # dense: 4 bytes an element, not 8
+        else:
+            indices = indices.sort().values.to(torch.int32)
+            update = Update(values=pending[indices.long()], indices=indices)
         apply_delta(self.mirror, update)
         return update
 

@@ -55,14 +55,16 @@ def encode_round(closed: ClosedRound) -> tuple[pb.DeltaChunk, ...]:
     return tuple(chunks)
 
 
-def encode_follower_round(closed: ClosedRound, delta: codec.Update, follower_checksum: int | None
-                          ) -> tuple[pb.DeltaChunk, ...]:
+def encode_follower_round(closed: ClosedRound, delta: codec.Update, follower_checksum: int | None,
+                          fraction: float = 1.0) -> tuple[pb.DeltaChunk, ...]:
     """A closed round as one compressed follower receives it (server/downlink.py): its own
-    delta, and on the last chunk the checksum its replica must have (not the model's)."""
+    delta, and on the last chunk the checksum its replica must have (not the model's) and the
+    fraction the round was cut to (so the follower knows its replica may differ from the model)."""
     chunks = encode_round(dataclasses.replace(closed, delta=delta, model_checksum=None))
     if follower_checksum is not None:
         chunks[-1].has_follower_checksum = True
         chunks[-1].follower_checksum = follower_checksum
+    chunks[-1].downlink_delta = fraction
     return chunks
 
 
@@ -72,6 +74,15 @@ def stamp_sent(chunks: tuple[pb.DeltaChunk, ...], sent_ns: int) -> None:
     arrival instead (worker/one_way.py), so the first stamp is the right one."""
     for chunk in chunks:
         chunk.sent_ns = sent_ns
+
+
+@dataclasses.dataclass(frozen=True)
+class FollowerBatch:
+    """What one compressed follower gets when rounds close: its own rounds, then, when its
+    residual drained in the last of them, the round from which it follows the shared ones."""
+
+    rounds: list[tuple[int, tuple[pb.DeltaChunk, ...]]]
+    hand_back: int | None = None
 
 
 def payload_bytes(chunks: tuple[pb.DeltaChunk, ...]) -> int:
@@ -168,42 +179,81 @@ class RoundHistory:
 
 
 class FollowerRounds:
-    """One compressed follower's own encoded rounds (server/downlink.py), in publication order,
-    for its `Updates` stream. At most `keep` wait: a follower further behind has fallen out of
-    its stream, like one out of the history, and pulls the model again."""
+    """One `Updates` stream's own rounds (server/downlink.py), in publication order, and where
+    the stream switches between them and the shared history: `start(v)` (a residual opened at
+    version v: its own rounds from round v on), the rounds, `hand_back(v)` (the residual
+    drained: the shared history from round v on). The core thread decides each switch and the
+    event loop publishes it here in the same FIFO hops as the rounds, so a switch always sits
+    between the right rounds. At most `keep` entries wait: a follower further behind has
+    fallen out of its stream, like one out of the history, and pulls the model again."""
 
     def __init__(self, keep: int) -> None:
         self._keep = max(1, keep)
-        self._rounds: deque[tuple[pb.DeltaChunk, ...]] = deque()
+        self._entries: deque[tuple[pb.DeltaChunk, ...] | _Switch] = deque()
         self._changed = asyncio.Event()
         self.failure: Exception | None = None
         self.closed = False
+        # Set on the event loop when the stream ends, read by the core thread: a residual is
+        # never opened for a stream that has ended (nothing would drop it).
+        self.ended = False
+        self.handed_back_at: int | None = None  # where `follow` last handed the stream back
+
+    def start(self, version: int) -> None:
+        self._append(_Switch(own=True, version=version))
+
+    def hand_back(self, version: int) -> None:
+        self._append(_Switch(own=False, version=version))
 
     def publish(self, round_: int, chunks: tuple[pb.DeltaChunk, ...]) -> None:
+        self._append(chunks, round_)
+
+    def _append(self, entry: tuple[pb.DeltaChunk, ...] | _Switch, round_: int | None = None) -> None:
         if self.failure is not None:
             return
-        if len(self._rounds) >= self._keep:
-            self._rounds.clear()
+        if len(self._entries) >= self._keep:
+            self._entries.clear()
             self.failure = FailedPrecondition(
-                f"round {round_}: this compressed follower is more than {self._keep} rounds behind; "
-                "pull the model again")
+                f"round {round_ if round_ is not None else '?'}: this compressed follower is more than {self._keep} "
+                "rounds behind; pull the model again")
         else:
-            self._rounds.append(chunks)
+            self._entries.append(entry)
         self._changed.set()
+
+    @property
+    def own_from(self) -> int | None:
+        """While the stream follows the shared history: the round its own rounds start at, once
+        a residual opened for it (the next entry is then its start)."""
+        head = self._entries[0] if self._entries else None
+        return head.version if isinstance(head, _Switch) and head.own else None
 
     def close(self) -> None:
         self.closed = True
         self._changed.set()
 
     async def follow(self) -> AsyncIterator[pb.DeltaChunk]:
+        """The stream's own rounds, after its start, until it is handed back to the shared
+        history (`handed_back_at` then says from which round) or closed."""
+        self.handed_back_at = None
         while True:
             if self.failure is not None:
                 raise self.failure
-            if self._rounds:
-                for chunk in self._rounds.popleft():
+            if self._entries:
+                entry = self._entries.popleft()
+                if isinstance(entry, _Switch):
+                    if entry.own:
+                        continue
+                    self.handed_back_at = entry.version
+                    return
+                for chunk in entry:
                     yield chunk
                 continue
             if self.closed:
                 return
             self._changed.clear()
             await self._changed.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Switch:
+    own: bool  # True: the stream's own rounds from round `version`; False: the shared ones
+    version: int

@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, aclosing
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,8 +44,8 @@ from wanps.rpc.member_secrets import member_secret_digest, new_member_secret
 from wanps.rpc.status import REFUSALS, mapped_errors, status_for
 from wanps.server.core import ClosedRound, CoreConfig, CoreView, PushResult, ServerCore
 from wanps.server.downlink import DownlinkResidual, check_fraction
-from wanps.server.history import (DEFAULT_HISTORY_MB, FollowerRounds, RoundHistory, encode_follower_round,
-                                  encode_round, stamp_sent)
+from wanps.server.history import (DEFAULT_HISTORY_MB, FollowerBatch, FollowerRounds, RoundHistory,
+                                  encode_follower_round, encode_round, stamp_sent)
 from wanps.server.memory import release_free_memory
 from wanps.server.metrics import ServerMetrics
 from wanps.server import shard as shards
@@ -191,6 +191,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self._downlinks: dict[int, DownlinkResidual] = {}
         self._downlink_rounds: dict[int, FollowerRounds] = {}  # may hold a stream the core refused, briefly
         self._downlink_ids = itertools.count(1)
+        # Streams SetDownlink may change: (worker id, UpdatesRequest.stream_key) -> (stream id,
+        # its queue); on the event loop only.
+        self._keyed_streams: dict[tuple[int, int], tuple[int, FollowerRounds]] = {}
         # Which process a worker's replica was synced with (see ResumeReply.incarnation).
         self.incarnation = secrets.randbits(63) or 1
         self._refresh_events()
@@ -530,29 +533,39 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         # Publications stay in order: each hop is FIFO.
         self._loop.call_soon_threadsafe(self._loop.call_soon, self._after_close, encoded, followers)
 
-    def _encode_for_compressed_followers(self, closed: tuple[ClosedRound, ...]
-                                         ) -> dict[int, list[tuple[int, tuple[pb.DeltaChunk, ...]]]]:
+    def _encode_for_compressed_followers(self, closed: tuple[ClosedRound, ...]) -> dict[int, FollowerBatch]:
         """On the core thread, after the rounds were applied: each compressed follower's own
         rounds. The model is at the last round's version, so that round carries the follower's
         top-k of its residual and the earlier ones of the batch (several rounds close in one
-        call only when pushes ran ahead) carry nothing: their deltas stay in the residual."""
+        call only when pushes ran ahead) carry nothing: their deltas stay in the residual.
+        A draining residual that the round left equal to the model is dropped here, and its
+        stream handed back to the shared rounds from the next one."""
         if not self._downlinks:
             return {}
         model = self._core.model
         last = closed[-1]
         empty = codec.Update(values=torch.empty(0), indices=torch.empty(0, dtype=torch.int32))
-        encoded: dict[int, list[tuple[int, tuple[pb.DeltaChunk, ...]]]] = {}
-        for stream_id, residual in self._downlinks.items():
-            rounds = [(c.round, encode_follower_round(c, empty, None)) for c in closed[:-1]]
+        encoded: dict[int, FollowerBatch] = {}
+        for stream_id, residual in list(self._downlinks.items()):
+            fraction = residual.fraction
+            rounds = [(c.round, encode_follower_round(c, empty, None, fraction)) for c in closed[:-1]]
             update = residual.step(model)
             checksum = residual.checksum() if last.model_checksum is not None else None
-            rounds.append((last.round, encode_follower_round(last, update, checksum)))
-            encoded[stream_id] = rounds
+            rounds.append((last.round, encode_follower_round(last, update, checksum, fraction)))
+            hand_back = None
+            if residual.drained(model):
+                del self._downlinks[stream_id]
+                self._report_downlinks()
+                hand_back = last.version
+                log.info("a drained downlink residual went: its stream follows the shared rounds from round %d",
+                         hand_back)
+            encoded[stream_id] = FollowerBatch(rounds, hand_back)
         return encoded
 
-    def _open_downlink(self, stream_id: int, fraction: float) -> int:
+    def _open_downlink(self, stream_id: int, rounds: FollowerRounds, fraction: float) -> int:
         """On the core thread: a compressed follower's residual, zero (its replica is the model
-        at the core's version now). Returns that version."""
+        at the core's version now: it followed the shared rounds up to here). Its stream
+        switches to its own rounds from that version. Returns it."""
         if len(self._downlinks) >= self.max_compressed_followers:
             raise ResourceExhausted(f"this server already holds {len(self._downlinks)} compressed downlinks, its "
                                     f"limit (--max-compressed-followers {self.max_compressed_followers}; each "
@@ -560,8 +573,26 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         model = self._core.model
         if model is None:
             raise FailedPrecondition("the model is not seeded yet: pull it before asking for a compressed downlink")
+        if rounds.ended:
+            raise FailedPrecondition("the Updates stream ended")
         self._downlinks[stream_id] = DownlinkResidual(model, fraction)
-        return self._core.version
+        version = self._core.version
+        # The same two FIFO hops as the rounds (_publish): the start sits before the round that closes next.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._loop.call_soon, rounds.start, version)
+        self._report_downlinks()
+        return version
+
+    def _set_downlink(self, stream_id: int, rounds: FollowerRounds, fraction: float) -> tuple[int, str]:
+        """On the core thread (SetDownlink): open, retune or drain the stream's residual from
+        the next round that closes. Returns the version it holds after, and what changed."""
+        residual = self._downlinks.get(stream_id)
+        if residual is not None:
+            residual.retune(fraction or None)  # 0: drain
+            return self._core.version, f"fraction {fraction:g}" if fraction else "uncompressed (draining its residual)"
+        if fraction:
+            return self._open_downlink(stream_id, rounds, fraction), f"fraction {fraction:g}"
+        return self._core.version, "uncompressed already"
 
     def downlink_mirrors(self) -> dict[int, torch.Tensor]:
         """For tests and tools, from any thread but the event loop (it waits for the core
@@ -570,19 +601,22 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
     def _close_downlink(self, stream_id: int) -> None:
         """On the core thread: the stream ended; its residual goes (a new stream pulls first)."""
-        self._downlinks.pop(stream_id, None)
+        if self._downlinks.pop(stream_id, None) is not None:
+            self._report_downlinks()
 
     def _after_close(self, encoded: list[tuple[ClosedRound, tuple[pb.DeltaChunk, ...]]],
-                     followers: dict[int, list[tuple[int, tuple[pb.DeltaChunk, ...]]]]) -> None:
+                     followers: dict[int, FollowerBatch]) -> None:
         # The moment the rounds go to the streams, stamped on every chunk (DeltaChunk.sent_ns):
         # followers time their downlink from it (worker/one_way.py).
         sent_ns = time.monotonic_ns()
-        for stream_id, rounds in followers.items():
+        for stream_id, batch in followers.items():
             queue = self._downlink_rounds.get(stream_id)
             if queue is not None:
-                for round_, chunks in rounds:
+                for round_, chunks in batch.rounds:
                     stamp_sent(chunks, sent_ns)
                     queue.publish(round_, chunks)
+                if batch.hand_back is not None:
+                    queue.hand_back(batch.hand_back)
         now = time.monotonic()
         for closed, chunks in encoded:
             stamp_sent(chunks, sent_ns)
@@ -609,7 +643,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 )
             member = request.worker_id in view.members  # a worker's stream pins what it has yet to send
             with self._streams.open(request.worker_id, "Updates"):
-                if request.downlink_delta:
+                if request.downlink_delta or request.stream_key:
                     await self._follow_compressed(request, member, context)
                     return
                 async for chunk in self.history.follow(request.from_version, pin=member):
@@ -619,40 +653,82 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         yield  # noqa: an async generator for gRPC and the interceptors; the chunks go out by write_message
 
     async def _follow_compressed(self, request: pb.UpdatesRequest, member: bool, context) -> None:
-        """A compressed follower's stream (server/downlink.py): the shared history's rounds up to
-        the version its residual starts from (its replica reaches the model there exactly), then
-        its own rounds, encoded on the core thread as they close."""
+        """A stream that is compressed, or may become so (`stream_key`, SetDownlink), alternates
+        between the shared history's rounds and its own (server/downlink.py). Shared until its
+        residual opens at version v (the follower's replica is the model there exactly), then
+        its own rounds, encoded on the core thread as they close, until a drained residual
+        hands it back to the shared rounds (the replica is the model again), and so on. Each
+        switch reaches the stream's queue in order with the rounds (FollowerRounds)."""
         fraction = request.downlink_delta
-        try:
-            check_fraction(fraction)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
+        if fraction:
+            try:
+                check_fraction(fraction)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
         # The queue is in place before the core thread knows the stream: a round that closes
         # right after the residual is made finds it; the `finally` drops both, however it ends.
         stream_id = next(self._downlink_ids)
         rounds = self._downlink_rounds[stream_id] = FollowerRounds(self._history_rounds)
+        key = (request.worker_id, request.stream_key)
+        if request.stream_key:
+            self._keyed_streams[key] = (stream_id, rounds)
         try:
-            start_version = await self._on_core(lambda: self._open_downlink(stream_id, fraction))
-            self._report_downlinks()
-            async for chunk in self.history.follow(request.from_version, pin=member, until=start_version):
-                self.metrics.sent_bytes.inc(len(chunk.indices) + len(chunk.values))
-                await write_message(context, chunk)
-            async for chunk in rounds.follow():
-                nbytes = len(chunk.indices) + len(chunk.values)
-                self.metrics.sent_bytes.inc(nbytes)
-                self.metrics.compressed_downlink_bytes.inc(nbytes)
-                await write_message(context, chunk)
+            if fraction:
+                await self._on_core(lambda: self._open_downlink(stream_id, rounds, fraction))
+            next_round = request.from_version
+            while not rounds.closed:
+                async with aclosing(self.history.follow(next_round, pin=member, until=rounds.own_from)) as shared:
+                    async for chunk in shared:
+                        own_from = rounds.own_from
+                        if own_from is not None and chunk.round >= own_from:
+                            break  # the stream's own rounds start here
+                        self.metrics.sent_bytes.inc(len(chunk.indices) + len(chunk.values))
+                        await write_message(context, chunk)
+                        next_round = chunk.round + 1 if chunk.last else next_round
+                if rounds.own_from is None:
+                    return  # the history closed: the server is shutting down
+                async for chunk in rounds.follow():
+                    nbytes = len(chunk.indices) + len(chunk.values)
+                    self.metrics.sent_bytes.inc(nbytes)
+                    self.metrics.compressed_downlink_bytes.inc(nbytes)
+                    await write_message(context, chunk)
+                if rounds.handed_back_at is None:
+                    return  # closed
+                next_round = rounds.handed_back_at
         finally:
+            rounds.ended = True
             self._downlink_rounds.pop(stream_id, None)
-            self._report_downlinks()
+            if self._keyed_streams.get(key, (None,))[0] == stream_id:
+                del self._keyed_streams[key]
             try:  # not awaited: a cancelled stream's handler ends now; the core thread drops the residual next
                 self._core_thread.submit(lambda: self._close_downlink(stream_id))
             except RuntimeError:  # shutting down: the residuals go with the process
                 pass
 
+    async def SetDownlink(self, request: pb.SetDownlinkRequest, context) -> pb.SetDownlinkReply:
+        """Change the downlink compression of one of the caller's open streams from the next
+        round that closes (0: off, drained first); see `_follow_compressed`."""
+        async with mapped_errors(context):
+            self.view.authenticate(request.worker_id, request.member_secret)
+            fraction = request.downlink_delta
+            if fraction:  # 0 is off; NaN and anything outside [0, 1] are refused
+                try:
+                    check_fraction(fraction)
+                except ValueError as exc:
+                    raise InvalidArgument(f"{exc} (or 0: off)") from None
+            found = self._keyed_streams.get((request.worker_id, request.stream_key)) if request.stream_key else None
+            if found is None:
+                raise FailedPrecondition(f"worker {request.worker_id} has no Updates stream open under stream_key "
+                                         f"{request.stream_key}")
+            stream_id, rounds = found
+            version, change = await self._on_core(lambda: self._set_downlink(stream_id, rounds, fraction))
+            log.info("worker %d: downlink %s from version %d", request.worker_id, change, version)
+            return pb.SetDownlinkReply(version=version)
+
     def _report_downlinks(self) -> None:
-        self.metrics.compressed_followers.set(len(self._downlink_rounds))
-        self.metrics.downlink_residual_bytes.set(len(self._downlink_rounds) * 4 * (self.view.num_params or 0))
+        """On the core thread, after a residual came or went."""
+        self.metrics.compressed_followers.set(len(self._downlinks))
+        self.metrics.downlink_residual_bytes.set(sum(r.nbytes for r in self._downlinks.values()))
 
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
         # Padding lets workers probe bandwidth (the request's: the uplink; the reply's, of

@@ -5,7 +5,8 @@ import pytest
 
 from wanps.bench.train import (BEST_STATIC, CONDITIONS, QUICK, BenchPlan, deco_ratios, grid_around, limit_of,
                                median_time, method_label, num_params_of, predicted_iter_s, predicted_ps_iter_s,
-                               run_best_static, rows_from_runs, summarize, used_center, write_traces)
+                               run_best_static, rows_from_runs, summarize, used_center, write_down_traces,
+                               write_traces)
 from wanps.controller.deco import DecoInput, predicted_for
 from wanps.linkem.trace import LinkTrace
 
@@ -46,6 +47,16 @@ def test_fixed_conditions_become_one_trace_file_per_worker(tmp_path):
     assert LinkTrace.from_csv(paths[3]).at(5.0).bandwidth_mbit == 4
     assert write_traces(CONDITIONS["varying"], tmp_path) == ()
     assert set(QUICK.methods) <= {"dsgd", "static", "deco"}
+
+
+def test_an_asymmetric_condition_gets_a_downlink_trace_for_the_workers_that_have_one(tmp_path):
+    condition = CONDITIONS["cnn-slow-down"]
+    up = write_traces(condition, tmp_path)
+    down = write_down_traces(condition, tmp_path)
+    assert [LinkTrace.from_csv(path).at(1.0).bandwidth_mbit for path in up] == [20, 20, 20, 20]
+    assert down[:3] == ("", "", "") and LinkTrace.from_csv(down[3]).at(1.0).bandwidth_mbit == 3
+    assert LinkTrace.from_csv(down[3]).at(1.0).delay_ms == 50  # the same delay both ways
+    assert write_down_traces(CONDITIONS["hetero"], tmp_path) == ()  # symmetric links: the link's trace both ways
 
 
 def test_prediction_for_dense_rounds_counts_values_only():

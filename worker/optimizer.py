@@ -207,8 +207,11 @@ class Optimizer(torch.optim.Optimizer):
         `downlink_delta`: for a slow downlink, the fraction in (0, 1] of elements this worker
         downloads per round: the top of what its replica lacks, the rest kept on the server as
         this worker's downlink residual (bidirectional error feedback, server/downlink.py), so
-        its replica is the server's model minus that residual. None (default): every round's
-        full aggregated delta (the replica bit-identical to the server's model).
+        its replica is the server's model minus that residual. None (default): what the
+        controller's decision says for this worker (deco-hetero gives a follower on a slow
+        downlink its own fraction, and changes it as the links change, without a pull), else
+        every round's full aggregated delta (the replica bit-identical to the server's model).
+        A fraction given here wins over the controller's: it stays fixed.
 
         `registry`: a prometheus_client CollectorRegistry to count this worker's pushes, bytes,
         tau, delta and staleness on (docs/metrics.md); None (default) counts nothing.
@@ -259,6 +262,7 @@ class Optimizer(torch.optim.Optimizer):
         self._sync_momentum()
         self._aux_grad = torch.zeros_like(self._grad) if skip_rule is not None else None
         self._fallback = Decision(0, 0, tau, delta, "local", "no controller decision yet")
+        self._fixed_downlink_delta = downlink_delta  # None: the controller's decisions set it
         self._seen_decisions: set[int] = set()
         # DEF: the clean trainable replica while the parameters sit at the detached point x - lambda*e.
         self._clean = torch.empty_like(self._grad) if self.rule.detaches else None
@@ -382,6 +386,8 @@ class Optimizer(torch.optim.Optimizer):
         self.round = max(self.round, self.version)
         decision = self.decision_at(self.round)
         self.last_decision = decision
+        if self._fixed_downlink_delta is None:
+            self.session.follow_downlink(decision.downlink_delta_for(self.worker_id))
         if self.metrics is not None:
             self.metrics.record_decision(decision.decision_id, min(decision.tau, self.tau_max),
                                          decision.delta_for(self.worker_id), self.round)

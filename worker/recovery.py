@@ -123,9 +123,10 @@ def recover(session: WorkerSession, replica: Replica, wait_for_version: Callable
     # The same server process and a replica behind it: the update stream catches it up
     # (or fails with FAILED_PRECONDITION when it fell out of the history, and we pull then).
     pulled = False
-    # A compressed downlink's replica is the model minus a residual the server dropped with
-    # the broken stream (server/downlink.py): only a pull puts it back in step.
-    compressed = bool(session.downlink_delta)
+    # A replica that applied a compressed downlink's own round is the model minus a residual
+    # the server dropped with the broken stream (server/downlink.py): only a pull puts it back
+    # in step. One that applied only shared rounds is the model, whatever its stream asked.
+    compressed = replica.compressed
     if compressed or (not in_step and not (same_process and replica.version < reply.version)):
         _pull_into(session, replica, PULL_TIMEOUT_S)
         pulled = True
@@ -184,6 +185,7 @@ def _pull_into(session: WorkerSession, replica: Replica, timeout: float) -> Pull
     pulled = session.pull(timeout=timeout)
     replica.values.copy_(pulled.values)  # host -> the replica's device (a pull is a full copy anyway)
     replica.version = pulled.version
+    replica.compressed = False
     return pulled
 
 

@@ -31,6 +31,9 @@ class Replica:
         self.applied: list[ReceivedDelta] | None = None
         # Called after each applied delta (SASG records the model's step norms).
         self.on_apply: Callable[[ReceivedDelta], None] | None = None
+        # The last delta applied was a compressed follower's own round (server/downlink.py):
+        # the replica may differ from the model, so a recovery must pull. A pull clears it.
+        self.compressed = False
 
     def apply(self, item: ReceivedDelta | BaseException) -> None:
         if isinstance(item, (ConnectionLost, Interrupted)):
@@ -41,6 +44,7 @@ class Replica:
             raise ReplicaDiverged(f"received version {item.version} while at {self.version}")
         codec.apply_delta(self.values, codec.update_to_device(item.delta, self._to_device))
         self.version = item.version
+        self.compressed = item.downlink_delta > 0
         if item.model_checksum is not None and codec.model_checksum(self.values) != item.model_checksum:
             raise ReplicaDiverged(f"replica checksum differs from the server's at version {self.version}")
         if self.applied is not None:

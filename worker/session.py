@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import math
 import queue
@@ -51,6 +52,9 @@ log = logging.getLogger("wanps.worker")
 
 # While the first join or pull waits for an unreachable server: a line at most this often (and when the cause changes).
 WAIT_LOG_INTERVAL_S = 10.0
+# One SetDownlink call (a later step tries again; the call is idempotent). Its reply may queue
+# behind the deltas on a slow downlink (a residual draining at 3 Mbit/s takes seconds).
+SET_DOWNLINK_TIMEOUT_S = 60.0
 
 
 def check_downlink_delta(downlink_delta: float | None) -> None:
@@ -74,6 +78,9 @@ class ReceivedDelta:
     model_checksum: int | None
     nbytes: int
     members: int = 0  # workers counted in the round (pushed + skipped); 0 = unknown
+    # The fraction this round was cut to for this follower (its own round of a compressed
+    # downlink: after it the replica may differ from the model); 0: the round every follower gets.
+    downlink_delta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,10 +108,16 @@ class WorkerSession:
         """`downlink_delta`: ask the server for this follower's own downlink compression
         (UpdatesRequest.downlink_delta, server/downlink.py): each round the top fraction of what
         the replica lacks, the rest kept on the server. The replica is then the server's model
-        minus that residual, checked by the server's follower checksum; recovery always pulls.
-        None: the full aggregated delta of every round (replicas bit-identical to the model)."""
+        minus that residual, checked by the server's follower checksum; recovery pulls when
+        a compressed round was applied. None: the full aggregated delta of every round (replicas
+        bit-identical to the model). `follow_downlink` changes it while the stream is open."""
         check_downlink_delta(downlink_delta)
-        self.downlink_delta = downlink_delta
+        self.downlink_delta = downlink_delta  # what this session's update stream uses (asks for)
+        # Each update stream is named by a new key, so SetDownlink changes the stream it means.
+        self._stream_keys = itertools.count(1)
+        self._stream_key = 0  # the current stream's (0: none yet); set on the I/O loop
+        self._downlink_pending = False  # a SetDownlink call is in flight
+        self._downlink_refused: float | None = None  # a fraction the server refused (not asked again)
         self.server_address = server
         self.metrics = metrics  # None: count nothing (library users who do not scrape)
         self.controller_address = controller
@@ -355,8 +368,10 @@ class WorkerSession:
         self.deltas.put(ConnectionLost(describe(exc)))
 
     async def _follow_updates(self, from_version: int) -> None:
+        self._stream_key = next(self._stream_keys)
         request = pb.UpdatesRequest(worker_id=self.worker_id, from_version=from_version,
-                                    member_secret=self.member_secret, downlink_delta=self.downlink_delta or 0.0)
+                                    member_secret=self.member_secret, downlink_delta=self.downlink_delta or 0.0,
+                                    stream_key=self._stream_key)
         generation = self._generation
         index_parts: list[bytes] = []
         value_parts: list[bytes] = []
@@ -385,13 +400,14 @@ class WorkerSession:
                 self.delta_bytes += nbytes
                 self.telemetry.delta_received(nbytes, nbytes - first_chunk_bytes, started, arrived, chunk.round,
                                               chunk.sent_ns)
-                # A compressed follower's replica is checked against its own checksum (the model's
-                # minus its downlink residual), never the model's.
+                # A compressed follower's own round carries its own checksum (the model's minus
+                # its downlink residual) and never the model's; a shared round, the model's (the
+                # replica is the model at its rounds, the stream switches only where it is).
                 checksum = (chunk.follower_checksum if chunk.has_follower_checksum
-                            else chunk.model_checksum if chunk.has_model_checksum and not self.downlink_delta
+                            else chunk.model_checksum if chunk.has_model_checksum
                             else None)
                 self.deltas.put(ReceivedDelta(chunk.round, chunk.version, delta, checksum, nbytes,
-                                              chunk.pushed + chunk.skipped))
+                                              chunk.pushed + chunk.skipped, chunk.downlink_delta))
             # The server ended the stream: it is shutting down.
             self._mark_lost(ConnectionError("the server ended the update stream"), generation)
         except asyncio.CancelledError:
@@ -407,6 +423,42 @@ class WorkerSession:
                 self.deltas.put(exc)
         finally:
             call.cancel()  # a no-op once it ended; after a bad delta it must not stream on
+
+    def follow_downlink(self, downlink_delta: float | None) -> None:
+        """Ask the server to change this session's update stream to `downlink_delta` (None: off)
+        from its next round, without a pull (SetDownlink). Returns at once; does nothing while
+        the stream already uses it, a call is in flight, or the server refused that fraction
+        (too many compressed followers on it: logged once). A call that fails otherwise (the
+        stream not open yet, a lost connection) is simply made again at a later call."""
+        check_downlink_delta(downlink_delta)
+        if (downlink_delta == self.downlink_delta or self._downlink_pending or self.worker_id is None
+                or (downlink_delta is not None and downlink_delta == self._downlink_refused)):
+            return
+        self._downlink_pending = True
+        self._io.submit(lambda: self._set_downlink(downlink_delta))
+
+    async def _set_downlink(self, downlink_delta: float | None) -> None:
+        key = self._stream_key
+        request = pb.SetDownlinkRequest(worker_id=self.worker_id, member_secret=self.member_secret, stream_key=key,
+                                        downlink_delta=downlink_delta or 0.0)
+        try:
+            try:
+                await self._server.SetDownlink(request, timeout=SET_DOWNLINK_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT):
+                    self._downlink_refused = downlink_delta
+                    log.warning("the server at %s refused downlink fraction %s: %s", self.server_address,
+                                downlink_delta, exc.details())
+                else:  # the stream is not open yet, or the connection broke: asked again at a later step
+                    log.debug("SetDownlink %s: %s", downlink_delta, describe(exc))
+                return
+            if key == self._stream_key:  # (a stream opened since asked for self.downlink_delta itself)
+                self.downlink_delta = downlink_delta
+                self._downlink_refused = None
+                log.info("worker %s: downlink %s from the next round", self.worker_id,
+                         f"fraction {downlink_delta:g}" if downlink_delta else "uncompressed (draining)")
+        finally:
+            self._downlink_pending = False
 
     def follow_decisions(self, report_samples: bool = True) -> None:
         """Follow the controller's decisions; workers also ping the server and report samples."""

@@ -418,7 +418,6 @@ class ShardedSession:
                  security: ClientSecurity | None = None, metrics: WorkerMetrics | None = None,
                  downlink_delta: float | None = None) -> None:
         self.addresses = list(servers)
-        self.downlink_delta = downlink_delta
         self.server_address = ",".join(self.addresses)
         self.controller_address = controller
         self.metrics = metrics
@@ -645,6 +644,17 @@ class ShardedSession:
 
     def decisions(self) -> list[Decision]:
         return self.lead.decisions()
+
+    def follow_downlink(self, downlink_delta: float | None) -> None:
+        """Every shard's stream to `downlink_delta` (WorkerSession.follow_downlink): each shard
+        keeps, retunes or drains the residual of its own range."""
+        for shard in self.shards:
+            shard.follow_downlink(downlink_delta)
+
+    @property
+    def downlink_delta(self) -> float | None:
+        """The lead's stream's fraction (every shard follows the same; one may lag a call behind)."""
+        return self.lead.downlink_delta
 
     def wait_for_decision(self, timeout: float) -> bool:
         return self.lead.wait_for_decision(timeout)
