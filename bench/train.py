@@ -66,6 +66,8 @@ class Condition:
     tau_max: int | None = None
     workers: int = 4
     batch_size: int | None = None  # None: the plan's
+    # links None: the shipped varying trace, with its one-way delay replaced by this (None: as shipped).
+    trace_delay_ms: float | None = None
 
 
 def fixed(bandwidth: float, delay_ms: float, workers: int = 4) -> tuple[tuple[float, float], ...]:
@@ -78,6 +80,9 @@ CONDITIONS: dict[str, Condition] = {
     "fixed-5M-10ms": Condition("fixed-5M-10ms", fixed(5, 10), "5 Mbit/s, RTT 20 ms"),
     "fixed-5M-40ms": Condition("fixed-5M-40ms", fixed(5, 40), "5 Mbit/s, RTT 80 ms"),
     "varying": Condition("varying", None, "8-40 Mbit/s trace, RTT 100 ms (wan-varying.csv)"),
+    # The MLP in the paper's regime: its step (15-20 ms) against a 10 ms RTT puts b/T_comp at
+    # 0.5-0.7 and S_g/(a T_comp) at 20-90 over the trace (the 100 ms trace's b/T_comp is 5-7).
+    "varying-10ms": Condition("varying-10ms", None, "8-40 Mbit/s trace, RTT 10 ms", trace_delay_ms=5),
     "hetero": Condition("hetero", ((20, 25), (20, 25), (20, 25), (4, 25)), "3 x 20 Mbit/s + 1 x 4 Mbit/s, RTT 50 ms"),
     # The larger model: a dense push (4.4 MB) takes seconds on these links, many times a step,
     # which puts latency/compute and transfer/compute in the paper's ranges. lr 0.05 and
@@ -157,15 +162,32 @@ SMOKE = BenchPlan(conditions=("smoke",), methods=("static", "deco", BEST_STATIC)
 
 
 def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
-    """One fixed trace per worker (its uplink's, and its downlink's unless it has its own)."""
+    """One fixed trace per worker (its uplink's, and its downlink's unless it has its own); for
+    the varying trace, none (the demo's default), or the trace with its delay replaced."""
     if condition.links is None:
-        return ()
+        if condition.trace_delay_ms is None:
+            return ()
+        path = folder / f"{condition.name}.csv"
+        path.write_text(with_delay(Path(default_trace()).read_text(), condition.trace_delay_ms))
+        return (str(path),) * condition.workers
     paths = []
     for i, (bandwidth, delay, *_) in enumerate(condition.links):
         path = folder / f"{condition.name}-{i}.csv"
         path.write_text(f"time_s,bandwidth_mbit,delay_ms\n0,{bandwidth},{delay}\n")
         paths.append(str(path))
     return tuple(paths)
+
+
+def with_delay(trace_csv: str, delay_ms: float) -> str:
+    """A trace's CSV text (time_s,bandwidth_mbit,delay_ms rows) with every row's delay set."""
+    lines = []
+    for line in trace_csv.splitlines():
+        fields = line.split(",")
+        if line.startswith("#") or len(fields) != 3 or not fields[0].strip()[:1].isdigit():
+            lines.append(line)
+        else:
+            lines.append(f"{fields[0]},{fields[1]},{delay_ms:g}")
+    return "\n".join(lines) + "\n"
 
 
 def write_down_traces(condition: Condition, folder: Path) -> tuple[str, ...]:

@@ -236,3 +236,16 @@ def test_later_seeds_run_the_point_the_searched_grids_found_fastest(tmp_path):
     row = run_best_static(replace(plan, grid=1), CONDITIONS["smoke"], 2, tmp_path, (1, 0.01), "seed 0-1's grids",
                           run_point)
     assert ran == [(1, 0.01)] and row["best"] == {"tau": 1, "delta": 0.01}
+
+
+def test_the_varying_trace_at_another_delay_keeps_its_bandwidths(tmp_path):
+    from wanps.bench.train import with_delay
+    from wanps.deploy.demo import default_trace
+
+    paths = write_traces(CONDITIONS["varying-10ms"], tmp_path)
+    assert len(paths) == CONDITIONS["varying-10ms"].workers and len(set(paths)) == 1
+    shipped, changed = LinkTrace.from_csv(default_trace()), LinkTrace.from_csv(paths[0])
+    times = [0.0, 7.5, 31.0, 85.0]
+    assert [changed.at(t).bandwidth_mbit for t in times] == [shipped.at(t).bandwidth_mbit for t in times]
+    assert {changed.at(t).delay_ms for t in times} == {5.0}
+    assert "# " in with_delay("# note\ntime_s,bandwidth_mbit,delay_ms\n0,20,50\n", 5).splitlines()[0]
