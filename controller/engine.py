@@ -99,6 +99,13 @@ class ControllerCore:
         estimate = estimator.estimate(now_s)
         if estimate is not None:
             estimator.forget_before(estimate.window_start_s)
+            previous = self.estimates.get(report.worker_id)
+            if estimate.down_bandwidth_bps is None and previous is not None and previous.down_bandwidth_bps:
+                # No downlink point in the window does not make the downlink as fast as the
+                # uplink (DeCo's fallback): on a congested one the deltas are what is stuck.
+                # The last measured value holds until the downlink is measured again.
+                estimate = dataclasses.replace(estimate, down_bandwidth_bps=previous.down_bandwidth_bps,
+                                               down_samples=0, down_method="held")
             self.estimates[report.worker_id] = estimate
             before = self._estimates_at_decision.get(report.worker_id)
             if estimates_moved({} if before is None else {report.worker_id: before}, {report.worker_id: estimate},

@@ -5,8 +5,8 @@ Per worker and per direction, over a sliding window of the newest samples (`wind
 - latency b: a low quantile (default the 10th percentile) of ping round-trip times. The
   low end is the path's own delay; higher RTTs carry queueing behind bulk traffic. This is
   the min-RTT idea of BBR, made robust to a single lucky sample. Pings the server stamped
-  (`one_way_up_s`) give it per direction: the low quantile of the way up plus that of the
-  way down (the clocks' offset cancels in the sum). A ping seldom finds both directions
+  (`one_way_up_s`) give it per direction: the minimum of the way up plus that of the
+  way down (the clocks' offset cancels in the sum; a one-way time has no lucky samples). A ping seldom finds both directions
   idle when the downlink carries deltas most of a round, each direction alone more often.
   Pings are read over `latency_window_s` (30 s), longer than the bandwidth's window: a
   queue the worker's own traffic keeps standing for seconds is not the path's delay.
@@ -259,9 +259,11 @@ class LinkEstimator:
         if len(stamped) >= self.config.min_pings:
             up = np.array([p.one_way_up_s for p in stamped])
             down = np.array([p.seconds for p in stamped]) - up
-            # Neither quantile alone means anything (each holds the clocks' offset); their sum
-            # is a round trip without queueing either way.
-            return max(0.0, float(np.quantile(up, q) + np.quantile(down, q)))
+            # Neither minimum alone means anything (each holds the clocks' offset); their sum
+            # is a round trip without queueing either way. The minimum, not a low quantile: a
+            # one-way time cannot come out below the path's delay (no "lucky" sample), while
+            # a downlink kept queued by the worker's own deltas may leave few pings unqueued.
+            return max(0.0, float(np.min(up) + np.min(down)))
         return float(np.quantile([p.seconds for p in pings], q))
 
     def _bandwidth(self, sizes: np.ndarray, times: np.ndarray, ping_times: list[float],

@@ -319,3 +319,22 @@ def test_a_switch_after_a_slowdown_is_scheduled_at_the_new_speed():
         t, round_ = t + 1.0, round_ + 5
     margin = core.switch_round() - core.reported_round
     assert margin == 10  # 2 s at 5 rounds/s, not 2 s at the 10 s window's ~20 rounds/s
+
+
+def test_a_downlink_without_points_in_the_window_keeps_its_last_measurement():
+    """On a congested downlink the deltas are what is stuck: no point in the window must not
+    make DeCo take the uplink's speed for it."""
+    core = ControllerCore(PolicyConfig(name="deco"))
+    core.maybe_decide(0.0)
+    for s in range(4):
+        samples = list(link_samples(float(s), 20e6, 0.1, 0.02))
+        samples += [Sample(KIND_PING, size, 0.1 + 8 * size / 3e6, float(s), direction="down")
+                    for size in (30_000, 60_000, 90_000)]
+        core.report(Report(1, s * 10, D, tuple(samples)), float(s))
+    assert core.estimates[1].down_bandwidth_bps == pytest.approx(3e6, rel=0.05)
+    for s in range(4, 20):  # the window then holds no downlink point
+        core.report(Report(1, s * 10, D, tuple(x for x in link_samples(float(s), 20e6, 0.1, 0.02)
+                                               if x.kind != KIND_DOWNLOAD)), float(s))
+    held = core.estimates[1]
+    assert held.down_bandwidth_bps == pytest.approx(3e6, rel=0.05) and held.down_method == "held"
+    assert held.bandwidth_bps == pytest.approx(20e6, rel=0.05)
