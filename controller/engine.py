@@ -218,18 +218,25 @@ class ControllerCore:
         return covered
 
     def overhead_s(self) -> float:
-        """The per-round overhead o DeCo adds to T_comp: a quantile of the observations.
+        """The per-round overhead o DeCo adds to T_comp: what the workers measured themselves
+        when every worker reports it; else a quantile of the observations inferred from round times.
 
         An overestimated bandwidth only ever adds to an observation, so a low-to-middle
         quantile (default the median) is taken; in the paper's form a cap (a multiple of the
         slowest T_comp, `PolicyConfig.overhead_cap`) bounds what its missing download term
         can feed back into the decision.
         """
-        if (len(self._overhead_samples) < max(1, self.policy.overhead_min_samples) or self.policy.overhead_cap() <= 0
-                or not self.estimates):
+        if self.policy.overhead_cap() <= 0 or not self.estimates:
             return 0.0
         _, _, t_comp = slowest_link(self.estimates)
         if t_comp is None:
+            return 0.0
+        measured = [e.overhead_s for e in self.estimates.values()]
+        if all(o is not None for o in measured):
+            # Workers that measure their own overhead (LinkSample.overhead_s): the slowest's, as
+            # T_comp is; the round times cannot tell it from a link that binds. The cap holds.
+            return min(max(measured), self.policy.overhead_cap() * t_comp)  # type: ignore[type-var]
+        if len(self._overhead_samples) < max(1, self.policy.overhead_min_samples):
             return 0.0
         value = float(np.quantile(np.fromiter(self._overhead_samples, dtype=np.float64), self.policy.overhead_quantile))
         return min(value, self.policy.overhead_cap() * t_comp)

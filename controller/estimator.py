@@ -30,7 +30,8 @@ Per worker and per direction, over a sliding window of the newest samples (`wind
   chunk to the last, put on the same line as (timed_bytes, seconds + b): the first chunk's
   arrival is where the worker starts timing, the rest comes at the link's rate). None until
   the window holds `min_pushes` such points (the caller then takes the link as symmetric).
-- T_comp: the median of the reported compute times per step.
+- T_comp: the median of the reported compute times per step; the overhead o, the median of
+  the per-round overheads the worker measured itself (its work besides compute, not waiting).
 
 Failure modes (documented in docs/controller.md): too few samples -> no estimate (the
 controller keeps its last decision); pushes so small that the transfer is lost in RTT
@@ -78,6 +79,7 @@ class Sample:
     # measured), and an unpadded ping's server arrival - worker send (None: not stamped).
     transfer_s: float = 0.0
     one_way_up_s: float | None = None
+    overhead_s: float = 0.0  # KIND_COMPUTE: the worker's own work per round besides compute (0: not measured)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class LinkEstimate:
     down_bandwidth_bps: float | None = None
     down_samples: int = 0
     down_method: str | None = None
+    # The median overhead per round the worker measured itself (None: it reported none).
+    overhead_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,7 @@ class LinkEstimator:
                                                       or (s.kind == KIND_PING and s.direction != DIRECTION_DOWN))]
         pings = [s for s in samples if s.kind == KIND_PING and s.nbytes == 0]
         computes = [s.seconds for s in samples if s.kind == KIND_COMPUTE]
+        overheads = [s.overhead_s for s in samples if s.kind == KIND_COMPUTE and s.overhead_s > 0]
         c = self.config
         if len(ups) < c.min_pushes or len(pings) < c.min_pings:
             return None
@@ -250,7 +255,8 @@ class LinkEstimator:
         return LinkEstimate(bandwidth_bps=up[0], latency_s=latency, t_comp_s=t_comp,
                             push_samples=len(ups), ping_samples=len(pings), method=up[1],
                             window_start_s=window_start_s, down_bandwidth_bps=None if down is None else down[0],
-                            down_samples=len(downs), down_method=None if down is None else down[1])
+                            down_samples=len(downs), down_method=None if down is None else down[1],
+                            overhead_s=float(np.median(overheads)) if overheads else None)
 
     def _latency(self, pings: list[Sample]) -> float:
         """b: the low quantile of round trips, or, from stamped pings, of each way's."""

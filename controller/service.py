@@ -43,7 +43,7 @@ T = TypeVar("T")
 # Rounds beyond this are refused (OUT_OF_RANGE): decisions are scheduled rounds ahead of the
 # newest reported round and must still fit the wire's uint64 (2**62 rounds is ~146 years at 1 GHz).
 MAX_ROUND = 2**62
-# One-way transfer times above an hour are no link's (LinkSample.transfer_s).
+# One-way transfer times (LinkSample.transfer_s) and overheads above an hour are no link's or step's.
 MAX_TRANSFER_S = 3600.0
 
 
@@ -220,11 +220,14 @@ class ControllerService(pb_grpc.ControllerServicer):
                 raise InvalidArgument(f"transfer_s must be within [0, {MAX_TRANSFER_S:g}] seconds; got {sample.transfer_s}")
             if sample.has_one_way and not math.isfinite(sample.one_way_up_s):
                 raise InvalidArgument("one_way_up_s must be finite")
+            if not (math.isfinite(sample.overhead_s) and 0 <= sample.overhead_s <= MAX_TRANSFER_S):
+                raise InvalidArgument(f"overhead_s must be within [0, {MAX_TRANSFER_S:g}] seconds; got {sample.overhead_s}")
             samples.append(Sample(kind=kind, nbytes=sample.bytes, seconds=sample.seconds, at_s=now, round=sample.round,
                                   grad_norm=sample.grad_norm, elements=sample.elements, direction=direction,
                                   timed_bytes=sample.timed_bytes, queued_s=sample.queued_s,
                                   transfer_s=sample.transfer_s,
-                                  one_way_up_s=sample.one_way_up_s if sample.has_one_way else None))
+                                  one_way_up_s=sample.one_way_up_s if sample.has_one_way else None,
+                                  overhead_s=sample.overhead_s))
         if request.worker_id not in self._last_report and not self._make_room(now):
             raise ResourceExhausted(f"the controller tracks at most {self.config.max_workers} workers' links "
                                     f"(--max-workers); none has been silent for {self.config.estimator.window_s:g} s")

@@ -386,7 +386,7 @@ class Decision(_message.Message):
     def __init__(self, decision_id: _Optional[int] = ..., from_round: _Optional[int] = ..., tau: _Optional[int] = ..., delta: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., worker_delta: _Optional[_Mapping[int, float]] = ..., predicted_iter_s: _Optional[float] = ..., worker_downlink_delta: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class LinkSample(_message.Message):
-    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm", "elements", "direction", "timed_bytes", "queued_s", "transfer_s", "has_one_way", "one_way_up_s")
+    __slots__ = ("kind", "bytes", "seconds", "round", "unix_ns", "grad_norm", "elements", "direction", "timed_bytes", "queued_s", "transfer_s", "has_one_way", "one_way_up_s", "overhead_s")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[LinkSample.Kind]
@@ -420,6 +420,7 @@ class LinkSample(_message.Message):
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     HAS_ONE_WAY_FIELD_NUMBER: _ClassVar[int]
     ONE_WAY_UP_S_FIELD_NUMBER: _ClassVar[int]
+    OVERHEAD_S_FIELD_NUMBER: _ClassVar[int]
     kind: LinkSample.Kind
     bytes: int
     seconds: float
@@ -433,7 +434,8 @@ class LinkSample(_message.Message):
     transfer_s: float
     has_one_way: bool
     one_way_up_s: float
-    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ..., elements: _Optional[int] = ..., direction: _Optional[_Union[LinkSample.Direction, str]] = ..., timed_bytes: _Optional[int] = ..., queued_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., has_one_way: _Optional[bool] = ..., one_way_up_s: _Optional[float] = ...) -> None: ...
+    overhead_s: float
+    def __init__(self, kind: _Optional[_Union[LinkSample.Kind, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., round: _Optional[int] = ..., unix_ns: _Optional[int] = ..., grad_norm: _Optional[float] = ..., elements: _Optional[int] = ..., direction: _Optional[_Union[LinkSample.Direction, str]] = ..., timed_bytes: _Optional[int] = ..., queued_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., has_one_way: _Optional[bool] = ..., one_way_up_s: _Optional[float] = ..., overhead_s: _Optional[float] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("worker_id", "round", "samples", "num_params")

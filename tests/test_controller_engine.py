@@ -338,3 +338,19 @@ def test_a_downlink_without_points_in_the_window_keeps_its_last_measurement():
     held = core.estimates[1]
     assert held.down_bandwidth_bps == pytest.approx(3e6, rel=0.05) and held.down_method == "held"
     assert held.bandwidth_bps == pytest.approx(20e6, rel=0.05)
+
+
+def test_the_overhead_the_workers_measured_is_taken_over_the_one_inferred_from_round_times():
+    """Inferred from round times, a link that binds reads as overhead (and DeCo, planning on
+    it, then fills the link: the reading sustains itself). Measured by the workers, it cannot."""
+    core = ControllerCore(PolicyConfig(name="deco"))
+    core.maybe_decide(0.0)
+    for s in range(6):
+        for worker_id, overhead in ((1, 0.004), (2, 0.007)):
+            samples = link_samples(float(s), 20e6, 0.1, 0.02) + (
+                Sample(KIND_COMPUTE, 0, 0.02, float(s), overhead_s=overhead),)
+            core.report(Report(worker_id, s * 10, D, samples), float(s))
+    assert core.estimates[1].overhead_s == pytest.approx(0.004) and core.overhead_s() == pytest.approx(0.007)
+    # a worker that does not measure it: back to the inferred overhead
+    core.report(Report(3, 60, D, link_samples(6.0, 20e6, 0.1, 0.02)), 6.0)
+    assert core.estimates[3].overhead_s is None and core.overhead_s() != pytest.approx(0.007)

@@ -233,3 +233,33 @@ def test_the_controller_prices_a_sent_element_at_the_workers_wire_cost(make_clus
     assert not errors, errors
     # The push sample's bytes are the payload (indices + values), so the cost is exact.
     assert cluster.controller.service.core.bits_per_element() == pytest.approx(bits)
+
+
+def test_workers_report_one_way_transfers_and_their_own_overhead(make_cluster):
+    """The server's time stamps reach the controller as one-way transfers and pings timed
+    each way; each compute sample carries the worker's own overhead of a round."""
+    cluster = make_cluster(min_workers=2, tau_max=2, policy="static", tau=1, delta=0.2)
+    per_round: dict = {}
+    errors: list = []
+    threads = [threading.Thread(target=train, args=(cluster, 150, per_round, errors, seed, cluster.controller_address))
+               for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+    join_threads(threads, 100, errors)
+    assert not errors, errors
+    core = cluster.controller.service.core
+    assert len(core.estimators) == 2
+    for estimator in core.estimators.values():
+        samples = list(estimator._samples)
+        pushes = [s for s in samples if s.kind == "push" and s.nbytes > 0]
+        downloads = [s for s in samples if s.kind == "download"]
+        pings = [s for s in samples if s.kind == "ping" and s.nbytes == 0]
+        computes = [s for s in samples if s.kind == "compute"]
+        # those before the worker's first ping have no base to time from yet
+        assert pushes and any(s.transfer_s > 0 for s in pushes)
+        assert downloads and any(s.transfer_s > 0 for s in downloads)
+        assert pings and all(s.one_way_up_s is not None for s in pings)
+        # a one-way transfer never holds the round trip it is part of
+        assert all(s.transfer_s <= s.seconds for s in pushes)
+        measured = [s.overhead_s for s in computes if s.overhead_s > 0]
+        assert measured and all(o < 5.0 for o in measured)

@@ -681,6 +681,7 @@ def link_samples(draw) -> pb.LinkSample:
         transfer_s=draw(st.one_of(st.just(0.0), st.floats(0, 10), st.floats(3000, 5000), weird)),
         has_one_way=draw(st.booleans()),
         one_way_up_s=draw(st.one_of(st.floats(-1e6, 1e6), weird)),
+        overhead_s=draw(st.one_of(st.just(0.0), st.floats(0, 10), st.floats(3000, 5000), weird)),
     )
 
 
@@ -689,7 +690,8 @@ def sample_is_valid(s: pb.LinkSample) -> bool:
             and math.isfinite(s.grad_norm) and s.grad_norm >= 0 and s.elements <= MAX_PARAMS
             and s.direction in (0, 1, 2) and s.timed_bytes <= s.bytes and 0 <= s.queued_s <= s.seconds
             and math.isfinite(s.transfer_s) and 0 <= s.transfer_s <= 3600
-            and (not s.has_one_way or math.isfinite(s.one_way_up_s)))
+            and (not s.has_one_way or math.isfinite(s.one_way_up_s))
+            and math.isfinite(s.overhead_s) and 0 <= s.overhead_s <= 3600)
 
 
 def expected_decisions(fuzzed: Fuzzed) -> grpc.StatusCode | None | str:

@@ -291,6 +291,7 @@ class Optimizer(torch.optim.Optimizer):
             raise
         self._in_flight: deque[Future[pb.PushReply]] = deque()
         self._compute_started = time.monotonic()
+        self._round_overhead_s = 0.0  # the last round's own work besides compute (0: none yet)
         self.last_decision: Decision = self.decision_at(self.round)
         self.closed = False
 
@@ -397,7 +398,8 @@ class Optimizer(torch.optim.Optimizer):
         grad_norm = float(torch.linalg.vector_norm(self._grad)) * self._norm_scale(lr)  # Accordion's signal
         self._add_weight_decay(self._grad, trainable)
         self._sync_momentum()
-        compute_seconds = time.monotonic() - self._compute_started
+        tail_started = time.monotonic()
+        compute_seconds = tail_started - self._compute_started
         sync = self.is_sync_round(self.round)
         # At a sync round, and the round after it, upload whatever SASG says: a skip makes the
         # server reuse the last upload, and that must not be one carrying buffers.
@@ -409,12 +411,22 @@ class Optimizer(torch.optim.Optimizer):
         if update is not None or sync:
             update = with_buffers(update, self.layout, self._binding.buffer_differences() if sync else None)
         self._last_push_synced = sync
-        self.session.record_compute(compute_seconds, self.round, grad_norm)
+        self.session.record_compute(compute_seconds, self.round, grad_norm, self._round_overhead_s)
         self._in_flight.append(self.session.push(self.round, self.version, update))
         self.round += 1
+        replica, blocked_before = self._replica, self._replica.blocked_s
         self._wait_until_fresh(self.round - self.tau_at(self.round))
         self._binding.refresh_parameters()
         self._compute_started = time.monotonic()
+        # What DeCo adds to T_comp: this step's own work besides compute (compressing, pushing,
+        # applying deltas, refreshing the parameters), not the time it waited for deltas. The
+        # controller inferred it from round times before, which on a link-bound round cannot
+        # tell the link from the overhead. Never 0 on the wire (0 means "not measured").
+        if replica is self._replica:  # else a recovery pulled a new one: this round measured nothing
+            blocked = replica.blocked_s - blocked_before
+            self._round_overhead_s = max(1e-6, self._compute_started - tail_started - blocked)
+        else:
+            self._round_overhead_s = 0.0
         return loss
 
     def _per_group(self, key: str) -> float | torch.Tensor:

@@ -34,6 +34,8 @@ class Replica:
         # The last delta applied was a compressed follower's own round (server/downlink.py):
         # the replica may differ from the model, so a recovery must pull. A pull clears it.
         self.compressed = False
+        # Seconds spent blocked waiting for deltas, in total (the optimizer's overhead leaves it out).
+        self.blocked_s = 0.0
 
     def apply(self, item: ReceivedDelta | BaseException) -> None:
         if isinstance(item, (ConnectionLost, Interrupted)):
@@ -60,26 +62,32 @@ class Replica:
         on_idle: Callable[[], None] | None = None,
     ) -> int:
         """Apply every delta already received; block (until `deadline`) while below min_version."""
-        apply_until(deltas, lambda: self.version >= min_version, self.apply, deadline, on_idle)
+        self.blocked_s += apply_until(deltas, lambda: self.version >= min_version, self.apply, deadline, on_idle)
         return self.version
 
 
 def apply_until(deltas: queue.Queue, reached: Callable[[], bool], apply: Callable[[object], None],
-                deadline: float | None = None, on_idle: Callable[[], None] | None = None) -> None:
+                deadline: float | None = None, on_idle: Callable[[], None] | None = None) -> float:
     """Apply every delta already received (`apply`); block, waking each second for `on_idle`,
     until `reached()` or `deadline` (time.monotonic()). A single replica and a sharded one
-    (worker/shards.py) move forward by this one loop."""
+    (worker/shards.py) move forward by this one loop. Returns the seconds it spent blocked
+    (waiting for a delta, not applying one): the worker's overhead is its time less this."""
+    blocked = 0.0
     while True:
         block = not reached() and (deadline is None or time.monotonic() < deadline)
         try:
             if block:
                 wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-                item = deltas.get(timeout=wait)
+                waiting_since = time.monotonic()
+                try:
+                    item = deltas.get(timeout=wait)
+                finally:
+                    blocked += time.monotonic() - waiting_since
             else:
                 item = deltas.get_nowait()
         except queue.Empty:
             if not block:
-                return
+                return blocked
             if on_idle is not None:
                 on_idle()
             continue

@@ -511,8 +511,8 @@ class WorkerSession:
             self._count_received(len(reply.padding))
         return reply
 
-    def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
-        self.telemetry.record_compute(seconds, round_, grad_norm)
+    def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0, overhead_s: float = 0.0) -> None:
+        self.telemetry.record_compute(seconds, round_, grad_norm, overhead_s)
 
     # ------------------------------------------------------------------ decisions
 

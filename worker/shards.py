@@ -253,6 +253,7 @@ class ShardedReplica:
         # most tau_max + 1 rounds: no shard gets further ahead of the slowest one).
         self._pieces: dict[int, dict[int, ReceivedDelta]] = {}
         self._announced = self.version  # rounds below it went to on_apply
+        self.blocked_s = 0.0  # as Replica.blocked_s
 
     @property
     def version(self) -> int:
@@ -301,7 +302,7 @@ class ShardedReplica:
 
     def _catch_up(self, deltas: ShardDeltas, reached: Callable[[], bool], deadline: float | None,
                   on_idle: Callable[[], None] | None) -> None:
-        apply_until(deltas, reached, self.apply, deadline, on_idle)  # type: ignore[arg-type]
+        self.blocked_s += apply_until(deltas, reached, self.apply, deadline, on_idle)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- what the controller hears
@@ -659,8 +660,8 @@ class ShardedSession:
     def wait_for_decision(self, timeout: float) -> bool:
         return self.lead.wait_for_decision(timeout)
 
-    def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
-        self.lead.record_compute(seconds, round_, grad_norm)
+    def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0, overhead_s: float = 0.0) -> None:
+        self.lead.record_compute(seconds, round_, grad_norm, overhead_s)
 
     # ------------------------------------------------------------------ pushes
 

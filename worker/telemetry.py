@@ -89,12 +89,13 @@ class Telemetry:
 
     def sample(self, kind: int, nbytes: int, seconds: float, round_: int, grad_norm: float = 0.0,
                elements: int = 0, timed_bytes: int = 0, direction: int = pb.LinkSample.DIRECTION_UNSPECIFIED,
-               queued_s: float = 0.0, transfer_s: float | None = None, one_way_up_s: float | None = None) -> None:
+               queued_s: float = 0.0, transfer_s: float | None = None, one_way_up_s: float | None = None,
+               overhead_s: float = 0.0) -> None:
         link_sample = pb.LinkSample(kind=kind, bytes=nbytes, seconds=seconds, round=round_,
                                     unix_ns=time.time_ns(), grad_norm=grad_norm, elements=elements,
                                     timed_bytes=timed_bytes, direction=direction, queued_s=queued_s,
                                     transfer_s=transfer_s or 0.0, has_one_way=one_way_up_s is not None,
-                                    one_way_up_s=one_way_up_s or 0.0)
+                                    one_way_up_s=one_way_up_s or 0.0, overhead_s=overhead_s)
         if self.forward is not None:
             self.forward(link_sample)
         else:
@@ -175,8 +176,10 @@ class Telemetry:
         """`keep`, from any thread: it runs on the I/O loop, where reports take the samples."""
         self._io.call_soon(self.keep, link_sample)
 
-    def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0) -> None:
-        self._io.call_soon(self.sample, pb.LinkSample.KIND_COMPUTE, 0, seconds, round_, grad_norm)
+    def record_compute(self, seconds: float, round_: int, grad_norm: float = 0.0, overhead_s: float = 0.0) -> None:
+        """One step's compute time, with the previous round's overhead (0: not measured)."""
+        self._io.call_soon(lambda: self.sample(pb.LinkSample.KIND_COMPUTE, 0, seconds, round_, grad_norm,
+                                               overhead_s=overhead_s))
         self.reported_round = max(self.reported_round, round_)
 
     async def report_loop(self) -> None:
