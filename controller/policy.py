@@ -206,11 +206,22 @@ def down_of(estimate: LinkEstimate) -> float:
     return estimate.down_bandwidth_bps if estimate.down_bandwidth_bps is not None else estimate.bandwidth_bps
 
 
+# A follower whose downlink is below this share of the workers' median downlink is one a
+# compressed downlink is for (an egress-limited site among faster ones).
+SLOW_DOWNLINK_SHARE = 0.5
+
+
 def slow_downlinks(estimates: dict[int, LinkEstimate]) -> set[int]:
-    """The workers whose downlink is slower than every uplink: the asymmetric followers a
-    compressed downlink is for. Without downlink estimates (each taken as its uplink), none."""
-    slowest_up = min(e.bandwidth_bps for e in estimates.values())
-    return {w for w, e in estimates.items() if down_of(e) < slowest_up}
+    """The followers whose downlink is well below the others' (under SLOW_DOWNLINK_SHARE of
+    the median): the asymmetric ones a compressed downlink is for. Measured against the
+    downlinks, not the uplinks: a congested downlink holds back the acknowledgements and
+    window updates of its own worker's uplink, whose estimate then collapses too (0.1-0.6
+    Mbit/s on a 20 Mbit/s uplink in `cnn-slow-down`), and a rule "slower than every uplink"
+    then found no slow downlink at all. Without downlink estimates (each taken as its
+    uplink) on alike uplinks, none."""
+    downs = sorted(down_of(e) for e in estimates.values())
+    median = downs[len(downs) // 2]
+    return {w for w, e in estimates.items() if down_of(e) < SLOW_DOWNLINK_SHARE * median}
 
 
 def pricing_downlink(config: PolicyConfig, estimates: dict[int, LinkEstimate]) -> float:
@@ -233,8 +244,8 @@ def hetero_proposal(config: PolicyConfig, view: ClusterView, bandwidth: float, l
     slow downlink (an egress-limited site, a consumer line) drags every delta down. Instead:
     1. DeCo (tau, delta, and the round time T it targets) on the slowest uplink (`bandwidth`,
        with the largest `latency` and `t_comp`) and on the
-       slowest downlink among the followers that are not slower than every uplink
-       (`pricing_downlink`): the asymmetric ones are left out of the bind;
+       slowest downlink among the followers whose downlink is not well below the others'
+       (`slow_downlinks`, `pricing_downlink`): the slow ones are left out of the bind;
     2. a follower whose downlink cannot carry the union (traffic_factor * delta * S_g, as
        DeCo prices the download) within T gets its own downlink fraction: what its downlink
        carries in T, T * a_down / S_g (S_g the wire bits of a dense round; a compressed

@@ -14,7 +14,7 @@ from wanps.controller.deco import deco
 from wanps.controller.engine import ControllerCore
 from wanps.controller.estimator import LinkEstimate
 from wanps.controller.policy import (ClusterView, PolicyConfig, Proposal, deco_input, differs_enough,
-                                     pricing_downlink, propose)
+                                     pricing_downlink, propose, slow_downlinks)
 from wanps.proto.decisions import Decision, decision_from_message, decision_to_message
 from tests.test_controller_engine import run
 
@@ -79,13 +79,20 @@ def test_no_follower_is_compressed_when_every_downlink_keeps_up_with_the_uplinks
 
 
 def test_a_missing_downlink_estimate_falls_back_to_the_uplink():
-    # Worker 4 has no downlink estimate: its 3 Mbit/s uplink stands for it, slower than every other uplink...
-    # but it is itself the slowest uplink, so nothing is slower than every uplink: no fraction.
+    # Worker 4 has no downlink estimate: its 3 Mbit/s uplink stands for it, well below the
+    # others' downlinks, so it is a slow downlink too (a slow worker on a symmetric line
+    # downloads the union like the rest): it gets a fraction, and the others price the round.
     links = {1: link(20, 20), 2: link(20, 20), 3: link(20, 20), 4: link(3, None)}
-    assert propose(HETERO, view_of(links)).worker_downlink_delta == {}
-    assert pricing_downlink(HETERO, links) == 3e6
-    # A measured slow downlink next to fast uplinks is one.
-    links[4] = link(20, 3)
+    assert set(propose(HETERO, view_of(links)).worker_downlink_delta) == {4}
+    assert pricing_downlink(HETERO, links) == 20e6
+    # Alike links, none measured downwards: nobody is slow.
+    alike = {1: link(20, None), 2: link(18, None), 3: link(22, None)}
+    assert propose(HETERO, view_of(alike)).worker_downlink_delta == {}
+    assert pricing_downlink(HETERO, alike) == 18e6
+    # A measured slow downlink next to fast ones is one, whatever the uplinks read (a congested
+    # downlink holds back its own uplink's acknowledgements: that estimate collapses too).
+    links[4] = link(0.2, 3)
+    assert slow_downlinks(links) == {4}
     assert pricing_downlink(HETERO, links) == 20e6
     assert pricing_downlink(PolicyConfig(name="deco"), links) == 3e6
 
