@@ -28,7 +28,7 @@ decision is published only if it differs enough (tau changes, or delta by more t
 `delta_hysteresis` relative), so estimation noise does not make tau flap. Each decision
 holds from a round far enough ahead (`switch_margin_rounds`, and `switch_margin_s` of
 training at the speed of the last few seconds) that every worker has it before it gets there.
-DeCo plans on `link_share` of each estimated bandwidth (headroom, so a queue can drain).
+DeCo can plan on `link_share` of each estimated bandwidth (headroom, so a queue can drain).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class PolicyConfig:
     delta_hysteresis: float = 0.2
     # A decision holds from at least this many rounds, and this much training time, ahead.
     switch_margin_rounds: int = 10
-    switch_margin_s: float = 2.0
+    switch_margin_s: float = 3.0
     # ... and this many rounds ahead while the training speed is not known yet.
     switch_margin_rounds_cold: int = 100
     # accordion: (heavy, light) compression deltas and the critical-regime threshold.
@@ -74,8 +74,10 @@ class PolicyConfig:
     # The share of each estimated bandwidth DeCo plans a round's transfers on. DeCo's choice
     # fills the link exactly (a round's transfer = its step), so anything it did not price
     # (a slower moment, a retransmission) queues, the queue reads as latency, and a larger
-    # latency makes DeCo send more per round: the queue stands. Headroom lets it drain.
-    link_share: float = 0.9
+    # latency makes DeCo send more per round: the queue stands. Headroom lets it drain. The
+    # default is none: at 0.9 (and a 2 s switch margin) `make run` took 61-146 s to 97%
+    # against 48-58 s without (docs/benchmarks.md); the CNN matrix there ran at 0.9.
+    link_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
