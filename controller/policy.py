@@ -76,7 +76,7 @@ class PolicyConfig:
     # (a slower moment, a retransmission) queues, the queue reads as latency, and a larger
     # latency makes DeCo send more per round: the queue stands. Headroom lets it drain. The
     # default is none: at 0.9 (and a 2 s switch margin) `make run` took 61-146 s to 97%
-    # against 48-58 s without (docs/benchmarks.md); the CNN matrix there ran at 0.9.
+    # against 48-64 s without (single runs, docs/benchmarks.md); the CNN matrix ran at 0.9.
     link_share: float = 1.0
 
     def __post_init__(self) -> None:
