@@ -259,7 +259,7 @@ class LinkEstimator:
                             overhead_s=float(np.median(overheads)) if overheads else None)
 
     def _latency(self, pings: list[Sample]) -> float:
-        """b: the low quantile of round trips, or, from stamped pings, of each way's."""
+        """b: the low quantile of round trips, or, from stamped pings, the sum of each way's minimum."""
         q = self.config.latency_quantile
         stamped = [p for p in pings if p.one_way_up_s is not None]
         if len(stamped) >= self.config.min_pings:
