@@ -1,6 +1,7 @@
 """Link and compute estimation from the samples workers send. Pure: no network, no clock.
 
-Per worker and per direction, over a sliding window of the newest samples (`window_s` seconds):
+Per worker and per direction, over a sliding window of the newest samples (`window_s` seconds,
+stretched back to hold `min_pushes` uplink points when rounds are longer than a third of it):
 
 - latency b: a low quantile (default the 10th percentile) of ping round-trip times. The
   low end is the path's own delay; higher RTTs carry queueing behind bulk traffic. This is
@@ -127,6 +128,17 @@ class EstimatorConfig:
     # minimum RTT over 10 s for the same reason). A path whose delay really grows is
     # followed this much later.
     latency_window_s: float = 30.0
+    # A window holding fewer than `min_pushes` uplink points stretches back to the newest
+    # `min_pushes` of them, up to this age: rounds longer than a third of `window_s` (D-SGD's
+    # dense rounds on a slow link) left no estimate in any window, and the controller kept
+    # its first one, read at the start, for the whole run.
+    max_window_s: float = 60.0
+
+
+def is_uplink_point(sample: Sample) -> bool:
+    """A push with bytes, or a ping padded on the way up (a probe): a point on the uplink's line."""
+    return sample.nbytes > 0 and (sample.kind == KIND_PUSH
+                                  or (sample.kind == KIND_PING and sample.direction != DIRECTION_DOWN))
 
 
 def on_line(sample: Sample, latency_s: float) -> float:
@@ -193,7 +205,8 @@ class LinkEstimator:
         only when those disagree with the whole window (the link changed). Changes nothing."""
         c = self.config
         latency_pings = [p for p in self._latency_pings if p.at_s >= now_s - max(c.latency_window_s, c.window_s)]
-        full = self._estimate(self._since(now_s - c.window_s), now_s - c.window_s, latency_pings)
+        start = self._window_start(now_s)
+        full = self._estimate(self._since(start), start, latency_pings)
         recent = self._estimate(self._since(now_s - c.change_window_s), now_s - c.change_window_s, latency_pings)
         if full is None or recent is None:
             return full
@@ -216,6 +229,16 @@ class LinkEstimator:
                                down_samples=recent.down_samples, down_method=recent.down_method)
         return estimate
 
+    def _window_start(self, now_s: float) -> float:
+        """now - window_s, or earlier, back to the `min_pushes`-th newest uplink point within
+        `max_window_s`, when the window holds fewer (rounds longer than the window allows)."""
+        c = self.config
+        start = now_s - c.window_s
+        ups = [s.at_s for s in self._samples if is_uplink_point(s) and s.at_s >= now_s - c.max_window_s]
+        if len(ups) >= c.min_pushes and sum(t >= start for t in ups) < c.min_pushes:
+            start = sorted(ups)[-c.min_pushes]
+        return start
+
     def forget_before(self, start_s: float) -> None:
         """Drop the samples taken before `start_s`: after a change, what came before it must
         not pull later estimates back towards the old link."""
@@ -223,8 +246,7 @@ class LinkEstimator:
 
     def _estimate(self, samples: list[Sample], window_start_s: float, latency_pings: list[Sample]) -> LinkEstimate | None:
         # Padded pings (bandwidth probes) are points on the same line as pushes.
-        ups = [s for s in samples if s.nbytes > 0 and (s.kind == KIND_PUSH
-                                                      or (s.kind == KIND_PING and s.direction != DIRECTION_DOWN))]
+        ups = [s for s in samples if is_uplink_point(s)]
         pings = [s for s in samples if s.kind == KIND_PING and s.nbytes == 0]
         computes = [s.seconds for s in samples if s.kind == KIND_COMPUTE]
         overheads = [s.overhead_s for s in samples if s.kind == KIND_COMPUTE and s.overhead_s > 0]

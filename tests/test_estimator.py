@@ -198,3 +198,30 @@ def test_a_change_of_one_direction_keeps_the_others_estimate():
     assert after.down_bandwidth_bps == pytest.approx(10 * MBIT, rel=0.15)
     assert after.push_samples > est.config.change_window_s / 0.05 + 5  # the up estimate read the whole window
     assert after.bandwidth_bps == pytest.approx(before.bandwidth_bps, rel=0.15)
+
+
+def test_rounds_longer_than_the_window_still_give_an_estimate_from_the_newest_pushes():
+    """Dense 8 MB pushes on a 10 Mbit/s link: one every 7-8 s, fewer than min_pushes per 10 s
+    window. The window stretches back to the newest three (within max_window_s) and the
+    estimate follows the link; a fast start (the first estimate) does not stay."""
+    est = LinkEstimator()
+    for t in np.arange(0.0, 1.0, 0.2):  # the start: small probes on a fast path
+        est.add(Sample(KIND_PUSH, 20_000 + int(t * 1e4), 0.05 + 8 * 20_000 / 80e6, t))
+        est.add(Sample(KIND_PING, 0, 0.05, t))
+    first = est.estimate(1.0)
+    assert first is not None and first.bandwidth_bps > 50 * MBIT
+    est.forget_before(first.window_start_s)
+    t = 1.0
+    for i in range(8):
+        size = 8_000_000 + 400_000 * (i % 3)
+        seconds = 0.05 + 8 * size / (10 * MBIT)
+        t += seconds + 0.5
+        est.add(Sample(KIND_PUSH, size, seconds, t))
+        est.add(Sample(KIND_PING, 0, 0.05, t))
+        estimate = est.estimate(t)
+        if i >= 2:  # three dense pushes seen: the last 10 s hold one or two of them
+            assert estimate is not None and estimate.bandwidth_bps == pytest.approx(10 * MBIT, rel=0.05)
+            assert t - estimate.window_start_s > 10.0
+            est.forget_before(estimate.window_start_s)
+    # Stretching stops at max_window_s: with no uplink point in that long, no estimate.
+    assert est.estimate(t + 61.0) is None
