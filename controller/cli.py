@@ -110,6 +110,9 @@ def decide_main(argv: list[str]) -> int:
                         help="Largest tau considered.")
     parser.add_argument("--overhead-ms", type=float_at_least(0), default=0.0,
                         help="Fixed cost per round beyond T_comp, ms (the controller measures it; 0: the paper).")
+    parser.add_argument("--round-floor-ms", type=float_at_least(0, above=True), default=None,
+                        help="Rounds measured this long on idle links (longer than T_comp + overhead: shared cores, "
+                             "a barrier on the slowest worker); latency hides behind rounds this long. Default: none.")
     parser.add_argument("--time-model", choices=TIME_MODELS, default=DEFAULT_TIME_MODEL,
                         help="The form whose decision is printed at the top level (both are printed under 'forms').")
     args = parser.parse_args(argv)
@@ -119,7 +122,9 @@ def decide_main(argv: list[str]) -> int:
             t_comp_s=args.t_comp_ms / 1e3, bits_per_element=args.bits_per_element, tau_max=args.tau_max,
             overhead_s=args.overhead_ms / 1e3,
             down_bandwidth_bps=None if args.down_bandwidth_mbit is None else args.down_bandwidth_mbit * 1e6,
-            download_factor=args.download_factor, time_model=model)).as_dict() for model in TIME_MODELS}
+            download_factor=args.download_factor, time_model=model,
+            round_floor_s=None if args.round_floor_ms is None else args.round_floor_ms / 1e3)).as_dict()
+            for model in TIME_MODELS}
     except ValueError as exc:
         parser.error(str(exc))
     print(json.dumps({**forms[args.time_model], "forms": forms}, indent=2))

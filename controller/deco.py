@@ -35,6 +35,11 @@ Where wanps departs from the paper (docs/controller.md says why):
   shared cores can be a large fraction of a short step) is added to the step:
   T_step = T_comp + o replaces T_comp in Theorem 3 and in Algorithm 1. The overhead is
   CPU work, so transfers overlap it as they overlap compute. o = 0 is the paper's model.
+- A measured round floor m (`round_floor_s`: rounds measured longer than T_step while the
+  links did not bind, from cores shared with other processes or the server waiting on the
+  slowest worker) sets how many rounds in flight hide the latency: the chain
+  T_step + b + delta*c_s must fit in tau + 1 rounds of m, not of T_step. The throughput
+  term keeps T_step, so a link is never planned full for the whole of a longer round.
 - S_g = d * bits_per_element: the real wire cost of one *sent* element (uint32 index +
   float32 value = 64 bits) by default, so that delta * S_g is what a round really sends;
   `bits_per_element=32` reproduces the paper's model.
@@ -70,6 +75,11 @@ class DecoInput:
     down_bandwidth_bps: float | None = None  # a_down, bit/s; None: the same as the uplink
     download_factor: float = 1.0  # f: bytes a worker downloads per byte it pushes (the round's union)
     time_model: str = DEFAULT_TIME_MODEL
+    # m: the seconds a round takes when the links do not bind, as measured (T_comp plus the
+    # overhead seen in the round times: cores shared with other processes, the server waiting
+    # for the slowest worker), when longer than T_step; None: T_step. Latency hides behind
+    # rounds as they really run: with rounds of m, fewer of them in flight cover b.
+    round_floor_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_params < 1:
@@ -93,11 +103,18 @@ class DecoInput:
             raise ValueError(f"download_factor must be > 0 and finite, got {self.download_factor}")
         if self.time_model not in TIME_MODELS:
             raise ValueError(f"time_model must be one of {', '.join(TIME_MODELS)}, got {self.time_model!r}")
+        if self.round_floor_s is not None and (not self.round_floor_s > 0 or not math.isfinite(self.round_floor_s)):
+            raise ValueError(f"round_floor_s must be > 0 s and finite, got {self.round_floor_s}")
 
     @property
     def step_s(self) -> float:
         """T_step = T_comp + o: what one round costs a worker before any waiting on the link."""
         return self.t_comp_s + self.overhead_s
+
+    @property
+    def round_s(self) -> float:
+        """The shortest round: T_step, or the measured floor `round_floor_s` when longer."""
+        return max(self.step_s, self.round_floor_s or 0.0)
 
     @property
     def gradient_bits(self) -> float:
@@ -177,7 +194,7 @@ def predicted_for(x: DecoInput, tau: int, delta: float) -> float:
     if not 0.0 < delta <= 1.0 or tau < 0:
         raise ValueError(f"need tau >= 0 and delta in (0, 1]; got tau {tau}, delta {delta}")
     serial, throughput = x.costs_s()
-    return max((x.step_s + x.latency_s + delta * serial) / (tau + 1), delta * throughput, x.step_s)
+    return max((x.step_s + x.latency_s + delta * serial) / (tau + 1), delta * throughput, x.round_s)
 
 
 def overhead_sample(measured_s: float, x: DecoInput, tau: int, delta: float, slack: float = 0.05) -> float | None:
@@ -202,16 +219,23 @@ def overhead_sample(measured_s: float, x: DecoInput, tau: int, delta: float, sla
 def delta_for_tau(x: DecoInput, tau: int) -> float:
     """Remark 4's delta*(tau) with T_step for T_comp, unclamped (<= 0 when tau*T_step <= b).
 
-    The largest delta whose round time is T_step: the serial chain fits in tau + 1 steps and
-    the busiest link carries a round within one step.
+    The largest delta whose round time is the shortest round m (T_step, or the measured
+    floor): the serial chain T_step + b + delta*c_s fits in tau + 1 rounds of m, and the
+    busiest link carries a round within one step. With m = T_step the first term is
+    Remark 4's (tau*T_step - b)/c_s. The throughput term keeps T_step: a link filled for
+    all of a longer measured round leaves no room for the jitter that made it longer.
     """
     serial, throughput = x.costs_s()
-    return min((tau * x.step_s - x.latency_s) / serial, x.step_s / throughput, 1.0)
+    chain = tau * x.round_s + (x.round_s - x.step_s) - x.latency_s  # (tau + 1) m - T_step - b
+    return min(chain / serial, x.step_s / throughput, 1.0)
 
 
 def tau_range(x: DecoInput) -> tuple[int, int]:
-    low = math.ceil(x.latency_s / x.step_s)
-    high = math.ceil((x.latency_s + x.costs_s()[0]) / x.step_s)
+    """[the smallest tau whose chain has room for a transfer, the one whose chain carries delta = 1]
+    (with m = T_step: [ceil(b/T_step), ceil((b + c_s)/T_step)])."""
+    spare = x.round_s - x.step_s  # what a longer measured round adds to the chain's room
+    low = max(0, math.ceil((x.latency_s - spare) / x.round_s))
+    high = math.ceil((x.latency_s - spare + x.costs_s()[0]) / x.round_s)
     return low, max(low, high)
 
 

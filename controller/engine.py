@@ -145,7 +145,8 @@ class ControllerCore:
     def view(self) -> ClusterView:
         return ClusterView(round=self.reported_round, num_params=self.num_params, estimates=dict(self.estimates),
                            traffic_factor=self.traffic_factor(), grad_norm_change=self.grad_norm_change(),
-                           overhead_s=self.overhead_s(), bits_per_element=self.bits_per_element())
+                           overhead_s=self.overhead_s(), bits_per_element=self.bits_per_element(),
+                           round_floor_s=self.round_floor_s())
 
     def bits_per_element(self) -> float:
         """Wire bits per sent element: the configured value, else measured from the pushes.
@@ -236,10 +237,31 @@ class ControllerCore:
             # Workers that measure their own overhead (LinkSample.overhead_s): the slowest's, as
             # T_comp is; the round times cannot tell it from a link that binds. The cap holds.
             return min(max(measured), self.policy.overhead_cap() * t_comp)  # type: ignore[type-var]
+        inferred = self._inferred_overhead_s()
+        return 0.0 if inferred is None else min(inferred, self.policy.overhead_cap() * t_comp)
+
+    def _inferred_overhead_s(self) -> float | None:
+        """The quantile of the overheads inferred from round times (None: too few yet)."""
         if len(self._overhead_samples) < max(1, self.policy.overhead_min_samples):
-            return 0.0
-        value = float(np.quantile(np.fromiter(self._overhead_samples, dtype=np.float64), self.policy.overhead_quantile))
-        return min(value, self.policy.overhead_cap() * t_comp)
+            return None
+        return float(np.quantile(np.fromiter(self._overhead_samples, dtype=np.float64), self.policy.overhead_quantile))
+
+    def round_floor_s(self) -> float | None:
+        """The shortest round the cluster runs when the links do not bind: the slowest T_comp
+        plus the overhead inferred from round times (None: not inferred yet, or no overhead term).
+
+        The workers' own overhead leaves out what they wait for that is not the link: cores
+        shared with the other processes, the server waiting for the slowest worker's push. On
+        `make run` (four workers and a server on two cores) rounds ran at about twice
+        T_comp + o, and DeCo, hiding the latency behind rounds half as long as they were,
+        took tau_max where far fewer rounds in flight covered it (docs/benchmarks.md). DeCo hides latency behind rounds this long (deco.DecoInput.round_floor_s);
+        it does not let a link fill them (the throughput term keeps T_step).
+        """
+        inferred = self._inferred_overhead_s()
+        if self.policy.overhead_cap() <= 0 or inferred is None or not self.estimates:
+            return None
+        _, _, t_comp = slowest_link(self.estimates)
+        return None if t_comp is None else t_comp + min(inferred, self.policy.overhead_cap() * t_comp)
 
     def grad_norm_change(self) -> float | None:
         """|mean norm of the last complete interval / the one before - 1| (None until two exist)."""

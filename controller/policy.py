@@ -136,6 +136,8 @@ class ClusterView:
     overhead_s: float = 0.0
     # Wire bits per sent element (measured or configured; ControllerCore.bits_per_element).
     bits_per_element: float = DEFAULT_BITS_PER_ELEMENT
+    # The shortest round measured when the links do not bind (ControllerCore.round_floor_s).
+    round_floor_s: float | None = None
 
 
 def slowest_link(estimates: dict[int, LinkEstimate]) -> tuple[float, float, float | None]:
@@ -163,7 +165,8 @@ def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: floa
                      t_comp_s=max(t_comp, 1e-6), bits_per_element=view.bits_per_element,
                      tau_max=config.tau_max, overhead_s=view.overhead_s,
                      down_bandwidth_bps=None if down_bandwidth is None else down_bandwidth * share,
-                     download_factor=max(view.traffic_factor, 1e-6), time_model=config.time_model)
+                     download_factor=max(view.traffic_factor, 1e-6), time_model=config.time_model,
+                     round_floor_s=view.round_floor_s)
 
 
 def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
@@ -196,10 +199,11 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
 
 def deco_reason(decision: DecoDecision, x: DecoInput, view: ClusterView, share: float) -> str:
     """The decision and what it was made on: the estimates (DeCo planned on `share` of them)."""
+    floor = f" (rounds >= {x.round_s * 1e3:.1f} ms measured)" if x.round_s > x.step_s else ""
     return (f"{decision.reason} ({x.time_model} form): a {x.bandwidth_bps / share / 1e6:.1f} up / "
             f"{x.downlink_bps / share / 1e6:.1f} down Mbit/s (planned on {share:.0%}), b {x.latency_s * 1e3:.0f} ms, "
             f"T_comp {x.t_comp_s * 1e3:.1f} ms + overhead "
-            f"{view.overhead_s * 1e3:.1f} ms, traffic x{view.traffic_factor:.1f}, "
+            f"{view.overhead_s * 1e3:.1f} ms{floor}, traffic x{view.traffic_factor:.1f}, "
             f"{view.bits_per_element:.1f} bits/element")
 
 

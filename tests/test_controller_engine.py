@@ -354,3 +354,32 @@ def test_the_overhead_the_workers_measured_is_taken_over_the_one_inferred_from_r
     # a worker that does not measure it: back to the inferred overhead
     core.report(Report(3, 60, D, link_samples(6.0, 20e6, 0.1, 0.02)), 6.0)
     assert core.estimates[3].overhead_s is None and core.overhead_s() != pytest.approx(0.007)
+
+
+def test_rounds_longer_than_the_workers_own_step_hide_the_latency_with_fewer_rounds_in_flight():
+    """The workers measure 7 ms of overhead on a 7 ms T_comp, but the cluster runs 40 rounds/s
+    (25 ms: shared cores, the server waiting on the slowest push) with the links far from
+    busy. The latency (100 ms) then hides behind 25 ms rounds: tau 4-5, not tau_max."""
+    core = ControllerCore(PolicyConfig(name="deco", every_rounds=20, overhead_min_samples=5))
+    core.maybe_decide(0.0)
+    for s in range(20):
+        for worker_id in (1, 2):
+            samples = link_samples(float(s), 20e6, 0.1, 0.007) + (
+                Sample(KIND_COMPUTE, 0, 0.007, float(s), overhead_s=0.007),)
+            core.report(Report(worker_id, s * 40, D, samples), float(s))
+    assert core.overhead_s() == pytest.approx(0.007)  # the workers' own: T_step 14 ms
+    floor = core.round_floor_s()
+    # T_comp + the median overhead seen in round times: the whole round once tau hides the
+    # latency (25 ms), less while a small tau made the chain what bound them.
+    assert 0.014 < floor <= 0.025 + 1e-9
+    view = core.view()
+    assert view.round_floor_s == floor
+    last = core.book.relevant(0)[-1]
+    without = deco(DecoInput(num_params=D, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.007, tau_max=8,
+                             overhead_s=0.007))
+    assert without.tau == 8  # hiding 100 ms behind 14 ms rounds
+    assert last.tau < without.tau
+    assert "ms measured)" in last.reason
+    # The paper's model (no overhead term) has no floor either.
+    plain = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0))
+    assert plain.round_floor_s() is None

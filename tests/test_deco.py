@@ -1,6 +1,7 @@
 """DeCo (Algorithm 1) and Theorem 3 against hand-computed cases and every edge."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -195,6 +196,9 @@ def test_decide_cli_prints_both_forms_as_json():
                                                          "--download-factor", "4"),
                                            capture_output=True, text=True, timeout=60).stdout)
     assert asymmetric["delta"] < default["delta"]
+    floored = json.loads(subprocess.run(wanps_command("controller", "decide", *gpt, "--round-floor-ms", "1600"),
+                                        capture_output=True, text=True, timeout=60).stdout)
+    assert floored["forms"]["ps"]["tau"] < default["forms"]["ps"]["tau"]  # rounds twice as long hide b sooner
     bad = subprocess.run(wanps_command("controller", "decide", "--params", "0", "--bandwidth-mbit", "1",
                                        "--latency-ms", "1", "--t-comp-ms", "1"), capture_output=True, text=True,
                          timeout=60)
@@ -243,3 +247,28 @@ def test_overhead_is_read_from_the_serial_term_and_not_from_link_bound_rounds():
     known = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.04, overhead_s=0.01,
                       time_model="paper")
     assert overhead_sample(0.05, known, 8, 0.05 * 20e6 / 64e6) == pytest.approx(0.01)
+
+
+def test_a_measured_round_floor_hides_latency_with_fewer_rounds_and_keeps_the_throughput_cap():
+    base = DecoInput(num_params=1_000_000, bandwidth_bps=20e6, latency_s=0.1, t_comp_s=0.007, overhead_s=0.007,
+                     tau_max=8)
+    plain = deco(base)
+    # No floor, or one at T_step, is Algorithm 1 as before.
+    for same in (dataclasses.replace(base, round_floor_s=None), dataclasses.replace(base, round_floor_s=base.step_s)):
+        decision = deco(same)
+        assert (decision.tau, decision.delta, decision.tau_range) == (plain.tau, plain.delta, plain.tau_range)
+    floored = dataclasses.replace(base, round_floor_s=0.025)
+    decision = deco(floored)
+    # The chain T_step + b + delta*c_s fits in tau + 1 rounds of 25 ms ...
+    serial, throughput = floored.costs_s()
+    assert (decision.tau + 1) * 0.025 >= base.step_s + 0.1 + decision.delta * serial - 1e-12
+    assert decision.tau < plain.tau and decision.feasible
+    assert tau_range(floored)[0] == 4  # (tau + 1) 25 ms > 114 ms from tau 4 on
+    # ... and the busiest link still carries a round within T_step, not within the longer round.
+    assert decision.delta * throughput <= base.step_s + 1e-12
+    # Rounds are never predicted shorter than the floor.
+    assert predicted_for(floored, decision.tau, decision.delta) >= 0.025
+    # A floor below T_step changes nothing: T_step is the shortest round.
+    assert deco(dataclasses.replace(base, round_floor_s=0.001)).tau == plain.tau
+    with pytest.raises(ValueError, match="round_floor_s"):
+        dataclasses.replace(base, round_floor_s=0.0)
