@@ -269,13 +269,44 @@ def predicted_ps_iter_s(result: dict, num_params: int) -> float | None:
         return predicted_from_final_estimates(result, num_params, time_model="ps")
     times = [t["time_s"] for t in track]
     inputs = [deco_input_of(t, num_params, "ps") for t in track]
+    decisions = sorted(result.get("decisions") or [], key=lambda d: (d["from_round"], d["id"]))
+    starts = [d["from_round"] for d in decisions]
     middle = used[len(used) // 10 : (len(used) * 9) // 10 + 1] if len(used) >= 10 else used
     predictions = []
-    for _, time_s, tau, delta, _ in middle:
-        x = inputs[max(0, bisect.bisect_right(times, time_s) - 1)]
-        if x is not None:
+    for round_, time_s, tau, delta, _ in middle:
+        at = max(0, bisect.bisect_right(times, time_s) - 1)
+        x = inputs[at]
+        if x is None:
+            continue
+        decision = decisions[bisect.bisect_right(starts, round_) - 1] if starts and starts[0] <= round_ else {}
+        if decision.get("worker_delta") or decision.get("worker_downlink_delta"):
+            predictions.append(per_worker_prediction(track[at], x, tau, delta, decision))
+        else:
             predictions.append(predicted_for(x, tau, sent_delta(delta, x.bits_per_element)))
     return round(sum(predictions) / len(predictions), 5) if predictions else None
+
+
+def per_worker_prediction(snapshot: dict, cluster: DecoInput, tau: int, delta: float, decision: dict) -> float:
+    """The PS form for a round with per-worker deltas (deco-hetero): each worker's round on its
+    own link, pushing its own delta and downloading the union, or its own downlink fraction
+    when it has one (then the union's bytes are replaced by the fraction's); the slowest
+    worker's round is the cluster's (T_comp is the slowest worker's, as in `deco_input_of`)."""
+    worst = 0.0
+    for link in snapshot["links"]:
+        worker = str(link["worker_id"])
+        own = float((decision.get("worker_delta") or {}).get(worker, delta))
+        sent = sent_delta(own, cluster.bits_per_element)
+        fraction = (decision.get("worker_downlink_delta") or {}).get(worker)
+        # Bytes down per byte pushed: the union (traffic factor x the shared delta's push), or
+        # the follower's own fraction of the model (sent sparse, as pushes are).
+        down_factor = (float(fraction) / sent if fraction else cluster.download_factor * sent_delta(delta, cluster.bits_per_element) / sent)
+        x = DecoInput(num_params=cluster.num_params, bandwidth_bps=link["bandwidth_bps"],
+                      down_bandwidth_bps=link.get("down_bandwidth_bps") or link["bandwidth_bps"],
+                      latency_s=link.get("latency_s", 0.0), t_comp_s=cluster.t_comp_s,
+                      bits_per_element=cluster.bits_per_element, overhead_s=cluster.overhead_s,
+                      download_factor=max(down_factor, 1e-9), tau_max=cluster.tau_max, time_model="ps")
+        worst = max(worst, predicted_for(x, tau, sent))
+    return worst
 
 
 def run_one(plan: BenchPlan, condition: Condition, method: str, seed: int, traces_dir: Path) -> dict:

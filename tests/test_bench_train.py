@@ -102,6 +102,30 @@ def test_the_ps_prediction_follows_the_estimates_and_decisions_round_by_round():
     assert predicted_ps_iter_s(result, 1000) == pytest.approx(sum(expected) / len(expected), abs=1e-5)
 
 
+def test_the_ps_prediction_prices_a_compressed_followers_download_at_its_own_fraction():
+    """deco-hetero: follower 2's downlink (1 Mbit/s) carries its own fraction of the model, not
+    the union; the round is the slowest worker's own. Before, every follower was priced with
+    the union on the slowest downlink, which no follower carried."""
+    links = [{"worker_id": "1", "bandwidth_bps": 20e6, "down_bandwidth_bps": 20e6, "latency_s": 0.1, "t_comp_s": 0.02},
+             {"worker_id": "2", "bandwidth_bps": 20e6, "down_bandwidth_bps": 1e6, "latency_s": 0.1, "t_comp_s": 0.02}]
+    track = [{"time_s": 0.0, "round": 0, "traffic_factor": 2.0, "bits_per_element": 64.0, "overhead_s": 0.0,
+              "links": links}]
+    per_round = [[r, r * 0.1, 2, 0.01, None] for r in range(20)]
+    hetero = [{"id": 1, "from_round": 0, "tau": 2, "delta": 0.01, "predicted_iter_s": 0.1,
+               "worker_delta": {}, "worker_downlink_delta": {"2": 0.001}}]
+    d = 100_000
+    push = 0.01 * d * 64
+    fast = max((0.02 + 0.1 + push / 20e6 + 2 * push / 20e6) / 3, 0.02)
+    slow = max((0.02 + 0.1 + push / 20e6 + 0.001 * d * 64 / 1e6) / 3, 0.001 * d * 64 / 1e6, 0.02)
+    result = {"per_round": per_round, "link_track": track, "decisions": hetero}
+    assert predicted_ps_iter_s(result, d) == pytest.approx(max(fast, slow), abs=1e-6)
+    # Without the fraction the slow follower downloads the union, as every follower does.
+    shared = {"per_round": per_round, "link_track": track, "decisions": [dict(hetero[0], worker_downlink_delta={})]}
+    union = max((0.02 + 0.1 + push / 20e6 + 2 * push / 1e6) / 3, 2 * push / 1e6, 0.02)
+    assert predicted_ps_iter_s(shared, d) == pytest.approx(union, abs=1e-6)
+    assert predicted_ps_iter_s(result, d) < predicted_ps_iter_s(shared, d) / 2
+
+
 def test_summarize_rebuilds_rows_from_run_folders(tmp_path):
     import json
 
