@@ -44,6 +44,27 @@ def test_unreported_samples_stay_within_one_report_newest_kept(io: IoLoop) -> No
     assert len(telemetry.samples) == 0
 
 
+def test_the_first_ping_goes_out_at_once_not_after_an_interval(io: IoLoop, monkeypatch) -> None:
+    """Before the worker's first push (the path still idle): an interval this long would
+    otherwise hold it back for the whole test."""
+    import threading
+
+    from wanps.worker import telemetry as telemetry_module
+    monkeypatch.setattr(telemetry_module, "PING_INTERVAL_S", 3600.0)
+    telemetry = Telemetry(io, controller=object())
+    pinged = threading.Event()
+
+    async def ping(padding: bytes, reply_bytes: int = 0) -> pb.PingReply:
+        pinged.set()
+        return pb.PingReply()
+
+    io.spawn(lambda: telemetry.ping_loop(ping))
+    assert pinged.wait(timeout=10)
+    io.call(settled)
+    pings = [s for s in telemetry.samples if s.kind == pb.LinkSample.KIND_PING]
+    assert len(pings) == 1 and pings[0].bytes == 0  # an RTT sample, before any push
+
+
 def test_a_session_without_a_controller_keeps_no_samples() -> None:
     session = WorkerSession("127.0.0.1:1")  # never dialled: channels connect lazily
     try:
