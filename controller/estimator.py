@@ -179,6 +179,24 @@ def lower_envelope_fit(x: np.ndarray, y: np.ndarray, min_dx: float) -> tuple[flo
     return refit if refit is not None and refit[0] > 0 else fit
 
 
+# A line must add at least this much time over the sizes seen to be read (the clocks and
+# the event loops time nothing finer).
+MIN_READABLE_S = 1e-3
+
+
+def readable_slope(x: np.ndarray, y: np.ndarray, fit: tuple[float, float]) -> bool:
+    """Whether the line's slope rises above the points' scatter: over the sizes seen it adds
+    more time than the median absolute deviation of the residuals, and than MIN_READABLE_S.
+    Transfers lost in jitter give a slope of noise, and transfers timed from a base delay
+    read while queued (at the start) come out near 0: a slope near 0 is a bandwidth near
+    infinity (a 40 Mbit/s downlink read as 4 Tbit/s, and DeCo then sent 0.037 of the
+    model a round)."""
+    slope, intercept = fit
+    residual = y - (intercept + slope * x)
+    scatter = float(np.median(np.abs(residual - np.median(residual))))
+    return slope * float(x.max() - x.min()) > max(scatter, MIN_READABLE_S)
+
+
 class LinkEstimator:
     """Samples of one worker's link, and the estimate they support."""
 
@@ -303,7 +321,7 @@ class LinkEstimator:
             x = np.concatenate([sizes, np.zeros(len(ping_times))])[-c.regression_points :]
             y = np.concatenate([times, ping_times])[-c.regression_points :]
             fit = lower_envelope_fit(x, y, min_dx=max(c.size_spread * float(np.median(sizes)), c.min_size_step_bytes))
-            if fit is not None and fit[0] > 0:
+            if fit is not None and fit[0] > 0 and readable_slope(x, y, fit):
                 return 8.0 / fit[0], "theil-sen"
         transfer = times - latency
         usable = transfer > 1e-4

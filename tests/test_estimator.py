@@ -225,3 +225,21 @@ def test_rounds_longer_than_the_window_still_give_an_estimate_from_the_newest_pu
             est.forget_before(estimate.window_start_s)
     # Stretching stops at max_window_s: with no uplink point in that long, no estimate.
     assert est.estimate(t + 61.0) is None
+
+
+def test_transfers_timed_near_zero_do_not_read_as_a_link_near_infinity():
+    """Deltas of 8-80 KB whose one-way transfer came out at microseconds (timed from a base
+    delay read while the path was queued, at the start): the line through them and the
+    pings has a slope near 0, which read as Tbit/s. Unreadable: no Theil-Sen estimate."""
+    rng = np.random.default_rng(3)
+    est = LinkEstimator()
+    for i in range(40):
+        t = i * 0.25
+        size = int(rng.integers(8_000, 80_000))
+        est.add(Sample(KIND_DOWNLOAD, size, 0.0, t, transfer_s=float(rng.uniform(1e-6, 2e-5)) + size * 1e-12))
+        est.add(Sample(KIND_PUSH, 40_000 + 1000 * (i % 5), 0.05 + 8 * 40_000 / 20e6, t))
+        est.add(Sample(KIND_PING, 0, 0.05, t, one_way_up_s=0.025))
+    estimate = est.estimate(10.0)
+    assert estimate is not None and estimate.bandwidth_bps == pytest.approx(20e6, rel=0.1)
+    assert estimate.down_method != "theil-sen"
+    assert estimate.down_bandwidth_bps is None or estimate.down_bandwidth_bps < 1e9
