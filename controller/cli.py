@@ -71,6 +71,10 @@ def parse_config(argv: list[str] | None) -> ControllerConfig:
     parser.add_argument("--link-share", env="WANPS_LINK_SHARE", type=fraction, default=policy.link_share,
                         help="Share of each estimated bandwidth DeCo plans a round's transfers on, in (0, 1] "
                              "(headroom: a queue that forms can drain; 1: the link filled exactly).")
+    parser.add_argument("--staleness-weight", env="WANPS_STALENESS_WEIGHT", type=float_at_least(0),
+                        default=policy.staleness_weight,
+                        help="DeCo minimises phi(tau, delta) * (1 + W * tau): what each round of staleness costs "
+                             "in rounds to converge, which phi prices at about nothing at small delta (0: the paper).")
     parser.add_argument("--switch-margin-s", env="WANPS_SWITCH_MARGIN_S", type=float_at_least(0),
                         default=policy.switch_margin_s,
                         help="A decision holds from this much training time ahead (at the recent speed; at "
@@ -82,7 +86,7 @@ def parse_config(argv: list[str] | None) -> ControllerConfig:
                               bits_per_element=args.bits_per_element, every_rounds=args.every_rounds,
                               change_threshold=args.change_threshold, overhead_max_ratio=args.overhead_max_ratio,
                               time_model=args.time_model, link_share=args.link_share,
-                              switch_margin_s=args.switch_margin_s)
+                              switch_margin_s=args.switch_margin_s, staleness_weight=args.staleness_weight)
         estimator = EstimatorConfig(window_s=args.window_s)
     except ValueError as exc:
         parser.error(str(exc))
@@ -110,6 +114,8 @@ def decide_main(argv: list[str]) -> int:
                         help="Largest tau considered.")
     parser.add_argument("--overhead-ms", type=float_at_least(0), default=0.0,
                         help="Fixed cost per round beyond T_comp, ms (the controller measures it; 0: the paper).")
+    parser.add_argument("--staleness-weight", type=float_at_least(0), default=PolicyConfig().staleness_weight,
+                        help="phi(tau, delta) * (1 + W * tau) is minimised (0: the paper's phi).")
     parser.add_argument("--round-floor-ms", type=float_at_least(0, above=True), default=None,
                         help="Rounds measured this long on idle links (longer than T_comp + overhead: shared cores, "
                              "a barrier on the slowest worker); latency hides behind rounds this long. Default: none.")
@@ -123,7 +129,8 @@ def decide_main(argv: list[str]) -> int:
             overhead_s=args.overhead_ms / 1e3,
             down_bandwidth_bps=None if args.down_bandwidth_mbit is None else args.down_bandwidth_mbit * 1e6,
             download_factor=args.download_factor, time_model=model,
-            round_floor_s=None if args.round_floor_ms is None else args.round_floor_ms / 1e3)).as_dict()
+            round_floor_s=None if args.round_floor_ms is None else args.round_floor_ms / 1e3,
+            staleness_weight=args.staleness_weight)).as_dict()
             for model in TIME_MODELS}
     except ValueError as exc:
         parser.error(str(exc))

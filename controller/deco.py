@@ -40,6 +40,11 @@ Where wanps departs from the paper (docs/controller.md says why):
   slowest worker) sets how many rounds in flight hide the latency: the chain
   T_step + b + delta*c_s must fit in tau + 1 rounds of m, not of T_step. The throughput
   term keeps T_step, so a link is never planned full for the whole of a longer round.
+- A staleness weight w (`staleness_weight`, 0 by default here: the paper) prices tau:
+  DeCo minimises phi(tau, delta) (1 + w tau). At the deltas of wide-area links (~0.003)
+  phi's (1 - delta/2)^tau is ~1, so phi prices tau at nothing and DeCo takes the largest
+  tau its delta grows with; measured, each round of staleness cost rounds to the target
+  (docs/controller.md).
 - S_g = d * bits_per_element: the real wire cost of one *sent* element (uint32 index +
   float32 value = 64 bits) by default, so that delta * S_g is what a round really sends;
   `bits_per_element=32` reproduces the paper's model.
@@ -80,6 +85,9 @@ class DecoInput:
     # for the slowest worker), when longer than T_step; None: T_step. Latency hides behind
     # rounds as they really run: with rounds of m, fewer of them in flight cover b.
     round_floor_s: float | None = None
+    # w: each round of staleness costs this share more rounds to converge, beyond phi's
+    # (1 - delta/2)^tau (which at delta ~ 0.003 is ~1: tau for free). 0: the paper's phi.
+    staleness_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_params < 1:
@@ -103,6 +111,8 @@ class DecoInput:
             raise ValueError(f"download_factor must be > 0 and finite, got {self.download_factor}")
         if self.time_model not in TIME_MODELS:
             raise ValueError(f"time_model must be one of {', '.join(TIME_MODELS)}, got {self.time_model!r}")
+        if not self.staleness_weight >= 0 or not math.isfinite(self.staleness_weight):
+            raise ValueError(f"staleness_weight must be >= 0, got {self.staleness_weight}")
         if self.round_floor_s is not None and (not self.round_floor_s > 0 or not math.isfinite(self.round_floor_s)):
             raise ValueError(f"round_floor_s must be > 0 s and finite, got {self.round_floor_s}")
 
@@ -248,7 +258,7 @@ def deco(x: DecoInput) -> DecoDecision:
         if delta <= 0.0:
             continue  # tau*T_comp <= b: this tau cannot hide the latency
         delta = max(delta, x.min_delta)
-        value = phi(tau, delta)
+        value = phi(tau, delta) * (1.0 + x.staleness_weight * tau)
         if best is None or value < best[0]:  # strict: the smallest tau wins ties
             best = (value, tau, delta)
     if best is not None:
@@ -260,7 +270,7 @@ def deco(x: DecoInput) -> DecoDecision:
         # allowed and send no more than one compute step can carry.
         tau = min(low, x.tau_max)
         delta = max(x.min_delta, min(1.0, x.step_s / x.costs_s()[1]))
-        value = phi(tau, delta)
+        value = phi(tau, delta) * (1.0 + x.staleness_weight * tau)
         feasible = False
         reason = f"DeCo fallback: latency needs tau >= {low} > tau_max {x.tau_max}"
     return DecoDecision(

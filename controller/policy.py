@@ -78,6 +78,8 @@ class PolicyConfig:
     # keeps rounds at the step Theorem 3 predicts; with error feedback a smaller delta costs
     # few rounds. Half: docs/benchmarks.md has the runs at 0.5, 0.9 and 1.
     link_share: float = 0.5
+    # DeCo minimises phi * (1 + staleness_weight * tau) (controller/deco.py); 0: the paper's phi.
+    staleness_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -91,6 +93,8 @@ class PolicyConfig:
         if not 0.0 <= self.overhead_quantile <= 1.0 or not (self.overhead_max_ratio is None
                                                              or self.overhead_max_ratio >= 0.0):
             raise ValueError("overhead_quantile must be in [0, 1] and overhead_max_ratio >= 0")
+        if not 0.0 <= self.staleness_weight < math.inf:
+            raise ValueError(f"staleness_weight must be >= 0 and finite; got {self.staleness_weight}")
         if not 0.0 < self.link_share <= 1.0:
             raise ValueError(f"link_share must be in (0, 1]; got {self.link_share}")
         if self.time_model not in TIME_MODELS:
@@ -166,7 +170,7 @@ def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: floa
                      tau_max=config.tau_max, overhead_s=view.overhead_s,
                      down_bandwidth_bps=None if down_bandwidth is None else down_bandwidth * share,
                      download_factor=max(view.traffic_factor, 1e-6), time_model=config.time_model,
-                     round_floor_s=view.round_floor_s)
+                     round_floor_s=view.round_floor_s, staleness_weight=config.staleness_weight)
 
 
 def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:

@@ -143,6 +143,7 @@ BAD_FLAGS = [
     (controller_config, ["--tau", "-1"], "argument --tau: must be in [0, 1024], got -1"),
     (controller_config, ["--tau", "4294967295"], "argument --tau: must be in [0, 1024]"),
     (controller_config, ["--window-s", "0"], "argument --window-s: must be > 0"),
+    (controller_config, ["--staleness-weight", "-1"], "argument --staleness-weight: must be >= 0, got -1"),
     (controller_config, ["--listen", "garbage"], "argument --listen: expected HOST:PORT"),
     (_worker, ["--delta", "2"], "argument --delta: must be in (0, 1], got 2"),
     (_worker, ["--tau", "-1"], "argument --tau: must be in [0, 1024], got -1"),

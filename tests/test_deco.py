@@ -199,6 +199,11 @@ def test_decide_cli_prints_both_forms_as_json():
     floored = json.loads(subprocess.run(wanps_command("controller", "decide", *gpt, "--round-floor-ms", "1600"),
                                         capture_output=True, text=True, timeout=60).stdout)
     assert floored["forms"]["ps"]["tau"] < default["forms"]["ps"]["tau"]  # rounds twice as long hide b sooner
+    cnn = ("--params", "600000", "--bandwidth-mbit", "5", "--download-factor", "3", "--latency-ms", "100",
+           "--t-comp-ms", "92", "--overhead-ms", "17")
+    taus = [json.loads(subprocess.run(wanps_command("controller", "decide", *cnn, "--staleness-weight", weight),
+                                      capture_output=True, text=True, timeout=60).stdout)["tau"] for weight in ("0", "1")]
+    assert taus == [3, 2]
     bad = subprocess.run(wanps_command("controller", "decide", "--params", "0", "--bandwidth-mbit", "1",
                                        "--latency-ms", "1", "--t-comp-ms", "1"), capture_output=True, text=True,
                          timeout=60)
@@ -272,3 +277,18 @@ def test_a_measured_round_floor_hides_latency_with_fewer_rounds_and_keeps_the_th
     assert deco(dataclasses.replace(base, round_floor_s=0.001)).tau == plain.tau
     with pytest.raises(ValueError, match="round_floor_s"):
         dataclasses.replace(base, round_floor_s=0.0)
+
+
+def test_a_staleness_weight_prices_tau_that_phi_leaves_free_at_small_delta():
+    """The CNN on a 10 Mbit/s link planned on half of it: phi takes tau 3 for its 25% larger
+    delta; with each round of staleness priced at (1 + w tau), w = 1, tau 2 wins."""
+    x = DecoInput(num_params=600_000, bandwidth_bps=5e6, latency_s=0.1, t_comp_s=0.092, overhead_s=0.017,
+                  download_factor=3.0)
+    plain = deco(x)
+    weighted = deco(dataclasses.replace(x, staleness_weight=1.0))
+    assert (plain.tau, weighted.tau) == (3, 2)
+    assert weighted.delta == pytest.approx(delta_for_tau(x, 2)) and weighted.delta < plain.delta
+    assert weighted.phi == pytest.approx(phi(2, weighted.delta) * 3)
+    assert deco(dataclasses.replace(x, staleness_weight=0.0)) == plain  # 0: the paper's phi
+    with pytest.raises(ValueError, match="staleness_weight"):
+        dataclasses.replace(x, staleness_weight=-1.0)
