@@ -19,7 +19,7 @@ from wanps.proto.decisions import Decision, decision_for_round
 from wanps.controller.decisions import MAX_PENDING_DECISIONS, DecisionBook
 from wanps.controller.estimator import KIND_COMPUTE, KIND_DOWNLOAD, KIND_PUSH, EstimatorConfig, LinkEstimate, LinkEstimator, Sample
 from wanps.controller.policy import (ClusterView, PolicyConfig, Proposal, deco_input, differs_enough, estimates_moved,
-                                     pricing_downlink, propose, slowest_link)
+                                     propose, slowest_down, slowest_link)
 
 
 class TooManyPendingDecisions(RuntimeError):
@@ -190,7 +190,11 @@ class ControllerCore:
         view = ClusterView(round=self.reported_round, num_params=self.num_params, estimates=self.estimates,
                            traffic_factor=self.traffic_factor(), overhead_s=self.overhead_s(),
                            bits_per_element=self.bits_per_element())
-        x = deco_input(view, bandwidth, latency, t_comp, self.policy, pricing_downlink(self.policy, self.estimates))
+        # Every downlink as it is, the slowest one included: deco-hetero prices its decisions
+        # without the slow ones (they may get their own fraction), but a slow downlink that
+        # carries the union binds the rounds, and read as overhead it set a round floor of
+        # 0.5 s, which took tau to 0 and kept the rounds that long.
+        x = deco_input(view, bandwidth, latency, t_comp, self.policy, slowest_down(self.estimates))
         measured = (t1 - t0) / (r1 - r0)
         total, weights = 0.0, 0.0
         for decision, rounds in self._decisions_over(r0, r1):

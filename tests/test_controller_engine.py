@@ -383,3 +383,23 @@ def test_rounds_longer_than_the_workers_own_step_hide_the_latency_with_fewer_rou
     # The paper's model (no overhead term) has no floor either.
     plain = ControllerCore(PolicyConfig(name="deco", overhead_max_ratio=0.0))
     assert plain.round_floor_s() is None
+
+
+def test_rounds_bound_by_a_slow_downlink_deco_hetero_leaves_out_are_not_read_as_a_round_floor():
+    """deco-hetero prices its decision without the slow downlink (it may get its own
+    fraction); while that downlink carries the union it binds the rounds, and inferring the
+    overhead on the faster ones read 0.5 s rounds as overhead: a floor of 0.5 s took tau to 0."""
+    core = ControllerCore(PolicyConfig(name="deco-hetero", overhead_min_samples=5))
+    core.maybe_decide(0.0)
+    for s in range(30):
+        t = float(s)
+        for worker_id in (1, 2, 3, 4):
+            down = 1e6 if worker_id == 4 else 20e6
+            samples = [Sample(KIND_PING, 0, 0.1, t, one_way_up_s=0.05), Sample(KIND_COMPUTE, 0, 0.06, t, overhead_s=0.01)]
+            for size in (20_000, 40_000, 80_000):
+                samples.append(Sample(KIND_PUSH, size, 0.1 + 8 * size / 20e6, t, transfer_s=8 * size / 20e6))
+                samples.append(Sample(KIND_DOWNLOAD, 3 * size, 0.0, t, transfer_s=8 * 3 * size / down))
+            core.report(Report(worker_id, s * 2, D, tuple(samples)), t)  # 2 rounds a second: 0.5 s rounds
+    assert core.estimates[4].down_bandwidth_bps == pytest.approx(1e6, rel=0.1)
+    assert core.round_floor_s() is None or core.round_floor_s() < 0.2
+    assert all(d.tau >= 1 for d in core.book.relevant(0))
