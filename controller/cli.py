@@ -115,7 +115,8 @@ def decide_main(argv: list[str]) -> int:
     parser.add_argument("--overhead-ms", type=float_at_least(0), default=0.0,
                         help="Fixed cost per round beyond T_comp, ms (the controller measures it; 0: the paper).")
     parser.add_argument("--staleness-weight", type=float_at_least(0), default=PolicyConfig().staleness_weight,
-                        help="phi(tau, delta) * (1 + W * tau) is minimised (0: the paper's phi).")
+                        help="The ps form minimises phi(tau, delta) * (1 + W * tau) (0: the paper's phi; the paper's "
+                             "form always uses it).")
     parser.add_argument("--round-floor-ms", type=float_at_least(0, above=True), default=None,
                         help="Rounds measured this long on idle links (longer than T_comp + overhead: shared cores, "
                              "a barrier on the slowest worker); latency hides behind rounds this long. Default: none.")
@@ -130,7 +131,7 @@ def decide_main(argv: list[str]) -> int:
             down_bandwidth_bps=None if args.down_bandwidth_mbit is None else args.down_bandwidth_mbit * 1e6,
             download_factor=args.download_factor, time_model=model,
             round_floor_s=None if args.round_floor_ms is None else args.round_floor_ms / 1e3,
-            staleness_weight=args.staleness_weight)).as_dict()
+            staleness_weight=args.staleness_weight if model == "ps" else 0.0)).as_dict()
             for model in TIME_MODELS}
     except ValueError as exc:
         parser.error(str(exc))

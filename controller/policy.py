@@ -77,9 +77,11 @@ class PolicyConfig:
     # latency makes DeCo send more per round: the queue stands. Headroom lets it drain and
     # keeps rounds at the step Theorem 3 predicts; with error feedback a smaller delta costs
     # few rounds. Half: docs/benchmarks.md has the runs at 0.5, 0.9 and 1.
-    link_share: float = 0.5
-    # DeCo minimises phi * (1 + staleness_weight * tau) (controller/deco.py); 0: the paper's phi.
-    staleness_weight: float = 0.0
+    link_share: float = 0.25
+    # DeCo minimises phi * (1 + staleness_weight * tau) in the ps form (controller/deco.py); 0
+    # or the paper's form: the paper's phi, which prices tau at ~nothing at small delta, where
+    # each round of staleness measured cost rounds (docs/controller.md).
+    staleness_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -170,7 +172,9 @@ def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: floa
                      tau_max=config.tau_max, overhead_s=view.overhead_s,
                      down_bandwidth_bps=None if down_bandwidth is None else down_bandwidth * share,
                      download_factor=max(view.traffic_factor, 1e-6), time_model=config.time_model,
-                     round_floor_s=view.round_floor_s, staleness_weight=config.staleness_weight)
+                     round_floor_s=view.round_floor_s,
+                     # The paper's form stays the paper's DeCo (its Table 3 reproduces exactly).
+                     staleness_weight=config.staleness_weight if config.time_model == "ps" else 0.0)
 
 
 def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:

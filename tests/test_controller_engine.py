@@ -148,7 +148,7 @@ def test_e_infinite_decides_once_on_the_first_estimates():
 
 def test_measured_overhead_joins_t_comp_in_the_decision_and_its_prediction():
     """25 rounds/s (40 ms) against a 20 ms T_comp on hidden links: o = 20 ms, T_step = 40 ms."""
-    policy = PolicyConfig(name="deco", tau=2, delta=0.001, every_rounds=20, link_share=1.0)
+    policy = PolicyConfig(name="deco", tau=2, delta=0.001, every_rounds=20, link_share=1.0, staleness_weight=0.0)
     core = ControllerCore(policy)
     core.maybe_decide(0.0)
     decisions = run(core, {1: (20e6, 0.02, 0.02)}, 30, rounds_per_s=25)

@@ -10,6 +10,7 @@ import pytest
 
 from wanps.controller.deco import (DecoInput, deco, delta_for_tau, overhead_sample, phi, predicted_for,
                                   predicted_iteration_time, sent_delta, tau_range)
+from wanps.controller.policy import PolicyConfig
 from wanps.deploy.processes import wanps_command
 
 
@@ -189,9 +190,13 @@ def test_decide_cli_prints_both_forms_as_json():
                                         timeout=60).stdout)
     assert default["time_model"] == "ps" and default["forms"] == result["forms"]
     ps = deco(DecoInput(num_params=124_000_000, bandwidth_bps=100e6, latency_s=0.1, t_comp_s=0.79, bits_per_element=32,
-                        tau_max=64))
+                        tau_max=64, staleness_weight=PolicyConfig().staleness_weight))
     assert (default["tau"], default["delta"]) == (ps.tau, pytest.approx(ps.delta))
-    assert (result["forms"]["paper"]["tau"], result["forms"]["ps"]["tau"]) == (2, 3)  # the download needs one more tau
+    # With the paper's phi in both (weight 0), the PS form needs one more tau for the download.
+    plain = json.loads(subprocess.run(wanps_command("controller", "decide", *gpt, "--staleness-weight", "0"),
+                                      capture_output=True, text=True, timeout=60).stdout)
+    assert plain["forms"]["paper"] == result["forms"]["paper"]  # the paper's form never takes the weight
+    assert (plain["forms"]["paper"]["tau"], plain["forms"]["ps"]["tau"]) == (2, 3)
     asymmetric = json.loads(subprocess.run(wanps_command("controller", "decide", *gpt, "--down-bandwidth-mbit", "25",
                                                          "--download-factor", "4"),
                                            capture_output=True, text=True, timeout=60).stdout)
