@@ -258,8 +258,9 @@ class ControllerCore:
         shared with the other processes, the server waiting for the slowest worker's push. On
         `make run` (four workers and a server on two cores) rounds ran at about twice
         T_comp + o, and DeCo, hiding the latency behind rounds half as long as they were,
-        took tau_max where far fewer rounds in flight covered it (docs/benchmarks.md). DeCo hides latency behind rounds this long (deco.DecoInput.round_floor_s);
-        it does not let a link fill them (the throughput term keeps T_step).
+        took tau_max where far fewer rounds in flight covered it (docs/benchmarks.md). DeCo
+        hides latency behind rounds this long (deco.DecoInput.round_floor_s); it does not
+        let a link fill them (the throughput term keeps T_step).
         """
         inferred = self._inferred_overhead_s()
         if self.policy.overhead_cap() <= 0 or inferred is None or not self.estimates:

@@ -75,8 +75,9 @@ class PolicyConfig:
     # fills the link exactly (a round's transfer = its step), so anything it did not price
     # (a slower moment, a retransmission) queues, the queue reads as latency, and a larger
     # latency makes DeCo send more per round: the queue stands. Headroom lets it drain and
-    # keeps rounds at the step Theorem 3 predicts; with error feedback a smaller delta costs
-    # few rounds. Half: docs/benchmarks.md has the runs at 0.5, 0.9 and 1.
+    # keeps rounds at the step Theorem 3 predicts; and with error feedback a smaller delta
+    # costs few rounds (phi prices it at many). A quarter sits in the broad bottom of the
+    # CNN's time to target against delta (docs/controller.md, "Headroom").
     link_share: float = 0.25
     # DeCo minimises phi * (1 + staleness_weight * tau) in the ps form (controller/deco.py); 0
     # or the paper's form: the paper's phi, which prices tau at ~nothing at small delta, where
