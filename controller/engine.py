@@ -184,7 +184,10 @@ class ControllerCore:
             return
         (t0, r0), (t1, r1) = window
         bandwidth, latency, t_comp = slowest_link(self.estimates)
-        if t_comp is None:
+        if t_comp is None or any(e.down_bandwidth_bps is None for e in self.estimates.values()):
+            # A downlink not measured yet is taken as fast as its uplink, and rounds that
+            # waited on a slow one read as overhead: on `cnn-slow-down` the first seconds
+            # read 0.45 s of it, and the round floor put tau at 0 for 50 s.
             return
         self._overhead_sampled_at = now_s
         view = ClusterView(round=self.reported_round, num_params=self.num_params, estimates=self.estimates,

@@ -18,7 +18,9 @@ def link_samples(t: float, bandwidth: float, rtt: float, t_comp: float, sizes=(2
     samples = [Sample(KIND_PING, 0, rtt, t), Sample(KIND_COMPUTE, 0, t_comp, t)]
     for size in sizes:
         samples.append(Sample(KIND_PUSH, size, rtt + 8 * size / bandwidth, t))
-        samples.append(Sample(KIND_DOWNLOAD, int(size * download_factor), 0.01, t))
+        # The union comes down as fast as the push went up (a downlink the estimator can read).
+        samples.append(Sample(KIND_DOWNLOAD, int(size * download_factor), 0.0, t,
+                              transfer_s=8 * size * download_factor / bandwidth))
     return tuple(samples)
 
 
@@ -403,3 +405,28 @@ def test_rounds_bound_by_a_slow_downlink_deco_hetero_leaves_out_are_not_read_as_
     assert core.estimates[4].down_bandwidth_bps == pytest.approx(1e6, rel=0.1)
     assert core.round_floor_s() is None or core.round_floor_s() < 0.2
     assert all(d.tau >= 1 for d in core.book.relevant(0))
+
+
+def test_no_overhead_is_inferred_while_a_downlink_is_not_measured():
+    """Until a downlink has points of its own it is taken as fast as its uplink; rounds that
+    waited on it (a slow one) would read as overhead, and as a round floor that put tau at 0."""
+    core = ControllerCore(PolicyConfig(name="deco", delta=0.0001, overhead_min_samples=1))
+    core.maybe_decide(0.0)
+    for s in range(12):
+        t = float(s)
+        for worker_id in (1, 2):
+            samples = [Sample(KIND_PING, 0, 0.1, t), Sample(KIND_COMPUTE, 0, 0.06, t, overhead_s=0.01)]
+            for size in (20_000, 40_000, 80_000):
+                samples.append(Sample(KIND_PUSH, size, 0.1 + 8 * size / 20e6, t))
+                # worker 2's deltas carry no timing yet: its downlink has no estimate
+                samples.append(Sample(KIND_DOWNLOAD, 2 * size, 0.0, t,
+                                      transfer_s=8 * 2 * size / 20e6 if worker_id == 1 else 0.0))
+            core.report(Report(worker_id, s * 2, D, tuple(samples)), t)  # 0.5 s rounds
+    assert core.estimates[2].down_bandwidth_bps is None
+    assert not core._overhead_samples and core.round_floor_s() is None
+    # Measured both ways, the same rounds are observations again.
+    for s in range(12, 16):
+        t = float(s)
+        for worker_id in (1, 2):
+            core.report(Report(worker_id, s * 2, D, link_samples(t, 20e6, 0.1, 0.06, download_factor=2.0)), t)
+    assert core.estimates[2].down_bandwidth_bps is not None and core._overhead_samples
