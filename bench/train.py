@@ -299,7 +299,8 @@ def per_worker_prediction(snapshot: dict, cluster: DecoInput, tau: int, delta: f
         fraction = (decision.get("worker_downlink_delta") or {}).get(worker)
         # Bytes down per byte pushed: the union (traffic factor x the shared delta's push), or
         # the follower's own fraction of the model (sent sparse, as pushes are).
-        down_factor = (float(fraction) / sent if fraction else cluster.download_factor * sent_delta(delta, cluster.bits_per_element) / sent)
+        union = cluster.download_factor * sent_delta(delta, cluster.bits_per_element)
+        down_factor = float(fraction) / sent if fraction else union / sent
         x = DecoInput(num_params=cluster.num_params, bandwidth_bps=link["bandwidth_bps"],
                       down_bandwidth_bps=link.get("down_bandwidth_bps") or link["bandwidth_bps"],
                       latency_s=link.get("latency_s", 0.0), t_comp_s=cluster.t_comp_s,

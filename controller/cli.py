@@ -131,7 +131,7 @@ def decide_main(argv: list[str]) -> int:
             down_bandwidth_bps=None if args.down_bandwidth_mbit is None else args.down_bandwidth_mbit * 1e6,
             download_factor=args.download_factor, time_model=model,
             round_floor_s=None if args.round_floor_ms is None else args.round_floor_ms / 1e3,
-            staleness_weight=args.staleness_weight if model == "ps" else 0.0)).as_dict()
+            staleness_weight=args.staleness_weight)).as_dict()
             for model in TIME_MODELS}
     except ValueError as exc:
         parser.error(str(exc))

@@ -40,8 +40,9 @@ Where wanps departs from the paper (docs/controller.md says why):
   slowest worker) sets how many rounds in flight hide the latency: the chain
   T_step + b + delta*c_s must fit in tau + 1 rounds of m, not of T_step. The throughput
   term keeps T_step, so a link is never planned full for the whole of a longer round.
-- A staleness weight w (`staleness_weight`, 0 by default here: the paper) prices tau:
-  DeCo minimises phi(tau, delta) (1 + w tau). At the deltas of wide-area links (~0.003)
+- A staleness weight w (`staleness_weight`, 0 by default here: the paper; the ps form only,
+  so the paper's form is always the paper's DeCo) prices tau: DeCo minimises
+  phi(tau, delta) (1 + w tau). At the deltas of wide-area links (~0.003)
   phi's (1 - delta/2)^tau is ~1, so phi prices tau at nothing and DeCo takes the largest
   tau its delta grows with; measured, each round of staleness cost rounds to the target
   (docs/controller.md).
@@ -87,6 +88,7 @@ class DecoInput:
     round_floor_s: float | None = None
     # w: each round of staleness costs this share more rounds to converge, beyond phi's
     # (1 - delta/2)^tau (which at delta ~ 0.003 is ~1: tau for free). 0: the paper's phi.
+    # The ps form only: the paper's form stays the paper's DeCo (its Table 3 exactly).
     staleness_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -226,8 +228,14 @@ def overhead_sample(measured_s: float, x: DecoInput, tau: int, delta: float, sla
     return max(0.0, min(measured_s - t_comp, (tau + 1) * measured_s - t_comp - x.latency_s - delta * serial_cost))
 
 
+def objective(x: DecoInput, tau: int, delta: float) -> float:
+    """What Algorithm 1 minimises: phi, times (1 + w tau) in the ps form (`staleness_weight`)."""
+    weight = x.staleness_weight if x.time_model == "ps" else 0.0
+    return phi(tau, delta) * (1.0 + weight * tau)
+
+
 def delta_for_tau(x: DecoInput, tau: int) -> float:
-    """Remark 4's delta*(tau) with T_step for T_comp, unclamped (<= 0 when tau*T_step <= b).
+    """Remark 4's delta*(tau) with T_step for T_comp, unclamped (<= 0 when the chain has no room).
 
     The largest delta whose round time is the shortest round m (T_step, or the measured
     floor): the serial chain T_step + b + delta*c_s fits in tau + 1 rounds of m, and the
@@ -250,7 +258,7 @@ def tau_range(x: DecoInput) -> tuple[int, int]:
 
 
 def deco(x: DecoInput) -> DecoDecision:
-    """Algorithm 1: the (tau, delta) with the smallest phi that hides communication."""
+    """Algorithm 1: the (tau, delta) with the smallest phi (`objective`) that hides communication."""
     low, high = tau_range(x)
     best: tuple[float, int, float] | None = None  # (phi, tau, delta)
     for tau in range(low, min(high, x.tau_max) + 1):
@@ -258,7 +266,7 @@ def deco(x: DecoInput) -> DecoDecision:
         if delta <= 0.0:
             continue  # tau*T_comp <= b: this tau cannot hide the latency
         delta = max(delta, x.min_delta)
-        value = phi(tau, delta) * (1.0 + x.staleness_weight * tau)
+        value = objective(x, tau, delta)
         if best is None or value < best[0]:  # strict: the smallest tau wins ties
             best = (value, tau, delta)
     if best is not None:
@@ -270,7 +278,7 @@ def deco(x: DecoInput) -> DecoDecision:
         # allowed and send no more than one compute step can carry.
         tau = min(low, x.tau_max)
         delta = max(x.min_delta, min(1.0, x.step_s / x.costs_s()[1]))
-        value = phi(tau, delta) * (1.0 + x.staleness_weight * tau)
+        value = objective(x, tau, delta)
         feasible = False
         reason = f"DeCo fallback: latency needs tau >= {low} > tau_max {x.tau_max}"
     return DecoDecision(

@@ -28,7 +28,10 @@ decision is published only if it differs enough (tau changes, or delta by more t
 `delta_hysteresis` relative), so estimation noise does not make tau flap. Each decision
 holds from a round far enough ahead (`switch_margin_rounds`, and `switch_margin_s` of
 training at the speed of the last few seconds) that every worker has it before it gets there.
-DeCo can plan on `link_share` of each estimated bandwidth (headroom, so a queue can drain).
+DeCo plans on `link_share` of each estimated bandwidth (default a quarter: headroom, so a
+queue can drain, and error feedback makes a smaller delta cheap), hides latency behind
+rounds as measured (`ControllerCore.round_floor_s`), and in the ps form prices staleness
+(`staleness_weight`): controller/deco.py.
 """
 from __future__ import annotations
 
@@ -173,9 +176,7 @@ def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: floa
                      tau_max=config.tau_max, overhead_s=view.overhead_s,
                      down_bandwidth_bps=None if down_bandwidth is None else down_bandwidth * share,
                      download_factor=max(view.traffic_factor, 1e-6), time_model=config.time_model,
-                     round_floor_s=view.round_floor_s,
-                     # The paper's form stays the paper's DeCo (its Table 3 reproduces exactly).
-                     staleness_weight=config.staleness_weight if config.time_model == "ps" else 0.0)
+                     round_floor_s=view.round_floor_s, staleness_weight=config.staleness_weight)
 
 
 def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:

@@ -295,5 +295,7 @@ def test_a_staleness_weight_prices_tau_that_phi_leaves_free_at_small_delta():
     assert weighted.delta == pytest.approx(delta_for_tau(x, 2)) and weighted.delta < plain.delta
     assert weighted.phi == pytest.approx(phi(2, weighted.delta) * 3)
     assert deco(dataclasses.replace(x, staleness_weight=0.0)) == plain  # 0: the paper's phi
+    paper = dataclasses.replace(x, time_model="paper")
+    assert deco(dataclasses.replace(paper, staleness_weight=1.0)) == deco(paper)  # the paper's form ignores it
     with pytest.raises(ValueError, match="staleness_weight"):
         dataclasses.replace(x, staleness_weight=-1.0)
