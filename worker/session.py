@@ -488,7 +488,9 @@ class WorkerSession:
             except asyncio.CancelledError:
                 raise
             except (grpc.aio.AioRpcError, ValueError) as exc:
-                log.warning("controller stream lost (%s); keeping the last decision", exc)
+                # One line a person can act on (the RPC error's repr spans several).
+                log.warning("controller stream from %s lost (%s); keeping the last decision",
+                            self.controller_address, describe(exc))
             finally:
                 stream.cancel()  # after a refused decision (ValueError) the stream would go on otherwise
             await asyncio.sleep(next(delays))
