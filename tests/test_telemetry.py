@@ -140,3 +140,20 @@ def test_pushes_queued_behind_the_workers_own_pushes_are_timed_by_their_dispersi
     for s in samples:
         estimator.add(Sample(KIND_PUSH, s.bytes, s.seconds, 0.0, queued_s=s.queued_s))
     assert estimator.estimate(0.0).bandwidth_bps == pytest.approx(1e6, rel=1e-6)
+
+
+def test_a_queued_push_reports_its_one_way_transfer_never_more_than_its_round_trip(io: IoLoop) -> None:
+    """Two 100 B pushes, then a 10 kB one sent while the second still waited: the train's
+    dispersion spans from the first push's ack, before the big push was sent, and reads a
+    transfer longer than the push's own round trip. The server's stamps time it on its own."""
+    telemetry = Telemetry(io, controller=object())
+    telemetry.probes.rtt(0.001, 1.0)
+    telemetry.one_way.ping(1.0, 1_000_500_000, 1.001)  # offset 0, 0.5 ms each way
+    pushes = [(100, 1.0, 1.0052, 1.010), (100, 1.002, 1.0075, 1.012), (10_000, 1.0105, 1.012, 1.0135)]
+    for i, (nbytes, sent, received, acked) in enumerate(pushes):
+        telemetry.push_acknowledged(nbytes, sent, acked, i, nbytes // 8, received_ns=round(received * 1e9))
+    samples = list(telemetry.samples)
+    assert all(0 < s.transfer_s <= s.seconds for s in samples)
+    # from the earliest arrival (sent + 0.5 ms; the uplink was free of its own pushes by then)
+    assert samples[2].transfer_s == pytest.approx(0.001)
+    assert samples[1].queued_s > 0 and samples[2].queued_s > 0  # both waited behind the pushes before them

@@ -138,9 +138,12 @@ class Telemetry:
                 carried += train[k][1]
                 start = train[k - 1][0]
                 k -= 1
-            transfer = nbytes * (acked_at - start) / carried
-            if transfer < acked_at - sent_at:
-                queued = acked_at - sent_at - transfer
+            # A name of its own: the one-way `transfer` from the server's stamp stays what is
+            # reported (the train's acks also wait on the downlink; one that overwrote it read
+            # a transfer longer than the push's own round trip).
+            train_transfer = nbytes * (acked_at - start) / carried
+            if train_transfer < acked_at - sent_at:
+                queued = acked_at - sent_at - train_transfer
         self._acks.append((acked_at, nbytes, queued > 0))
         self.sample(pb.LinkSample.KIND_PUSH, nbytes, acked_at - sent_at, round_, elements=elements, queued_s=queued,
                     transfer_s=transfer)
