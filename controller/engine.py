@@ -67,6 +67,9 @@ class ControllerCore:
         # at most one a second (about the last minute).
         self._overhead_samples: deque[float] = deque(maxlen=64)
         self._overhead_sampled_at: float | None = None
+        # When a worker last began or stopped reporting: round times from before describe
+        # another cluster (`_members_changed`).
+        self._members_changed_at: float | None = None
         self._history: deque[Decision] = deque(maxlen=256)  # the book is pruned; this is not
         # (bytes, elements) of the latest sparse pushes of all workers: the wire cost of a sent element.
         self._wire_costs: deque[tuple[int, int]] = deque(maxlen=256)
@@ -79,6 +82,8 @@ class ControllerCore:
         if report.round > self.reported_round or not self._progress:
             self.reported_round = max(self.reported_round, report.round)
             self._progress.append((now_s, self.reported_round))
+        if report.worker_id not in self.estimators:
+            self._members_changed(now_s)
         estimator = self.estimators.setdefault(report.worker_id, LinkEstimator(self.estimator_config))
         traffic = self._traffic.setdefault(report.worker_id, deque(maxlen=256))
         for sample in report.samples:
@@ -114,7 +119,9 @@ class ControllerCore:
         self.sample_overhead(now_s)
         return self.maybe_decide(now_s)
 
-    def forget(self, worker_id: int) -> None:
+    def forget(self, worker_id: int, now_s: float) -> None:
+        if worker_id in self.estimators:
+            self._members_changed(now_s)
         self.estimators.pop(worker_id, None)
         self.estimates.pop(worker_id, None)
         self._traffic.pop(worker_id, None)
@@ -166,6 +173,19 @@ class ControllerCore:
 
     # ------------------------------------------------------------------ per-round overhead
 
+    def _members_changed(self, now_s: float) -> None:
+        """A worker began or stopped reporting: the overheads inferred so far are dropped, and
+        new ones come from rounds after it.
+
+        A worker reports once it has joined and pulled the model, and the server waits for it
+        from its first round on: on `cnn-slow-down` the worker behind a 3 Mbit/s downlink
+        pulled the 4.4 MB model for 10 s while the others' rounds waited on it, unseen by
+        the controller. Those rounds read as 0.45 s of overhead, and the round floor put tau
+        at 0 for 50-100 rounds. A worker that leaves takes its share of the rounds with it.
+        """
+        self._overhead_samples.clear()
+        self._members_changed_at = now_s
+
     def sample_overhead(self, now_s: float) -> None:
         """One overhead observation over the last measurement window (about 10 s of reports).
 
@@ -183,12 +203,15 @@ class ControllerCore:
         if window is None or self.num_params is None or not self.estimates:
             return
         (t0, r0), (t1, r1) = window
-        bandwidth, latency, t_comp = slowest_link(self.estimates)
-        if t_comp is None or any(e.down_bandwidth_bps is None for e in self.estimates.values()):
-            # A downlink not measured yet is taken as fast as its uplink, and rounds that
-            # waited on a slow one read as overhead: on `cnn-slow-down` the first seconds
-            # read 0.45 s of it, and the round floor put tau at 0 for 50 s.
+        if self._members_changed_at is not None and t0 < self._members_changed_at:
+            return  # rounds from before the newest worker reported (`_members_changed`)
+        if any(e.t_comp_s is None or e.down_bandwidth_bps is None for e in self.estimates.values()):
+            # A worker not stepping yet: the rounds wait on its start. A downlink not measured
+            # yet is taken as fast as its uplink: rounds that waited on a slow one would read
+            # as overhead.
             return
+        bandwidth, latency, t_comp = slowest_link(self.estimates)
+        assert t_comp is not None  # every estimate has one
         self._overhead_sampled_at = now_s
         view = ClusterView(round=self.reported_round, num_params=self.num_params, estimates=self.estimates,
                            traffic_factor=self.traffic_factor(), overhead_s=self.overhead_s(),

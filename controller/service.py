@@ -241,7 +241,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         for worker_id, last in list(self._last_report.items()):
             if now - last > self.config.estimator.window_s:
                 del self._last_report[worker_id]
-                self.core.forget(worker_id)
+                self.core.forget(worker_id, now)
                 for gauge in (self.metrics.bandwidth, self.metrics.down_bandwidth, self.metrics.latency,
                               self.metrics.t_comp):
                     try:

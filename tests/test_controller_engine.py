@@ -430,3 +430,22 @@ def test_no_overhead_is_inferred_while_a_downlink_is_not_measured():
         for worker_id in (1, 2):
             core.report(Report(worker_id, s * 2, D, link_samples(t, 20e6, 0.1, 0.06, download_factor=2.0)), t)
     assert core.estimates[2].down_bandwidth_bps is not None and core._overhead_samples
+
+
+def test_rounds_that_waited_on_a_worker_not_reporting_yet_are_no_overhead():
+    """Three workers report 2 rounds/s on fast links (a 20 ms step), waiting on a fourth that is
+    still pulling the model: 0.48 s of overhead as far as the three can tell. Once the fourth
+    reports, those observations go, and the round floor comes from the rounds after it."""
+    policy = PolicyConfig(name="deco", tau=2, delta=0.001, overhead_min_samples=3)
+    core = ControllerCore(policy)
+    core.maybe_decide(0.0)
+    fast = (20e6, 0.02, 0.02)
+    run(core, {1: fast, 2: fast, 3: fast}, 12, rounds_per_s=2)
+    assert core.round_floor_s() == pytest.approx(0.5, rel=0.05)  # the wait, read as overhead
+    run(core, {1: fast, 2: fast, 3: fast, 4: fast}, 8, start_round=24, rounds_per_s=25, t0=12.0)
+    assert core.round_floor_s() is None and not core._overhead_samples  # no window after the join yet
+    run(core, {1: fast, 2: fast, 3: fast, 4: fast}, 12, start_round=224, rounds_per_s=25, t0=20.0)
+    assert core.round_floor_s() == pytest.approx(0.04, rel=0.05)  # 25 rounds/s
+    # A worker that leaves takes its share of the rounds with it: the observations start again.
+    core.forget(4, 32.0)
+    assert not core._overhead_samples and core.round_floor_s() is None
