@@ -273,3 +273,13 @@ def test_the_varying_trace_at_another_delay_keeps_its_bandwidths(tmp_path):
     assert [changed.at(t).bandwidth_mbit for t in times] == [shipped.at(t).bandwidth_mbit for t in times]
     assert {changed.at(t).delay_ms for t in times} == {5.0}
     assert "# " in with_delay("# note\ntime_s,bandwidth_mbit,delay_ms\n0,20,50\n", 5).splitlines()[0]
+
+
+def test_a_condition_on_another_shipped_trace_gives_every_worker_that_trace(tmp_path):
+    paths = write_traces(CONDITIONS["cnn-congested"], tmp_path)
+    assert len(paths) == CONDITIONS["cnn-congested"].workers and len(set(paths)) == 1
+    trace = LinkTrace.from_csv(paths[0])
+    levels = [trace.at(t).bandwidth_mbit for t in range(0, 96)]
+    assert min(levels) == 3 and max(levels) == 64  # the deep drops and the peaks
+    assert 20 <= sum(levels) / len(levels) <= 35  # the mean keeps the CNN in the paper's regime
+    assert {trace.at(t).delay_ms for t in range(0, 96)} == {50.0}
