@@ -48,6 +48,7 @@ from pathlib import Path
 from wanps.bench.report import text_table, write_json
 from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, predicted_for, sent_delta
 from wanps.deploy.demo import DemoConfig, default_trace, run_demo
+from wanps.linkem.trace import shipped_traces
 from wanps.rpc.config import EnvDefaultsParser, float_at_least, int_at_least
 
 
@@ -174,7 +175,7 @@ def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
     a shipped trace, none when it is the demo's default, else that trace (its delay replaced
     where the condition says) for every worker."""
     if condition.links is None:
-        shipped = Path(default_trace()).with_name(condition.trace)
+        shipped = shipped_traces()[condition.trace]
         if condition.trace_delay_ms is None and shipped == Path(default_trace()):
             return ()
         text = shipped.read_text()

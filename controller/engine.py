@@ -178,10 +178,10 @@ class ControllerCore:
         new ones come from rounds after it.
 
         A worker reports once it has joined and pulled the model, and the server waits for it
-        from its first round on: on `cnn-slow-down` the worker behind a 3 Mbit/s downlink
-        pulled the 4.4 MB model for 10 s while the others' rounds waited on it, unseen by
-        the controller. Those rounds read as 0.45 s of overhead, and the round floor put tau
-        at 0 for 50-100 rounds. A worker that leaves takes its share of the rounds with it.
+        from its first round on: the others' rounds wait, unseen by the controller, while it
+        pulls the model over a slow downlink, and read as overhead; the round floor they
+        gave put tau at 0 at the start of `cnn-slow-down` (docs/benchmarks.md, fourth
+        session). A worker that leaves takes its share of the rounds with it.
         """
         self._overhead_samples.clear()
         self._members_changed_at = now_s

@@ -416,7 +416,8 @@ def parse_config(argv: list[str] | None) -> tuple[DemoConfig, ClientSecurity]:
     p.add_argument("--eval-every", type=float_at_least(0, above=True), default=d.eval_every_s,
                    help="Seconds between evaluations.")
     p.add_argument("--trace", default=d.trace, env="WANPS_DEMO_TRACE",
-                   help="Link trace CSV (time_s,bandwidth_mbit,delay_ms); default: the shipped varying trace.")
+                   help="Link trace CSV (time_s,bandwidth_mbit,delay_ms) or a shipped trace's name (wan-varying, "
+                        "wan-congested); default: the shipped varying trace.")
     p.add_argument("--direct", action="store_true", help="No link emulator.")
     p.add_argument("--shards", type=int, default=d.shards, env="WANPS_DEMO_SHARDS",
                    help="Parameter servers the model is cut over (wanps server --shard I/N); each worker-server "
@@ -432,6 +433,13 @@ def parse_config(argv: list[str] | None) -> tuple[DemoConfig, ClientSecurity]:
         p.error(str(exc))
     if a.shards < 1:
         p.error(f"--shards must be >= 1, got {a.shards}")
+    if a.trace and not a.direct:
+        from wanps.linkem.trace import LinkTrace
+
+        try:  # here, not in the emulators the demo starts: one line, before any process starts
+            LinkTrace.from_csv(a.trace)
+        except (OSError, ValueError) as exc:
+            p.error(f"bad --trace: {exc}")
     return DemoConfig(workers=a.workers, task=a.task, policy=a.policy, tau=a.tau, delta=a.delta, tau_max=a.tau_max,
                       lr=a.lr, batch_size=a.batch_size, target_accuracy=a.target_accuracy, time_limit_s=a.time_limit,
                       eval_every_s=a.eval_every, trace=a.trace, direct=a.direct, shards=a.shards, out_dir=a.out,

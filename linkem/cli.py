@@ -35,7 +35,9 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--listen", env="WANPS_LINKEM_LISTEN", type=host_port,
                         help="HOST:PORT to listen on (port 0 picks one)")
     parser.add_argument("--target", env="WANPS_LINKEM_TARGET", type=host_port, help="HOST:PORT to forward to")
-    parser.add_argument("--trace", env="WANPS_LINKEM_TRACE", help="CSV trace file (time_s,bandwidth_mbit,delay_ms)")
+    parser.add_argument("--trace", env="WANPS_LINKEM_TRACE",
+                        help="CSV trace file (time_s,bandwidth_mbit,delay_ms), or a shipped trace's name "
+                             "(wan-varying, wan-congested)")
     parser.add_argument("--bandwidth-mbit", env="WANPS_LINKEM_BANDWIDTH_MBIT", type=float_at_least(0, above=True),
                         help="fixed link bandwidth, Mbit/s")
     parser.add_argument("--delay-ms", env="WANPS_LINKEM_DELAY_MS", type=float_at_least(0),

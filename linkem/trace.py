@@ -9,9 +9,30 @@ import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 TRACE_HEADER = ("time_s", "bandwidth_mbit", "delay_ms")
+
+
+def shipped_traces() -> dict[str, Path]:
+    """The traces that ship with wanps (linkem/traces/), by file name."""
+    folder = Path(str(resources.files("wanps.linkem") / "traces"))
+    return {path.name: path for path in sorted(folder.glob("*.csv"))}
+
+
+def locate(path: str | Path) -> Path:
+    """`path` if a file is there; else the shipped trace it names (with or without `.csv`).
+    Raises FileNotFoundError naming both the path and the shipped traces."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    shipped = shipped_traces()
+    name = given.name if given.suffix == ".csv" else f"{given.name}.csv"
+    if str(given.parent) == "." and name in shipped:
+        return shipped[name]
+    raise FileNotFoundError(f"no trace file at {str(path)!r}, and no shipped trace of that name "
+                            f"(shipped: {', '.join(shipped)})")
 
 
 @dataclass(frozen=True)
@@ -49,7 +70,9 @@ class LinkTrace:
 
     @classmethod
     def from_csv(cls, path: str | Path, loop: bool = True) -> LinkTrace:
-        path = Path(path)
+        """A trace file, or where no file has that path, the shipped trace of that name
+        (`wan-congested` or `wan-congested.csv`; `shipped_traces()`)."""
+        path = locate(path)
         return cls.parse(path.read_text(encoding="utf-8"), loop=loop, source=str(path))
 
     @classmethod

@@ -161,6 +161,7 @@ BAD_FLAGS = [
     (_demo, ["--delta", "2"], "argument --delta: must be in (0, 1], got 2"),
     (_demo, ["--tau", "-3"], "argument --tau: must be in [0, 1024], got -3"),
     (_demo, ["--task", "nope"], "argument --task: invalid choice"),
+    (_demo, ["--trace", "wan-congestd"], "bad --trace: no trace file at 'wan-congestd', and no shipped trace"),
     (_bench("train"), ["--seeds", "-1"], "argument --seeds: must be >= 0"),
     (_bench("soak"), ["--workers", "0"], "argument --workers: must be >= 1"),
     (_bench("scrape"), ["--delta", "2"], "argument --delta: must be in (0, 1]"),

@@ -545,6 +545,8 @@ def test_cli_rejects_bad_arguments(monkeypatch: pytest.MonkeyPatch, capsys: pyte
         (["--listen", "127.0.0.1:0", "--target", "nohostport", "--bandwidth-mbit", "1", "--delay-ms", "1"], "HOST:PORT"),
         (["--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--bandwidth-mbit", "0", "--delay-ms", "1"], "> 0"),
         (["--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--trace", "/nonexistent/trace.csv"], "bad --trace"),
+        # a name that is neither a file nor a shipped trace: the error lists the shipped ones
+        (["--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--trace", "wan-congestd"], "wan-congested.csv"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc_info:
@@ -665,3 +667,19 @@ def test_grpc_crosses_the_cli_link_intact() -> None:
 
     # grpc.aio runs on the standard asyncio loop.
     assert asyncio.run(asyncio.wait_for(scenario(), 100)) == calls
+
+
+def test_a_shipped_trace_is_found_by_its_name(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wanps.linkem.trace import shipped_traces
+
+    shipped = shipped_traces()
+    assert {"wan-varying.csv", "wan-congested.csv"} <= set(shipped)
+    by_path = LinkTrace.from_csv(shipped["wan-congested.csv"])
+    for name in ("wan-congested", "wan-congested.csv"):
+        assert [by_path.at(t) for t in (0, 31, 77)] == [LinkTrace.from_csv(name).at(t) for t in (0, 31, 77)]
+    # A file of that name in the working directory is the user's and wins.
+    (tmp_path / "wan-congested.csv").write_text("time_s,bandwidth_mbit,delay_ms\n0,7,1\n")
+    monkeypatch.chdir(tmp_path)
+    assert LinkTrace.from_csv("wan-congested.csv").at(0).bandwidth_mbit == 7
+    with pytest.raises(FileNotFoundError, match="wan-varying.csv"):
+        LinkTrace.from_csv("elsewhere/wan-congested.csv")  # a path with a folder is never a shipped name
