@@ -69,8 +69,10 @@ class Condition:
     batch_size: int | None = None  # None: the plan's
     # links None: the shipped varying trace, with its one-way delay replaced by this (None: as shipped).
     trace_delay_ms: float | None = None
-    # links None: which shipped trace (linkem/traces/) every worker's link follows.
+    # links None: which shipped trace (linkem/traces/) every worker's link follows, and a
+    # factor on its bandwidths (a smaller model needs a slower link to sit in the paper's regime).
     trace: str = "wan-varying.csv"
+    trace_bandwidth_scale: float = 1.0
 
 
 def fixed(bandwidth: float, delay_ms: float, workers: int = 4) -> tuple[tuple[float, float], ...]:
@@ -101,6 +103,12 @@ CONDITIONS: dict[str, Condition] = {
     "cnn-congested": Condition("cnn-congested", None, "CNN, 3-64 Mbit/s trace, RTT 100 ms (wan-congested.csv)",
                                task="mnist-cnn", target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4,
                                batch_size=96, trace="wan-congested.csv"),
+    # A second task in the paper's regime: GPT-2's architecture at 120k parameters on Markov
+    # tokens (step ~23 ms here). The varying trace at 0.4x (3.2-16 Mbit/s) and a 10 ms one-way
+    # delay put S_g/(a T_comp) near 20 and b/T_comp near 1, as the CNN's conditions do.
+    "gpt2-varying": Condition("gpt2-varying", None, "GPT-2 tiny, 3.2-16 Mbit/s trace (0.4x wan-varying), RTT 20 ms",
+                              task="gpt2-tiny", target_accuracy=0.45, time_limit_s=240, lr=0.5, tau_max=4,
+                              batch_size=16, trace_delay_ms=10, trace_bandwidth_scale=0.4),
     "cnn-fixed-10M-50ms": Condition("cnn-fixed-10M-50ms", fixed(10, 50), "CNN, 10 Mbit/s, RTT 100 ms",
                                     task="mnist-cnn", target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4,
                                     batch_size=96),
@@ -176,11 +184,13 @@ def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
     where the condition says) for every worker."""
     if condition.links is None:
         shipped = shipped_traces()[condition.trace]
-        if condition.trace_delay_ms is None and shipped == Path(default_trace()):
+        as_shipped = condition.trace_delay_ms is None and condition.trace_bandwidth_scale == 1.0
+        if as_shipped and shipped == Path(default_trace()):
             return ()
         text = shipped.read_text()
         path = folder / f"{condition.name}.csv"
-        path.write_text(text if condition.trace_delay_ms is None else with_delay(text, condition.trace_delay_ms))
+        path.write_text(text if as_shipped else with_delay(text, condition.trace_delay_ms,
+                                                           condition.trace_bandwidth_scale))
         return (str(path),) * condition.workers
     paths = []
     for i, (bandwidth, delay, *_) in enumerate(condition.links):
@@ -190,15 +200,17 @@ def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def with_delay(trace_csv: str, delay_ms: float) -> str:
-    """A trace's CSV text (time_s,bandwidth_mbit,delay_ms rows) with every row's delay set."""
+def with_delay(trace_csv: str, delay_ms: float | None, bandwidth_scale: float = 1.0) -> str:
+    """A trace's CSV text (time_s,bandwidth_mbit,delay_ms rows) with every row's delay set
+    (None: kept) and its bandwidth times `bandwidth_scale`."""
     lines = []
     for line in trace_csv.splitlines():
         fields = line.split(",")
         if line.startswith("#") or len(fields) != 3 or not fields[0].strip()[:1].isdigit():
             lines.append(line)
         else:
-            lines.append(f"{fields[0]},{fields[1]},{delay_ms:g}")
+            delay = fields[2] if delay_ms is None else f"{delay_ms:g}"
+            lines.append(f"{fields[0]},{float(fields[1]) * bandwidth_scale:g},{delay}")
     return "\n".join(lines) + "\n"
 
 

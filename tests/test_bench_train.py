@@ -283,3 +283,14 @@ def test_a_condition_on_another_shipped_trace_gives_every_worker_that_trace(tmp_
     assert min(levels) == 3 and max(levels) == 64  # the deep drops and the peaks
     assert 20 <= sum(levels) / len(levels) <= 35  # the mean keeps the CNN in the paper's regime
     assert {trace.at(t).delay_ms for t in range(0, 96)} == {50.0}
+
+
+def test_a_scaled_trace_keeps_its_shape_at_a_fraction_of_its_bandwidth(tmp_path):
+    from wanps.deploy.demo import default_trace
+
+    condition = CONDITIONS["gpt2-varying"]
+    paths = write_traces(condition, tmp_path)
+    shipped, scaled = LinkTrace.from_csv(default_trace()), LinkTrace.from_csv(paths[0])
+    for t in (0.0, 7.5, 31.0, 85.0):
+        assert scaled.at(t).bandwidth_mbit == pytest.approx(condition.trace_bandwidth_scale * shipped.at(t).bandwidth_mbit)
+        assert scaled.at(t).delay_ms == condition.trace_delay_ms
