@@ -67,7 +67,7 @@ class Condition:
     tau_max: int | None = None
     workers: int = 4
     batch_size: int | None = None  # None: the plan's
-    # links None: the shipped varying trace, with its one-way delay replaced by this (None: as shipped).
+    # links None: the shipped trace (below), with its one-way delay replaced by this (None: as shipped).
     trace_delay_ms: float | None = None
     # links None: which shipped trace (linkem/traces/) every worker's link follows, and a
     # factor on its bandwidths (a smaller model needs a slower link to sit in the paper's regime).
@@ -98,7 +98,7 @@ CONDITIONS: dict[str, Condition] = {
     "cnn-varying": Condition("cnn-varying", None, "CNN, 8-40 Mbit/s trace, RTT 100 ms", task="mnist-cnn",
                              target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4, batch_size=96),
     # Congestion episodes: 3-64 Mbit/s, each level held 6-8 s, two deep drops a period. A
-    # decision taken once on the first seconds' ~24 Mbit/s waits on the link through the drops;
+    # decision taken once on the first seconds' level waits on the link through the drops;
     # the mean (~27 Mbit/s) keeps the ratios in the paper's range.
     "cnn-congested": Condition("cnn-congested", None, "CNN, 3-64 Mbit/s trace, RTT 100 ms (wan-congested.csv)",
                                task="mnist-cnn", target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4,
@@ -189,8 +189,8 @@ def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
             return ()
         text = shipped.read_text()
         path = folder / f"{condition.name}.csv"
-        path.write_text(text if as_shipped else with_delay(text, condition.trace_delay_ms,
-                                                           condition.trace_bandwidth_scale))
+        path.write_text(text if as_shipped else reshaped_trace(text, condition.trace_delay_ms,
+                                                               condition.trace_bandwidth_scale))
         return (str(path),) * condition.workers
     paths = []
     for i, (bandwidth, delay, *_) in enumerate(condition.links):
@@ -200,7 +200,7 @@ def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def with_delay(trace_csv: str, delay_ms: float | None, bandwidth_scale: float = 1.0) -> str:
+def reshaped_trace(trace_csv: str, delay_ms: float | None, bandwidth_scale: float = 1.0) -> str:
     """A trace's CSV text (time_s,bandwidth_mbit,delay_ms rows) with every row's delay set
     (None: kept) and its bandwidth times `bandwidth_scale`."""
     lines = []

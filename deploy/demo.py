@@ -18,7 +18,6 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from wanps.rpc.auth import ClientSecurity, add_client_security_flags, client_sec
 from wanps.worker.tasks import TASKS
 from wanps.deploy.processes import ManagedProcess, start_process, stop_all, stopping_on_signals, wanps_command
 from wanps.proto.wire import MAX_TAU
+from wanps.linkem.trace import LinkTrace, shipped_traces
 from wanps.rpc.config import EnvDefaultsParser, float_at_least, fraction, int_at_least, setup_logging
 
 log = logging.getLogger("wanps.demo")
@@ -68,7 +68,7 @@ class DemoConfig:
 
 
 def default_trace() -> str:
-    return str(resources.files("wanps.linkem") / "traces" / "wan-varying.csv")
+    return str(shipped_traces()["wan-varying.csv"])
 
 
 def scrape(port: int | None) -> dict[str, float]:
@@ -279,8 +279,6 @@ def policy_label(policy: str, per_round: list[list]) -> str:
 
 def set_bandwidth_mbit(config: DemoConfig) -> Callable[[float], float] | None:
     """The slowest worker's set bandwidth at a trace time (None: no emulated link)."""
-    from wanps.linkem.trace import LinkTrace
-
     if config.direct:
         return None
     paths = config.worker_traces or (config.trace or default_trace(),)
@@ -434,8 +432,6 @@ def parse_config(argv: list[str] | None) -> tuple[DemoConfig, ClientSecurity]:
     if a.shards < 1:
         p.error(f"--shards must be >= 1, got {a.shards}")
     if a.trace and not a.direct:
-        from wanps.linkem.trace import LinkTrace
-
         try:  # here, not in the emulators the demo starts: one line, before any process starts
             LinkTrace.from_csv(a.trace)
         except (OSError, ValueError) as exc:

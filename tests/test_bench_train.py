@@ -263,7 +263,7 @@ def test_later_seeds_run_the_point_the_searched_grids_found_fastest(tmp_path):
 
 
 def test_the_varying_trace_at_another_delay_keeps_its_bandwidths(tmp_path):
-    from wanps.bench.train import with_delay
+    from wanps.bench.train import reshaped_trace
     from wanps.deploy.demo import default_trace
 
     paths = write_traces(CONDITIONS["varying-10ms"], tmp_path)
@@ -272,7 +272,7 @@ def test_the_varying_trace_at_another_delay_keeps_its_bandwidths(tmp_path):
     times = [0.0, 7.5, 31.0, 85.0]
     assert [changed.at(t).bandwidth_mbit for t in times] == [shipped.at(t).bandwidth_mbit for t in times]
     assert {changed.at(t).delay_ms for t in times} == {5.0}
-    assert "# " in with_delay("# note\ntime_s,bandwidth_mbit,delay_ms\n0,20,50\n", 5).splitlines()[0]
+    assert "# " in reshaped_trace("# note\ntime_s,bandwidth_mbit,delay_ms\n0,20,50\n", 5).splitlines()[0]
 
 
 def test_a_condition_on_another_shipped_trace_gives_every_worker_that_trace(tmp_path):
