@@ -99,7 +99,7 @@ def test_a_worker_whose_server_is_gone_exits_on_sigterm(tmp_path):
         wait_for(lambda: server_version(server.address) >= 3, 60, "training")
         server.popen.kill()
         server.wait(10)
-        wait_for(lambda: log_has(worker, "connection to the server lost"), 30, "the worker noticing")
+        wait_for(lambda: log_has(worker, f"connection to the server at {server.address} lost"), 30, "the worker noticing")
         worker.popen.send_signal(signal.SIGTERM)
         assert worker.wait(EXIT_BOUND_S) == 0
         assert log_has(worker, "stopped by a signal")

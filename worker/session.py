@@ -364,7 +364,7 @@ class WorkerSession:
         if self._closed or self._lost or (generation is not None and generation != self._generation):
             return
         self._lost = True
-        log.warning("connection to the server lost (%s); reconnecting", describe(exc))
+        log.warning("connection to the server at %s lost (%s); reconnecting", self.server_address, describe(exc))
         self.deltas.put(ConnectionLost(describe(exc)))
 
     async def _follow_updates(self, from_version: int) -> None:
