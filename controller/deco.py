@@ -90,6 +90,10 @@ class DecoInput:
     # (1 - delta/2)^tau (which at delta ~ 0.003 is ~1: tau for free). 0: the paper's phi.
     # The ps form only: the paper's form stays the paper's DeCo (its Table 3 exactly).
     staleness_weight: float = 0.0
+    # The share of each link a decision may keep busy round after round: the throughput
+    # term's cost is divided by it (headroom, so a queue that forms can drain). One round's
+    # transfers still cross the link at its measured rate: the serial chain is not.
+    link_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_params < 1:
@@ -115,6 +119,8 @@ class DecoInput:
             raise ValueError(f"time_model must be one of {', '.join(TIME_MODELS)}, got {self.time_model!r}")
         if not self.staleness_weight >= 0 or not math.isfinite(self.staleness_weight):
             raise ValueError(f"staleness_weight must be >= 0, got {self.staleness_weight}")
+        if not 0.0 < self.link_share <= 1.0:
+            raise ValueError(f"link_share must be in (0, 1], got {self.link_share}")
         if self.round_floor_s is not None and (not self.round_floor_s > 0 or not math.isfinite(self.round_floor_s)):
             raise ValueError(f"round_floor_s must be > 0 s and finite, got {self.round_floor_s}")
 
@@ -151,14 +157,14 @@ class DecoInput:
         """(serial, throughput) seconds per unit of delta.
 
         serial: what one round's transfers add to its chain of compute, latency and transfer;
-        throughput: what the busiest link carries per round. The paper counts one transfer
-        (the larger direction) in both; the PS form both directions in series, and the
-        larger one for throughput.
+        throughput: what the busiest link carries per round, on `link_share` of it. The paper
+        counts one transfer (the larger direction) in both; the PS form both directions in
+        series, and the larger one for throughput.
         """
         up, down = self.transfer_s(1.0)
         if self.time_model == "paper":
-            return max(up, down), max(up, down)
-        return up + down, max(up, down)
+            return max(up, down), max(up, down) / self.link_share
+        return up + down, max(up, down) / self.link_share
 
 
 @dataclass(frozen=True)

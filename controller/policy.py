@@ -170,11 +170,10 @@ def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: floa
     # The aggregated delta a worker downloads is up to n times its own push (traffic_factor):
     # the PS form sends it down the downlink after the push; the paper's form takes the
     # larger of the two transfers as the round's one.
-    share = config.link_share
-    return DecoInput(num_params=view.num_params, bandwidth_bps=bandwidth * share, latency_s=latency,
+    return DecoInput(num_params=view.num_params, bandwidth_bps=bandwidth, latency_s=latency,
                      t_comp_s=max(t_comp, 1e-6), bits_per_element=view.bits_per_element,
-                     tau_max=config.tau_max, overhead_s=view.overhead_s,
-                     down_bandwidth_bps=None if down_bandwidth is None else down_bandwidth * share,
+                     tau_max=config.tau_max, overhead_s=view.overhead_s, link_share=config.link_share,
+                     down_bandwidth_bps=down_bandwidth,
                      download_factor=max(view.traffic_factor, 1e-6), time_model=config.time_model,
                      round_floor_s=view.round_floor_s, staleness_weight=config.staleness_weight)
 
@@ -210,8 +209,8 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
 def deco_reason(decision: DecoDecision, x: DecoInput, view: ClusterView, share: float) -> str:
     """The decision and what it was made on: the estimates (DeCo planned on `share` of them)."""
     floor = f" (rounds >= {x.round_s * 1e3:.1f} ms measured)" if x.round_s > x.step_s else ""
-    return (f"{decision.reason} ({x.time_model} form): a {x.bandwidth_bps / share / 1e6:.1f} up / "
-            f"{x.downlink_bps / share / 1e6:.1f} down Mbit/s (planned on {share:.0%}), b {x.latency_s * 1e3:.0f} ms, "
+    return (f"{decision.reason} ({x.time_model} form): a {x.bandwidth_bps / 1e6:.1f} up / "
+            f"{x.downlink_bps / 1e6:.1f} down Mbit/s (kept {share:.0%} busy at most), b {x.latency_s * 1e3:.0f} ms, "
             f"T_comp {x.t_comp_s * 1e3:.1f} ms + overhead "
             f"{view.overhead_s * 1e3:.1f} ms{floor}, traffic x{view.traffic_factor:.1f}, "
             f"{view.bits_per_element:.1f} bits/element")
