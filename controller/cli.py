@@ -69,8 +69,9 @@ def parse_config(argv: list[str] | None) -> ControllerConfig:
                              "series, each direction estimated apart); paper = Theorem 3 as published (one "
                              "transfer per round).")
     parser.add_argument("--link-share", env="WANPS_LINK_SHARE", type=fraction, default=policy.link_share,
-                        help="Share of each estimated bandwidth DeCo plans a round's transfers on, in (0, 1] "
-                             "(headroom: a queue that forms can drain; 1: the link filled exactly).")
+                        help="Share of each estimated bandwidth DeCo keeps busy round after round, in (0, 1] "
+                             "(headroom: a queue that forms can drain; 1: the link filled exactly). One round's "
+                             "transfers are timed at the whole link.")
     parser.add_argument("--staleness-weight", env="WANPS_STALENESS_WEIGHT", type=float_at_least(0),
                         default=policy.staleness_weight,
                         help="DeCo minimises phi(tau, delta) * (1 + W * tau): what each round of staleness costs "

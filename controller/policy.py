@@ -28,8 +28,9 @@ decision is published only if it differs enough (tau changes, or delta by more t
 `delta_hysteresis` relative), so estimation noise does not make tau flap. Each decision
 holds from a round far enough ahead (`switch_margin_rounds`, and `switch_margin_s` of
 training at the speed of the last few seconds) that every worker has it before it gets there.
-DeCo plans on `link_share` of each estimated bandwidth (default a quarter: headroom, so a
-queue can drain, and error feedback makes a smaller delta cheap), hides latency behind
+DeCo keeps each link at most `link_share` busy (default a quarter: headroom, so a queue
+can drain, and error feedback makes a smaller delta cheap; one round's transfers are
+timed at the whole link, `DecoInput.link_share`), hides latency behind
 rounds as measured (`ControllerCore.round_floor_s`), and in the ps form prices staleness
 (`staleness_weight`): controller/deco.py.
 """

@@ -299,3 +299,22 @@ def test_a_staleness_weight_prices_tau_that_phi_leaves_free_at_small_delta():
     assert deco(dataclasses.replace(paper, staleness_weight=1.0)) == deco(paper)  # the paper's form ignores it
     with pytest.raises(ValueError, match="staleness_weight"):
         dataclasses.replace(x, staleness_weight=-1.0)
+
+
+def test_the_link_share_is_headroom_for_the_throughput_term_not_for_one_rounds_chain():
+    """GPT-2 tiny on 8 Mbit/s, b 21 ms, rounds of 33 ms: on a quarter share of the whole
+    link, tau 1's chain T_step + b + delta c_s fits two rounds at the delta the busiest link
+    carries within its quarter. Planning the chain on the quarter too (the link scaled down)
+    left tau 1 room for a quarter of that delta, and DeCo took tau 2."""
+    x = DecoInput(num_params=120_576, bandwidth_bps=8e6, latency_s=0.021, t_comp_s=0.021, overhead_s=0.005,
+                  round_floor_s=0.033, download_factor=3.0, tau_max=4, staleness_weight=1.0, link_share=0.25)
+    split = deco(x)
+    scaled = deco(dataclasses.replace(x, bandwidth_bps=2e6, link_share=1.0))
+    assert (split.tau, scaled.tau) == (1, 2)
+    serial, throughput = x.costs_s()
+    assert split.delta == pytest.approx(x.step_s / throughput)  # the quarter binds, not the chain
+    assert split.delta * serial < 2 * x.round_s - x.step_s - x.latency_s  # tau 1's chain has room for it
+    assert throughput == pytest.approx(dataclasses.replace(x, link_share=1.0).costs_s()[1] * 4)
+    assert serial == pytest.approx(dataclasses.replace(x, link_share=1.0).costs_s()[0])
+    with pytest.raises(ValueError, match="link_share"):
+        dataclasses.replace(x, link_share=0.0)
