@@ -220,7 +220,10 @@ class ControllerCore:
         # without the slow ones (they may get their own fraction), but a slow downlink that
         # carries the union binds the rounds, and read as overhead it set a round floor of
         # 0.5 s, which took tau to 0 and kept the rounds that long.
-        x = deco_input(view, bandwidth, latency, t_comp, self.policy, slowest_down(self.estimates))
+        # Whether a round waited on the link, and what its transfers took, are questions about
+        # the link as measured: the share is headroom for DeCo's choices, not a slower link.
+        x = dataclasses.replace(deco_input(view, bandwidth, latency, t_comp, self.policy, slowest_down(self.estimates)),
+                                link_share=1.0)
         measured = (t1 - t0) / (r1 - r0)
         total, weights = 0.0, 0.0
         for decision, rounds in self._decisions_over(r0, r1):

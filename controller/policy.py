@@ -203,15 +203,15 @@ def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
     down = slowest_down(view.estimates)
     x = deco_input(view, bandwidth, latency, t_comp, config, down)
     decision: DecoDecision = deco(x)
-    return Proposal(decision.tau, decision.delta, deco_reason(decision, x, view, config.link_share),
+    return Proposal(decision.tau, decision.delta, deco_reason(decision, x, view),
                     predicted_iter_s=decision.predicted_iter_s)
 
 
-def deco_reason(decision: DecoDecision, x: DecoInput, view: ClusterView, share: float) -> str:
-    """The decision and what it was made on: the estimates (DeCo planned on `share` of them)."""
+def deco_reason(decision: DecoDecision, x: DecoInput, view: ClusterView) -> str:
+    """The decision and what it was made on: the estimates, and the share of each link it keeps busy."""
     floor = f" (rounds >= {x.round_s * 1e3:.1f} ms measured)" if x.round_s > x.step_s else ""
     return (f"{decision.reason} ({x.time_model} form): a {x.bandwidth_bps / 1e6:.1f} up / "
-            f"{x.downlink_bps / 1e6:.1f} down Mbit/s (kept {share:.0%} busy at most), b {x.latency_s * 1e3:.0f} ms, "
+            f"{x.downlink_bps / 1e6:.1f} down Mbit/s (kept {x.link_share:.0%} busy at most), b {x.latency_s * 1e3:.0f} ms, "
             f"T_comp {x.t_comp_s * 1e3:.1f} ms + overhead "
             f"{view.overhead_s * 1e3:.1f} ms{floor}, traffic x{view.traffic_factor:.1f}, "
             f"{view.bits_per_element:.1f} bits/element")
@@ -296,7 +296,7 @@ def hetero_proposal(config: PolicyConfig, view: ClusterView, bandwidth: float, l
     worker_delta = {w: min(1.0, max(floor, d * shrink)) for w, d in own_deltas.items()}
     compressed = ", ".join(f"worker {w} {f:.4g} ({down_of(view.estimates[w]) / 1e6:.1f} Mbit/s down)"
                            for w, f in worker_downlink_delta.items())
-    reason = f"hetero {deco_reason(decision, x, view, config.link_share)}; downlink fractions: {compressed or 'none'}"
+    reason = f"hetero {deco_reason(decision, x, view)}; downlink fractions: {compressed or 'none'}"
     return Proposal(decision.tau, decision.delta, reason, worker_delta=worker_delta,
                     predicted_iter_s=decision.predicted_iter_s, worker_downlink_delta=worker_downlink_delta)
 

@@ -194,6 +194,17 @@ def test_overhead_is_capped_in_the_paper_form_and_not_read_from_link_bound_round
     assert static.overhead_s() == 0.0 and not static._overhead_samples
 
 
+
+def test_overhead_is_read_on_the_link_as_measured_not_on_the_share_deco_keeps_busy():
+    """delta 0.004 on a 20 Mbit/s link carries a round in 13 ms, under the 20 ms step; on the
+    quarter DeCo keeps busy it would take 51 ms. The rounds (40 ms) do not wait on the link,
+    so they are overhead observations: 20 ms."""
+    core = ControllerCore(PolicyConfig(name="static", tau=2, delta=0.004, link_share=0.25, overhead_min_samples=3))
+    core.maybe_decide(0.0)
+    run(core, {1: (20e6, 0.02, 0.02)}, 12, rounds_per_s=25)
+    assert len(core._overhead_samples) >= 3
+    assert core.overhead_s() == pytest.approx(0.02, rel=0.05)
+
 def test_overhead_observations_span_decision_switches_weighted_by_rounds():
     """Decisions switching every 20 rounds (as on a noisy link) still give observations."""
     core = ControllerCore(PolicyConfig(name="deco", tau=2, delta=0.001))
