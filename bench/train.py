@@ -48,7 +48,7 @@ from pathlib import Path
 from wanps.bench.report import text_table, write_json
 from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, predicted_for, sent_delta
 from wanps.deploy.demo import DemoConfig, default_trace, run_demo
-from wanps.linkem.trace import shipped_traces
+from wanps.linkem.trace import DEFAULT_TRACE, shipped_traces
 from wanps.rpc.config import EnvDefaultsParser, float_at_least, int_at_least
 
 
@@ -71,7 +71,7 @@ class Condition:
     trace_delay_ms: float | None = None
     # links None: which shipped trace (linkem/traces/) every worker's link follows, and a
     # factor on its bandwidths (a smaller model needs a slower link to sit in the paper's regime).
-    trace: str = "wan-varying.csv"
+    trace: str = DEFAULT_TRACE
     trace_bandwidth_scale: float = 1.0
 
 
@@ -183,11 +183,10 @@ def write_traces(condition: Condition, folder: Path) -> tuple[str, ...]:
     a shipped trace, none when it is the demo's default, else that trace (its delay replaced
     where the condition says) for every worker."""
     if condition.links is None:
-        shipped = shipped_traces()[condition.trace]
         as_shipped = condition.trace_delay_ms is None and condition.trace_bandwidth_scale == 1.0
-        if as_shipped and shipped == Path(default_trace()):
+        if as_shipped and condition.trace == DEFAULT_TRACE:
             return ()
-        text = shipped.read_text()
+        text = shipped_traces()[condition.trace].read_text()
         path = folder / f"{condition.name}.csv"
         path.write_text(text if as_shipped else reshaped_trace(text, condition.trace_delay_ms,
                                                                condition.trace_bandwidth_scale))

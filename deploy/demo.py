@@ -28,7 +28,7 @@ from wanps.rpc.auth import ClientSecurity, add_client_security_flags, client_sec
 from wanps.worker.tasks import TASKS
 from wanps.deploy.processes import ManagedProcess, start_process, stop_all, stopping_on_signals, wanps_command
 from wanps.proto.wire import MAX_TAU
-from wanps.linkem.trace import LinkTrace, shipped_traces
+from wanps.linkem.trace import DEFAULT_TRACE, LinkTrace, shipped_traces
 from wanps.rpc.config import EnvDefaultsParser, float_at_least, fraction, int_at_least, setup_logging
 
 log = logging.getLogger("wanps.demo")
@@ -68,7 +68,7 @@ class DemoConfig:
 
 
 def default_trace() -> str:
-    return str(shipped_traces()["wan-varying.csv"])
+    return str(shipped_traces()[DEFAULT_TRACE])
 
 
 def scrape(port: int | None) -> dict[str, float]:

@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 
 TRACE_HEADER = ("time_s", "bandwidth_mbit", "delay_ms")
+# The shipped trace the demo and the benchmarks use unless told otherwise.
+DEFAULT_TRACE = "wan-varying.csv"
 
 
 def shipped_traces() -> dict[str, Path]:
