@@ -616,8 +616,28 @@ def summarize(rows: list[dict], plan: BenchPlan) -> list[dict]:
                 "mib_up": round(statistics.median(r["bytes_up"] for r in sample) / 2**20, 1),
                 "b_over_t_comp": _median([(r.get("ratios") or {}).get("b_over_t_comp") for r in sample]),
                 "sg_over_a_t_comp": _median([(r.get("ratios") or {}).get("sg_over_a_t_comp") for r in sample]),
+                # Summed over the seeds: how long each tau held.
+                "rounds_per_tau": {tau: sum(rounds_per_tau(r).get(tau, 0) for r in sample)
+                                   for tau in sorted({t for r in sample for t in rounds_per_tau(r)})},
             })
     return table
+
+
+def rounds_per_tau(row: dict) -> dict[int, int]:
+    """How many of a run's rounds each tau was in force for, from its decision trace (of two
+    decisions from the same round, the later one holds)."""
+    decisions = sorted(row.get("decision_trace") or [], key=lambda d: (d["from_round"], d["id"]))
+    counts: dict[int, int] = {}
+    for decision, following in zip(decisions, [*decisions[1:], None]):
+        end = row["rounds"] if following is None else min(following["from_round"], row["rounds"])
+        if end > decision["from_round"]:
+            counts[decision["tau"]] = counts.get(decision["tau"], 0) + end - decision["from_round"]
+    return counts
+
+
+def tau_text(counts: dict[int, int]) -> str:
+    """'2:421 1:129': rounds per tau, most used first."""
+    return " ".join(f"{tau}:{n}" for tau, n in sorted(counts.items(), key=lambda item: -item[1])) or "-"
 
 
 def median_time(times: list[float | None]) -> float | None:
@@ -645,7 +665,8 @@ def method_label(method: str) -> str:
 
 def print_table(table: list[dict]) -> None:
     header = ("condition", "method", "reached", "time to target (s)", "deco speed-up", "final acc", "rounds",
-              "iter s measured", "iter s Thm 3", "Thm 3 err", "PS err", "MiB up", "b/Tc", "Sg/(a Tc)")
+              "iter s measured", "iter s Thm 3", "Thm 3 err", "PS err", "MiB up", "b/Tc", "Sg/(a Tc)",
+              "tau:rounds (all seeds)")
     rows = []
     for t in table:
         measured, predicted = t["measured_iter_s"], t["predicted_iter_s"]
@@ -656,7 +677,8 @@ def print_table(table: list[dict]) -> None:
                      "-" if t["median_time_to_target_s"] is None else f"{t['median_time_to_target_s']:.1f}",
                      t["deco_speedup_over_method"], f"{t['final_accuracy']:.4f}", f"{t['rounds']:.0f}",
                      str(measured), str(predicted), error, ps_error, f"{t['mib_up']}",
-                     str(t.get("b_over_t_comp")), str(t.get("sg_over_a_t_comp"))))
+                     str(t.get("b_over_t_comp")), str(t.get("sg_over_a_t_comp")),
+                     tau_text({int(k): v for k, v in (t.get("rounds_per_tau") or {}).items()})))
     print(text_table(header, rows, left_aligned=True))
 
 
@@ -700,9 +722,10 @@ def plot_decisions(row: dict, condition: str, out_dir: Path) -> Path:
     from wanps.linkem.trace import LinkTrace
 
     links = CONDITIONS[condition].links
-    if links is None:
-        trace = LinkTrace.from_csv(default_trace())
-        set_at = lambda t: trace.at(t).bandwidth_mbit  # noqa: E731
+    if links is None:  # the condition's own shipped trace, at its scale
+        trace = LinkTrace.from_csv(shipped_traces()[CONDITIONS[condition].trace])
+        scale = CONDITIONS[condition].trace_bandwidth_scale
+        set_at = lambda t: scale * trace.at(t).bandwidth_mbit  # noqa: E731
     else:
         slowest = min(link[0] for link in links)
         set_at = lambda t: slowest  # noqa: E731
@@ -747,7 +770,8 @@ def run_bench(plan: BenchPlan) -> dict:
                         row = run_one(plan, condition, method, seed, Path(traces))
                     print(f"[bench]   reached {row['reached_target']} in {row['time_to_target_s']} s, "
                           f"{row['rounds']} rounds, iter {row['measured_iter_s']} s "
-                          f"(Thm 3: {row['predicted_iter_s']}, PS form: {row['predicted_ps_iter_s']})"
+                          f"(Thm 3: {row['predicted_iter_s']}, PS form: {row['predicted_ps_iter_s']}), "
+                          f"tau:rounds {tau_text(rounds_per_tau(row))}"
                           + (f", best of the grid: tau {row['best']['tau']}, delta {row['best']['delta']:.4g}"
                              if method == BEST_STATIC else ""), flush=True)
                     rows.append(row)

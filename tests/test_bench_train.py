@@ -294,3 +294,18 @@ def test_a_scaled_trace_keeps_its_shape_at_a_fraction_of_its_bandwidth(tmp_path)
     for t in (0.0, 7.5, 31.0, 85.0):
         assert scaled.at(t).bandwidth_mbit == pytest.approx(condition.trace_bandwidth_scale * shipped.at(t).bandwidth_mbit)
         assert scaled.at(t).delay_ms == condition.trace_delay_ms
+
+
+def test_rounds_per_tau_counts_how_long_each_decision_held():
+    from wanps.bench.train import rounds_per_tau, tau_text
+
+    row = {"rounds": 100, "decision_trace": [
+        {"id": 1, "from_round": 0, "tau": 2, "delta": 0.01},
+        {"id": 3, "from_round": 30, "tau": 0, "delta": 0.001},
+        {"id": 2, "from_round": 30, "tau": 4, "delta": 0.001},  # the same round, an older id: replaced
+        {"id": 4, "from_round": 80, "tau": 2, "delta": 0.002},
+        {"id": 5, "from_round": 120, "tau": 1, "delta": 0.002},  # scheduled past the run's end
+    ]}
+    assert rounds_per_tau(row) == {2: 50, 0: 50}
+    assert tau_text(rounds_per_tau(row)) in ("2:50 0:50", "0:50 2:50")
+    assert rounds_per_tau({"rounds": 10, "decision_trace": []}) == {} and tau_text({}) == "-"
