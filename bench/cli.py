@@ -19,6 +19,8 @@ BENCHMARKS = {
     "train": ("wanps.bench.train", "time to accuracy of DeCo against D-SGD and static baselines over emulated WANs"),
     "compressors": ("wanps.bench.compressors", "exact vs sampled top-k vs random block: selection time and count"),
     "checksum": ("wanps.bench.checksum", "the device-side model checksum against zlib's CRC-32: time per model"),
+    "convergence": ("wanps.bench.convergence",
+                    "rounds to a target against staleness and compression (simulated), and the rounds model's fit"),
     "algorithms": ("wanps.bench.algorithms",
                    "SASG rounds/bits to target, DEF vs EF at high compression, compressor speed"),
     "scrape": ("wanps.bench.scrape", "the server's CPU per Prometheus scrape, as a fraction of a round's time"),

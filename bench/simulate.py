@@ -5,13 +5,18 @@ bits to target, DEF's accuracy at high compression). Each simulated worker owns 
 `UpdateRule` (momentum, EF/DEF, compressor, SASG skip rule: the very object
 `wanps.worker.Optimizer` drives) and pushes into a real `ServerCore`; the round's mean is
 applied by the core exactly as the server does. What is left out is only the network:
-the rounds are synchronous (tau = 0) and every replica is the server's model, which the
-simulation therefore keeps once. The distributed path is tested separately
+every replica is the server's model, which the simulation therefore keeps once, and the
+rounds close in order. Staleness (`staleness`, DeCo's tau) is the model each round's
+gradients are taken at: round r's at the model after round r - tau - 1 closed, as a worker
+with tau rounds in flight holds it (the first tau + 1 rounds at the initial model); rounds
+to a target then count what staleness and compression cost, with no clock in them
+(`wanps bench convergence`). The distributed path is tested separately
 (tests/test_algorithms_live.py).
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,6 +47,17 @@ class SimulationConfig:
     eval_limit: int | None = None  # test examples per evaluation (None: all)
     target_accuracy: float | None = None
     stop_at_target: bool = False
+    # tau: round r's gradients are taken at the model after round r - tau - 1 (DeCo's staleness).
+    staleness: int = 0
+
+    def __post_init__(self) -> None:
+        if self.staleness < 0:
+            raise ValueError(f"staleness must be >= 0, got {self.staleness}")
+        if self.staleness and self.skip_alphas is not None:
+            # SASG's anchors and model steps are kept per synchronous round (SkipRule).
+            raise ValueError("the SASG skip rule is simulated with synchronous rounds only (staleness 0)")
+        if not 0.0 < self.delta <= 1.0:
+            raise ValueError(f"delta must be in (0, 1], got {self.delta}")
 
 
 @dataclass
@@ -109,11 +125,16 @@ def simulate(task: Task, config: SimulationConfig, model_factory: Callable[[int]
         return accuracy
 
     detached = torch.empty(num_params)
+    # With staleness tau, the models of the last tau + 1 closed rounds: models[0] is round r's
+    # (the model after round r - tau - 1). Buffers reused as rounds close.
+    models: deque[torch.Tensor] = deque([core.model.clone() for _ in range(config.staleness + 1)]
+                                        if config.staleness else [])
     for round_ in range(config.rounds):
         version = core.version
+        stale = models[0] if models else core.model
         for worker_id, rule, batches in workers:
             x, y = next(batches)
-            point = rule.detached_point(core.model, detached) if rule.detaches else core.model
+            point = rule.detached_point(stale, detached) if rule.detaches else stale
             gradient_at(point, x, y, grad)
             aux_grad = None
             if rule.wants_aux_gradient:
@@ -126,6 +147,9 @@ def simulate(task: Task, config: SimulationConfig, model_factory: Callable[[int]
             result.bits_up += update_bits(update)
             closed = core.push(worker_id, round_, version, update).closed
         assert closed and closed[-1].round == round_, "a synchronous round closes with its last push"
+        if models:
+            oldest = models.popleft()
+            models.append(oldest.copy_(core.model))
         step = step_squared_norm(closed[-1].delta.values)
         for _, rule, _ in workers:
             if rule.skip_rule is not None:
