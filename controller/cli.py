@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DEFAULT_TIME_MODEL, TIME_MODELS, DecoInput, deco
+from wanps.controller.deco import (DEFAULT_BITS_PER_ELEMENT, DEFAULT_OBJECTIVE, DEFAULT_TIME_MODEL, OBJECTIVES, TIME_MODELS,
+                                   DecoInput, deco)
 from wanps.controller.estimator import EstimatorConfig
 from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
@@ -75,7 +76,16 @@ def parse_config(argv: list[str] | None) -> ControllerConfig:
     parser.add_argument("--staleness-weight", env="WANPS_STALENESS_WEIGHT", type=float_at_least(0),
                         default=policy.staleness_weight,
                         help="DeCo minimises phi(tau, delta) * (1 + W * tau): what each round of staleness costs "
-                             "in rounds to converge, which phi prices at about nothing at small delta (0: the paper).")
+                             "in rounds to converge, which phi prices at about nothing at small delta (0: the paper). "
+                             "With --objective time: the rounds model's w (`wanps bench convergence` fits it).")
+    parser.add_argument("--objective", env="WANPS_OBJECTIVE", choices=OBJECTIVES, default=policy.objective,
+                        help="What DeCo minimises: phi = Algorithm 1 (the least phi among the choices that hide "
+                             "communication); time = rounds x seconds per round over every tau and delta, with "
+                             "rounds ~ (1 + W tau)(1 + K / (delta d)) (W: --staleness-weight, K: --compression-knee).")
+    parser.add_argument("--compression-knee", env="WANPS_COMPRESSION_KNEE", type=float_at_least(0),
+                        default=policy.compression_knee,
+                        help="With --objective time: elements per push below which compression costs rounds "
+                             "(`wanps bench convergence` fits it).")
     parser.add_argument("--switch-margin-s", env="WANPS_SWITCH_MARGIN_S", type=float_at_least(0),
                         default=policy.switch_margin_s,
                         help="A decision holds from this much training time ahead (at the recent speed; at "
@@ -87,7 +97,8 @@ def parse_config(argv: list[str] | None) -> ControllerConfig:
                               bits_per_element=args.bits_per_element, every_rounds=args.every_rounds,
                               change_threshold=args.change_threshold, overhead_max_ratio=args.overhead_max_ratio,
                               time_model=args.time_model, link_share=args.link_share,
-                              switch_margin_s=args.switch_margin_s, staleness_weight=args.staleness_weight)
+                              switch_margin_s=args.switch_margin_s, staleness_weight=args.staleness_weight,
+                              objective=args.objective, compression_knee=args.compression_knee)
         estimator = EstimatorConfig(window_s=args.window_s)
     except ValueError as exc:
         parser.error(str(exc))
@@ -123,6 +134,10 @@ def decide_main(argv: list[str]) -> int:
                              "a barrier on the slowest worker); latency hides behind rounds this long. Default: none.")
     parser.add_argument("--time-model", choices=TIME_MODELS, default=DEFAULT_TIME_MODEL,
                         help="The form whose decision is printed at the top level (both are printed under 'forms').")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                        help="phi: Algorithm 1; time: min rounds x seconds per round (see `wanps controller --help`).")
+    parser.add_argument("--compression-knee", type=float_at_least(0), default=PolicyConfig().compression_knee,
+                        help="With --objective time: elements per push below which compression costs rounds.")
     args = parser.parse_args(argv)
     try:
         forms = {model: deco(DecoInput(
@@ -132,7 +147,8 @@ def decide_main(argv: list[str]) -> int:
             down_bandwidth_bps=None if args.down_bandwidth_mbit is None else args.down_bandwidth_mbit * 1e6,
             download_factor=args.download_factor, time_model=model,
             round_floor_s=None if args.round_floor_ms is None else args.round_floor_ms / 1e3,
-            staleness_weight=args.staleness_weight)).as_dict()
+            staleness_weight=args.staleness_weight, objective=args.objective,
+            compression_knee=args.compression_knee)).as_dict()
             for model in TIME_MODELS}
     except ValueError as exc:
         parser.error(str(exc))

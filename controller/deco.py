@@ -46,6 +46,19 @@ Where wanps departs from the paper (docs/controller.md says why):
   phi's (1 - delta/2)^tau is ~1, so phi prices tau at nothing and DeCo takes the largest
   tau its delta grows with; measured, each round of staleness cost rounds to the target
   (docs/controller.md).
+- Two objectives (`objective`). "phi" (the default) is Algorithm 1: among the (tau,
+  delta*(tau)) that hide communication, the smallest phi (1 + w tau). "time" (beyond the
+  paper) minimises the time to the target itself, rounds x seconds per round, over every
+  tau up to tau_max and every delta, hiding or not:
+
+      rounds(tau, delta) ~ (1 + w tau) (1 + k0 / (delta d)),   T_avg(tau, delta) as above
+
+  w (`staleness_weight`) and k0 (`compression_knee`, elements per push) are the task's:
+  `wanps bench convergence` measures rounds against (tau, delta) without a clock and fits
+  them. phi says rounds grow as 1/delta; measured with error feedback they are flat above
+  ~k0 elements per push, and a round of staleness can cost more rounds than a slower round
+  costs time (GPT-2 tiny: tau 1 needed twice tau 0's rounds; docs/controller.md,
+  "Objective"). Algorithm 1 never trades a slower round for less staleness; this does.
 - S_g = d * bits_per_element: the real wire cost of one *sent* element (uint32 index +
   float32 value = 64 bits) by default, so that delta * S_g is what a round really sends;
   `bits_per_element=32` reproduces the paper's model.
@@ -59,6 +72,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 DEFAULT_BITS_PER_ELEMENT = 64  # uint32 index + float32 value, as sent on the wire
 # From this delta on, workers send every value and no index: 32 bits per element.
 DENSE_FROM_DELTA = 0.5
@@ -67,6 +82,13 @@ DENSE_BITS_PER_ELEMENT = 32
 # Theorem 3 as published, one transfer per round (reproduces the paper's Table 3).
 TIME_MODELS = ("ps", "paper")
 DEFAULT_TIME_MODEL = "ps"
+# "phi": Algorithm 1 (min phi among the choices that hide communication); "time": min
+# rounds x T_avg over all (tau, delta) with a measured rounds model (`rounds_factor`).
+OBJECTIVES = ("phi", "time")
+DEFAULT_OBJECTIVE = "phi"
+# The "time" objective's candidate deltas per tau: log-spaced from one element to dense
+# (about 6% apart at a million parameters), plus each tau's delta*(tau).
+TIME_OBJECTIVE_DELTAS = 241
 
 
 @dataclass(frozen=True)
@@ -94,6 +116,9 @@ class DecoInput:
     # term's cost is divided by it (headroom, so a queue that forms can drain). One round's
     # transfers still cross the link at its measured rate: the serial chain is not.
     link_share: float = 1.0
+    objective: str = DEFAULT_OBJECTIVE
+    # k0: the elements per push below which compression costs rounds ("time" objective only).
+    compression_knee: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_params < 1:
@@ -121,6 +146,10 @@ class DecoInput:
             raise ValueError(f"staleness_weight must be >= 0, got {self.staleness_weight}")
         if not 0.0 < self.link_share <= 1.0:
             raise ValueError(f"link_share must be in (0, 1], got {self.link_share}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not self.compression_knee >= 0 or not math.isfinite(self.compression_knee):
+            raise ValueError(f"compression_knee must be >= 0 elements, got {self.compression_knee}")
         if self.round_floor_s is not None and (not self.round_floor_s > 0 or not math.isfinite(self.round_floor_s)):
             raise ValueError(f"round_floor_s must be > 0 s and finite, got {self.round_floor_s}")
 
@@ -171,7 +200,7 @@ class DecoInput:
 class DecoDecision:
     tau: int
     delta: float
-    phi: float
+    phi: float  # the value the objective minimised: phi (1 + w tau), or rounds factor x T_avg (s) for "time"
     predicted_iter_s: float  # T_avg for (tau, delta) in the time model the decision was made in
     tau_range: tuple[int, int]  # [ceil(b/T_comp), ceil((b + S_g/a)/T_comp)] before capping
     feasible: bool  # False: no tau <= tau_max hides the communication; the fallback was taken
@@ -263,8 +292,41 @@ def tau_range(x: DecoInput) -> tuple[int, int]:
     return low, max(low, high)
 
 
+def rounds_factor(x: DecoInput, tau: int, delta: float) -> float:
+    """The "time" objective's rounds to the target, relative: (1 + w tau) (1 + k0 / (delta d))."""
+    return (1.0 + x.staleness_weight * tau) * (1.0 + x.compression_knee / (delta * x.num_params))
+
+
+def time_choice(x: DecoInput, tau: int) -> tuple[float, float]:
+    """For one tau, the "time" objective's (delta, rounds factor x T_avg): the smallest value
+    over the candidate deltas, the largest delta among equals (with k0 = 0, every delta a
+    round carries without waiting is as good: send the most)."""
+    deltas = np.geomspace(x.min_delta, 1.0, TIME_OBJECTIVE_DELTAS)
+    boundary = delta_for_tau(x, tau)
+    if boundary > x.min_delta:
+        deltas = np.append(deltas, boundary)
+    # What a round really sends: from DENSE_FROM_DELTA on, every value and no index.
+    sent = np.where(deltas >= DENSE_FROM_DELTA, min(1.0, DENSE_BITS_PER_ELEMENT / x.bits_per_element), deltas)
+    serial, throughput = x.costs_s()
+    seconds = np.maximum(np.maximum((x.step_s + x.latency_s + sent * serial) / (tau + 1), sent * throughput), x.round_s)
+    value = (1.0 + x.staleness_weight * tau) * (1.0 + x.compression_knee / (deltas * x.num_params)) * seconds
+    best = value.min()
+    chosen = float(deltas[value <= best * (1.0 + 1e-9)].max())
+    return chosen, float(best)
+
+
+def delta_at(x: DecoInput, tau: int) -> float:
+    """The delta x's objective pairs with `tau`: delta*(tau), at least one element ("phi"), or
+    the one with the smallest rounds x T_avg ("time"). deco-hetero's per-worker deltas."""
+    if x.objective == "time":
+        return time_choice(x, tau)[0]
+    return max(x.min_delta, delta_for_tau(x, tau))
+
+
 def deco(x: DecoInput) -> DecoDecision:
-    """Algorithm 1: the (tau, delta) with the smallest phi (`objective`) that hides communication."""
+    """The (tau, delta) x's objective picks: Algorithm 1 ("phi") or the shortest time to the target ("time")."""
+    if x.objective == "time":
+        return deco_time(x)
     low, high = tau_range(x)
     best: tuple[float, int, float] | None = None  # (phi, tau, delta)
     for tau in range(low, min(high, x.tau_max) + 1):
@@ -295,5 +357,30 @@ def deco(x: DecoInput) -> DecoDecision:
         tau_range=(low, high),
         feasible=feasible,
         reason=reason,
+        time_model=x.time_model,
+    )
+
+
+def deco_time(x: DecoInput) -> DecoDecision:
+    """The "time" objective: min over tau in [0, tau_max] and every delta of rounds x T_avg
+    (`rounds_factor`, `predicted_for`), the smallest tau on ties. Always feasible: a round
+    that waits on the latency or the link is priced, not excluded."""
+    best: tuple[float, int, float] | None = None  # (value, tau, delta)
+    for tau in range(x.tau_max + 1):
+        delta, value = time_choice(x, tau)
+        if best is None or value < best[0] * (1.0 - 1e-9):
+            best = (value, tau, delta)
+    assert best is not None
+    value, tau, delta = best
+    return DecoDecision(
+        tau=tau,
+        delta=delta,
+        phi=value,
+        predicted_iter_s=predicted_for(x, tau, sent_delta(delta, x.bits_per_element)),
+        tau_range=tau_range(x),
+        feasible=True,
+        reason=(f"DeCo, time to target: min rounds x T over tau in [0, {x.tau_max}] "
+                f"(rounds x{rounds_factor(x, tau, delta):.2f}: w {x.staleness_weight:g}, "
+                f"k0 {x.compression_knee:g} elements)"),
         time_model=x.time_model,
     )

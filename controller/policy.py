@@ -39,8 +39,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from wanps.controller.deco import (DEFAULT_BITS_PER_ELEMENT, DEFAULT_TIME_MODEL, TIME_MODELS, DecoDecision, DecoInput,
-                                   deco, delta_for_tau)
+from wanps.controller.deco import (DEFAULT_BITS_PER_ELEMENT, DEFAULT_OBJECTIVE, DEFAULT_TIME_MODEL, OBJECTIVES,
+                                   TIME_MODELS, DecoDecision, DecoInput, deco, delta_at)
 from wanps.controller.estimator import LinkEstimate
 from wanps.proto.wire import MAX_TAU
 
@@ -87,6 +87,10 @@ class PolicyConfig:
     # or the paper's form: the paper's phi, which prices tau at ~nothing at small delta, where
     # each round of staleness measured cost rounds (docs/controller.md).
     staleness_weight: float = 1.0
+    # What DeCo minimises: "phi" (Algorithm 1) or "time" (rounds x seconds per round, with the
+    # rounds model (1 + staleness_weight tau)(1 + compression_knee / (delta d)); controller/deco.py).
+    objective: str = DEFAULT_OBJECTIVE
+    compression_knee: float = 0.0  # k0, elements per push ("time" only)
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -106,6 +110,10 @@ class PolicyConfig:
             raise ValueError(f"link_share must be in (0, 1]; got {self.link_share}")
         if self.time_model not in TIME_MODELS:
             raise ValueError(f"time_model must be one of {', '.join(TIME_MODELS)}; got {self.time_model!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if not 0.0 <= self.compression_knee < math.inf:
+            raise ValueError(f"compression_knee must be >= 0 and finite; got {self.compression_knee}")
 
     def overhead_cap(self) -> float:
         """The cap on the measured overhead, in T_comps (0: no overhead term).
@@ -176,7 +184,8 @@ def deco_input(view: ClusterView, bandwidth: float, latency: float, t_comp: floa
                      tau_max=config.tau_max, overhead_s=view.overhead_s, link_share=config.link_share,
                      down_bandwidth_bps=down_bandwidth,
                      download_factor=max(view.traffic_factor, 1e-6), time_model=config.time_model,
-                     round_floor_s=view.round_floor_s, staleness_weight=config.staleness_weight)
+                     round_floor_s=view.round_floor_s, staleness_weight=config.staleness_weight,
+                     objective=config.objective, compression_knee=config.compression_knee)
 
 
 def propose(config: PolicyConfig, view: ClusterView) -> Proposal | None:
@@ -267,7 +276,8 @@ def hetero_proposal(config: PolicyConfig, view: ClusterView, bandwidth: float, l
        carries in T, T * a_down / S_g (S_g the wire bits of a dense round; a compressed
        follower receives its own top-k, no union). The rest stays on the server as its
        downlink residual and reaches it in later rounds;
-    3. each worker's uplink delta is delta*(tau) of its own uplink, shrunk so that the sum
+    3. each worker's uplink delta is what the objective pairs with tau on its own uplink
+       (`deco.delta_at`: delta*(tau) for phi), shrunk so that the sum
        stays within n * delta: the union then fits what step 1 priced, which only the
        uncompressed followers have to carry.
     """
@@ -289,7 +299,7 @@ def hetero_proposal(config: PolicyConfig, view: ClusterView, bandwidth: float, l
         own_down = down if worker_id in worker_downlink_delta else estimate.down_bandwidth_bps
         own = deco_input(view, estimate.bandwidth_bps, estimate.latency_s, estimate.t_comp_s or t_comp, config,
                          own_down)
-        own_deltas[worker_id] = max(own.min_delta, delta_for_tau(own, decision.tau))
+        own_deltas[worker_id] = delta_at(own, decision.tau)
     budget = decision.delta * len(own_deltas)
     total = sum(own_deltas.values())
     shrink = min(1.0, budget / total) if total > 0 else 1.0

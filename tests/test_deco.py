@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from wanps.controller.deco import (DecoInput, deco, delta_for_tau, overhead_sample, phi, predicted_for,
-                                  predicted_iteration_time, sent_delta, tau_range)
+from wanps.controller.deco import (DecoInput, deco, delta_at, delta_for_tau, overhead_sample, phi, predicted_for,
+                                   predicted_iteration_time, rounds_factor, sent_delta, tau_range)
 from wanps.controller.policy import PolicyConfig
 from wanps.deploy.processes import wanps_command
 
@@ -318,3 +318,77 @@ def test_the_link_share_is_headroom_for_the_throughput_term_not_for_one_rounds_c
     assert serial == pytest.approx(dataclasses.replace(x, link_share=1.0).costs_s()[0])
     with pytest.raises(ValueError, match="link_share"):
         dataclasses.replace(x, link_share=0.0)
+
+
+# ------------------------------------------------------------------ the "time" objective
+
+# GPT-2 tiny as deco measured it on `gpt2-varying` (bench.json's link track): about 9 Mbit/s
+# each way, b 22 ms, T_comp 21 ms + 3.6 ms, the union 3.1x a push.
+GPT2_TINY_LINK = dict(num_params=120_576, bandwidth_bps=9.2e6, down_bandwidth_bps=9.4e6, latency_s=0.022,
+                      t_comp_s=0.0208, overhead_s=0.0036, download_factor=3.1, tau_max=4, link_share=0.25)
+
+
+def test_the_time_objective_trades_a_slower_round_for_less_staleness_when_staleness_costs_rounds():
+    """Algorithm 1 only ever picks a tau that hides communication (here tau 2, rounds at
+    T_step). Where a round of staleness costs as many rounds as GPT-2 tiny's did (w ~ 1),
+    synchronous rounds (tau 0), more than twice as long, reach the target sooner; where it
+    costs little (w 0.05) the time objective agrees with Algorithm 1's tau."""
+    phi_choice = deco(DecoInput(**GPT2_TINY_LINK, staleness_weight=1.0))
+    assert phi_choice.tau == 2
+    costly = deco(DecoInput(**GPT2_TINY_LINK, staleness_weight=1.0, objective="time", compression_knee=150))
+    assert costly.tau == 0 and costly.feasible
+    x = DecoInput(**GPT2_TINY_LINK, staleness_weight=1.0, objective="time", compression_knee=150)
+    assert costly.predicted_iter_s == pytest.approx(predicted_for(x, 0, costly.delta))
+    assert costly.predicted_iter_s > 2 * x.step_s  # it waits on the latency, on purpose
+    assert costly.phi == pytest.approx(rounds_factor(x, 0, costly.delta) * costly.predicted_iter_s)
+    cheap = deco(dataclasses.replace(x, staleness_weight=0.05))
+    assert cheap.tau == phi_choice.tau
+    assert "time to target" in costly.reason and "w 1" in costly.reason
+
+
+def test_the_time_objective_is_the_least_rounds_times_seconds_over_every_tau_and_delta():
+    x = DecoInput(**GPT2_TINY_LINK, staleness_weight=0.4, objective="time", compression_knee=150)
+    chosen = deco(x)
+    for tau in range(x.tau_max + 1):
+        for delta in (x.min_delta, 1e-4, 3e-4, 1e-3, 2.2e-3, 4e-3, 1e-2, 0.05, 0.3, 1.0):
+            probe = rounds_factor(x, tau, delta) * predicted_for(x, tau, sent_delta(delta, x.bits_per_element))
+            assert chosen.phi <= probe * 1.0 + 1e-12
+
+
+def test_without_a_knee_the_time_objective_sends_the_most_a_round_carries_without_waiting():
+    """k0 0, w 0: every delta a round carries in T_step reaches the target as fast; the time
+    objective then sends the most of them (as Algorithm 1 does), never one element."""
+    x = DecoInput(**GPT2_TINY_LINK, objective="time")
+    chosen = deco(x)
+    assert chosen.predicted_iter_s == pytest.approx(x.round_s)
+    assert chosen.delta == pytest.approx(delta_for_tau(x, chosen.tau), rel=1e-6)
+    assert delta_at(x, chosen.tau) == chosen.delta
+    # Algorithm 1's delta_at is delta*(tau), one element at least.
+    paper = dataclasses.replace(x, objective="phi")
+    assert delta_at(paper, 2) == delta_for_tau(paper, 2)
+    assert delta_at(paper, 0) == paper.min_delta  # tau 0 hides nothing: one element
+
+
+@pytest.mark.parametrize("field, value", [("objective", "fastest"), ("compression_knee", -1.0),
+                                          ("compression_knee", float("inf"))])
+def test_the_objective_and_its_knee_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        DecoInput(**{**GPT2_TINY_LINK, field: value})
+    with pytest.raises(ValueError, match=field):
+        PolicyConfig(**{field: value})
+
+
+def test_decide_cli_takes_the_time_objective_and_refuses_a_bad_knee_in_one_line():
+    gpt2_tiny = ("--params", "120576", "--bandwidth-mbit", "9.2", "--download-factor", "3.1", "--latency-ms", "22",
+                 "--t-comp-ms", "20.8", "--overhead-ms", "3.6", "--tau-max", "4")
+    timed = json.loads(subprocess.run(wanps_command("controller", "decide", *gpt2_tiny, "--objective", "time",
+                                                    "--staleness-weight", "1.23", "--compression-knee", "51"),
+                                      capture_output=True, text=True, timeout=60, check=True).stdout)
+    plain = json.loads(subprocess.run(wanps_command("controller", "decide", *gpt2_tiny), capture_output=True,
+                                      text=True, timeout=60, check=True).stdout)
+    assert (timed["tau"], plain["tau"]) == (0, 2)
+    assert "time to target" in timed["reason"] and "min phi" in plain["reason"]
+    bad = subprocess.run(wanps_command("controller", "decide", *gpt2_tiny, "--compression-knee", "-1"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].endswith("argument --compression-knee: must be >= 0, got -1")

@@ -144,3 +144,16 @@ def test_a_decision_without_the_field_gives_nobody_a_fraction_and_a_bad_fraction
         message.worker_downlink_delta[1] = bad
         with pytest.raises(ValueError, match="downlink delta of worker 1 must be in"):
             decision_from_message(message)
+
+
+def test_under_the_time_objective_each_worker_sends_what_that_objective_pairs_with_the_shared_tau():
+    """At a tau that hides nothing (tau 0, where staleness costs many rounds), delta*(tau) is
+    negative: the per-worker deltas come from the objective (`deco.delta_at`), not one element."""
+    timed = dataclasses.replace(HETERO, objective="time", staleness_weight=3.0, compression_knee=150.0)
+    view = view_of({1: link(20, 20), 2: link(20, 20), 3: link(20, 20), 4: link(5, 20)})
+    proposal = propose(timed, view)
+    assert proposal.tau == 0
+    floor = 1.0 / D
+    assert all(delta > 100 * floor for delta in proposal.worker_delta.values())
+    assert proposal.worker_delta[4] < proposal.worker_delta[1]  # the slow uplink sends less
+    assert sum(proposal.worker_delta.values()) <= 4 * proposal.delta * (1 + 1e-9)
