@@ -309,3 +309,22 @@ def test_rounds_per_tau_counts_how_long_each_decision_held():
     assert rounds_per_tau(row) == {2: 50, 0: 50}
     assert tau_text(rounds_per_tau(row)) in ("2:50 0:50", "0:50 2:50")
     assert rounds_per_tau({"rounds": 10, "decision_trace": []}) == {} and tau_text({}) == "-"
+
+
+def test_deco_time_runs_with_the_rounds_model_measured_for_its_condition_and_nowhere_else(tmp_path, capsys):
+    from dataclasses import replace
+
+    from wanps.bench.train import TIME_OBJECTIVE, controller_args_of, run_bench
+
+    measured = replace(CONDITIONS["smoke"], rounds_model=(0.85, 120.0))
+    args = controller_args_of(TIME_OBJECTIVE, measured)
+    assert args == ("--objective", "time", "--staleness-weight", "0.85", "--compression-knee", "120")
+    assert controller_args_of("deco", measured) == ()  # deco keeps Algorithm 1
+    with pytest.raises(ValueError, match="wanps bench convergence --condition smoke"):
+        controller_args_of(TIME_OBJECTIVE, CONDITIONS["smoke"])
+    # Where none was measured, the bench says so and runs nothing for it.
+    plan = BenchPlan(conditions=("smoke",), methods=(TIME_OBJECTIVE,), seeds=(0,), time_limit_s=25,
+                     target_accuracy=0.9, batch_size=64, lr=0.2, out_dir=str(tmp_path))
+    result = run_bench(plan)
+    assert result["rows"] == [] and not (tmp_path / "bench").exists()
+    assert "smoke / deco-time: skipped, no rounds model" in capsys.readouterr().out
