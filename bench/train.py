@@ -80,6 +80,12 @@ class Condition:
     rounds_model: tuple[float, float] | None = None
 
 
+# The CNN's rounds model at lr 0.05, batch 96, 4 workers (every cnn-* condition): `wanps bench
+# convergence --condition cnn-varying --taus 0,1,2,3 --deltas 0.002,0.006 --seeds 2`
+# (docs/benchmarks.md, "Issue 15, fifth session").
+CNN_ROUNDS_MODEL = (0.17, 282.0)
+
+
 def fixed(bandwidth: float, delay_ms: float, workers: int = 4) -> tuple[tuple[float, float], ...]:
     return tuple((bandwidth, delay_ms) for _ in range(workers))
 
@@ -101,13 +107,13 @@ CONDITIONS: dict[str, Condition] = {
     # Batch 96: at 64 a step took 60-70 ms on this machine, which put b/T_comp at 1.5, above
     # the paper's range (docs/benchmarks.md, "Where the ratios that drive DeCo sit").
     "cnn-varying": Condition("cnn-varying", None, "CNN, 8-40 Mbit/s trace, RTT 100 ms", task="mnist-cnn",
-                             target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4, batch_size=96),
+                             target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4, batch_size=96, rounds_model=CNN_ROUNDS_MODEL),
     # Congestion episodes: 3-64 Mbit/s, each level held 6-8 s, two deep drops a period. A
     # decision taken once on the first seconds' level waits on the link through the drops;
     # the mean (~27 Mbit/s) keeps the ratios in the paper's range.
     "cnn-congested": Condition("cnn-congested", None, "CNN, 3-64 Mbit/s trace, RTT 100 ms (wan-congested.csv)",
                                task="mnist-cnn", target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4,
-                               batch_size=96, trace="wan-congested.csv"),
+                               batch_size=96, trace="wan-congested.csv", rounds_model=CNN_ROUNDS_MODEL),
     # A second task in the paper's regime: GPT-2's architecture at 120k parameters on Markov
     # tokens (step ~23 ms here). The varying trace at 0.4x (3.2-16 Mbit/s) and a 10 ms one-way
     # delay put S_g/(a T_comp) near 20 and b/T_comp near 1, as the CNN's conditions do.
@@ -118,12 +124,12 @@ CONDITIONS: dict[str, Condition] = {
                               batch_size=16, trace_delay_ms=10, trace_bandwidth_scale=0.4, rounds_model=(1.23, 51)),
     "cnn-fixed-10M-50ms": Condition("cnn-fixed-10M-50ms", fixed(10, 50), "CNN, 10 Mbit/s, RTT 100 ms",
                                     task="mnist-cnn", target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4,
-                                    batch_size=96),
+                                    batch_size=96, rounds_model=CNN_ROUNDS_MODEL),
     # One slow downlink (an egress-limited site) among symmetric links: deco is bound by it,
     # deco-hetero gives that follower its own downlink fraction (docs/controller.md).
     "cnn-slow-down": Condition("cnn-slow-down", (*fixed(20, 50, workers=3), (20, 50, 3)),
                                "CNN, 4 x 20 Mbit/s up, 3 x 20 + 1 x 3 Mbit/s down, RTT 100 ms", task="mnist-cnn",
-                               target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4, batch_size=96),
+                               target_accuracy=0.95, time_limit_s=360, lr=0.05, tau_max=4, batch_size=96, rounds_model=CNN_ROUNDS_MODEL),
     # `--smoke`: the whole pipeline (best-static's grid included) in minutes, numbers meaningless.
     "smoke": Condition("smoke", fixed(20, 10, workers=2), "smoke: synthetic task, 2 x 20 Mbit/s, RTT 20 ms",
                        task="synthetic", target_accuracy=0.995, time_limit_s=25, lr=0.2, tau_max=4, workers=2),
