@@ -106,12 +106,13 @@ def run_point(task_name: str, workers: int, batch_size: int, lr: float, target: 
 
 def build_parser() -> EnvDefaultsParser:
     from wanps.bench.train import CONDITIONS
+    from wanps.worker.tasks import TASKS
 
     parser = EnvDefaultsParser(prog="wanps bench convergence", description=__doc__.split("\n\n")[0])
     parser.add_argument("--condition", default="gpt2-varying", choices=sorted(CONDITIONS),
                         help="Task, learning rate, batch, workers and target of this `wanps bench train` "
                              "condition (default gpt2-varying); the flags below override them.")
-    parser.add_argument("--task", default=None)
+    parser.add_argument("--task", default=None, choices=sorted(TASKS))
     parser.add_argument("--lr", type=float_at_least(0, above=True), default=None)
     parser.add_argument("--batch-size", type=int_at_least(1), default=None)
     parser.add_argument("--workers", type=int_at_least(1), default=None)
@@ -193,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--taus: staleness is >= 0")
     if not (0 < deltas[0] and deltas[-1] <= 1):
         parser.error("--deltas: each in (0, 1]")
-    try:
-        num_params = num_params_of(task)
-    except KeyError:
-        parser.error(f"--task: unknown task {task!r}")
+    num_params = num_params_of(task)
     points = [Point(tau, delta, seed) for tau in taus for delta in deltas for seed in range(args.seeds)]
     print(f"[convergence] {task}: {workers} workers, batch {batch_size}, lr {lr:g}, target {target:g}; "
           f"{len(points)} simulations, {args.jobs} at a time", flush=True)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from wanps.controller.deco import (DEFAULT_BITS_PER_ELEMENT, DEFAULT_OBJECTIVE, DEFAULT_TIME_MODEL, OBJECTIVES, TIME_MODELS,
-                                   DecoInput, deco)
+from wanps.controller.deco import (DEFAULT_BITS_PER_ELEMENT, DEFAULT_OBJECTIVE, DEFAULT_TIME_MODEL, OBJECTIVES,
+                                   TIME_MODELS, DecoInput, deco)
 from wanps.controller.estimator import EstimatorConfig
 from wanps.controller.policy import POLICIES, PolicyConfig
 from wanps.controller.service import ControllerConfig, start_controller
