@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -199,11 +199,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[convergence] {task}: {workers} workers, batch {batch_size}, lr {lr:g}, target {target:g}; "
           f"{len(points)} simulations, {args.jobs} at a time", flush=True)
     runs: list[dict] = []
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_point, task, workers, batch_size, lr, target, args.max_rounds, args.eval_every,
-                               args.eval_limit, point) for point in points]
-        for future in futures:
-            run = future.result()
+    # A Pool, not a ProcessPoolExecutor: leaving the block on an error, Ctrl-C or SIGTERM
+    # terminates the simulations (an executor would wait for each to finish: minutes). Ctrl-C
+    # reaches the whole process group: the simulations start with SIGINT ignored (kept across
+    # exec), and the parent alone stops them, without a traceback from each.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = get_context("spawn").Pool(args.jobs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with pool:
+        pending = [pool.apply_async(run_point, (task, workers, batch_size, lr, target, args.max_rounds,
+                                                args.eval_every, args.eval_limit, point)) for point in points]
+        for job in pending:
+            run = job.get()
             runs.append(run)
             reached = run["rounds_to_target"]
             rounds_text = str(reached) if reached is not None else f"> {run['rounds_run']}"

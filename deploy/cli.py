@@ -32,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wanps: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C is a person's stop, not a failure: the `finally` blocks on the way out have
+        # stopped what the command started; one line, the shell's exit code for SIGINT.
+        print(f"wanps {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

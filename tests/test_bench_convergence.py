@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +117,53 @@ def test_summarize_reprints_a_written_result_with_a_missed_seed_as_infinitely_sl
     with pytest.raises(SystemExit):
         main(["--summarize", str(tmp_path / "missing.json")])
     assert "not a convergence.json" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_run_ends_its_simulations_at_once_without_a_traceback(stop_signal) -> None:
+    """Ctrl-C reaches the whole process group; a supervisor's SIGTERM only the command. Either
+    way the simulations end with it (a pool that waited for them took minutes)."""
+    from wanps.deploy.processes import wanps_command
+
+    # tau 4 at one element in a thousand: thousands of rounds, far more than the wait below.
+    proc = subprocess.Popen(wanps_command("bench", "convergence", "--condition", "gpt2-varying", "--taus", "4",
+                                          "--deltas", "0.001", "--seeds", "2", "--jobs", "2", "--out", os.devnull),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("[convergence] gpt2-tiny")  # the pool is starting
+        children = wait_for_children(proc.pid, 2)
+        if stop_signal == signal.SIGINT:
+            os.killpg(proc.pid, stop_signal)
+        else:
+            proc.send_signal(stop_signal)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == (130 if stop_signal == signal.SIGINT else 143)
+    assert "Traceback" not in stderr
+    for child in children:
+        assert not still_running(child)
+
+
+def wait_for_children(pid: int, count: int, timeout_s: float = 60.0) -> list[int]:
+    """The pids of `pid`'s children once it has `count` of them (the simulation processes)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        listed = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        simulations = [int(c) for c in listed if "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(
+            errors="replace")] if listed else []
+        if len(simulations) >= count:
+            return simulations
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} simulation processes under {pid} within {timeout_s} s")
+
+
+def still_running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie does not: it has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
