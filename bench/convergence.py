@@ -3,7 +3,7 @@
 DeCo trades staleness (tau) and compression (delta) for time: its phi prices them as rounds
 to converge. How many rounds each really costs is a property of the task, and what the
 benchmarks over emulated links cannot separate from seed noise (time to target there spreads
-by up to 1.6x per seed, docs/benchmarks.md). This benchmark counts rounds alone: the
+widely from seed to seed, docs/benchmarks.md). This benchmark counts rounds alone: the
 in-process simulation (wanps.bench.simulate: the workers' UpdateRule, the real ServerCore,
 the gradients of round r taken at the model tau rounds old) on a grid of (tau, delta), with
 the task, learning rate, batch and workers of a `wanps bench train` condition.
@@ -122,7 +122,8 @@ def build_parser() -> EnvDefaultsParser:
     parser.add_argument("--seeds", type=int_at_least(1), default=2, help="Seeds 0..N-1 per point.")
     parser.add_argument("--max-rounds", type=int_at_least(1), default=3000,
                         help="A point still short of the target after this many rounds counts as not reaching it.")
-    parser.add_argument("--eval-every", type=int_at_least(1), default=10, help="Rounds between evaluations.")
+    parser.add_argument("--eval-every", type=int_at_least(1), default=10,
+                        help="Rounds between evaluations (rounds to the target are counted in these steps).")
     parser.add_argument("--eval-limit", type=int_at_least(1), default=None,
                         help="Test examples per evaluation (default: all).")
     parser.add_argument("--jobs", type=int_at_least(1), default=max(1, (os.cpu_count() or 1)),

@@ -55,10 +55,10 @@ Where wanps departs from the paper (docs/controller.md says why):
 
   w (`staleness_weight`) and k0 (`compression_knee`, elements per push) are the task's:
   `wanps bench convergence` measures rounds against (tau, delta) without a clock and fits
-  them. phi says rounds grow as 1/delta; measured with error feedback they are flat above
-  ~k0 elements per push, and a round of staleness can cost more rounds than a slower round
-  costs time (GPT-2 tiny: tau 1 needed twice tau 0's rounds; docs/controller.md,
-  "Objective"). Algorithm 1 never trades a slower round for less staleness; this does.
+  them. phi says rounds grow as 1/delta; measured with error feedback they are about flat
+  above ~k0 elements per push, and a round of staleness can cost more in rounds than a
+  slower round costs in time (docs/controller.md, "The objective"). Algorithm 1 never
+  trades a slower round for less staleness; this does.
 - S_g = d * bits_per_element: the real wire cost of one *sent* element (uint32 index +
   float32 value = 64 bits) by default, so that delta * S_g is what a round really sends;
   `bits_per_element=32` reproduces the paper's model.
@@ -308,6 +308,7 @@ def time_choice(x: DecoInput, tau: int) -> tuple[float, float]:
     # What a round really sends: from DENSE_FROM_DELTA on, every value and no index.
     sent = np.where(deltas >= DENSE_FROM_DELTA, min(1.0, DENSE_BITS_PER_ELEMENT / x.bits_per_element), deltas)
     serial, throughput = x.costs_s()
+    # predicted_for and rounds_factor over the whole array at once.
     seconds = np.maximum(np.maximum((x.step_s + x.latency_s + sent * serial) / (tau + 1), sent * throughput), x.round_s)
     value = (1.0 + x.staleness_weight * tau) * (1.0 + x.compression_knee / (deltas * x.num_params)) * seconds
     best = value.min()

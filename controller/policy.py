@@ -18,7 +18,9 @@ Policies:
 DeCo decides in the configured time model (`time_model`, controller/deco.py): `ps` (the
 default) prices a round's upload on the slowest uplink and its download (the union,
 `traffic_factor` times a push) on the slowest downlink, in series; `paper` is Theorem 3 as
-published, one transfer per round (the larger of the two).
+published, one transfer per round (the larger of the two). It minimises the configured
+`objective`: `phi` (Algorithm 1) or `time` (rounds x seconds per round with the task's
+rounds model, `staleness_weight` and `compression_knee`).
 
 Adaptive policies recompute every `every_rounds` rounds (the paper's E) and as soon as an
 estimate moves by more than `change_threshold` (relative) since the last decision. With
