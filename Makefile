@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.wanps-installed
 
 .PHONY: install system-deps run demo test test-all proto check-proto bench bench-quick bench-push bench-wire bench-estimate \
-        bench-algorithms bench-scale soak clean wheels image compose-test swarm-test
+        bench-algorithms bench-convergence bench-scale soak clean wheels image compose-test swarm-test
 
 install: $(STAMP)
 
@@ -57,6 +57,12 @@ bench-quick: install
 # SASG / DEF / compressor studies (tens of minutes; results/algorithms.json).
 bench-algorithms: install
 	$(VENV)/bin/wanps bench algorithms
+
+# Rounds to the target against (tau, delta), simulated (no clock), and the rounds model the
+# controller's --objective time decides with: GPT-2 tiny's grid (about 10 minutes on 2 cores).
+bench-convergence: install
+	$(VENV)/bin/wanps bench convergence --condition gpt2-varying --taus 0,1,2,3,4 \
+		--deltas 0.001,0.0023,0.005,0.01,0.03 --seeds 3
 
 bench-estimate: install
 	$(VENV)/bin/wanps bench estimate
