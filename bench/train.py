@@ -452,6 +452,15 @@ def run_best_static(plan: BenchPlan, condition: Condition, seed: int, traces_dir
     return best_static_row(condition.name, seed, run_dir)
 
 
+def grid_text(row: dict) -> str:
+    """A best-static row's grid, point by point: what each fixed (tau, delta) took to the target."""
+    lines = [f"best-static grid, {row['condition']} seed {row['seed']} (time to target, s; - = stopped or missed):"]
+    for point in sorted(row["grid"], key=lambda p: (p["tau"], p["delta"])):
+        reached = point["time_to_target_s"] if point["reached_target"] else "-"
+        lines.append(f"  tau {point['tau']}, delta {point['delta']:.4g}: {reached}")
+    return "\n".join(lines)
+
+
 def best_static_row(condition: str, seed: int, run_dir: Path) -> dict:
     """best-static's row from a grid's runs: the fastest to the target (the most accurate if
     none reached it), with every point's outcome beside it."""
@@ -862,6 +871,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no runs under {args.summarize}/bench")
         # Every run under DIR (e.g. seeds added later with --first-seed): rewrite its results.
         written = write_results(rows, plan, Path(args.summarize))
+        for row in rows:
+            if row["method"] == BEST_STATIC and len(row.get("grid") or []) > 1:
+                print(grid_text(row))
         print_table(written["table"])
         return 0
     if args.quick and args.smoke:

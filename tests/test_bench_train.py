@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from wanps.bench.train import (BEST_STATIC, CONDITIONS, QUICK, BenchPlan, deco_ratios, grid_around, limit_of,
+from wanps.bench.train import (BEST_STATIC, CONDITIONS, QUICK, BenchPlan, deco_ratios, grid_around, grid_text, limit_of,
                                median_time, method_label, num_params_of, predicted_iter_s, predicted_ps_iter_s,
                                run_best_static, rows_from_runs, summarize, used_center, write_down_traces,
                                write_traces)
@@ -222,6 +222,9 @@ def test_best_static_reports_the_fastest_grid_point_as_an_oracle_and_summarize_r
     rows, rebuilt = rows_from_runs(tmp_path)
     assert [(r["method"], r["best"]) for r in rows] == [(BEST_STATIC, {"tau": 1, "delta": 0.01})]
     assert method_label(BEST_STATIC) == "best-static (oracle)" and method_label("deco") == "deco"
+    # Every point's time, as the docs cite them (--summarize prints it).
+    assert grid_text(rows[0]).splitlines()[1:] == ["  tau 1, delta 0.005: 12.0", "  tau 1, delta 0.01: 8.0",
+                                                   "  tau 2, delta 0.005: -", "  tau 2, delta 0.01: 10.0"]
 
 
 def test_the_quick_plan_runs_the_cnn_in_the_papers_regime_for_minutes():
