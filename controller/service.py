@@ -299,7 +299,9 @@ class ControllerService(pb_grpc.ControllerServicer):
                                   decisions=[decision_to_message(d) for d in core.book.relevant(core.reported_round)],
                                   links=links, traffic_factor=core.traffic_factor(),
                                   bits_per_element=core.bits_per_element(), time_model=core.policy.time_model,
-                                  overhead_s=core.overhead_s())
+                                  overhead_s=core.overhead_s(), objective=core.policy.objective,
+                                  staleness_weight=core.policy.staleness_weight,
+                                  compression_knee=core.policy.compression_knee)
 
 
 RunningController = RunningService[ControllerService]

@@ -498,7 +498,7 @@ class WorkerLink(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., bandwidth_bps: _Optional[float] = ..., latency_s: _Optional[float] = ..., t_comp_s: _Optional[float] = ..., push_samples: _Optional[int] = ..., ping_samples: _Optional[int] = ..., method: _Optional[str] = ..., down_bandwidth_bps: _Optional[float] = ..., down_samples: _Optional[int] = ..., down_method: _Optional[str] = ...) -> None: ...
 
 class ControllerState(_message.Message):
-    __slots__ = ("policy", "reported_round", "decisions", "links", "traffic_factor", "bits_per_element", "time_model", "overhead_s")
+    __slots__ = ("policy", "reported_round", "decisions", "links", "traffic_factor", "bits_per_element", "time_model", "overhead_s", "objective", "staleness_weight", "compression_knee")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REPORTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
@@ -507,6 +507,9 @@ class ControllerState(_message.Message):
     BITS_PER_ELEMENT_FIELD_NUMBER: _ClassVar[int]
     TIME_MODEL_FIELD_NUMBER: _ClassVar[int]
     OVERHEAD_S_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_KNEE_FIELD_NUMBER: _ClassVar[int]
     policy: str
     reported_round: int
     decisions: _containers.RepeatedCompositeFieldContainer[Decision]
@@ -515,4 +518,7 @@ class ControllerState(_message.Message):
     bits_per_element: float
     time_model: str
     overhead_s: float
-    def __init__(self, policy: _Optional[str] = ..., reported_round: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[WorkerLink, _Mapping]]] = ..., traffic_factor: _Optional[float] = ..., bits_per_element: _Optional[float] = ..., time_model: _Optional[str] = ..., overhead_s: _Optional[float] = ...) -> None: ...
+    objective: str
+    staleness_weight: float
+    compression_knee: float
+    def __init__(self, policy: _Optional[str] = ..., reported_round: _Optional[int] = ..., decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[WorkerLink, _Mapping]]] = ..., traffic_factor: _Optional[float] = ..., bits_per_element: _Optional[float] = ..., time_model: _Optional[str] = ..., overhead_s: _Optional[float] = ..., objective: _Optional[str] = ..., staleness_weight: _Optional[float] = ..., compression_knee: _Optional[float] = ...) -> None: ...

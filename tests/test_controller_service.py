@@ -136,3 +136,20 @@ def test_a_newer_switch_is_never_overtaken_by_an_older_one_scheduled_later():
     assert second.from_round == first.from_round
     assert [d.decision_id for d in core.book.relevant(50)] == [core.book.relevant(50)[0].decision_id,
                                                                 second.decision_id]
+
+
+def test_status_says_what_deco_minimises_and_with_which_rounds_model(make_cluster):
+    import json
+    import subprocess
+
+    from wanps.deploy.processes import wanps_command
+
+    cluster = make_cluster(policy="deco", objective="time", staleness_weight=1.34, compression_knee=56.0)
+    status = subprocess.run(wanps_command("controller", "status", "--controller", cluster.controller_address),
+                            capture_output=True, text=True, timeout=60, check=True)
+    state = json.loads(status.stdout)
+    assert (state["objective"], state["staleness_weight"], state["compression_knee"]) == ("time", 1.34, 56.0)
+    default = make_cluster(policy="deco")
+    with sync_channel(default.controller_address) as channel:
+        state = pb_grpc.ControllerStub(channel).GetState(pb.GetStateRequest(), timeout=10)
+    assert (state.objective, state.compression_knee) == ("phi", 0.0)
