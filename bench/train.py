@@ -49,7 +49,7 @@ from pathlib import Path
 
 from wanps.bench.report import text_table, write_json
 from wanps.controller.deco import DEFAULT_BITS_PER_ELEMENT, DecoInput, predicted_for, sent_delta
-from wanps.deploy.demo import DemoConfig, default_trace, run_demo
+from wanps.deploy.demo import DemoConfig, run_demo
 from wanps.linkem.trace import DEFAULT_TRACE, shipped_traces
 from wanps.rpc.config import EnvDefaultsParser, float_at_least, int_at_least
 
@@ -799,13 +799,14 @@ def run_bench(plan: BenchPlan) -> dict:
         for condition_name in plan.conditions:
             condition = CONDITIONS[condition_name]
             searched: list[dict] = []  # best-static rows of the seeds that searched a grid
+            methods = list(plan.methods)
+            if TIME_OBJECTIVE in methods and condition.rounds_model is None:
+                methods.remove(TIME_OBJECTIVE)
+                print(f"[bench] {condition_name} / {TIME_OBJECTIVE}: skipped, no rounds model measured for it "
+                      f"(wanps bench convergence --condition {condition_name})", flush=True)
             for index, seed in enumerate(plan.seeds):
                 # best-static is centred on what deco did in the same condition and seed: last.
-                for method in sorted(plan.methods, key=lambda m: m == BEST_STATIC):
-                    if method == TIME_OBJECTIVE and condition.rounds_model is None:
-                        print(f"[bench] {condition_name} / {method}: skipped, no rounds model measured for it "
-                              f"(wanps bench convergence --condition {condition_name})", flush=True)
-                        continue
+                for method in sorted(methods, key=lambda m: m == BEST_STATIC):
                     print(f"[bench] {condition_name} / {method} / seed {seed} ...", flush=True)
                     if method == BEST_STATIC and searched and plan.grid_seeds is not None \
                             and index >= plan.grid_seeds:
@@ -899,6 +900,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown condition or method: {', '.join(unknown)}")
     result = run_bench(plan)
+    if not result["rows"]:
+        print("wanps bench train: nothing ran (every method of the plan was skipped above)", file=sys.stderr)
+        return 2
     print()
     print_table(result["table"])
     print(f"\nwrote {Path(plan.out_dir) / 'bench.json'}, {Path(plan.out_dir) / 'bench-summary.json'} and "

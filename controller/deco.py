@@ -240,8 +240,14 @@ def predicted_for(x: DecoInput, tau: int, delta: float) -> float:
     """
     if not 0.0 < delta <= 1.0 or tau < 0:
         raise ValueError(f"need tau >= 0 and delta in (0, 1]; got tau {tau}, delta {delta}")
+    return float(round_seconds(x, tau, delta))
+
+
+def round_seconds(x: DecoInput, tau: int, sent: float | np.ndarray) -> float | np.ndarray:
+    """Theorem 3's T_avg at `sent` (one delta or an array of them; unchecked: `predicted_for`
+    is the checked form): max{(T_step + b + delta c_s)/(tau + 1), delta c_t, m}."""
     serial, throughput = x.costs_s()
-    return max((x.step_s + x.latency_s + delta * serial) / (tau + 1), delta * throughput, x.round_s)
+    return np.maximum(np.maximum((x.step_s + x.latency_s + sent * serial) / (tau + 1), sent * throughput), x.round_s)
 
 
 def overhead_sample(measured_s: float, x: DecoInput, tau: int, delta: float, slack: float = 0.05) -> float | None:
@@ -292,8 +298,9 @@ def tau_range(x: DecoInput) -> tuple[int, int]:
     return low, max(low, high)
 
 
-def rounds_factor(x: DecoInput, tau: int, delta: float) -> float:
-    """The "time" objective's rounds to the target, relative: (1 + w tau) (1 + k0 / (delta d))."""
+def rounds_factor(x: DecoInput, tau: int, delta: float | np.ndarray) -> float | np.ndarray:
+    """The "time" objective's rounds to the target, relative: (1 + w tau) (1 + k0 / (delta d))
+    (one delta or an array of them)."""
     return (1.0 + x.staleness_weight * tau) * (1.0 + x.compression_knee / (delta * x.num_params))
 
 
@@ -306,11 +313,8 @@ def time_choice(x: DecoInput, tau: int) -> tuple[float, float]:
     if boundary > x.min_delta:
         deltas = np.append(deltas, boundary)
     # What a round really sends: from DENSE_FROM_DELTA on, every value and no index.
-    sent = np.where(deltas >= DENSE_FROM_DELTA, min(1.0, DENSE_BITS_PER_ELEMENT / x.bits_per_element), deltas)
-    serial, throughput = x.costs_s()
-    # predicted_for and rounds_factor over the whole array at once.
-    seconds = np.maximum(np.maximum((x.step_s + x.latency_s + sent * serial) / (tau + 1), sent * throughput), x.round_s)
-    value = (1.0 + x.staleness_weight * tau) * (1.0 + x.compression_knee / (deltas * x.num_params)) * seconds
+    sent = np.where(deltas >= DENSE_FROM_DELTA, sent_delta(1.0, x.bits_per_element), deltas)
+    value = rounds_factor(x, tau, deltas) * round_seconds(x, tau, sent)
     best = value.min()
     chosen = float(deltas[value <= best * (1.0 + 1e-9)].max())
     return chosen, float(best)

@@ -317,7 +317,7 @@ def test_rounds_per_tau_counts_how_long_each_decision_held():
 def test_deco_time_runs_with_the_rounds_model_measured_for_its_condition_and_nowhere_else(tmp_path, capsys):
     from dataclasses import replace
 
-    from wanps.bench.train import TIME_OBJECTIVE, controller_args_of, run_bench
+    from wanps.bench.train import TIME_OBJECTIVE, controller_args_of, main, run_bench
 
     measured = replace(CONDITIONS["smoke"], rounds_model=(0.85, 120.0))
     args = controller_args_of(TIME_OBJECTIVE, measured)
@@ -331,3 +331,8 @@ def test_deco_time_runs_with_the_rounds_model_measured_for_its_condition_and_now
     result = run_bench(plan)
     assert result["rows"] == [] and not (tmp_path / "bench").exists()
     assert "smoke / deco-time: skipped, no rounds model" in capsys.readouterr().out
+    # From the command line: one line that nothing ran, and a failing exit.
+    assert main(["--conditions", "smoke", "--methods", TIME_OBJECTIVE, "--seeds", "2", "--out", str(tmp_path)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out.count("skipped, no rounds model") == 1  # once per condition, not per seed
+    assert printed.err.strip() == "wanps bench train: nothing ran (every method of the plan was skipped above)"

@@ -227,3 +227,13 @@ def test_a_worker_prints_no_warning_about_non_writable_buffers(make_cluster):
     done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "not writable" not in done.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`wanps controller status | head`: the reader closes the pipe; no BrokenPipeError traceback."""
+    proc = subprocess.Popen(wanps_command("controller", "decide", "--params", "1000", "--bandwidth-mbit", "1",
+                                          "--latency-ms", "1", "--t-comp-ms", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command writes a byte
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and stderr == ""

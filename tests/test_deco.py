@@ -352,7 +352,7 @@ def test_the_time_objective_is_the_least_rounds_times_seconds_over_every_tau_and
     for tau in range(x.tau_max + 1):
         for delta in (x.min_delta, 1e-4, 3e-4, 1e-3, 2.2e-3, 4e-3, 1e-2, 0.05, 0.3, 1.0):
             probe = rounds_factor(x, tau, delta) * predicted_for(x, tau, sent_delta(delta, x.bits_per_element))
-            assert chosen.phi <= probe * 1.0 + 1e-12
+            assert chosen.phi <= probe * (1.0 + 1e-12)
 
 
 def test_without_a_knee_the_time_objective_sends_the_most_a_round_carries_without_waiting():
